@@ -1,0 +1,14 @@
+"""compress: prune, recover, quantize and evaluate causal LMs, one verb and one config class per technique."""
+
+__version__ = "0.1.0"
+
+from compress.checkpoint import save_model  # noqa: E402
+from compress.evaluate import Perplexity, evaluate, perplexity  # noqa: E402
+from compress.models import load, load_model  # noqa: E402
+from compress.pipeline import run  # noqa: E402
+from compress.quantize import RTN, quantize  # noqa: E402
+from compress.recipe import Recipe, load_recipe  # noqa: E402
+
+__all__ = ["RTN", "Perplexity", "Recipe", "evaluate", "load", "load_model", "load_recipe", "perplexity",
+           "quantize", "run", "save_model"]
+

@@ -1,0 +1,137 @@
+"""Named datasets, read from a local data directory (never copied into the repo), else from the hub.
+
+The data directory is, in order: the `data_dir` argument, the COMPRESS_DATA_DIR environment variable, then the
+first `shared/data` found beside the current directory or beside this checkout (`../shared/data`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError
+
+DATA_DIR_ENV = "COMPRESS_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    path: str  # relative to the data directory
+    kind: str  # "text" (one document) or "records" (jsonl rows)
+    hub: tuple[str, str | None, str]  # (hub dataset id, config, split)
+
+
+DATASETS = {
+    "wikitext2-test": NamedDataset("wikitext2/wiki.test.raw", "text", ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
+    "wikitext2-valid": NamedDataset("wikitext2/wiki.valid.tokens", "text", ("Salesforce/wikitext", "wikitext-2-v1", "validation")),
+    "rte-train": NamedDataset("rte/train.jsonl", "records", ("nyu-mll/glue", "rte", "train")),
+    "rte-validation": NamedDataset("rte/validation.jsonl", "records", ("nyu-mll/glue", "rte", "validation")),
+    "politeness-train": NamedDataset("politeness/train.jsonl", "records", ("", None, "train")),
+    "politeness-test": NamedDataset("politeness/test.jsonl", "records", ("", None, "test")),
+}
+
+
+def candidate_data_dirs() -> list[Path]:
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return [Path(env).expanduser()]
+    checkout = Path(__file__).resolve().parent.parent
+    seen: list[Path] = []
+    for base in (Path.cwd(), checkout):
+        for folder in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if folder.resolve() not in seen:
+                seen.append(folder.resolve())
+    return seen
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The first existing data directory, or None (then named datasets come from the hub)."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    return next((d for d in candidate_data_dirs() if d.is_dir()), None)
+
+
+def is_known(name: str) -> bool:
+    return name in DATASETS or Path(name).suffix in (".txt", ".raw", ".tokens", ".jsonl")
+
+
+def _read_local(path: Path, kind: str):
+    if kind == "records":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return path.read_text(encoding="utf-8")
+
+
+def _from_hub(name: str, spec: NamedDataset):
+    repo, config, split = spec.hub
+    looked = ", ".join(str(d) for d in candidate_data_dirs())
+    if not repo:
+        raise CompressError(f"dataset '{name}' is not in a local data directory (looked in: {looked}) and has no hub "
+                            f"copy; set {DATA_DIR_ENV} to a folder holding {spec.path}")
+    try:
+        import datasets  # optional: only for hub fallback
+    except ImportError:
+        raise CompressError(f"dataset '{name}' is not in a local data directory (looked in: {looked}); set "
+                            f"{DATA_DIR_ENV} to a folder holding {spec.path}, or `pip install compress-llm[hub]` "
+                            f"to fetch {repo} from the hub")
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)
+    except Exception as error:  # any network/hub failure becomes one line
+        raise CompressError(f"dataset '{name}' is not local (looked in: {looked}) and the hub copy {repo} failed to "
+                            f"load: {str(error).splitlines()[0]}; set {DATA_DIR_ENV}")
+    if spec.kind == "text":
+        return "\n".join(row["text"].rstrip("\n") for row in rows)
+    return [dict(row, premise=row.get("sentence1"), hypothesis=row.get("sentence2")) for row in rows]
+
+
+@lru_cache(maxsize=8)
+def _load(name: str, directory: str | None):
+    if name in DATASETS:
+        spec = DATASETS[name]
+        root = Path(directory) if directory else data_dir()
+        if root is not None and (root / spec.path).is_file():
+            return _read_local(root / spec.path, spec.kind)
+        return _from_hub(name, spec)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
+                            f"or a .txt/.jsonl path")
+    return _read_local(path, "records" if path.suffix == ".jsonl" else "text")
+
+
+def load_text(name: str, directory: str | Path | None = None) -> str:
+    """A named text dataset (or .txt file) as one string."""
+    data = _load(name, str(directory) if directory else None)
+    if not isinstance(data, str):
+        data = "\n\n".join(row.get("text", "") for row in data)
+    if not data.strip():
+        raise CompressError(f"dataset '{name}' is empty")
+    return data
+
+
+def load_records(name: str, directory: str | Path | None = None) -> list[dict]:
+    data = _load(name, str(directory) if directory else None)
+    if isinstance(data, str):
+        raise CompressError(f"dataset '{name}' is plain text; a .jsonl of records is needed here")
+    return data
+
+
+def token_stream(tokenizer, name: str, directory: str | Path | None = None) -> torch.Tensor:
+    """The whole text tokenized as one stream: a 1-D tensor of token ids."""
+    return tokenizer(load_text(name, directory), return_tensors="pt").input_ids[0]
+
+
+def calibration_batches(tokenizer, name: str, samples: int, seq_len: int, seed: int = 0,
+                        directory: str | Path | None = None) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens from a text dataset: a [samples, seq_len] tensor."""
+    stream = token_stream(tokenizer, name, directory)
+    if stream.numel() < samples * seq_len:
+        raise CompressError(f"calibration data '{name}' has {stream.numel()} tokens, fewer than the "
+                            f"{samples} x {seq_len} = {samples * seq_len} requested; lower samples or seq_len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len + 1, (samples,), generator=generator)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])

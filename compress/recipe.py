@@ -1,0 +1,220 @@
+"""Recipe schema (pydantic, strict) and YAML loading that keeps line numbers, so that every problem is reported
+as one line: `file:line: field: what is wrong (allowed values)`."""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress import data as data_module
+from compress.errors import RecipeError
+from compress.evaluate import TASKS, Perplexity
+from compress.models import DTYPES, REGISTRY, HUB_ID, looks_like_path
+from compress.quantize import QuantizeConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationData(Strict):
+    dataset: str = "wikitext2-valid"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return _check_dataset(value)
+
+
+def _check_dataset(value: str) -> str:
+    if not data_module.is_known(value):
+        raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(data_module.DATASETS)}, "
+                         f"or a .txt/.jsonl path")
+    return value
+
+
+class DataConfig(Strict):
+    calibration: CalibrationData = CalibrationData()
+    dir: str | None = Field(None, description="data directory; default: $COMPRESS_DATA_DIR, then ../shared/data")
+
+
+class Step(Strict):
+    """One list item of `steps:`: a mapping with exactly one key, the step kind, whose value is its config."""
+
+    quantize: QuantizeConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        kinds = [name for name in cls.model_fields]
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError(f"a step is a mapping with one key, the step kind ({', '.join(kinds)}), "
+                             f"e.g. `- quantize: {{method: rtn, bits: 4}}`")
+        (kind,) = value
+        if kind not in kinds:
+            raise ValueError(f"unknown step '{kind}'; allowed: {', '.join(kinds)}")
+        if value[kind] is None:
+            return {kind: {}}
+        return value
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def config(self) -> BaseModel:
+        return getattr(self, self.kind)
+
+
+class EvalConfig(Strict):
+    tasks: list[Literal[TASKS]] = ["wikitext2"]  # type: ignore[valid-type]
+    after: Literal["every_step", "last", "none"] = "every_step"
+    wikitext2: Perplexity = Perplexity()
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: str
+    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    steps: list[Step] = Field(min_length=1)
+    eval: EvalConfig = EvalConfig()
+    output_dir: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_source(cls, value: str) -> str:
+        # resolvable without loading anything: registry name, existing path, or a hub id
+        if value in REGISTRY or HUB_ID.match(value) or Path(value).expanduser().exists():
+            return value
+        if looks_like_path(value):
+            raise ValueError(f"model path '{value}' does not exist")
+        raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local "
+                         f"model folder, a .gguf file, or a hub id like org/name")
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every key path in the document to the (1-based) line where it appears."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            out[child] = key.start_mark.line + 1
+            _lines(value, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _lines(item, path + (i,), out)
+    return out
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int:
+    """The line of the deepest part of `loc` present in the document (pydantic inserts union/tag parts)."""
+    path: tuple = ()
+    line = lines.get((), 1)
+    for part in loc:
+        if path + (part,) in lines:
+            path += (part,)
+            line = lines[path]
+    return line
+
+
+def _field_path(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "recipe"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that the location points into (to list allowed fields)."""
+    current: Any = Recipe
+    for part in loc:
+        while True:  # unwrap Optional[...] / list[...]
+            origin = typing.get_origin(current)
+            if origin in (typing.Union, types.UnionType):
+                current = next(a for a in typing.get_args(current) if a is not type(None))
+            elif origin is list and isinstance(part, int):
+                current = typing.get_args(current)[0]
+                break
+            else:
+                break
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+    while typing.get_origin(current) in (typing.Union, types.UnionType):
+        current = next(a for a in typing.get_args(current) if a is not type(None))
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _message(error: dict) -> tuple[tuple, str]:
+    loc, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = f"; allowed: {', '.join(owner.model_fields)}" if owner else ""
+        return loc, f"unknown field '{loc[-1]}'{allowed}"
+    if kind == "missing":
+        return loc, "required field is missing"
+    if kind == "literal_error":
+        return loc, f"got {value!r}; allowed: {error['ctx']['expected']}"
+    if kind == "value_error":
+        return loc, str(error["ctx"]["error"])
+    return loc, f"{error['msg'].rstrip('.')} (got {value!r})"
+
+
+def _parse_error(path: Path, error: yaml.YAMLError) -> RecipeError:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    line = mark.line + 1 if mark else 1
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return RecipeError([f"{path}:{line}: malformed YAML: {problem}"])
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; raises RecipeError with one `file:line: field: problem` line per problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: recipe file not found"])
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError([f"{path}: cannot read recipe: {error}"])
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise _parse_error(path, error)
+    if not isinstance(document, dict):
+        got = "an empty file" if document is None else f"a {type(document).__name__}"
+        raise RecipeError([f"{path}:1: recipe: expected a mapping of recipe fields (name, model, steps, ...), got {got}"])
+    try:
+        return Recipe.model_validate(document)
+    except ValidationError as error:
+        lines = _lines(node)
+        messages = []
+        for item in error.errors():
+            loc, message = _message(item)
+            messages.append(f"{path}:{_line_of(loc, lines)}: {_field_path(loc)}: {message}")
+        raise RecipeError(messages)
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    """The recipe with every default filled in, as written to the run folder."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
