@@ -161,7 +161,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         }
         with console.status(f"{label}: saving"):
             record = write_step(folder, lambda partial: save_model(model, tokenizer, partial), record)
-        console.print(f"{label}: saved ({record['size_bytes'] / 2**20:,.1f} MiB) in {step_cost['seconds']:.1f} s")
+        console.print(f"{label}: done in {step_cost['seconds']:.1f} s, saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)
         last_complete = folder
 

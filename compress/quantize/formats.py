@@ -12,16 +12,21 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 from compress.quantize.grid import quantized_linears
 
 
-def _schemes(model: torch.nn.Module) -> dict[str, QuantizationScheme]:
-    """One scheme per distinct weight grid, targeting the exact module names that use it."""
+def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], list[str]]:
+    """Config groups and the ignore list. One shared grid gives llm-compressor's usual form (targets: Linear,
+    ignore: the rest); several grids target exact module names."""
     by_args: dict[str, tuple] = {}
     for name, _, quant in quantized_linears(model):
         key = quant.args.model_dump_json()
         by_args.setdefault(key, (quant.args, []))[1].append(name)
-    return {
-        f"group_{i}": QuantizationScheme(targets=names, weights=args)
-        for i, (args, names) in enumerate(by_args.values())
-    }
+    if len(by_args) == 1:
+        ((args, names),) = by_args.values()
+        quantized = set(names)
+        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+        return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore
+    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=args)
+              for i, (args, names) in enumerate(by_args.values())}
+    return groups, []
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -32,16 +37,15 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
     """The model's state dict with every quantized Linear packed (weight_packed, weight_scale, weight_shape,
     weight_zero_point when asymmetric), and the compressor whose `update_config` writes the matching config."""
     state = model.state_dict()
-    schemes = _schemes(model)
-    scheme_of = {name: scheme for scheme in schemes.values() for name in scheme.targets}
+    schemes, ignore = _schemes(model)
     for name, linear, quant in quantized_linears(model):
         del state[f"{name}.weight"]
         packed = PackedQuantizationCompressor.compress(
             {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point},
-            scheme_of[name],
+            QuantizationScheme(targets=[name], weights=quant.args),
         )
         state.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
     config = QuantizationConfig(
-        config_groups=schemes, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED
+        config_groups=schemes, ignore=ignore, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED
     )
     return state, ModelCompressor(quantization_config=config)

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random Llama (GQA) with a small byte-level BPE tokenizer, built offline, for the tests
+where only mechanics matter; SmolLM2 (the embedded real model) for the tests where quality matters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow (real-weights) tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compress.data import load_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([load_text("wikitext2-valid")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with GQA (4 query heads, 2 KV heads), widths 64 and 128, random weights, saved as a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _train_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):
+    """Write a recipe for the tiny model; returns a function (extra YAML lines for steps / eval) -> path."""
+
+    def write(steps: str = "  - quantize: {method: rtn, bits: 4, group_size: 32}", name: str = "tiny",
+              max_tokens: int | None = 4096, output_dir: Path | None = None) -> Path:
+        out = output_dir or tmp_path / "runs" / name
+        limit = f", max_tokens: {max_tokens}" if max_tokens else ""
+        text = (f"name: {name}\nmodel: {tiny_model_dir}\nsteps:\n{steps}\n"
+                f"eval:\n  tasks: [wikitext2]\n  wikitext2: {{seq_len: 128, stride: 128{limit}}}\n"
+                f"output_dir: {out}\n")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        return path
+
+    return write
