@@ -5,6 +5,7 @@ Every source comes back as a plain transformers model that `save_pretrained` can
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
+from compress.quantize.formats import has_packed_zero_points
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,37 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _load_decompressed(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """Build the architecture without its quantization config and load dense weights decompressed by us."""
+    from safetensors.torch import load_file
+
+    from compress.quantize.formats import decompressed_state_dict
+
+    config = json.loads((folder / "config.json").read_text())
+    state: dict = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    dense = decompressed_state_dict(state, config)
+    model_config = AutoConfig.from_pretrained(folder)
+    del model_config.quantization_config
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
 def load_model(source: str | ModelSource, dtype: str = "float32", device: str = "cpu"):
     """Load (model, tokenizer) from any source as plain, saveable transformers objects."""
     if isinstance(source, str):
         source = resolve_source(source)
+    if source.kind == "dir":
+        config = json.loads((Path(source.location) / "config.json").read_text())
+        if has_packed_zero_points(config):
+            model = _load_decompressed(Path(source.location), DTYPES[dtype])
+            return model.to(device).eval(), load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
@@ -142,8 +171,3 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Load a step folder (or any model source) back: `model, tokenizer = compress.load("runs/x/01-quantize")`."""
     return load_model(str(path), dtype=dtype, device=device)
 
-
-def source_config(source: ModelSource):
-    """The architecture config only, no weights (for checks that must not load a model)."""
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoConfig.from_pretrained(source.location, **kwargs)

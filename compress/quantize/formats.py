@@ -49,3 +49,30 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
         config_groups=schemes, ignore=ignore, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED
     )
     return state, ModelCompressor(quantization_config=config)
+
+
+def has_packed_zero_points(config: dict) -> bool:
+    """Asymmetric pack-quantized checkpoints: stock transformers (5.x with compressed-tensors 0.20) sizes the
+    packed zero points wrongly on load (vllm-project/llm-compressor#1618), so compress.load decompresses them."""
+    quant = config.get("quantization_config") or {}
+    return quant.get("format") == "pack-quantized" and any(
+        group.get("weights") and not group["weights"].get("symmetric", True)
+        for group in quant.get("config_groups", {}).values()
+    )
+
+
+def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Dense float weights from a pack-quantized state dict, with compressed-tensors' own decompressor."""
+    quant = QuantizationConfig.model_validate(config["quantization_config"])
+    ignore = set(quant.ignore or [])
+    schemes = list(quant.config_groups.values())
+    dense = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        module = key.removesuffix(".weight_packed")
+        if module in ignore:
+            continue
+        scheme = next(s for s in schemes if module in s.targets or "Linear" in s.targets)
+        local = {name.removeprefix(module + "."): value for name, value in state.items()
+                 if name.startswith(module + ".weight_")}
+        dense[f"{module}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    return dense
