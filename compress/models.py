@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
-from compress.quantize.formats import has_packed_zero_points
+from compress.quantize.formats import is_pack_quantized
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,10 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 
 def _load_decompressed(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """Build the architecture without its quantization config and load dense weights decompressed by us."""
+    """Build the architecture without its quantization config and load dense weights decompressed with
+    compressed-tensors' own decompressor. Stock from_pretrained returns a model that decompresses lazily in a
+    forward hook on the top-level module only, and mis-sizes asymmetric zero points on load
+    (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
     from safetensors.torch import load_file
 
     from compress.quantize.formats import decompressed_state_dict
@@ -151,7 +154,7 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
         source = resolve_source(source)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
-        if has_packed_zero_points(config):
+        if is_pack_quantized(config):
             model = _load_decompressed(Path(source.location), DTYPES[dtype])
             return model.to(device).eval(), load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -51,14 +51,10 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
     return state, ModelCompressor(quantization_config=config)
 
 
-def has_packed_zero_points(config: dict) -> bool:
-    """Asymmetric pack-quantized checkpoints: stock transformers (5.x with compressed-tensors 0.20) sizes the
-    packed zero points wrongly on load (vllm-project/llm-compressor#1618), so compress.load decompresses them."""
+def is_pack_quantized(config: dict) -> bool:
+    """A pack-quantized compressed-tensors checkpoint (config.json as a dict)."""
     quant = config.get("quantization_config") or {}
-    return quant.get("format") == "pack-quantized" and any(
-        group.get("weights") and not group["weights"].get("symmetric", True)
-        for group in quant.get("config_groups", {}).values()
-    )
+    return quant.get("quant_method") == "compressed-tensors" and quant.get("format") == "pack-quantized"
 
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

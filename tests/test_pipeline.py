@@ -1,0 +1,185 @@
+"""The step loop on the tiny model: folders, step.json, resume after SIGKILL, invalidation, corruption, disk full,
+unwritable output, and the input model left untouched."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import compress
+from compress import checkpoint
+from compress.checkpoint import sha256_file
+from compress.cli import app
+from compress.errors import CompressError
+
+VOLATILE = {"seconds", "eval_seconds", "peak_rss_bytes", "peak_cuda_bytes"}
+
+
+def stable(report: dict) -> dict:
+    """The report without wall times and memory peaks, which differ run to run."""
+    report = json.loads(json.dumps(report))
+    for row in report["steps"]:
+        for key in VOLATILE:
+            row.pop(key, None)
+    report.pop("machine")
+    return report
+
+
+def quiet_run(recipe, **kwargs):
+    from rich.console import Console
+
+    return compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False, **kwargs)
+
+
+def test_run_writes_complete_step_folders_and_report(tiny_recipe, tiny_model_dir):
+    before = {p.name: sha256_file(p) for p in tiny_model_dir.iterdir()}
+    report = quiet_run(tiny_recipe())
+    out = tiny_recipe().parent / "runs" / "tiny"
+    assert sorted(p.name for p in out.iterdir()) == ["00-base", "01-quantize", "recipe.yaml", "report.json", "report.md"]
+    for folder in ("00-base", "01-quantize"):
+        files = {p.name for p in (out / folder).iterdir()}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "step.json"} <= files
+        record = json.loads((out / folder / "step.json").read_text())
+        assert set(record["files"]) == files - {"step.json"}
+        assert all(sha256_file(out / folder / name) == digest for name, digest in record["files"].items())
+        assert record["seconds"] >= 0 and record["peak_rss_bytes"] > 0
+    base, quant = report["steps"]
+    assert quant["size_bytes"] < base["size_bytes"] and quant["params"] == base["params"]
+    assert base["wikitext2_perplexity"] > 1 and quant["wikitext2_perplexity"] != base["wikitext2_perplexity"]
+    assert report["protocol"]["wikitext2"]["seq_len"] == 128
+    markdown = (out / "report.md").read_text()
+    assert "| 01-quantize |" in markdown and "tokens scored" in markdown
+    # the input model folder is never written to
+    assert {p.name: sha256_file(p) for p in tiny_model_dir.iterdir()} == before
+
+
+def test_rerun_skips_complete_steps_and_change_invalidates_later_ones(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    first = quiet_run(recipe)
+    out = tmp_path / "runs" / "tiny"
+    stamps = {f: (out / f / "step.json").stat().st_mtime_ns for f in ("00-base", "01-quantize")}
+    again = quiet_run(recipe)
+    assert stable(again) == stable(first)
+    assert {f: (out / f / "step.json").stat().st_mtime_ns for f in stamps} == stamps
+    # change the quantize step: base is kept, the step is redone
+    changed = quiet_run(tiny_recipe(steps="  - quantize: {method: rtn, bits: 8, group_size: -1}"))
+    assert (out / "00-base" / "step.json").stat().st_mtime_ns == stamps["00-base"]
+    assert (out / "01-quantize" / "step.json").stat().st_mtime_ns != stamps["01-quantize"]
+    assert changed["steps"][1]["config"]["bits"] == 8
+    # --overwrite redoes everything
+    quiet_run(recipe, overwrite=True)
+    assert (out / "00-base" / "step.json").stat().st_mtime_ns != stamps["00-base"]
+
+
+def test_corrupted_step_is_detected_and_redone(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    first = quiet_run(recipe)
+    weights = tmp_path / "runs" / "tiny" / "01-quantize" / "model.safetensors"
+    with open(weights, "r+b") as f:  # truncate: a crash or a bad copy
+        f.truncate(weights.stat().st_size // 2)
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "00-base: complete, skipped" in result.output
+    assert "model.safetensors is corrupt or truncated" in result.output
+    assert stable(json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())) == stable(first)
+
+
+def test_eval_change_reevaluates_without_recomputing(tiny_recipe, tmp_path):
+    quiet_run(tiny_recipe(max_tokens=2048))
+    out = tmp_path / "runs" / "tiny"
+    weights = sha256_file(out / "01-quantize" / "model.safetensors")
+    report = quiet_run(tiny_recipe(max_tokens=1024))
+    assert report["protocol"]["wikitext2"]["max_tokens"] == 1024
+    assert sha256_file(out / "01-quantize" / "model.safetensors") == weights
+
+
+def test_sigkill_during_second_step_then_resume(tiny_recipe, tmp_path):
+    # the whole test set (no max_tokens) makes the second step's eval long enough to be killed inside it
+    recipe = tiny_recipe(max_tokens=None)
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", str(recipe)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    out = tmp_path / "runs" / "tiny"
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if "01-quantize: rtn" in line:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, seen
+    assert not (out / "01-quantize").exists() and not (out / "report.json").exists()
+    base_record = (out / "00-base" / "step.json").read_text()
+
+    resumed = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(recipe)],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "00-base: complete, skipped" in resumed.stderr
+    assert "00-base: loading" not in resumed.stderr
+    assert (out / "00-base" / "step.json").read_text() == base_record  # not recomputed
+    assert not list(out.glob("*.partial"))
+
+    reference = quiet_run(recipe, output_dir=tmp_path / "uninterrupted")
+    assert stable(json.loads((out / "report.json").read_text())) == stable(reference)
+
+
+def test_disk_full_while_saving_keeps_earlier_steps(tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe()
+    original = checkpoint.save_model
+    calls = []
+
+    def failing_save(model, tokenizer, folder):
+        calls.append(folder)
+        if len(calls) == 2:  # the quantize step
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(model, tokenizer, folder)
+
+    monkeypatch.setattr("compress.pipeline.save_model", failing_save)
+    with pytest.raises(CompressError, match="disk full while writing .*01-quantize.*completed steps are kept"):
+        quiet_run(recipe)
+    out = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00-base"]
+    monkeypatch.setattr("compress.pipeline.save_model", original)
+    report = quiet_run(recipe)
+    assert [row["step"] for row in report["steps"]] == ["00-base", "01-quantize"]
+
+
+def test_unwritable_output_dir_is_a_clear_error(tiny_recipe, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe()), "--output-dir", str(blocker / "run")])
+    assert result.exit_code == 2
+    assert "is not writable" in result.output and "Traceback" not in result.output
+
+
+def test_output_inside_the_input_model_is_refused(tiny_recipe, tiny_model_dir):
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe()), "--output-dir", str(tiny_model_dir / "run")])
+    assert result.exit_code == 2
+    assert "overlaps the input model folder" in result.output
+
+
+def test_group_size_misfit_fails_before_any_step_is_written(tiny_recipe, tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe(steps="  - quantize: {method: rtn, group_size: 48}"))])
+    assert result.exit_code == 2
+    assert "group_size 48 does not divide the input width 64" in result.output
+    assert not (tmp_path / "runs" / "tiny" / "00-base").exists()
+
+
+def test_missing_data_names_the_directories_it_looked_in(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path / "empty"))
+    from compress import data
+
+    data._load.cache_clear()
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe())])
+    data._load.cache_clear()
+    assert result.exit_code == 2
+    assert "wikitext2-test" in result.output and str(tmp_path / "empty") in result.output
