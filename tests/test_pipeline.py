@@ -183,3 +183,24 @@ def test_missing_data_names_the_directories_it_looked_in(tiny_recipe, tmp_path, 
     data._load.cache_clear()
     assert result.exit_code == 2
     assert "wikitext2-test" in result.output and str(tmp_path / "empty") in result.output
+
+
+def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nmodel: {tmp_path / 'empty'}\nsteps:\n  - quantize: {{}}\noutput_dir: {tmp_path / 'out'}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2
+    assert "is not a model folder (no config.json)" in result.output
+
+
+def test_unreachable_hub_model_is_a_clear_error_without_network(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nmodel: nobody-here/no-such-model\nsteps:\n  - quantize: {{}}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # offline mode: the hub is never contacted
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(recipe)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "could not load 'nobody-here/no-such-model' from the Hugging Face Hub" in proc.stderr
+    assert "Traceback" not in proc.stderr
