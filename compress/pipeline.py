@@ -95,13 +95,14 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
     eval_fingerprint = _fingerprint("", recipe.eval.model_dump(mode="json"))
     data_dir = recipe.data.dir
+    device = recipe.resolved_device
 
     def run_evals(model, tokenizer, index):
         if index not in eval_at:
             return {}
         return evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.wikitext2, data_dir, show_progress)
 
-    console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps -> {out}")
+    console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps on {device} -> {out}")
     model = tokenizer = None
     last_complete: Path | None = None
     records: list[dict] = []
@@ -117,7 +118,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             if record is not None:
                 if index in eval_at and record.get("eval_fingerprint") != eval_fingerprint:
                     console.print(f"{label}: complete; eval settings changed, re-evaluating")
-                    step_model, step_tokenizer = load_model(str(folder), recipe.dtype)
+                    step_model, step_tokenizer = load_model(str(folder), recipe.dtype, device)
                     record.update(metrics=run_evals(step_model, step_tokenizer, index),
                                   eval_fingerprint=eval_fingerprint)
                     write_json(folder / STEP_FILE, record)
@@ -137,11 +138,11 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         torch.manual_seed(recipe.seed)
         if model is None and kind != "base":
             console.print(f"{label}: loading the model from {last_complete}")
-            model, tokenizer = load_model(str(last_complete), recipe.dtype)
+            model, tokenizer = load_model(str(last_complete), recipe.dtype, device)
         with measure() as step_cost:
             if kind == "base":
                 console.print(f"{label}: loading {recipe.model}")
-                model, tokenizer = load_model(recipe.model, recipe.dtype)
+                model, tokenizer = load_model(recipe.model, recipe.dtype, device)
                 _preflight(model, recipe)
             else:
                 console.print(f"{label}: {config.describe()}")

@@ -83,6 +83,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     model: str
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto = cuda when available")
     seed: int = 0
     data: DataConfig = DataConfig()
     steps: list[Step] = Field(min_length=1)
@@ -99,6 +100,14 @@ class Recipe(Strict):
             raise ValueError(f"model path '{value}' does not exist")
         raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local "
                          f"model folder, a .gguf file, or a hub id like org/name")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def resolved_output_dir(self) -> Path:
