@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
-from compress.quantize.formats import is_pack_quantized
+from compress.quantize.formats import decompressed_state_dict, is_pack_quantized
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,13 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _load_decompressed(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _load_decompressed(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedModel:
     """Build the architecture without its quantization config and load dense weights decompressed with
     compressed-tensors' own decompressor. Stock from_pretrained returns a model that decompresses lazily in a
     forward hook on the top-level module only, and mis-sizes asymmetric zero points on load
     (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
     from safetensors.torch import load_file
 
-    from compress.quantize.formats import decompressed_state_dict
-
-    config = json.loads((folder / "config.json").read_text())
     state: dict = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
@@ -155,7 +152,7 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
         if is_pack_quantized(config):
-            model = _load_decompressed(Path(source.location), DTYPES[dtype])
+            model = _load_decompressed(Path(source.location), config, DTYPES[dtype])
             return model.to(device).eval(), load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
