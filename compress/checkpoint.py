@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from compress.errors import CompressError
-from compress.quantize.formats import compressed_tensors_state_dict, is_quantized
+from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict, is_quantized
 
 STEP_FILE = "step.json"
 PARTIAL_SUFFIX = ".partial"
@@ -35,15 +35,28 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder_files(folder))
 
 
-def save_model(model, tokenizer, folder: str | Path) -> None:
-    """Write a loadable model folder; quantized models in the compressed-tensors pack-quantized format."""
+SAVE_FORMATS = ("compressed-tensors", "gptq")
+
+
+def save_model(model, tokenizer, folder: str | Path, format: str = "compressed-tensors") -> None:
+    """Write a loadable model folder. Quantized models go in the compressed-tensors pack-quantized format (stock
+    transformers, vLLM), or with format="gptq" in the GPTQ v1 layout (AutoGPTQ / GPTQModel loaders)."""
+    if format not in SAVE_FORMATS:
+        raise CompressError(f"unknown format '{format}'; allowed: {', '.join(SAVE_FORMATS)}")
     folder = Path(folder)
-    if is_quantized(model):
+    if not is_quantized(model):
+        model.save_pretrained(folder)
+    elif format == "gptq":
+        state, quantization_config = gptq_state_dict(model)
+        model.save_pretrained(folder, state_dict=state)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config},
+                                                       indent=2, sort_keys=True) + "\n")
+        (folder / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
+    else:
         state, compressor = compressed_tensors_state_dict(model)
         model.save_pretrained(folder, state_dict=state)
         compressor.update_config(str(folder))
-    else:
-        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import CompressError
 
@@ -57,6 +58,23 @@ def data_dir(explicit: str | Path | None = None) -> Path | None:
 
 def is_known(name: str) -> bool:
     return name in DATASETS or Path(name).suffix in (".txt", ".raw", ".tokens", ".jsonl")
+
+
+class CalibrationData(BaseModel):
+    """Recipe: `calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 512}` (random windows, seeded)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = "wikitext2-valid"
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if not is_known(value):
+            raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt/.jsonl path")
+        return value
 
 
 def _read_local(path: Path, kind: str):

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
-from compress.quantize.formats import decompressed_state_dict, is_pack_quantized
+from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 
 def _load_decompressed(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedModel:
-    """Build the architecture without its quantization config and load dense weights decompressed with
-    compressed-tensors' own decompressor. Stock from_pretrained returns a model that decompresses lazily in a
+    """Build the architecture without its quantization config and load dense decompressed weights (for
+    compressed-tensors checkpoints, with compressed-tensors' own decompressor). Stock from_pretrained returns a model that decompresses lazily in a
     forward hook on the top-level module only, and mis-sizes asymmetric zero points on load
     (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
     from safetensors.torch import load_file
@@ -151,7 +151,7 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
         source = resolve_source(source)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
-        if is_pack_quantized(config):
+        if is_quantized_checkpoint(config):
             model = _load_decompressed(Path(source.location), config, DTYPES[dtype])
             return model.to(device).eval(), load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

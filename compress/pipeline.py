@@ -18,6 +18,7 @@ from rich.console import Console
 
 from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
+from compress.data import calibration_batches
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.measure import measure
@@ -41,14 +42,29 @@ def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
 
 
+def _calibration(config, tokenizer, recipe: Recipe) -> torch.Tensor | None:
+    """Token ids [samples, seq_len] for a step that calibrates (its own `calibration`, else the recipe's)."""
+    if not hasattr(config, "calibration"):
+        return None
+    spec = config.calibration or recipe.data.calibration
+    return calibration_batches(tokenizer, spec.dataset, spec.samples, spec.seq_len, recipe.seed, recipe.data.dir)
+
+
 def _apply(kind: str, config, model, tokenizer, recipe: Recipe, show_progress: bool):
     if kind == "quantize":
-        return quantize(model, config, show_progress=show_progress)
+        return quantize(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
     raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
 
 
-def _preflight(model, recipe: Recipe) -> None:
-    """Check what can be checked against the base model's shapes before any long work starts."""
+def _save_format(config) -> str:
+    return getattr(config, "format", "compressed-tensors")
+
+
+def _preflight(model, tokenizer, recipe: Recipe) -> None:
+    """Check what can be checked before any long work starts: calibration data is long enough, and group sizes
+    divide the base model's widths (until a step that changes shapes)."""
+    for step in recipe.steps:
+        _calibration(step.config, tokenizer, recipe)
     for step in recipe.steps:
         if step.kind in SHAPE_CHANGING:
             return
@@ -143,7 +159,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             if kind == "base":
                 console.print(f"{label}: loading {recipe.model}")
                 model, tokenizer = load_model(recipe.model, recipe.dtype, device)
-                _preflight(model, recipe)
+                _preflight(model, tokenizer, recipe)
             else:
                 console.print(f"{label}: {config.describe()}")
                 model = _apply(kind, config, model, tokenizer, recipe, show_progress)
@@ -161,7 +177,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "compress_version": __version__, "torch_version": torch.__version__,
         }
         with console.status(f"{label}: saving"):
-            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial), record)
+            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial, _save_format(config)),
+                                    record)
         console.print(f"{label}: done in {step_cost['seconds']:.1f} s, saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)
         last_complete = folder

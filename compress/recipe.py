@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress import data as data_module
+from compress.data import CalibrationData
 from compress.errors import RecipeError
 from compress.evaluate import TASKS, Perplexity
 from compress.models import DTYPES, REGISTRY, HUB_ID, looks_like_path
@@ -20,24 +20,6 @@ from compress.quantize import QuantizeConfig
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CalibrationData(Strict):
-    dataset: str = "wikitext2-valid"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=8)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        return _check_dataset(value)
-
-
-def _check_dataset(value: str) -> str:
-    if not data_module.is_known(value):
-        raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(data_module.DATASETS)}, "
-                         f"or a .txt/.jsonl path")
-    return value
 
 
 class DataConfig(Strict):
@@ -151,35 +133,64 @@ def _field_path(loc: tuple) -> str:
     return text or "recipe"
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that the location points into (to list allowed fields)."""
-    current: Any = Recipe
-    for part in loc:
-        while True:  # unwrap Optional[...] / list[...]
-            origin = typing.get_origin(current)
-            if origin in (typing.Union, types.UnionType):
-                current = next(a for a in typing.get_args(current) if a is not type(None))
-            elif origin is list and isinstance(part, int):
-                current = typing.get_args(current)[0]
-                break
-            else:
-                break
-        if isinstance(part, int):
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] (a union with None) from an annotation."""
+    while True:
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        current = current.model_fields[part].annotation
-    while typing.get_origin(current) in (typing.Union, types.UnionType):
-        current = next(a for a in typing.get_args(current) if a is not type(None))
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+            rest = [a for a in args if a is not type(None)]
+            annotation = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+            continue
+        return annotation
+
+
+def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """tag → class for a union discriminated on `method` (e.g. quantize: rtn | gptq); empty otherwise."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return {}
+    return {arg.model_fields["method"].default: arg for arg in typing.get_args(annotation)
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields}
+
+
+def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """Follow `loc` through the schema: returns the location without the union tags pydantic inserts (so it
+    reads like the YAML) and the model class it points into (to list allowed fields), or None."""
+    current: Any = Recipe
+    clean: list = []
+    for part in loc:
+        current = _unwrap(current)
+        members = _tagged_members(current)
+        if part in members:
+            current = members[part]
+            continue
+        clean.append(part)
+        if isinstance(part, int) and typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            current = None
+    current = _unwrap(current)
+    model = current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    return tuple(clean), model
 
 
 def _message(error: dict) -> tuple[tuple, str]:
-    loc, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    raw, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    loc = _walk(raw)[0]
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1])
-        allowed = f"; allowed: {', '.join(owner.model_fields)}" if owner else ""
+        owner = _walk(raw[:-1])[1]
+        fields = sorted(owner.model_fields, key=lambda name: name != "method") if owner else []  # method first
+        allowed = f"; allowed: {', '.join(fields)}" if owner else ""
         return loc, f"unknown field '{loc[-1]}'{allowed}"
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        tags = ", ".join(_tagged_members(_unwrap(_walk(loc[:-1])[1].model_fields[loc[-1]].annotation)))
+        if kind == "union_tag_invalid":
+            return loc + ("method",), f"unknown method {value.get('method')!r}; allowed: {tags}"
+        return loc, f"'method' is missing; allowed: {tags}"
     if kind == "missing":
         return loc, "required field is missing"
     if kind == "literal_error":

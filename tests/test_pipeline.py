@@ -137,11 +137,11 @@ def test_disk_full_while_saving_keeps_earlier_steps(tiny_recipe, tmp_path, monke
     original = checkpoint.save_model
     calls = []
 
-    def failing_save(model, tokenizer, folder):
+    def failing_save(model, tokenizer, folder, *args):
         calls.append(folder)
         if len(calls) == 2:  # the quantize step
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(model, tokenizer, folder)
+        original(model, tokenizer, folder, *args)
 
     monkeypatch.setattr("compress.pipeline.save_model", failing_save)
     with pytest.raises(CompressError, match="disk full while writing .*01-quantize.*completed steps are kept"):
@@ -188,7 +188,7 @@ def test_missing_data_names_the_directories_it_looked_in(tiny_recipe, tmp_path, 
 def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: x\nmodel: {tmp_path / 'empty'}\nsteps:\n  - quantize: {{}}\noutput_dir: {tmp_path / 'out'}\n")
+    recipe.write_text(f"name: x\nmodel: {tmp_path / 'empty'}\nsteps:\n  - quantize: {{method: rtn}}\noutput_dir: {tmp_path / 'out'}\n")
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2
     assert "is not a model folder (no config.json)" in result.output
@@ -196,7 +196,7 @@ def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
 
 def test_unreachable_hub_model_is_a_clear_error_without_network(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: x\nmodel: nobody-here/no-such-model\nsteps:\n  - quantize: {{}}\n"
+    recipe.write_text(f"name: x\nmodel: nobody-here/no-such-model\nsteps:\n  - quantize: {{method: rtn}}\n"
                       f"output_dir: {tmp_path / 'out'}\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # offline mode: the hub is never contacted
     proc = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(recipe)], capture_output=True, text=True,

@@ -25,32 +25,35 @@ steps:
 # (recipe text, expected line, expected field, a fragment of the expected message)
 MALFORMED = [
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 5}\n", 4, "steps[0].quantize.bits", "allowed: 2, 3, 4 or 8"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptqq}\n", 4, "steps[0].quantize.method", "allowed: 'rtn'"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize:\n      bits: 4\n      bitz: 3\n", 6, "steps[0].quantize.bitz", "unknown field 'bitz'; allowed: method, bits, group_size, sym"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptqq}\n", 4, "steps[0].quantize.method", "unknown method 'gptqq'; allowed: rtn, gptq"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {bits: 4}\n", 4, "steps[0].quantize", "'method' is missing; allowed: rtn, gptq"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptq, bits: 3, format: gptq}\n", 4, "steps[0].quantize", "for 3 bits use format compressed-tensors"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptq, calibration: {seq_len: 4}}\n", 4, "steps[0].quantize.calibration.seq_len", "greater than or equal to 8"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize:\n      method: rtn\n      bitz: 3\n", 6, "steps[0].quantize.bitz", "unknown field 'bitz'; allowed: method, bits, group_size, sym"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - shrink: {ratio: 0.5}\n", 4, "steps[0]", "unknown step 'shrink'; allowed: quantize"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {bits: 4}\n    prune: {}\n", 4, "steps[0]", "one key"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 4}\n    prune: {}\n", 4, "steps[0]", "one key"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize\n", 4, "steps[0]", "a step is a mapping"),
     ("name: x\nmodel: smollm2-135m\nsteps: []\n", 3, "steps", "at least 1 item"),
     ("name: x\nmodel: smollm2-135m\n", 1, "steps", "required field is missing"),
-    ("model: smollm2-135m\nsteps:\n  - quantize: {}\n", 1, "name", "required field is missing"),
-    ("name: x\nmodel: no-such-model\nsteps:\n  - quantize: {}\n", 2, "model", "unknown model 'no-such-model'"),
-    ("name: x\nmodel: ./missing/folder\nsteps:\n  - quantize: {}\n", 2, "model", "does not exist"),
-    ("name: x\nmodel: /nowhere/model.gguf\nsteps:\n  - quantize: {}\n", 2, "model", "does not exist"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {group_size: 0}\n", 4, "steps[0].quantize.group_size", "or -1 for per-channel"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {group_size: sixty-four}\n", 4, "steps[0].quantize.group_size", "valid integer"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {sym: maybe}\n", 4, "steps[0].quantize.sym", "valid boolean"),
-    ("name: x\nmodel: smollm2-135m\ndtype: int4\nsteps:\n  - quantize: {}\n", 3, "dtype", "allowed: 'float32', 'bfloat16' or 'float16'"),
-    ("name: x\nmodel: smollm2-135m\ndevice: gpu\nsteps:\n  - quantize: {}\n", 3, "device", "should match pattern"),
-    ("name: x\nmodel: smollm2-135m\nseed: zero\nsteps:\n  - quantize: {}\n", 3, "seed", "valid integer"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\neval:\n  tasks: [wikitext2, mmlu]\n", 6, "eval.tasks[1]", "allowed: 'wikitext2'"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\neval:\n  after: sometimes\n", 6, "eval.after", "'every_step', 'last' or 'none'"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\neval:\n  wikitext2: {seq_len: 128, stride: 256}\n", 6, "eval.wikitext2", "stride 256 is larger than seq_len 128"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\neval:\n  wikitext2: {seq_len: 1}\n", 6, "eval.wikitext2.seq_len", "greater than or equal to 2"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\ndata:\n  calibration: {dataset: imagenet}\n", 6, "data.calibration.dataset", "unknown dataset 'imagenet'"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\ndata:\n  calibration: {samples: -3}\n", 6, "data.calibration.samples", "greater than or equal to 1"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\noutput: runs/x\n", 5, "output", "unknown field 'output'; allowed: name, model, dtype, device, seed, data, steps, eval, output_dir"),
-    ("name: bad name!\nmodel: smollm2-135m\nsteps:\n  - quantize: {}\n", 1, "name", "should match pattern"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {bits: 4\n", 5, "", "malformed YAML"),
+    ("model: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\n", 1, "name", "required field is missing"),
+    ("name: x\nmodel: no-such-model\nsteps:\n  - quantize: {method: rtn}\n", 2, "model", "unknown model 'no-such-model'"),
+    ("name: x\nmodel: ./missing/folder\nsteps:\n  - quantize: {method: rtn}\n", 2, "model", "does not exist"),
+    ("name: x\nmodel: /nowhere/model.gguf\nsteps:\n  - quantize: {method: rtn}\n", 2, "model", "does not exist"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, group_size: 0}\n", 4, "steps[0].quantize.group_size", "or -1 for per-channel"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, group_size: sixty-four}\n", 4, "steps[0].quantize.group_size", "valid integer"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, sym: maybe}\n", 4, "steps[0].quantize.sym", "valid boolean"),
+    ("name: x\nmodel: smollm2-135m\ndtype: int4\nsteps:\n  - quantize: {method: rtn}\n", 3, "dtype", "allowed: 'float32', 'bfloat16' or 'float16'"),
+    ("name: x\nmodel: smollm2-135m\ndevice: gpu\nsteps:\n  - quantize: {method: rtn}\n", 3, "device", "should match pattern"),
+    ("name: x\nmodel: smollm2-135m\nseed: zero\nsteps:\n  - quantize: {method: rtn}\n", 3, "seed", "valid integer"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\neval:\n  tasks: [wikitext2, mmlu]\n", 6, "eval.tasks[1]", "allowed: 'wikitext2'"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\neval:\n  after: sometimes\n", 6, "eval.after", "'every_step', 'last' or 'none'"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\neval:\n  wikitext2: {seq_len: 128, stride: 256}\n", 6, "eval.wikitext2", "stride 256 is larger than seq_len 128"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\neval:\n  wikitext2: {seq_len: 1}\n", 6, "eval.wikitext2.seq_len", "greater than or equal to 2"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\ndata:\n  calibration: {dataset: imagenet}\n", 6, "data.calibration.dataset", "unknown dataset 'imagenet'"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\ndata:\n  calibration: {samples: -3}\n", 6, "data.calibration.samples", "greater than or equal to 1"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\noutput: runs/x\n", 5, "output", "unknown field 'output'; allowed: name, model, dtype, device, seed, data, steps, eval, output_dir"),
+    ("name: bad name!\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\n", 1, "name", "should match pattern"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 4\n", 5, "", "malformed YAML"),
     ("name: x\n  model: smollm2-135m\n", 2, "", "malformed YAML"),
     ("- just\n- a list\n", 1, "recipe", "expected a mapping"),
     ("", 1, "recipe", "got an empty file"),
@@ -79,7 +82,7 @@ def test_there_are_at_least_twenty_malformed_cases():
 
 def test_several_problems_are_all_reported(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {bits: 5, sym: maybe}\nfoo: 1\n")
+    path.write_text("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 5, sym: maybe}\nfoo: 1\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert [l.split(": ")[1] for l in info.value.lines] == ["steps[0].quantize.bits", "steps[0].quantize.sym", "foo"]
@@ -111,7 +114,7 @@ def test_shipped_recipes_validate():
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {bits: 7}\n")
+    path.write_text("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 7}\n")
     proc = subprocess.run([sys.executable, "-m", "compress.cli", "validate", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

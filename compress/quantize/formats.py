@@ -1,6 +1,12 @@
-"""Checkpoint formats for quantized models. compressed-tensors `pack-quantized` is the default: stock
-transformers (with compressed-tensors installed) and vLLM load it. The packing itself is compressed-tensors'
-own compressor, so the bytes are exactly what its loaders expect."""
+"""Checkpoint formats for quantized models.
+
+- compressed-tensors `pack-quantized` (default): stock transformers (with compressed-tensors installed) and vLLM
+  load it. The packing is compressed-tensors' own compressor, so the bytes are exactly what its loaders expect.
+- GPTQ v1 (`format: gptq`): the AutoGPTQ / GPTQModel layout that existing "-GPTQ" checkpoints use: per Linear
+  `qweight` (int32, 32/bits values packed along the input dimension), `qzeros` (int32, zero point minus one, packed
+  along the output dimension), `scales` (float16 [groups, out]) and `g_idx` (int32 group of each input column),
+  with `quantization_config` {quant_method: gptq, checkpoint_format: gptq} in config.json and quantize_config.json.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from compressed_tensors.compressors.model_compressors.model_compressor import Mo
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
+from compress.errors import CompressError
 from compress.quantize.grid import quantized_linears
 
 
@@ -51,14 +58,99 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
     return state, ModelCompressor(quantization_config=config)
 
 
-def is_pack_quantized(config: dict) -> bool:
-    """A pack-quantized compressed-tensors checkpoint (config.json as a dict)."""
+# ---------------------------------------------------------------- GPTQ v1
+
+
+GPTQ_PACKABLE_BITS = (2, 4, 8)  # 32/bits values per int32 word; 3-bit words straddle and are not written here
+
+
+def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit values along `dim`: value k of each word sits at bit offset k·bits."""
+    per_word = 32 // bits
+    values = values.to(torch.int64).movedim(dim, 0)
+    words = torch.zeros(values.shape[0] // per_word, *values.shape[1:], dtype=torch.int64, device=values.device)
+    for k in range(per_word):
+        words |= values[k::per_word] << (bits * k)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits, read as signed int32
+    return words.to(torch.int32).movedim(0, dim).contiguous()
+
+
+def _unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    per_word = 32 // bits
+    words = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, device=words.device).view(1, per_word, *([1] * (words.dim() - 1)))
+    values = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
+    return values.reshape(-1, *words.shape[1:]).movedim(0, dim)
+
+
+def gptq_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's state dict with every quantized Linear in the GPTQ v1 layout, and its quantization_config."""
+    state = model.state_dict()
+    quantized = list(quantized_linears(model))
+    grids = {quant.args.model_dump_json(): quant.args for _, _, quant in quantized}
+    if len(grids) != 1:
+        raise CompressError(f"the GPTQ format holds one quantization grid per model; this model has {len(grids)}: "
+                            f"save it with format compressed-tensors")
+    (args,) = grids.values()
+    bits, offset = args.num_bits, 2 ** (args.num_bits - 1)  # compressed-tensors' signed grid → GPTQ's unsigned one
+    for name, linear, quant in quantized:
+        out_features, in_features = linear.weight.shape
+        group = in_features if args.group_size is None else args.group_size
+        scale = quant.scale.float()  # [out, groups]
+        zero = quant.zero_point.float() if quant.zero_point is not None else torch.zeros_like(scale)
+        columns_scale = scale.repeat_interleave(group, dim=1)
+        columns_zero = zero.repeat_interleave(group, dim=1)
+        q = torch.round(linear.weight.float() / columns_scale + columns_zero) + offset  # [out, in], 0 … 2^bits-1
+        del state[f"{name}.weight"]
+        state[f"{name}.qweight"] = _pack_int32(q.T, bits, dim=0)  # [in·bits/32, out]
+        state[f"{name}.qzeros"] = _pack_int32((zero + offset - 1).T, bits, dim=1)  # v1 stores zero − 1
+        state[f"{name}.scales"] = scale.T.to(torch.float16).contiguous()  # [groups, out]
+        state[f"{name}.g_idx"] = (torch.arange(in_features) // group).to(torch.int32)
+    config = {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits,
+        "group_size": -1 if args.group_size is None else args.group_size, "sym": args.symmetric,
+        # groups are contiguous (act-order visits columns in another order but keeps groups in place), so the
+        # identity g_idx above is exact and loaders may take their fast no-act-order kernels
+        "desc_act": False, "static_groups": args.actorder is not None, "true_sequential": True, "lm_head": False,
+    }
+    return state, config
+
+
+def is_gptq(config: dict) -> bool:
     quant = config.get("quantization_config") or {}
-    return quant.get("quant_method") == "compressed-tensors" and quant.get("format") == "pack-quantized"
+    return quant.get("quant_method") == "gptq"
+
+
+def _gptq_decompressed(state: dict[str, torch.Tensor], quant: dict) -> dict[str, torch.Tensor]:
+    """Dense weights from a GPTQ v1 state dict: weight = scales[g_idx] · (q − (qzeros + 1)) (AutoGPTQ's reference)."""
+    bits = quant["bits"]
+    if bits not in GPTQ_PACKABLE_BITS:
+        raise ValueError(f"GPTQ checkpoints with {bits} bits are not supported; supported: {GPTQ_PACKABLE_BITS}")
+    dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
+    for key in [k for k in state if k.endswith(".qweight")]:
+        module = key.removesuffix(".qweight")
+        q = _unpack_int32(state[key], bits, dim=0).float()  # [in, out]
+        zeros = (_unpack_int32(state[f"{module}.qzeros"], bits, dim=1) + 1).float()  # [groups, out]
+        g_idx = state[f"{module}.g_idx"].long()
+        scales = state[f"{module}.scales"].float()
+        dense[f"{module}.weight"] = (scales[g_idx] * (q - zeros[g_idx])).T.contiguous()
+    return dense
+
+
+# ---------------------------------------------------------------- reading either format back
+
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    """config.json (as a dict) of a checkpoint this module can decompress."""
+    quant = config.get("quantization_config") or {}
+    return is_gptq(config) or (quant.get("quant_method") == "compressed-tensors"
+                                and quant.get("format") == "pack-quantized")
 
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Dense float weights from a pack-quantized state dict, with compressed-tensors' own decompressor."""
+    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors or GPTQ)."""
+    if is_gptq(config):
+        return _gptq_decompressed(state, config["quantization_config"])
     quant = QuantizationConfig.model_validate(config["quantization_config"])
     ignore = set(quant.ignore or [])
     schemes = list(quant.config_groups.values())

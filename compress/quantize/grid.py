@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as _ct_fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.errors import CompressError
 
@@ -23,11 +24,52 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_IGNORE = ("lm_head",)
 
 
-def weight_args(bits: int, group_size: int, sym: bool) -> QuantizationArgs:
-    """compressed-tensors args for weight-only int quantization; group_size -1 means one scale per output row."""
+class WeightOnlyConfig(BaseModel):
+    """What every integer weight-only method shares: the grid (bits, group size, symmetry) and the saved format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="input columns per scale; -1 = one scale per output channel")
+    sym: bool = True
+    format: Literal["compressed-tensors", "gptq"] = Field(
+        "compressed-tensors", description="compressed-tensors (stock transformers, vLLM) or the GPTQ v1 layout")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError(f"got {value}; allowed: a positive number of columns, or -1 for per-channel")
+        return value
+
+    @model_validator(mode="after")
+    def _gptq_layout(self):
+        if self.format == "gptq" and self.bits == 3:
+            raise ValueError("format gptq packs 2, 4 or 8 bits into int32 words; for 3 bits use format "
+                             "compressed-tensors")
+        if self.format == "gptq" and not self.sym:
+            raise ValueError("format gptq (v1) stores zero points minus one, so an asymmetric zero point of 0 "
+                             "cannot be written; use sym: true, or format compressed-tensors for asymmetric grids")
+        return self
+
+    def quantization_args(self, actorder: str | None = None) -> QuantizationArgs:
+        # GPTQ-format checkpoints store float16 scales: quantize on that grid so the saved model is the one measured
+        scale_dtype = torch.float16 if self.format == "gptq" else None
+        return weight_args(self.bits, self.group_size, self.sym, actorder, scale_dtype)
+
+    def grid(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}"
+
+
+def weight_args(bits: int, group_size: int, sym: bool, actorder: str | None = None,
+                scale_dtype: torch.dtype | None = None) -> QuantizationArgs:
+    """compressed-tensors args for weight-only int quantization; group_size -1 means one scale per output row.
+    actorder "weight" records that GPTQ visited columns by activation order with groups kept in place."""
+    common = dict(num_bits=bits, symmetric=sym, actorder=actorder, scale_dtype=scale_dtype)
     if group_size == -1:
-        return QuantizationArgs(num_bits=bits, symmetric=sym, strategy="channel")
-    return QuantizationArgs(num_bits=bits, symmetric=sym, strategy="group", group_size=group_size)
+        return QuantizationArgs(strategy="channel", **common)
+    return QuantizationArgs(strategy="group", group_size=group_size, **common)
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023).
+
+For a Linear with weight W [rows, cols] and calibration inputs X, GPTQ minimises ||W X - Q X||² one column at a
+time: quantize column j, then spread its rounding error over the columns not yet quantized through the inverse of
+the Hessian H = 2 X Xᵀ (the Optimal Brain Quantizer update). The paper's three steps that make it fast:
+  1. any fixed column order serves every row, so rows are solved together (act-order: largest H_jj first);
+  2. lazy batch updates: a block of columns is solved, then its errors reach the rest of W in one matmul;
+  3. the Cholesky factor of H⁻¹ replaces the per-column inverse updates (and is numerically stable).
+Decoder layers are calibrated in sequence on the outputs of the already-quantized layers (layerwise.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+from pydantic import Field
+from rich.progress import Progress
+
+from compress.data import CalibrationData
+from compress.errors import CompressError
+from compress.quantize.grid import (
+    QUANT_ATTR,
+    WeightOnlyConfig,
+    WeightQuant,
+    check_group_size,
+    fake_quantize,
+    minmax_qparams,
+    quantizable_linears,
+)
+from compress.quantize.layerwise import LayerwiseCalibration
+
+MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
+
+
+class GPTQ(WeightOnlyConfig):
+    """Recipe: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01,
+    calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal; groups stay in place")
+    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, ge=1, description="columns per lazy batch update")
+    calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
+    offload: bool = Field(False, description="keep weights on the CPU; one decoder layer at a time visits the GPU")
+    batch_tokens: int = Field(16384, ge=1, description="tokens per calibration forward call")
+
+    def describe(self) -> str:
+        return f"gptq {self.grid()}{' act-order' if self.act_order else ''}{' offload' if self.offload else ''}"
+
+
+# ---------------------------------------------------------------- the Hessians of one decoder layer
+
+
+class _SeenAllInputs(Exception):
+    """Raised once every Linear of the layer has seen its input: the rest of the layer is not needed."""
+
+
+class LayerHessians:
+    """H = 2/n Σ x xᵀ for the input x of every Linear in one decoder layer. Linears that read the same tensor
+    (q/k/v read one normed hidden state, gate/up another) share one Hessian: it is accumulated once."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear]):
+        self.linears = linears
+        self.groups: list[list[str]] | None = None  # names sharing an input, found on the first batch
+        self.sums: list[torch.Tensor] = []
+        self.tokens = 0
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    def _hook(self, name: str):
+        def record(module, args):
+            self._inputs[name] = args[0]
+            if len(self._inputs) == len(self.linears):
+                self._add_batch()
+                raise _SeenAllInputs  # the last Linear's own matmul and everything after it are skipped
+
+        return record
+
+    def _add_batch(self) -> None:
+        if self.groups is None:
+            by_tensor: dict[int, list[str]] = {}
+            for name, x in self._inputs.items():
+                by_tensor.setdefault(x.data_ptr(), []).append(name)
+            self.groups = list(by_tensor.values())
+            self.sums = [torch.zeros(self.linears[g[0]].in_features, self.linears[g[0]].in_features,
+                                     device=self._inputs[g[0]].device) for g in self.groups]
+        for group, total in zip(self.groups, self.sums):
+            x = self._inputs[group[0]]
+            x = x.reshape(-1, x.shape[-1])
+            # inputs in bfloat16/float16 are exact in TF32, so TF32 tensor cores give the float32 product here
+            with _tf32(x.dtype in (torch.bfloat16, torch.float16)):
+                total.addmm_(x.T.float(), x.float())
+        self.tokens += x.shape[0]
+        self._inputs.clear()
+
+    def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+        handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
+        try:
+            calibration.run(layer, stop=_SeenAllInputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [(group, total.mul_(2 / self.tokens)) for group, total in zip(self.groups, self.sums)]
+
+
+def _tf32(enabled: bool):
+    if not (enabled and torch.cuda.is_available()):
+        return nullcontext()
+    return _Tf32()
+
+
+class _Tf32:
+    def __enter__(self):
+        self.previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.previous
+
+
+# ---------------------------------------------------------------- the solver
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H) (paper §4, "Cholesky reformulation").
+    If H + λI is not positive definite, λ is raised tenfold and retried, then the error names the layer."""
+    mean_diag = hessian.diagonal().mean()
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(hessian + damp * 10**attempt * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+    raise CompressError(f"{where}: the Hessian is not positive definite even with damp {damp * 10**MAX_DAMP_RETRIES:g}"
+                        f" (inputs are degenerate or not finite); use more calibration samples or a larger damp")
+
+
+def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   qmin: float, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a block of columns one at a time (paper, Algorithm 1, inner loop). `block` [rows, b] is updated in
+    place; returns the quantized columns and the scaled errors that the caller applies to later columns."""
+    quantized = torch.empty_like(block)
+    errors = torch.empty_like(block)
+    for i in range(block.shape[1]):
+        w = block[:, i]
+        q = (torch.clamp(torch.round(w / scale[:, i]) + zero[:, i], qmin, qmax) - zero[:, i]) * scale[:, i]
+        error = (w - q) / upper[i, i]
+        block[:, i:].addr_(error, upper[i, i:], alpha=-1)  # OBQ update of the block's remaining columns
+        quantized[:, i] = q
+        errors[:, i] = error
+    return quantized, errors
+
+
+def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: bool, damp: float,
+               block_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `weight` [rows, cols] against `hessian` [cols, cols]; returns (quantized weight, scale, zero point)
+    on compressed-tensors' grid. Rows may stack several Linears that share the Hessian."""
+    W = weight.float().clone()
+    H = hessian.clone()
+    cols = W.shape[1]
+
+    # columns no calibration token ever reached: any value is exact, so quantize them as zeros
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    group = cols if args.group_size is None else args.group_size
+    # Scales are fixed before the sweep when the column order is permuted ("static groups": a group's columns
+    # are scattered through the order, and the saved format keeps groups contiguous), or per channel; otherwise
+    # each group's scale is taken from its already-updated columns when the sweep reaches it (paper, §4).
+    static = act_order or args.group_size is None
+    scale, zero = minmax_qparams(W, args) if static else (None, None)
+    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, order], H[order][:, order]
+    group_of_column = order // group
+    block_size = block_size if static else group  # a group's scale is known when its block starts
+    group_scales, group_zeros = [], []
+
+    U = inverse_hessian_factor(H, damp, where)
+    qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1  # compressed-tensors' signed grid
+    Q = torch.empty_like(W)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = W[:, start:end]
+        if static:
+            columns = group_of_column[start:end]
+            block_scale, block_zero = scale[:, columns], zero[:, columns]
+        else:
+            block_scale, block_zero = minmax_qparams(block, args)  # [rows, 1]: this block is one group
+            group_scales.append(block_scale)
+            group_zeros.append(block_zero)
+        Q[:, start:end], errors = quantize_block(block, U[start:end, start:end],
+                                                 block_scale.float().expand_as(block),
+                                                 block_zero.float().expand_as(block), qmin, qmax)
+        W[:, end:].addmm_(errors, U[start:end, end:], alpha=-1)  # lazy batch update of all later columns
+    if not static:
+        scale, zero = torch.cat(group_scales, dim=1), torch.cat(group_zeros, dim=1)
+
+    Q = Q[:, torch.argsort(order)]
+    # round-trip through compressed-tensors' own fake-quantize so memory matches what loaders decompress
+    return fake_quantize(Q, scale, zero, args), scale, zero
+
+
+# ---------------------------------------------------------------- the verb
+
+
+def _calibration_device(model: torch.nn.Module, offload: bool) -> torch.device:
+    home = next(model.parameters()).device
+    return torch.device("cuda") if offload and torch.cuda.is_available() else home
+
+
+@torch.no_grad()
+def quantize_gptq(model: torch.nn.Module, config: GPTQ, input_ids: torch.Tensor,
+                  show_progress: bool = True) -> torch.nn.Module:
+    """Quantize every decoder Linear with GPTQ, layer by layer, on `input_ids` [samples, seq_len]."""
+    check_group_size(model, config.group_size)
+    args = config.quantization_args("weight" if config.act_order else None)
+    home = next(model.parameters()).device
+    device = _calibration_device(model, config.offload)
+    if config.offload and home.type != "cpu":
+        model.to("cpu")  # offload: the weights wait on the CPU, one layer at a time visits the device
+    calibration = LayerwiseCalibration(model, input_ids, device, config.batch_tokens)
+    layers = calibration.layers
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("GPTQ", total=len(layers))
+        for index, layer in enumerate(layers):
+            progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
+            with calibration.layer_on_device(index) if config.offload else nullcontext():
+                linears = dict(quantizable_linears(layer))
+                for names, hessian in LayerHessians(linears).collect(calibration, layer):
+                    stacked = torch.cat([linears[n].weight for n in names])  # one solve for all sharing H
+                    where = f"layer {index} ({', '.join(names)})"
+                    quantized, scale, zero = gptq_solve(stacked, hessian, args, config.act_order, config.damp,
+                                                        config.block_size, where)
+                    row = 0
+                    for name in names:
+                        linear = linears[name]
+                        rows = slice(row, row + linear.out_features)
+                        linear.weight.copy_(quantized[rows])
+                        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows]))
+                        row += linear.out_features
+                    del hessian
+                if index + 1 < len(layers):  # the last layer's outputs feed nothing
+                    calibration.propagate(layer, index)
+            if config.offload:
+                for linear in linears.values():
+                    quant = getattr(linear, QUANT_ATTR)
+                    setattr(linear, QUANT_ATTR, WeightQuant(args, quant.scale.cpu(), quant.zero_point.cpu()))
+            progress.advance(task)
+    del calibration
+    if model.device != home:
+        model.to(home)
+    return model
