@@ -1,0 +1,41 @@
+"""Models and calibration for the GPTQ benchmark, shared by our side (bench_gptq.py) and the llm-compressor side
+(peer_llmcompressor.py, run in its own virtualenv). Imports only torch and transformers."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Llama-2-7B's shape (random weights: speed does not depend on their values)
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def random_llama(shape: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    """A Llama of the given shape with random weights, initialised directly on `device` (fast on a GPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, dtype=dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def random_tokens(samples: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def timed(fn):
+    """Run fn() and return (result, seconds, peak CUDA bytes or None), synchronising around it."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() if cuda else None)

@@ -1,0 +1,74 @@
+"""The llm-compressor side of bench_gptq.py: the same model, calibration token ids and GPTQ settings through
+llm-compressor's `oneshot` + `GPTQModifier`. Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17
+and compressed-tensors 0.19, so it is never a dependency of compress); prints one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import LLAMA2_7B, random_llama, timed  # noqa: E402
+
+
+def _word_level_tokenizer():
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="llama2-7b-shape, or a folder/GGUF path")
+    parser.add_argument("--gguf-file")
+    parser.add_argument("--ids", required=True, help="calibration token ids saved with torch.save")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--save-weights", help="write the quantized Linear weights here (safetensors)")
+    args = parser.parse_args()
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "llama2-7b-shape":
+        model = random_llama(LLAMA2_7B, dtype, args.device)
+        processor = PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer())  # unused: ids are given
+    else:
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, gguf_file=args.gguf_file, dtype=dtype)
+        model = model.to(args.device).eval()
+        processor = AutoTokenizer.from_pretrained(args.model, gguf_file=args.gguf_file)
+    ids = torch.load(args.ids)
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    loader = torch.utils.data.DataLoader(rows, batch_size=1)  # llm-compressor's default calibration batch
+    recipe = GPTQModifier(
+        targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static",
+        config_groups={"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group",
+            "group_size": args.group_size}}},
+    )
+    _, seconds, peak = timed(lambda: oneshot(model=model, dataset=loader, recipe=recipe, processor=processor,
+                                             num_calibration_samples=len(ids), max_seq_length=ids.shape[1]))
+    if args.save_weights:
+        from safetensors.torch import save_file
+
+        weights = {n + ".weight": m.weight.detach().float().cpu().contiguous() for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+        save_file(weights, args.save_weights)
+    import llmcompressor
+
+    print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__}", "seconds": seconds, "peak_cuda_bytes": peak}))
+
+
+if __name__ == "__main__":
+    main()
