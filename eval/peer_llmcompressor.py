@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,6 +43,10 @@ def main() -> None:
     if args.model == "llama2-7b-shape":
         model = random_llama(LLAMA2_7B, dtype, args.device)
         processor = PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer())  # unused: ids are given
+        # oneshot re-reads the config from model.name_or_path to check the model is not already quantized
+        folder = tempfile.mkdtemp(prefix="peer-config-")
+        model.config.save_pretrained(folder)
+        model.config.name_or_path = folder
     else:
         from transformers import AutoTokenizer
 

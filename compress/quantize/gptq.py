@@ -30,6 +30,7 @@ from compress.quantize.grid import (
     minmax_qparams,
     quantizable_linears,
 )
+from compress.quantize import kernels
 from compress.quantize.layerwise import LayerwiseCalibration
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
@@ -89,9 +90,7 @@ class LayerHessians:
         for group, total in zip(self.groups, self.sums):
             x = self._inputs[group[0]]
             x = x.reshape(-1, x.shape[-1])
-            # inputs in bfloat16/float16 are exact in TF32, so TF32 tensor cores give the float32 product here
-            with _tf32(x.dtype in (torch.bfloat16, torch.float16)):
-                total.addmm_(x.T.float(), x.float())
+            _add_gram(total, x)
         self.tokens += x.shape[0]
         self._inputs.clear()
 
@@ -103,6 +102,19 @@ class LayerHessians:
             for handle in handles:
                 handle.remove()
         return [(group, total.mul_(2 / self.tokens)) for group, total in zip(self.groups, self.sums)]
+
+
+def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += xᵀx in float32. On CUDA, half-precision inputs go to the tensor cores with a float32 result
+    (products of bfloat16/float16 values are exact in float32, so nothing is lost against casting first)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): TF32 on float32 copies, equally exact
+            pass
+    with _tf32(x.dtype in (torch.bfloat16, torch.float16)):
+        total.addmm_(x.T.float(), x.float())
 
 
 def _tf32(enabled: bool):
@@ -182,6 +194,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
     U = inverse_hessian_factor(H, damp, where)
     qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1  # compressed-tensors' signed grid
     Q = torch.empty_like(W)
+    solve_block = kernels.quantize_block if kernels.available(W) else quantize_block
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = W[:, start:end]
@@ -192,7 +205,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
             block_scale, block_zero = minmax_qparams(block, args)  # [rows, 1]: this block is one group
             group_scales.append(block_scale)
             group_zeros.append(block_zero)
-        Q[:, start:end], errors = quantize_block(block, U[start:end, start:end],
+        Q[:, start:end], errors = solve_block(block, U[start:end, start:end],
                                                  block_scale.float().expand_as(block),
                                                  block_zero.float().expand_as(block), qmin, qmax)
         W[:, end:].addmm_(errors, U[start:end, end:], alpha=-1)  # lazy batch update of all later columns
