@@ -6,9 +6,9 @@ from compress.checkpoint import save_model  # noqa: E402
 from compress.evaluate import Perplexity, evaluate, perplexity  # noqa: E402
 from compress.models import load, load_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
-from compress.quantize import GPTQ, RTN, quantize  # noqa: E402
+from compress.quantize import FP8, GPTQ, RTN, quantize  # noqa: E402
 from compress.recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["GPTQ", "RTN", "Perplexity", "Recipe", "evaluate", "load", "load_model", "load_recipe", "perplexity",
+__all__ = ["FP8", "GPTQ", "RTN", "Perplexity", "Recipe", "evaluate", "load", "load_model", "load_recipe", "perplexity",
            "quantize", "run", "save_model"]
 

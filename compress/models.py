@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
-from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
+from compress.quantize.formats import activation_quantized_modules, decompressed_state_dict, is_quantized_checkpoint
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,10 @@ def _load_decompressed(folder: Path, config: dict, dtype: torch.dtype) -> PreTra
         raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     model.tie_weights()
+    if activation_quantized_modules(config):  # FP8 W8A8: inputs are quantized at run time, as the saved model does
+        from compress.quantize.fp8 import FP8, quantize_fp8
+
+        quantize_fp8(model, FP8(), show_progress=False)  # the weights are on the e4m3 grid already: unchanged
     return model
 
 

@@ -68,7 +68,7 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     for step in recipe.steps:
         if step.kind in SHAPE_CHANGING:
             return
-        if step.kind == "quantize":
+        if step.kind == "quantize" and hasattr(step.config, "group_size"):
             check_group_size(model, step.config.group_size)
 
 

@@ -1,7 +1,8 @@
 """Checkpoint formats for quantized models.
 
-- compressed-tensors `pack-quantized` (default): stock transformers (with compressed-tensors installed) and vLLM
-  load it. The packing is compressed-tensors' own compressor, so the bytes are exactly what its loaders expect.
+- compressed-tensors (default): `pack-quantized` for integer grids, `float-quantized` for FP8. Stock transformers
+  (with compressed-tensors installed) and vLLM load both. The packing is compressed-tensors' own compressor, so the
+  bytes are exactly what its loaders expect.
 - GPTQ v1 (`format: gptq`): the AutoGPTQ / GPTQModel layout that existing "-GPTQ" checkpoints use: per Linear
   `qweight` (int32, 32/bits values packed along the input dimension), `qzeros` (int32, zero point minus one, packed
   along the output dimension), `scales` (float16 [groups, out]) and `g_idx` (int32 group of each input column),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
@@ -24,16 +26,24 @@ def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], lis
     ignore: the rest); several grids target exact module names."""
     by_args: dict[str, tuple] = {}
     for name, _, quant in quantized_linears(model):
-        key = quant.args.model_dump_json()
-        by_args.setdefault(key, (quant.args, []))[1].append(name)
+        key = quant.args.model_dump_json() + (quant.input_args.model_dump_json() if quant.input_args else "")
+        by_args.setdefault(key, (quant, []))[1].append(name)
     if len(by_args) == 1:
-        ((args, names),) = by_args.values()
+        ((quant, names),) = by_args.values()
         quantized = set(names)
         ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
-        return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore
-    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=args)
-              for i, (args, names) in enumerate(by_args.values())}
+        scheme = QuantizationScheme(targets=["Linear"], weights=quant.args, input_activations=quant.input_args)
+        return {"group_0": scheme}, ignore
+    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=quant.args, input_activations=quant.input_args)
+              for i, (quant, names) in enumerate(by_args.values())}
     return groups, []
+
+
+def _compressor(args):
+    """compressed-tensors' compressor and format name for a weight grid: FP8 → float-quantized, int → packed."""
+    if args.type == "float":
+        return FloatQuantizationCompressor, "float-quantized"
+    return PackedQuantizationCompressor, "pack-quantized"
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -41,20 +51,23 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
-    """The model's state dict with every quantized Linear packed (weight_packed, weight_scale, weight_shape,
-    weight_zero_point when asymmetric), and the compressor whose `update_config` writes the matching config."""
+    """The model's state dict with every quantized Linear compressed (int: weight_packed, weight_scale,
+    weight_shape, weight_zero_point when asymmetric; FP8: an e4m3 weight and weight_scale), and the compressor
+    whose `update_config` writes the matching config."""
     state = model.state_dict()
     schemes, ignore = _schemes(model)
+    formats = set()
     for name, linear, quant in quantized_linears(model):
         del state[f"{name}.weight"]
-        packed = PackedQuantizationCompressor.compress(
+        compressor, format = _compressor(quant.args)
+        formats.add(format)
+        compressed = compressor.compress(
             {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point},
             QuantizationScheme(targets=[name], weights=quant.args),
         )
-        state.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
-    config = QuantizationConfig(
-        config_groups=schemes, ignore=ignore, format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED
-    )
+        state.update({f"{name}.{key}": value.contiguous() for key, value in compressed.items()})
+    config = QuantizationConfig(config_groups=schemes, ignore=ignore, format=formats.pop() if len(formats) == 1
+                                else "mixed-precision", quantization_status=QuantizationStatus.COMPRESSED)
     return state, ModelCompressor(quantization_config=config)
 
 
@@ -144,7 +157,7 @@ def is_quantized_checkpoint(config: dict) -> bool:
     """config.json (as a dict) of a checkpoint this module can decompress."""
     quant = config.get("quantization_config") or {}
     return is_gptq(config) or (quant.get("quant_method") == "compressed-tensors"
-                                and quant.get("format") == "pack-quantized")
+                                and quant.get("format") in ("pack-quantized", "float-quantized"))
 
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
@@ -154,13 +167,25 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dic
     quant = QuantizationConfig.model_validate(config["quantization_config"])
     ignore = set(quant.ignore or [])
     schemes = list(quant.config_groups.values())
-    dense = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("weight_")}
-    for key in [k for k in state if k.endswith(".weight_packed")]:
-        module = key.removesuffix(".weight_packed")
+    modules = {k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")}
+    dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in modules
+             or not k.rsplit(".", 1)[-1].startswith("weight")}
+    for module in modules:
         if module in ignore:
             continue
         scheme = next(s for s in schemes if module in s.targets or "Linear" in s.targets)
+        compressor, _ = _compressor(scheme.weights)
         local = {name.removeprefix(module + "."): value for name, value in state.items()
-                 if name.startswith(module + ".weight_")}
-        dense[f"{module}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+                 if name.startswith(module + ".weight")}
+        dense[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"]
     return dense
+
+
+def activation_quantized_modules(config: dict) -> list[str]:
+    """Names (or the "Linear" wildcard) of modules whose inputs a compressed-tensors checkpoint quantizes at run
+    time, e.g. FP8 W8A8."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return []
+    return [t for group in quant.get("config_groups", {}).values() if group.get("input_activations")
+            for t in group.get("targets", [])]

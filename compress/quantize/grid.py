@@ -79,6 +79,7 @@ class WeightQuant:
     args: QuantizationArgs
     scale: torch.Tensor  # [out, in // group] (or [out, 1] per channel)
     zero_point: torch.Tensor
+    input_args: QuantizationArgs | None = None  # activations quantized at run time (FP8 W8A8), else None
 
 
 QUANT_ATTR = "weight_quant"
