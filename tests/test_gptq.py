@@ -87,12 +87,13 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_gptq_model_is_closer_to_the_float_model_than_rtn(tiny_model_dir):
+@pytest.mark.parametrize("batch_tokens", [None, 128])  # one pass over the whole set; two passes over chunks
+def test_gptq_model_is_closer_to_the_float_model_than_rtn(tiny_model_dir, batch_tokens):
     model, _, ids = _tiny(tiny_model_dir)
     reference = _logits(model, ids[:2])
     rtn_model, _, _ = _tiny(tiny_model_dir)
     compress.quantize(rtn_model, compress.RTN(bits=3, group_size=16))
-    compress.quantize(model, GPTQ(bits=3, group_size=16, batch_tokens=128), ids, show_progress=False)
+    compress.quantize(model, GPTQ(bits=3, group_size=16, batch_tokens=batch_tokens), ids, show_progress=False)
     gptq_error = (_logits(model, ids[:2]) - reference).pow(2).mean()
     rtn_error = (_logits(rtn_model, ids[:2]) - reference).pow(2).mean()
     assert gptq_error < rtn_error

@@ -204,3 +204,52 @@ def test_unreachable_hub_model_is_a_clear_error_without_network(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "could not load 'nobody-here/no-such-model' from the Hugging Face Hub" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+GPTQ_STEPS = ("  - quantize: {method: rtn, bits: 8, group_size: -1}\n"
+              "  - quantize: {method: gptq, bits: 4, group_size: 32, format: gptq,\n"
+              "               calibration: {dataset: wikitext2-valid, samples: 8, seq_len: 64}}")
+
+
+def test_gptq_step_runs_in_a_recipe_and_saves_its_format(tiny_recipe, tmp_path):
+    report = quiet_run(tiny_recipe(steps=GPTQ_STEPS))
+    assert [row["step"] for row in report["steps"]] == ["00-base", "01-quantize", "02-quantize"]
+    folder = tmp_path / "runs" / "tiny" / "02-quantize"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert (folder / "quantize_config.json").is_file()
+    model, _ = compress.load(folder)  # and it reads back as a dense model
+    assert model.model.layers[0].mlp.down_proj.weight.dtype.is_floating_point
+
+
+def test_calibration_shorter_than_requested_fails_before_any_step_is_written(tiny_recipe, tmp_path):
+    steps = "  - quantize: {method: gptq, group_size: 32, calibration: {samples: 100000, seq_len: 512}}"
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe(steps=steps))])
+    assert result.exit_code == 2
+    assert "fewer than the 100000 x 512" in result.output and "lower samples or seq_len" in result.output
+    assert not (tmp_path / "runs" / "tiny" / "00-base").exists()
+
+
+def test_crash_during_gptq_keeps_earlier_steps_and_resumes(tiny_recipe, tmp_path, monkeypatch):
+    from compress.quantize import gptq
+
+    solve = gptq.gptq_solve
+    calls = []
+
+    def crash_on_the_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:  # four shared-input groups per layer: die inside layer 1
+            raise RuntimeError("simulated crash")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_solve", crash_on_the_second_layer)
+    recipe = tiny_recipe(steps=GPTQ_STEPS)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quiet_run(recipe)
+    out = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00-base", "01-quantize"]
+    finished = (out / "01-quantize" / "step.json").stat().st_mtime_ns
+    monkeypatch.setattr(gptq, "gptq_solve", solve)
+    report = quiet_run(recipe)
+    assert [row["step"] for row in report["steps"]] == ["00-base", "01-quantize", "02-quantize"]
+    assert (out / "01-quantize" / "step.json").stat().st_mtime_ns == finished  # resumed, not redone

@@ -79,3 +79,34 @@ def test_shipped_recipe_runs_end_to_end(tmp_path):
     assert quant["size_bytes"] < 0.4 * base["size_bytes"]
     assert base["wikitext2_perplexity"] < quant["wikitext2_perplexity"] < 2 * base["wikitext2_perplexity"]
     assert (tmp_path / "01-quantize" / "tokenizer.json").is_file()
+
+
+def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm2, tmp_path):
+    """The GPTQ recipe in CI size (32 x 256 calibration): its step folder loads in stock transformers with the
+    in-memory model's logits, and its perplexity is below RTN's at the same grid."""
+    model, tokenizer, ids = smollm2
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(
+        "name: smollm2-gptq-ci\nmodel: smollm2-135m\nsteps:\n"
+        "  - quantize: {method: gptq, bits: 4, group_size: 64, act_order: true,\n"
+        "               calibration: {dataset: wikitext2-valid, samples: 32, seq_len: 256}}\n"
+        "eval:\n  after: last\n  wikitext2: {seq_len: 512, max_tokens: 4096}\n"
+        f"output_dir: {tmp_path / 'run'}\n")
+    report = compress.run(recipe, show_progress=False)
+    gptq_ppl = report["steps"][-1]["wikitext2_perplexity"]
+    rtn = compress.quantize(copy.deepcopy(model), compress.RTN(bits=4, group_size=64), show_progress=False)
+    rtn_ppl = compress.perplexity(rtn, tokenizer, PPL, show_progress=False)["perplexity"]
+    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
+    assert base_ppl < gptq_ppl < rtn_ppl
+    folder = tmp_path / "run" / "01-quantize"
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, _ = compress.load(folder)
+    torch.testing.assert_close(logits(stock, ids), logits(ours, ids), rtol=0, atol=1e-4)
+
+
+def test_fp8_on_smollm2_costs_little(smollm2):
+    model, tokenizer, _ = smollm2
+    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
+    fp8 = compress.quantize(copy.deepcopy(model), compress.FP8(), show_progress=False)
+    fp8_ppl = compress.perplexity(fp8, tokenizer, PPL, show_progress=False)["perplexity"]
+    assert base_ppl < fp8_ppl < base_ppl * 1.05  # W8A8 FP8 is near-lossless at this size

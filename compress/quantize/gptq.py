@@ -34,6 +34,7 @@ from compress.quantize import kernels
 from compress.quantize.layerwise import LayerwiseCalibration
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
+DEFAULT_BATCH_TOKENS = 16384
 
 
 class GPTQ(WeightOnlyConfig):
@@ -46,7 +47,9 @@ class GPTQ(WeightOnlyConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy batch update")
     calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
     offload: bool = Field(False, description="keep weights on the CPU; one decoder layer at a time visits the GPU")
-    batch_tokens: int = Field(16384, ge=1, description="tokens per calibration forward call")
+    batch_tokens: int | None = Field(None, ge=1, description=(
+        "tokens per calibration forward; default: the whole set in one forward (one pass per layer) when it fits "
+        f"in memory, else chunks of {DEFAULT_BATCH_TOKENS} (two passes per layer)"))
 
     def describe(self) -> str:
         return f"gptq {self.grid()}{' act-order' if self.act_order else ''}{' offload' if self.offload else ''}"
@@ -93,6 +96,16 @@ class LayerHessians:
             _add_gram(total, x)
         self.tokens += x.shape[0]
         self._inputs.clear()
+
+    def probe(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[list[str]]:
+        """Which Linears share an input, from one sample (cheap): names in the order the layer calls them."""
+        handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
+        try:
+            calibration.run(layer, stop=_SeenAllInputs, samples=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.groups
 
     def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
         handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
@@ -225,6 +238,78 @@ def _calibration_device(model: torch.nn.Module, offload: bool) -> torch.device:
     return torch.device("cuda") if offload and torch.cuda.is_available() else home
 
 
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _whole_set_fits(model: torch.nn.Module, input_ids: torch.Tensor, device: torch.device) -> bool:
+    """Whether one forward of the whole calibration set through one decoder layer fits in memory, with room: the
+    widest Linear output, a few times over (an MLP holds gate, up and their product at once)."""
+    widest = max(linear.out_features for _, linear in quantizable_linears(model.get_decoder()))
+    element = next(model.parameters()).element_size()
+    return input_ids.numel() * widest * element * 6 < 0.5 * _available_memory(device)
+
+
+def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str) -> None:
+    """One GPTQ solve for all Linears sharing `hessian` (their rows stacked); weights replaced in place."""
+    stacked = torch.cat([linears[n].weight for n in names])
+    quantized, scale, zero = gptq_solve(stacked, hessian, args, config.act_order, config.damp, config.block_size,
+                                        where)
+    row = 0
+    for name in names:
+        linear = linears[name]
+        rows = slice(row, row + linear.out_features)
+        linear.weight.copy_(quantized[rows])
+        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows]))
+        row += linear.out_features
+
+
+def _quantize_layer_two_passes(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
+                               config: GPTQ, last: bool) -> None:
+    """Bounded memory: one pass over the chunks collects every Hessian (float weights), the layer is quantized,
+    and a second pass computes its outputs with the quantized weights for the next layer."""
+    for names, hessian in LayerHessians(linears).collect(calibration, layer):
+        _solve_group(linears, names, hessian, args, config, f"layer {index} ({', '.join(names)})")
+    if not last:  # the last layer's outputs feed nothing
+        calibration.propagate(layer, index)
+
+
+def _quantize_layer_one_pass(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
+                             config: GPTQ) -> None:
+    """The whole calibration set in one forward: each group of Linears is solved the moment its input arrives,
+    so everything after it in the layer already sees quantized weights (the GPTQ reference's "true sequential"
+    order) and the same forward yields the next layer's input. One pass per layer instead of two."""
+    groups = LayerHessians(linears).probe(calibration, layer)
+    first_of = {names[0]: names for names in groups}
+
+    def solve_on_arrival(name: str):
+        def hook(module, inputs):
+            if name in first_of:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                _add_gram(hessian, x)
+                names = first_of[name]
+                _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config,
+                             f"layer {index} ({', '.join(names)})")
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(solve_on_arrival(n)) for n, linear in linears.items()]
+    try:
+        calibration.propagate(layer, index)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def quantize_gptq(model: torch.nn.Module, config: GPTQ, input_ids: torch.Tensor,
                   show_progress: bool = True) -> torch.nn.Module:
@@ -235,7 +320,9 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, input_ids: torch.Tensor,
     device = _calibration_device(model, config.offload)
     if config.offload and home.type != "cpu":
         model.to("cpu")  # offload: the weights wait on the CPU, one layer at a time visits the device
-    calibration = LayerwiseCalibration(model, input_ids, device, config.batch_tokens)
+    one_pass = config.batch_tokens is None and not config.offload and _whole_set_fits(model, input_ids, device)
+    batch_tokens = input_ids.numel() if one_pass else (config.batch_tokens or DEFAULT_BATCH_TOKENS)
+    calibration = LayerwiseCalibration(model, input_ids, device, batch_tokens)
     layers = calibration.layers
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("GPTQ", total=len(layers))
@@ -243,21 +330,11 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, input_ids: torch.Tensor,
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
             with calibration.layer_on_device(index) if config.offload else nullcontext():
                 linears = dict(quantizable_linears(layer))
-                for names, hessian in LayerHessians(linears).collect(calibration, layer):
-                    stacked = torch.cat([linears[n].weight for n in names])  # one solve for all sharing H
-                    where = f"layer {index} ({', '.join(names)})"
-                    quantized, scale, zero = gptq_solve(stacked, hessian, args, config.act_order, config.damp,
-                                                        config.block_size, where)
-                    row = 0
-                    for name in names:
-                        linear = linears[name]
-                        rows = slice(row, row + linear.out_features)
-                        linear.weight.copy_(quantized[rows])
-                        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows]))
-                        row += linear.out_features
-                    del hessian
-                if index + 1 < len(layers):  # the last layer's outputs feed nothing
-                    calibration.propagate(layer, index)
+                if one_pass:
+                    _quantize_layer_one_pass(calibration, layer, index, linears, args, config)
+                else:
+                    _quantize_layer_two_passes(calibration, layer, index, linears, args, config,
+                                               last=index + 1 == len(layers))
             if config.offload:
                 for linear in linears.values():
                     quant = getattr(linear, QUANT_ATTR)

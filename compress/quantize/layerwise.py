@@ -70,14 +70,22 @@ class LayerwiseCalibration:
         """Context: decoder layer `index` on the calibration device (a no-op when the model is resident)."""
         return self._on_device([self.layers[index]])
 
-    def run(self, layer: torch.nn.Module, stop: type[Exception]) -> None:
-        """A calibration pass: call `layer` on every chunk for its hooks, discarding outputs. A hook may raise
-        `stop` once it has seen what it needs (e.g. the last Linear's input), which skips the rest of the layer."""
+    def run(self, layer: torch.nn.Module, stop: type[Exception], samples: int | None = None) -> None:
+        """A calibration pass: call `layer` on every chunk (or on the first `samples` samples only) for its hooks,
+        discarding outputs. A hook may raise `stop` once it has seen what it needs (e.g. the last Linear's input),
+        which skips the rest of the layer."""
         for hidden, kwargs in zip(self.hidden, self.kwargs):
+            if samples is not None:
+                batch = hidden.shape[0]
+                hidden = hidden[:samples]
+                kwargs = {k: v[:samples] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1
+                          else v for k, v in kwargs.items()}
             try:
                 layer(hidden, **kwargs)
             except stop:
                 pass
+            if samples is not None:
+                return
 
     def propagate(self, layer: torch.nn.Module, index: int) -> None:
         """Replace each chunk's hidden states with `layer`'s output: the next layer's calibration input."""
