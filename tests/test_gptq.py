@@ -230,3 +230,13 @@ def test_gptq_on_gpu_matches_cpu(tiny_model_dir, offload):
     assert next(model.parameters()).device.type == ("cpu" if offload else "cuda")
     for (name, a, _), (_, b, _) in zip(quantized_linears(model), quantized_linears(cpu_model)):
         assert (a.weight.cpu() != b.weight).float().mean() < 0.02, name  # float reassociation flips rare ties
+
+
+@pytest.mark.parametrize("width", [100, 1100, 1536])
+def test_gram_skipping_the_lower_blocks_equals_the_full_product(width):
+    from compress.quantize.gptq import _add_gram
+
+    x = torch.randn(300, width)
+    total = torch.ones(width, width)
+    _add_gram(total, x)
+    torch.testing.assert_close(total, 1 + x.T @ x, rtol=1e-5, atol=1e-3)

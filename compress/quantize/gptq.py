@@ -117,17 +117,33 @@ class LayerHessians:
         return [(group, total.mul_(2 / self.tokens)) for group, total in zip(self.groups, self.sums)]
 
 
+GRAM_BLOCK = 512  # CPU: xᵀx is symmetric, so only the blocks on and above the diagonal are multiplied
+
+
 def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
     """total += xᵀx in float32. On CUDA, half-precision inputs go to the tensor cores with a float32 result
-    (products of bfloat16/float16 values are exact in float32, so nothing is lost against casting first)."""
+    (products of bfloat16/float16 values are exact in float32, so nothing is lost against casting first). On the
+    CPU, where these products are a third of a GPTQ run, wide inputs skip the blocks below the diagonal (for
+    SmolLM2's 1536-wide MLP input: 6 of 9 blocks)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         try:
             total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
             return
         except (TypeError, RuntimeError):  # torch without mm(out_dtype=): TF32 on float32 copies, equally exact
             pass
-    with _tf32(x.dtype in (torch.bfloat16, torch.float16)):
-        total.addmm_(x.T.float(), x.float())
+    exact_in_tf32 = x.dtype in (torch.bfloat16, torch.float16)
+    x = x.float()
+    width = x.shape[1]
+    if x.is_cuda or width < 2 * GRAM_BLOCK:
+        with _tf32(exact_in_tf32):
+            total.addmm_(x.T, x)
+        return
+    starts = range(0, width, GRAM_BLOCK)
+    for i in starts:
+        rows = slice(i, i + GRAM_BLOCK)
+        block = x[:, rows].T @ x[:, i:]  # this block row, from the diagonal rightwards
+        total[rows, i:] += block
+        total[i + GRAM_BLOCK:, rows] += block[:, GRAM_BLOCK:].T
 
 
 def _tf32(enabled: bool):
