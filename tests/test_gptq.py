@@ -223,7 +223,9 @@ def test_gpu_kernel_matches_the_eager_column_loop(rows, columns):
 def test_gptq_on_gpu_matches_cpu(tiny_model_dir, offload):
     model, _, ids = _tiny(tiny_model_dir)
     cpu_model, _, _ = _tiny(tiny_model_dir)
-    compress.quantize(cpu_model, GPTQ(bits=4, group_size=32), ids, show_progress=False)
+    # offload always takes two chunked passes per layer; give the CPU run the same schedule
+    batch_tokens = 16384 if offload else None
+    compress.quantize(cpu_model, GPTQ(bits=4, group_size=32, batch_tokens=batch_tokens), ids, show_progress=False)
     if not offload:
         model.cuda()
     compress.quantize(model, GPTQ(bits=4, group_size=32, offload=offload), ids, show_progress=False)
