@@ -125,9 +125,9 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 def _load_decompressed(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedModel:
     """Build the architecture without its quantization config and load dense decompressed weights (for
-    compressed-tensors checkpoints, with compressed-tensors' own decompressor). Stock from_pretrained returns a model that decompresses lazily in a
-    forward hook on the top-level module only, and mis-sizes asymmetric zero points on load
-    (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
+    compressed-tensors checkpoints, with compressed-tensors' own decompressor). Stock from_pretrained returns a
+    model that decompresses lazily in a forward hook on the top-level module only, and mis-sizes asymmetric zero
+    points on load (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
     from safetensors.torch import load_file
 
     state: dict = {}

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -46,8 +47,12 @@ def _calibration(config, tokenizer, recipe: Recipe) -> torch.Tensor | None:
     """Token ids [samples, seq_len] for a step that calibrates (its own `calibration`, else the recipe's)."""
     if not hasattr(config, "calibration"):
         return None
-    spec = config.calibration or recipe.data.calibration
-    return calibration_batches(tokenizer, spec.dataset, spec.samples, spec.seq_len, recipe.seed, recipe.data.dir)
+    return _calibration_ids(tokenizer, config.calibration or recipe.data.calibration, recipe.seed, recipe.data.dir)
+
+
+@lru_cache(maxsize=4)  # the preflight check and the step itself ask for the same windows: tokenize once
+def _calibration_ids(tokenizer, spec, seed: int, data_dir: str | None) -> torch.Tensor:
+    return calibration_batches(tokenizer, spec.dataset, spec.samples, spec.seq_len, seed, data_dir)
 
 
 def _apply(kind: str, config, model, tokenizer, recipe: Recipe, show_progress: bool):

@@ -97,23 +97,21 @@ class LayerHessians:
         self.tokens += x.shape[0]
         self._inputs.clear()
 
-    def probe(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[list[str]]:
-        """Which Linears share an input, from one sample (cheap): names in the order the layer calls them."""
+    def _run(self, calibration: LayerwiseCalibration, layer: torch.nn.Module, samples: int | None = None) -> None:
         handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
         try:
-            calibration.run(layer, stop=_SeenAllInputs, samples=1)
+            calibration.run(layer, stop=_SeenAllInputs, samples=samples)
         finally:
             for handle in handles:
                 handle.remove()
+
+    def probe(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[list[str]]:
+        """Which Linears share an input, from one sample (cheap): names in the order the layer calls them."""
+        self._run(calibration, layer, samples=1)
         return self.groups
 
     def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
-        handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
-        try:
-            calibration.run(layer, stop=_SeenAllInputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._run(calibration, layer)
         return [(group, total.mul_(2 / self.tokens)) for group, total in zip(self.groups, self.sums)]
 
 
@@ -129,36 +127,18 @@ def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
         try:
             total.add_(torch.mm(x.T, x, out_dtype=torch.float32))
             return
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): TF32 on float32 copies, equally exact
+        except TypeError:  # torch before mm(out_dtype=): the float32 product below
             pass
-    exact_in_tf32 = x.dtype in (torch.bfloat16, torch.float16)
     x = x.float()
     width = x.shape[1]
     if x.is_cuda or width < 2 * GRAM_BLOCK:
-        with _tf32(exact_in_tf32):
-            total.addmm_(x.T, x)
+        total.addmm_(x.T, x)
         return
-    starts = range(0, width, GRAM_BLOCK)
-    for i in starts:
+    for i in range(0, width, GRAM_BLOCK):
         rows = slice(i, i + GRAM_BLOCK)
         block = x[:, rows].T @ x[:, i:]  # this block row, from the diagonal rightwards
         total[rows, i:] += block
         total[i + GRAM_BLOCK:, rows] += block[:, GRAM_BLOCK:].T
-
-
-def _tf32(enabled: bool):
-    if not (enabled and torch.cuda.is_available()):
-        return nullcontext()
-    return _Tf32()
-
-
-class _Tf32:
-    def __enter__(self):
-        self.previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.previous
 
 
 # ---------------------------------------------------------------- the solver
@@ -303,22 +283,19 @@ def _quantize_layer_one_pass(calibration: LayerwiseCalibration, layer, index: in
     """The whole calibration set in one forward: each group of Linears is solved the moment its input arrives,
     so everything after it in the layer already sees quantized weights (the GPTQ reference's "true sequential"
     order) and the same forward yields the next layer's input. One pass per layer instead of two."""
-    groups = LayerHessians(linears).probe(calibration, layer)
-    first_of = {names[0]: names for names in groups}
-
-    def solve_on_arrival(name: str):
+    def solve_on_arrival(names: list[str]):
         def hook(module, inputs):
-            if name in first_of:
-                x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                _add_gram(hessian, x)
-                names = first_of[name]
-                _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config,
-                             f"layer {index} ({', '.join(names)})")
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            _add_gram(hessian, x)
+            _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config,
+                         f"layer {index} ({', '.join(names)})")
 
         return hook
 
-    handles = [linear.register_forward_pre_hook(solve_on_arrival(n)) for n, linear in linears.items()]
+    # the first Linear of each shared-input group solves the whole group before any of them computes
+    groups = LayerHessians(linears).probe(calibration, layer)
+    handles = [linears[names[0]].register_forward_pre_hook(solve_on_arrival(names)) for names in groups]
     try:
         calibration.propagate(layer, index)
     finally:
