@@ -4,11 +4,13 @@ __version__ = "0.1.0"
 
 from compress.checkpoint import save_model  # noqa: E402
 from compress.evaluate import Perplexity, evaluate, perplexity  # noqa: E402
+from compress.finetune import LoRARecovery, finetune  # noqa: E402
 from compress.models import load, load_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
+from compress.prune import TaylorPrune, prune  # noqa: E402
 from compress.quantize import FP8, GPTQ, RTN, quantize  # noqa: E402
 from compress.recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["FP8", "GPTQ", "RTN", "Perplexity", "Recipe", "evaluate", "load", "load_model", "load_recipe", "perplexity",
-           "quantize", "run", "save_model"]
+__all__ = ["FP8", "GPTQ", "RTN", "LoRARecovery", "Perplexity", "Recipe", "TaylorPrune", "evaluate", "finetune", "load",
+           "load_model", "load_recipe", "perplexity", "prune", "quantize", "run", "save_model"]
 

@@ -153,3 +153,13 @@ def calibration_batches(tokenizer, name: str, samples: int, seq_len: int, seed: 
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (samples,), generator=generator)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def training_windows(tokenizer, name: str, seq_len: int, directory: str | Path | None = None) -> torch.Tensor:
+    """A text dataset cut into consecutive, non-overlapping windows of `seq_len` tokens: [windows, seq_len]."""
+    stream = token_stream(tokenizer, name, directory)
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise CompressError(f"training data '{name}' has {stream.numel()} tokens, fewer than one window of {seq_len}; "
+                            f"lower seq_len or use a larger dataset")
+    return stream[: count * seq_len].view(count, seq_len)

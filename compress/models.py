@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
+from compress.prune.structure import LAYER_WIDTHS_KEY
 from compress.quantize.formats import activation_quantized_modules, decompressed_state_dict, is_quantized_checkpoint
 
 
@@ -123,20 +124,38 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _load_decompressed(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedModel:
-    """Build the architecture without its quantization config and load dense decompressed weights (for
-    compressed-tensors checkpoints, with compressed-tensors' own decompressor). Stock from_pretrained returns a
-    model that decompresses lazily in a forward hook on the top-level module only, and mis-sizes asymmetric zero
-    points on load (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
+def build_architecture(config, dtype: torch.dtype) -> PreTrainedModel:
+    """The model a config describes, per-layer widths of a pruned model included, with uninitialized weights (built
+    on the meta device, so a 7B model costs no time or memory before its weights are loaded)."""
+    from compress.prune.structure import build_layers_at_recorded_widths
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        build_layers_at_recorded_widths(model)
+    model.to_empty(device="cpu")
+    # non-persistent buffers are not in checkpoints: recompute them (rotary inverse frequencies)
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+    return model
+
+
+def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedModel:
+    """Build the architecture and load the folder's weights as dense tensors: for compressed-tensors and GPTQ
+    checkpoints through compressed-tensors' own decompressor, and with per-layer widths for non-uniformly pruned
+    models. Stock from_pretrained cannot build the latter, and returns quantized models that decompress lazily in a
+    forward hook on the top-level module only and mis-sizes asymmetric zero points on load
+    (vllm-project/llm-compressor#1618); a plain dense model is what every later step needs."""
     from safetensors.torch import load_file
 
     state: dict = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
-    dense = decompressed_state_dict(state, config)
+    dense = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else state
     model_config = AutoConfig.from_pretrained(folder)
-    del model_config.quantization_config
-    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    if hasattr(model_config, "quantization_config"):
+        del model_config.quantization_config
+    model = build_architecture(model_config, dtype)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
@@ -155,8 +174,8 @@ def load_model(source: str | ModelSource, dtype: str = "float32", device: str = 
         source = resolve_source(source)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
-        if is_quantized_checkpoint(config):
-            model = _load_decompressed(Path(source.location), config, DTYPES[dtype])
+        if is_quantized_checkpoint(config) or LAYER_WIDTHS_KEY in config:
+            model = _load_state(Path(source.location), config, DTYPES[dtype])
             return model.to(device).eval(), load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:

@@ -19,19 +19,19 @@ from rich.console import Console
 
 from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
-from compress.data import calibration_batches
+from compress.data import calibration_batches, training_windows
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.measure import measure
+from compress.finetune import finetune
 from compress.models import load_model, resolve_source
+from compress.prune import check_prunable, prune
 from compress.quantize import quantize
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
 
 STEP_FOLDER = re.compile(r"^\d\d-[a-z]+(\.partial)?$")
-# steps after which weight shapes may differ from the base model's, so their checks cannot run up front
-SHAPE_CHANGING = {"prune"}
 
 
 def _fingerprint(previous: str, payload: dict) -> str:
@@ -58,6 +58,11 @@ def _calibration_ids(tokenizer, spec, seed: int, data_dir: str | None) -> torch.
 def _apply(kind: str, config, model, tokenizer, recipe: Recipe, show_progress: bool):
     if kind == "quantize":
         return quantize(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
+    if kind == "prune":
+        return prune(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
+    if kind == "finetune":
+        windows = training_windows(tokenizer, config.data, config.seq_len, recipe.data.dir)
+        return finetune(model, config, windows, seed=recipe.seed, show_progress=show_progress)
     raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
 
 
@@ -66,15 +71,26 @@ def _save_format(config) -> str:
 
 
 def _preflight(model, tokenizer, recipe: Recipe) -> None:
-    """Check what can be checked before any long work starts: calibration data is long enough, and group sizes
-    divide the base model's widths (until a step that changes shapes)."""
+    """Check what can be checked before any long work starts: calibration and training data are long enough, the
+    first prune step fits the model, and group sizes divide the widths each quantize step will see (the base
+    model's until a prune step; after it, the prune step's width multiple)."""
     for step in recipe.steps:
         _calibration(step.config, tokenizer, recipe)
+        if step.kind == "finetune":
+            training_windows(tokenizer, step.config.data, step.config.seq_len, recipe.data.dir)
+    pruned_to = None
     for step in recipe.steps:
-        if step.kind in SHAPE_CHANGING:
-            return
-        if step.kind == "quantize" and hasattr(step.config, "group_size"):
-            check_group_size(model, step.config.group_size)
+        if step.kind == "prune":
+            if pruned_to is None:
+                check_prunable(model, step.config)
+            pruned_to = step.config
+        elif step.kind == "quantize" and getattr(step.config, "group_size", -1) != -1:
+            if pruned_to is None:
+                check_group_size(model, step.config.group_size)
+            elif pruned_to.multiple % step.config.group_size:
+                raise CompressError(f"the prune step rounds widths to multiples of {pruned_to.multiple}, which "
+                                    f"quantize group_size {step.config.group_size} does not divide; set prune "
+                                    f"multiple: {step.config.group_size} (or a multiple of it)")
 
 
 def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:

@@ -15,6 +15,8 @@ from compress.data import CalibrationData
 from compress.errors import RecipeError
 from compress.evaluate import TASKS, Perplexity
 from compress.models import DTYPES, REGISTRY, HUB_ID, looks_like_path
+from compress.finetune import LoRARecovery
+from compress.prune import TaylorPrune
 from compress.quantize import QuantizeConfig
 
 
@@ -30,6 +32,8 @@ class DataConfig(Strict):
 class Step(Strict):
     """One list item of `steps:`: a mapping with exactly one key, the step kind, whose value is its config."""
 
+    prune: TaylorPrune | None = None
+    finetune: LoRARecovery | None = None
     quantize: QuantizeConfig | None = None
 
     @model_validator(mode="before")

@@ -1,0 +1,119 @@
+"""How much the loss would change if a group of weights were removed (LLM-Pruner, Ma et al. 2023, §3.2).
+
+Removing a weight w (setting it to 0) changes the loss by, to second order,
+    ΔL ≈ −g·w + ½·w·H·w,   g = ∂L/∂w on a small calibration set, diag(H) ≈ F = mean over samples of g².
+The variants, as LLM-Pruner names them (its `--taylor` options), per element of a Linear weight:
+    element1 (param_first):  |w·g|
+    element2 (param_second): |½·w²·F|
+    mix      (param_mix):    |−w·g + ½·w²·F|
+    vector   (vectorize):    w·g, summed over the channel first and then taken in absolute value (the salience of
+                             the channel's weight vector as a whole)
+and the data-free baselines l1 (|w|), l2 (w²) and random. A channel's score is the sum over its elements; a group's
+score (a head, an MLP channel across gate/up/down) is the sum over its members, as LLM-Pruner's group reduction."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from rich.progress import track
+
+IMPORTANCE = ("element1", "element2", "vector", "mix", "l1", "l2", "random")
+NEEDS_GRADIENT = ("element1", "element2", "vector", "mix")
+NEEDS_FISHER = ("element2", "mix")
+
+# channel_score(linear, dim): one score per channel of `linear`, channels along weight dimension `dim`
+# (0: output rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads)
+ChannelScore = Callable[[torch.nn.Linear, int], torch.Tensor]
+
+
+def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter], input_ids: torch.Tensor,
+                        fisher: bool, show_progress: bool = True) -> tuple[dict, dict]:
+    """Mean gradient of the language-model loss over the calibration samples for each of `weights` (float32), and
+    with `fisher` the mean squared per-sample gradient. One sample per backward pass: the per-sample squares need
+    it, and it bounds activation memory. Gradients are folded into the sums as soon as each is produced (a
+    post-accumulate hook), so no full set of .grad tensors is ever held."""
+    device = weights[0].device
+    mean = {p: torch.zeros_like(p, dtype=torch.float32) for p in weights}
+    squares = {p: torch.zeros_like(p, dtype=torch.float32) for p in weights} if fisher else {}
+    n = input_ids.shape[0]
+
+    def fold(param: torch.nn.Parameter) -> None:
+        grad = param.grad.float()
+        mean[param].add_(grad, alpha=1 / n)
+        if fisher:
+            squares[param].addcmul_(grad, grad, value=1 / n)
+        param.grad = None
+
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in trainable:
+        p.requires_grad_(False)
+    handles = []
+    try:
+        for p in weights:
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(fold))
+        was_training = model.training
+        model.eval()  # no dropout: the gradient of the deployed function
+        for sample in track(input_ids, description="pruning: gradients", disable=not show_progress, transient=True):
+            ids = sample[None].to(device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return mean, squares
+
+
+def channel_scorer(kind: str, gradient: dict, fisher: dict) -> ChannelScore:
+    """The per-channel score function for an importance kind, given gradient_statistics' outputs."""
+
+    def score(linear: torch.nn.Linear, dim: int) -> torch.Tensor:
+        other = 1 - dim
+        w = linear.weight.detach().float()
+        if kind == "random":
+            return torch.rand(w.shape[dim], device=w.device)
+        if kind == "l1":
+            return w.abs().sum(other)
+        if kind == "l2":
+            return w.square().sum(other)
+        g = gradient[linear.weight]
+        if kind == "vector":
+            return (w * g).sum(other).abs()
+        if kind == "element1":
+            return (w * g).abs().sum(other)
+        second = 0.5 * w.square() * fisher[linear.weight]
+        if kind == "element2":
+            return second.abs().sum(other)
+        return (second - w * g).abs().sum(other)  # mix
+
+    return score
+
+
+@torch.no_grad()
+def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> dict[str, torch.Tensor]:
+    """Scores of one decoder layer's groups, for the targets pruned: `query` [heads], `kv` [KV heads] (their k/v
+    rows only; select_heads adds a KV group's query heads to it) and `mlp` [channels]."""
+    attn, mlp = layer.self_attn, layer.mlp
+    scores = {}
+    if "attention" in targets:
+        scores["query"] = (score(attn.q_proj, 0) + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
+        scores["kv"] = (score(attn.k_proj, 0) + score(attn.v_proj, 0)).view(-1, attn.head_dim).sum(1).cpu()
+    if "mlp" in targets:
+        scores["mlp"] = (score(mlp.gate_proj, 0) + score(mlp.up_proj, 0) + score(mlp.down_proj, 1)).cpu()
+    return scores
+
+
+def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.nn.Parameter]:
+    """The Linear weights whose gradients the scores need (only those of the layers and targets being pruned)."""
+    weights = []
+    for layer in layers:
+        if "attention" in targets:
+            weights += [getattr(layer.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if "mlp" in targets:
+            weights += [getattr(layer.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")]
+    return weights
+

@@ -1,0 +1,219 @@
+"""The coupled groups of a Llama-family decoder layer, which of them to keep, and the surgery that removes the rest.
+
+A group is everything that must go together for the layer to stay a valid (smaller) layer:
+- an MLP channel c: row c of gate_proj and up_proj, column c of down_proj;
+- a query head h: its head_dim rows of q_proj and columns of o_proj;
+- a KV group g: its rows of k_proj and v_proj and every query head that attends through it.
+
+With grouped-query attention the layer stays valid only if every KV group keeps the same number of query heads,
+so heads are pruned either as query heads, the same count in every KV group (`heads: query`), or as whole KV
+groups (`heads: kv_groups`). Kept widths are rounded to a multiple (default 64) so that the result stays
+divisible by quantization group sizes and kernel tiles.
+
+Per-layer widths are recorded on the config: equal widths in every layer give a stock config (transformers loads
+it as is); different widths are listed in `compress_layer_widths` and built by `build_layers_at_recorded_widths`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from compress.errors import CompressError
+from compress.quantize.layerwise import decoder_layers
+
+# model_type -> why it is supported: same decoder layer layout (q/k/v/o_proj, gate/up/down_proj); qwen2 adds q/k/v
+# biases, which are sliced with their rows
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYER_WIDTHS_KEY = "compress_layer_widths"
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CompressError(f"pruning supports the architectures {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
+                            f"decoder layers); this model is '{model_type}'")
+    for index, layer in enumerate(decoder_layers(model)):
+        for owner, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            block = getattr(layer, owner, None)
+            if block is None or not all(isinstance(getattr(block, n, None), torch.nn.Linear) for n in names):
+                raise CompressError(f"decoder layer {index} lacks {owner}.{{{', '.join(names)}}} as Linear modules; "
+                                    f"pruning needs the Llama layer layout")
+
+
+def head_dim(model: torch.nn.Module) -> int:
+    return decoder_layers(model)[0].self_attn.head_dim
+
+
+def layer_widths(layer: torch.nn.Module) -> LayerWidths:
+    attn = layer.self_attn
+    return LayerWidths(attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
+                       layer.mlp.gate_proj.out_features)
+
+
+# ---------------------------------------------------------------- how many to keep
+
+
+def kept_count(total: int, ratio: float, unit_width: int, multiple: int, keep_one: bool = False) -> int:
+    """The count closest to total·(1-ratio) whose width (count·unit_width) is a multiple of `multiple`; 0 if zero
+    is closest (the caller reports it) unless `keep_one`, which keeps the smallest non-zero count. Ties keep more."""
+    step = multiple // math.gcd(multiple, unit_width)
+    target = total * (1 - ratio)
+    candidates = list(range(step if keep_one else 0, total + 1, step)) + ([total] if total % step else [])
+    return min(candidates, key=lambda c: (abs(c - target), -c))
+
+
+def heads_mode(widths: LayerWidths, requested: str) -> str:
+    """`auto`: query heads within KV groups when there are several per group (GQA), else whole KV groups (MHA)."""
+    per_group = widths.num_attention_heads // widths.num_key_value_heads
+    if requested == "auto":
+        return "query" if per_group > 1 else "kv_groups"
+    if requested == "query" and per_group == 1:
+        raise CompressError(f"heads: query keeps the same number of query heads in every KV group, but this model has "
+                            f"one query head per KV head ({widths.num_attention_heads} heads, "
+                            f"{widths.num_key_value_heads} KV heads): removing one would remove its KV group; use "
+                            f"heads: kv_groups (or auto)")
+    return requested
+
+
+def planned_widths(widths: LayerWidths, ratio: float, heads: str, targets, multiple: int, dim: int,
+                   where: str, keep_one: bool = False) -> LayerWidths:
+    """The widths a layer is pruned to at `ratio`; raises if a ratio leaves no head or no channel (with `keep_one`,
+    as global ranking needs, it keeps the smallest valid width instead)."""
+    q, kv, inter = widths.num_attention_heads, widths.num_key_value_heads, widths.intermediate_size
+    if "attention" in targets:
+        per_group = q // kv
+        if heads_mode(widths, heads) == "query":
+            keep = kept_count(per_group, ratio, kv * dim, multiple, keep_one)
+            if keep == 0:
+                raise CompressError(f"ratio {ratio} leaves no query head per KV group in {where} ({per_group} per "
+                                    f"group, head_dim {dim}, widths rounded to multiples of {multiple}); lower the "
+                                    f"ratio or the multiple")
+            q = keep * kv
+        else:
+            keep = kept_count(kv, ratio, per_group * dim, multiple, keep_one)
+            if keep == 0:
+                raise CompressError(f"ratio {ratio} leaves no KV group in {where} ({kv} groups of {per_group} query "
+                                    f"heads, head_dim {dim}, widths rounded to multiples of {multiple}); lower the "
+                                    f"ratio or the multiple")
+            q, kv = keep * per_group, keep
+    if "mlp" in targets:
+        inter = kept_count(inter, ratio, 1, multiple, keep_one)
+        if inter == 0:
+            raise CompressError(f"ratio {ratio} leaves no MLP channel in {where} ({widths.intermediate_size} "
+                                f"channels rounded to multiples of {multiple}); lower the ratio or the multiple")
+    return LayerWidths(q, kv, inter)
+
+
+# ---------------------------------------------------------------- which to keep
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    return scores.topk(count).indices.sort().values
+
+
+def select_heads(query_scores: torch.Tensor, kv_scores: torch.Tensor, target: LayerWidths, mode: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the query heads and KV heads to keep. query_scores [heads], kv_scores [kv heads]."""
+    kv = kv_scores.numel()
+    per_group = query_scores.numel() // kv
+    by_group = query_scores.view(kv, per_group)
+    if mode == "query":
+        keep = target.num_attention_heads // kv
+        within = torch.stack([_top(by_group[g], keep) for g in range(kv)])
+        query = (within + torch.arange(kv)[:, None] * per_group).flatten()
+        return query, torch.arange(kv)
+    groups = _top(by_group.sum(1) + kv_scores, target.num_key_value_heads)
+    query = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
+    return query, groups
+
+
+def select_channels(channel_scores: torch.Tensor, target: LayerWidths) -> torch.Tensor:
+    return _top(channel_scores, target.intermediate_size)
+
+
+# ---------------------------------------------------------------- surgery
+
+
+def _rows(heads: torch.Tensor, dim: int) -> torch.Tensor:
+    return (heads[:, None] * dim + torch.arange(dim)).flatten()
+
+
+def _keep_outputs(linear: torch.nn.Linear, index: torch.Tensor) -> None:
+    index = index.to(linear.weight.device)
+    linear.weight = torch.nn.Parameter(linear.weight.data.index_select(0, index), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = torch.nn.Parameter(linear.bias.data.index_select(0, index), linear.bias.requires_grad)
+    linear.out_features = index.numel()
+
+
+def _keep_inputs(linear: torch.nn.Linear, index: torch.Tensor) -> None:
+    index = index.to(linear.weight.device)
+    linear.weight = torch.nn.Parameter(linear.weight.data.index_select(1, index), linear.weight.requires_grad)
+    linear.in_features = index.numel()
+
+
+def shrink_attention(attn: torch.nn.Module, query: torch.Tensor, kv: torch.Tensor) -> None:
+    """Keep only the given query heads and KV heads (weights sliced, module sizes updated)."""
+    dim = attn.head_dim
+    _keep_outputs(attn.q_proj, _rows(query, dim))
+    _keep_outputs(attn.k_proj, _rows(kv, dim))
+    _keep_outputs(attn.v_proj, _rows(kv, dim))
+    _keep_inputs(attn.o_proj, _rows(query, dim))
+    attn.num_key_value_groups = query.numel() // kv.numel()  # read by repeat_kv / SDPA's GQA path
+
+
+def shrink_mlp(mlp: torch.nn.Module, channels: torch.Tensor) -> None:
+    _keep_outputs(mlp.gate_proj, channels)
+    _keep_outputs(mlp.up_proj, channels)
+    _keep_inputs(mlp.down_proj, channels)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = channels.numel()
+
+
+# ---------------------------------------------------------------- config
+
+
+def record_widths(model: torch.nn.Module) -> None:
+    """Write the layers' widths into the config: stock fields when every layer has the same widths (a stock
+    transformers config), else the per-layer list that compress.load builds from."""
+    config = model.config
+    widths = [layer_widths(layer) for layer in decoder_layers(model)]
+    config.head_dim = head_dim(model)  # no longer hidden_size // num_attention_heads
+    if len(set(widths)) == 1:
+        config.num_attention_heads = widths[0].num_attention_heads
+        config.num_key_value_heads = widths[0].num_key_value_heads
+        config.intermediate_size = widths[0].intermediate_size
+        if hasattr(config, LAYER_WIDTHS_KEY):
+            delattr(config, LAYER_WIDTHS_KEY)
+        return
+    # the stock fields keep the widest layer's sizes: transformers builds every layer at those, we then shrink
+    config.num_attention_heads = max(w.num_attention_heads for w in widths)
+    config.num_key_value_heads = max(w.num_key_value_heads for w in widths)
+    config.intermediate_size = max(w.intermediate_size for w in widths)
+    setattr(config, LAYER_WIDTHS_KEY, [asdict(w) for w in widths])
+
+
+def build_layers_at_recorded_widths(model: torch.nn.Module) -> None:
+    """Resize a freshly built model's layers to the widths listed in its config (no-op for stock configs). Meant for
+    a model built on the meta device: only shapes change here, the checkpoint's weights are loaded afterwards."""
+    recorded = getattr(model.config, LAYER_WIDTHS_KEY, None)
+    if not recorded:
+        return
+    layers = decoder_layers(model)
+    if len(recorded) != len(layers):
+        raise CompressError(f"config lists widths for {len(recorded)} layers but the model has {len(layers)}")
+    for layer, widths in zip(layers, recorded):
+        widths = LayerWidths(**widths)
+        shrink_attention(layer.self_attn, torch.arange(widths.num_attention_heads),
+                         torch.arange(widths.num_key_value_heads))
+        shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
