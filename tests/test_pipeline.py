@@ -253,3 +253,50 @@ def test_crash_during_gptq_keeps_earlier_steps_and_resumes(tiny_recipe, tmp_path
     report = quiet_run(recipe)
     assert [row["step"] for row in report["steps"]] == ["00-base", "01-quantize", "02-quantize"]
     assert (out / "01-quantize" / "step.json").stat().st_mtime_ns == finished  # resumed, not redone
+
+
+PRUNE_STEPS = """\
+  - prune: {ratio: 0.5, multiple: 16, uniform: true, calibration: {samples: 4, seq_len: 64}}
+  - finetune: {r: 8, steps: 60, batch_size: 4, seq_len: 64, lr: 1.0e-2}
+  - quantize: {method: gptq, bits: 4, group_size: 16, calibration: {samples: 8, seq_len: 64}}"""
+
+
+def test_prune_finetune_quantize_recipe(tiny_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = quiet_run(tiny_recipe(steps=PRUNE_STEPS))
+    rows = {row["kind"]: row for row in report["steps"]}
+    assert rows["prune"]["params"] < rows["base"]["params"]
+    assert rows["finetune"]["params"] == rows["prune"]["params"]  # adapters merged, nothing added
+    assert rows["prune"]["size_bytes"] < rows["base"]["size_bytes"]
+    # recovery training lowers the pruned model's perplexity (a random model has a lot to learn)
+    assert rows["finetune"]["wikitext2_perplexity"] < 0.97 * rows["prune"]["wikitext2_perplexity"]
+    out = tmp_path / "runs" / "tiny"
+    stock = AutoModelForCausalLM.from_pretrained(out / "01-prune")  # uniform widths: a stock config
+    assert stock.model.layers[0].mlp.gate_proj.out_features == 64
+    merged, _ = compress.load(out / "02-finetune")
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    quantized, _ = compress.load(out / "03-quantize")
+    assert quantized.model.layers[1].self_attn.q_proj.out_features == 32
+
+
+@pytest.mark.parametrize("steps,fragment", [
+    ("  - prune: {ratio: 0.5, multiple: 16}\n  - quantize: {method: rtn, group_size: 32}",
+     "rounds widths to multiples of 16, which quantize group_size 32 does not divide"),
+    ("  - prune: {layers: [0, 9]}", "outside the model: it has 2 decoder layers"),
+    ("  - finetune: {seq_len: 100000000}", "fewer than one window of 100000000"),
+])
+def test_prune_and_finetune_settings_fail_before_any_step_is_written(tiny_recipe, tmp_path, steps, fragment):
+    result = CliRunner().invoke(app, ["run", str(tiny_recipe(steps=steps))])
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs" / "tiny" / "00-base").exists()
+
+
+def test_finetune_refuses_a_quantized_model(tiny_model_dir):
+    import torch
+
+    model, _ = compress.load(tiny_model_dir)
+    compress.quantize(model, compress.RTN(bits=4, group_size=32))
+    with pytest.raises(CompressError, match="put the finetune step before quantize"):
+        compress.finetune(model, compress.LoRARecovery(steps=1, batch_size=1), torch.zeros(2, 16, dtype=torch.long))
