@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -113,6 +114,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
         del model
+        gc.collect()  # transformers models hold reference cycles: free the pruned model before the next one
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
