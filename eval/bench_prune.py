@@ -101,7 +101,7 @@ def main() -> None:
             model = random_llama(LLAMA2_7B, getattr(torch, args.dtype), args.device)
         config = compress.TaylorPrune(importance=importance, ratio=args.ratio, layers=(start, end))
         torch.manual_seed(0)
-        _, seconds, peak = timed(lambda: compress.prune(model, config, ids, show_progress=False))
+        model, seconds, peak = timed(lambda: compress.prune(model, config, ids, show_progress=False))
         row = {"importance": importance, "prune_seconds": round(seconds, 2),
                "peak_cuda_gib": round(peak / GIB, 2) if peak else None, "params": params(model),
                "forward_ms": forward_ms(model, latency_tokens), "perplexity": ppl(model)}
