@@ -233,3 +233,18 @@ def test_taylor_importance_without_calibration_says_what_to_pass():
     with pytest.raises(CompressError, match="needs calibration token ids"):
         prune(tiny_llama(), TaylorPrune(multiple=16))
     prune(tiny_llama(), TaylorPrune(importance="l2", multiple=16))  # data-free baselines need none
+
+
+@pytest.mark.parametrize("kind,expected", [("element1", 1.5), ("element2", 4.0), ("mix", 4.5), ("vector", 0.5),
+                                           ("l1", 3.0), ("l2", 5.0)])
+def test_importance_formulas_match_llm_pruner(kind, expected):
+    """One output channel with w = [1, -2], mean gradient g = [0.5, 0.5], mean squared gradient F = [4, 1]:
+    element1 Σ|wg| = 1.5; element2 Σ|½w²F| = 2 + 2; mix Σ|½w²F − wg| = 1.5 + 3; vector |Σwg| = 0.5."""
+    from compress.prune.importance import channel_scorer
+
+    linear = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    score = channel_scorer(kind, {linear.weight: torch.tensor([[0.5, 0.5]])}, {linear.weight: torch.tensor([[4.0, 1.0]])})
+    assert score(linear, 0).item() == pytest.approx(expected)
+    assert score(linear, 1).shape == (2,)  # per input column when the channel runs along dim 1
