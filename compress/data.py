@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from compress.errors import CompressError
 
@@ -60,21 +61,24 @@ def is_known(name: str) -> bool:
     return name in DATASETS or Path(name).suffix in (".txt", ".raw", ".tokens", ".jsonl")
 
 
+def _known_dataset(value: str) -> str:
+    if not is_known(value):
+        raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt/.jsonl path")
+    return value
+
+
+# a recipe field naming a dataset: a known name or a data file path, checked at validation time
+DatasetName = Annotated[str, AfterValidator(_known_dataset)]
+
+
 class CalibrationData(BaseModel):
     """Recipe: `calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 512}` (random windows, seeded)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: str = "wikitext2-valid"
+    dataset: DatasetName = "wikitext2-valid"
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if not is_known(value):
-            raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt/.jsonl path")
-        return value
 
 
 def _read_local(path: Path, kind: str):

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import Trainer, TrainingArguments
 
-from compress.data import DATASETS, is_known
+from compress.data import DatasetName
 from compress.errors import CompressError
 from compress.quantize.formats import is_quantized
 
@@ -32,15 +32,9 @@ class LoRARecovery(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=8)
-    data: str = Field("wikitext2-valid", description="a named text dataset or a .txt path; cut into seq_len windows")
+    data: DatasetName = Field("wikitext2-valid", description="a named text dataset or a .txt path; cut into seq_len "
+                                                              "windows")
     merge: bool = Field(True, description="merge the adapters into the weights (required: each step is a full model)")
-
-    @field_validator("data")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if not is_known(value):
-            raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt path")
-        return value
 
     @field_validator("merge")
     @classmethod

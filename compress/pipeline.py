@@ -191,6 +191,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                           f"({result['protocol']['tokens_scored']:,} tokens, {result['seconds']:.0f} s)")
         record = {
             "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
+            "summary": f"base ({recipe.dtype})" if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
             "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],
             "peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"]),

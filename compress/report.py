@@ -20,6 +20,7 @@ def _row(record: dict) -> dict:
         "step": record["step"],
         "kind": record["kind"],
         "config": record["config"],
+        "summary": record.get("summary"),
         "params": record["params"],
         "size_bytes": record["size_bytes"],
         "wikitext2_perplexity": ppl,
@@ -31,6 +32,8 @@ def _row(record: dict) -> dict:
 
 
 def _describe(row: dict) -> str:
+    if row.get("summary"):
+        return row["summary"]
     config = row["config"]
     if row["kind"] == "base":
         return f"base ({config['dtype']})"
