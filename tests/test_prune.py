@@ -248,3 +248,10 @@ def test_importance_formulas_match_llm_pruner(kind, expected):
     score = channel_scorer(kind, {linear.weight: torch.tensor([[0.5, 0.5]])}, {linear.weight: torch.tensor([[4.0, 1.0]])})
     assert score(linear, 0).item() == pytest.approx(expected)
     assert score(linear, 1).shape == (2,)  # per input column when the channel runs along dim 1
+
+
+def test_prune_refuses_a_quantized_model():
+    model = tiny_llama()
+    compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False)
+    with pytest.raises(CompressError, match="put the prune step before quantize"):
+        prune(model, TaylorPrune(importance="l2", multiple=16))

@@ -33,6 +33,7 @@ from compress.prune.structure import (
     shrink_attention,
     shrink_mlp,
 )
+from compress.quantize.formats import is_quantized
 from compress.quantize.layerwise import decoder_layers
 
 
@@ -120,6 +121,9 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
     """Prune `model` in place and return it. Taylor importances need `calibration`, token ids [samples, seq_len]
     (`compress.data.calibration_batches`; LLM-Pruner uses 10 x 128); l1, l2 and random need none."""
     check_prunable(model, config)
+    if is_quantized(model):
+        raise CompressError("prune after quantize: the quantization grids are per weight column and row and would "
+                            "not survive the surgery; put the prune step before quantize")
     layers = [decoder_layers(model)[i] for i in _layer_range(model, config)]
 
     # 1. importance: gradients of the LM loss on the calibration samples, then one score per group
