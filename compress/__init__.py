@@ -3,14 +3,15 @@
 __version__ = "0.1.0"
 
 from compress.checkpoint import save_model  # noqa: E402
+from compress.distill import Distill, DistillationTrainer, distill  # noqa: E402
 from compress.evaluate import Perplexity, evaluate, perplexity  # noqa: E402
 from compress.finetune import LoRARecovery, finetune  # noqa: E402
 from compress.models import load, load_model  # noqa: E402
 from compress.pipeline import run  # noqa: E402
 from compress.prune import TaylorPrune, prune  # noqa: E402
-from compress.quantize import FP8, GPTQ, RTN, quantize  # noqa: E402
+from compress.quantize import FP8, GPTQ, QAT, RTN, QATCallback, quantize  # noqa: E402
 from compress.recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["FP8", "GPTQ", "RTN", "LoRARecovery", "Perplexity", "Recipe", "TaylorPrune", "evaluate", "finetune", "load",
+__all__ = ["FP8", "GPTQ", "QAT", "RTN", "Distill", "DistillationTrainer", "LoRARecovery", "QATCallback", "distill", "Perplexity", "Recipe", "TaylorPrune", "evaluate", "finetune", "load",
            "load_model", "load_recipe", "perplexity", "prune", "quantize", "run", "save_model"]
 

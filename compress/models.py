@@ -90,6 +90,29 @@ def resolve_source(source: str) -> ModelSource:
     )
 
 
+def check_source_name(value: str) -> str:
+    """Validate a model source string without loading anything (for recipe fields); raises ValueError."""
+    if value in REGISTRY or HUB_ID.match(value) or Path(value).expanduser().exists():
+        return value
+    if looks_like_path(value):
+        raise ValueError(f"model path '{value}' does not exist")
+    raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local model folder, "
+                     f"a .gguf file, or a hub id like org/name")
+
+
+STEP_FOLDER_NAME = re.compile(r"^(\d\d)-[a-z]+$")
+
+
+def check_teacher_name(value: str) -> str:
+    """A teacher: `base`, an earlier step's folder name (`01-prune`; order checked by the recipe), or a source."""
+    if value == "base" or STEP_FOLDER_NAME.match(value):
+        return value
+    try:
+        return check_source_name(value)
+    except ValueError as error:
+        raise ValueError(f"{error}; a teacher may also be `base` or an earlier step's folder like 01-prune")
+
+
 def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """transformers dequantizes GGUF weights on load but keeps its quantizer attached, and then refuses
     save_pretrained ("quantized with gguf and is not serializable"). The weights are plain floats by now, so

@@ -23,10 +23,11 @@ from compress.data import calibration_batches, training_windows
 from compress.errors import CompressError
 from compress.evaluate import evaluate
 from compress.measure import measure
+from compress.distill import check_same_tokenizer, distill
 from compress.finetune import finetune
 from compress.models import load_model, resolve_source
 from compress.prune import check_prunable, prune
-from compress.quantize import quantize
+from compress.quantize import QAT, quantize
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
@@ -55,14 +56,45 @@ def _calibration_ids(tokenizer, spec, seed: int, data_dir: str | None) -> torch.
     return calibration_batches(tokenizer, spec.dataset, spec.samples, spec.seq_len, seed, data_dir)
 
 
-def _apply(kind: str, config, model, tokenizer, recipe: Recipe, show_progress: bool):
+def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
+    """A teacher named in a step: `base` (the recipe's model), an earlier step's folder (`01-prune`), or a source."""
+    if name == "base":
+        return recipe.model
+    if STEP_FOLDER.match(name):
+        if not (out / name / STEP_FILE).is_file():
+            raise CompressError(f"teacher '{name}' is not a completed step folder in {out}; name an earlier step "
+                                f"(e.g. 00-base), base, or a model source")
+        return str(out / name)
+    return name
+
+
+def _load_teacher(name: str, tokenizer, recipe: Recipe, out: Path, device: str):
+    teacher, teacher_tokenizer = load_model(_teacher_source(name, recipe, out), recipe.dtype, device)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    return teacher
+
+
+def _training_windows(config, tokenizer, recipe: Recipe) -> torch.Tensor:
+    return training_windows(tokenizer, config.data, config.seq_len, recipe.data.dir)
+
+
+def _apply(kind: str, config, model, tokenizer, recipe: Recipe, out: Path, device: str, show_progress: bool):
+    seed = recipe.seed
+    if kind == "quantize" and isinstance(config, QAT):
+        teacher = _load_teacher(config.distill_from, tokenizer, recipe, out, device) if config.distill_from else None
+        return quantize(model, config, _training_windows(config, tokenizer, recipe), show_progress=show_progress,
+                        teacher=teacher, seed=seed)
     if kind == "quantize":
         return quantize(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
     if kind == "prune":
         return prune(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
     if kind == "finetune":
-        windows = training_windows(tokenizer, config.data, config.seq_len, recipe.data.dir)
-        return finetune(model, config, windows, seed=recipe.seed, show_progress=show_progress)
+        return finetune(model, config, _training_windows(config, tokenizer, recipe), seed=seed,
+                        show_progress=show_progress)
+    if kind == "distill":
+        teacher = _load_teacher(config.teacher, tokenizer, recipe, out, device)
+        return distill(model, config, _training_windows(config, tokenizer, recipe), teacher, seed=seed,
+                       show_progress=show_progress)
     raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
 
 
@@ -76,8 +108,8 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     model's until a prune step; after it, the prune step's width multiple)."""
     for step in recipe.steps:
         _calibration(step.config, tokenizer, recipe)
-        if step.kind == "finetune":
-            training_windows(tokenizer, step.config.data, step.config.seq_len, recipe.data.dir)
+        if hasattr(step.config, "steps"):  # a training step: at least one window of data
+            _training_windows(step.config, tokenizer, recipe)
     pruned_to = None
     for step in recipe.steps:
         if step.kind == "prune":
@@ -183,7 +215,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                 _preflight(model, tokenizer, recipe)
             else:
                 console.print(f"{label}: {config.describe()}")
-                model = _apply(kind, config, model, tokenizer, recipe, show_progress)
+                model = _apply(kind, config, model, tokenizer, recipe, out, device, show_progress)
         with measure() as eval_cost:
             metrics = run_evals(model, tokenizer, index)
         for task, result in metrics.items():

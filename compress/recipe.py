@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compress.data import CalibrationData
 from compress.errors import RecipeError
 from compress.evaluate import TASKS, Perplexity
-from compress.models import DTYPES, REGISTRY, HUB_ID, looks_like_path
+from compress.models import DTYPES, STEP_FOLDER_NAME, check_source_name
+from compress.distill import Distill
 from compress.finetune import LoRARecovery
 from compress.prune import TaylorPrune
 from compress.quantize import QuantizeConfig
@@ -34,6 +35,7 @@ class Step(Strict):
 
     prune: TaylorPrune | None = None
     finetune: LoRARecovery | None = None
+    distill: Distill | None = None
     quantize: QuantizeConfig | None = None
 
     @model_validator(mode="before")
@@ -79,13 +81,18 @@ class Recipe(Strict):
     @field_validator("model")
     @classmethod
     def _model_source(cls, value: str) -> str:
-        # resolvable without loading anything: registry name, existing path, or a hub id
-        if value in REGISTRY or HUB_ID.match(value) or Path(value).expanduser().exists():
-            return value
-        if looks_like_path(value):
-            raise ValueError(f"model path '{value}' does not exist")
-        raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local "
-                         f"model folder, a .gguf file, or a hub id like org/name")
+        return check_source_name(value)  # resolvable without loading anything
+
+    @model_validator(mode="after")
+    def _teachers_come_first(self):
+        for index, step in enumerate(self.steps):
+            teacher = getattr(step.config, "teacher", None) or getattr(step.config, "distill_from", None)
+            match = STEP_FOLDER_NAME.match(teacher or "")
+            if match and int(match[1]) > index:
+                raise ValueError(f"steps[{index}] ({step.kind}) names teacher '{teacher}', which is not an earlier "
+                                 f"step: this step writes {index + 1:02d}-{step.kind}; use base or a folder numbered "
+                                 f"below {index + 1:02d}")
+        return self
 
     @property
     def resolved_device(self) -> str:

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 import compress
 from compress.data import training_windows
-from compress.finetune import _LabelledPositionsTrainer
+from compress.training import LabelledPositionsTrainer
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     ids = training_windows(tokenizer, "wikitext2-valid", args.seq_len)[: args.batch]
     answer_only = ids.clone()
     answer_only[:, : -args.answer_tokens] = -100
-    ours = _LabelledPositionsTrainer.compute_loss
+    ours = LabelledPositionsTrainer.compute_loss
 
     def stock(labels):
         return peft_model(input_ids=ids, labels=labels).loss

@@ -30,7 +30,7 @@ MALFORMED = [
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptq, bits: 3, format: gptq}\n", 4, "steps[0].quantize", "for 3 bits use format compressed-tensors"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: gptq, calibration: {seq_len: 4}}\n", 4, "steps[0].quantize.calibration.seq_len", "greater than or equal to 8"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize:\n      method: rtn\n      bitz: 3\n", 6, "steps[0].quantize.bitz", "unknown field 'bitz'; allowed: method, bits, group_size, sym"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - shrink: {ratio: 0.5}\n", 4, "steps[0]", "unknown step 'shrink'; allowed: prune, finetune, quantize"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - shrink: {ratio: 0.5}\n", 4, "steps[0]", "unknown step 'shrink'; allowed: prune, finetune, distill, quantize"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 4}\n    prune: {}\n", 4, "steps[0]", "one key"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize\n", 4, "steps[0]", "a step is a mapping"),
     ("name: x\nmodel: smollm2-135m\nsteps: []\n", 3, "steps", "at least 1 item"),

@@ -1,0 +1,103 @@
+"""What every training step shares (LoRA recovery, distillation, QAT): the step budget and data of a recipe step,
+optional LoRA adapters merged back afterwards, and one transformers Trainer run over fixed-length token windows."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import Trainer, TrainingArguments
+
+from compress.data import DatasetName
+
+
+class TrainingBudget(BaseModel):
+    """How long and on what a training step runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    lr: float = Field(3e-4, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8)
+    data: DatasetName = Field("wikitext2-valid", description="a named text dataset or a .txt path; cut into seq_len "
+                                                              "windows")
+
+    def budget(self) -> str:
+        return f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens from {self.data}, lr {self.lr:g}"
+
+
+class LoRAAdapter(BaseModel):
+    """Low-rank adapters (peft LoRA) trained in place of the full weights and merged back into them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | tuple[str, ...] = Field(
+        "all-linear", description="peft target_modules: all-linear (every Linear but the output head) or names")
+
+
+def with_lora(model: torch.nn.Module, adapter: LoRAAdapter) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else list(adapter.target_modules)
+    return get_peft_model(model, LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                                            bias="none", target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model with any LoRA adapters merged into its weights."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        for param in model.parameters():
+            param.requires_grad_(True)  # peft froze the base weights; an ordinary model has them trainable
+    return model.eval()
+
+
+def labelled_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                    output_hidden_states: bool = False):
+    """(logits at the positions that have a next-token label, those labels, decoder outputs). The decoder and the
+    head are called apart so the head (49k outputs for SmolLM2: most of a small model's step) runs only where a
+    label exists; prompt-masked data (-100 labels) then costs far less."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outputs = base.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=output_hidden_states)
+    targets = labels[:, 1:]
+    scored = targets != -100
+    logits = base.get_output_embeddings()(outputs.last_hidden_state[:, :-1][scored])
+    return logits, targets[scored], outputs
+
+
+class LabelledPositionsTrainer(Trainer):
+    """Trainer with the next-token loss computed from `labelled_logits`."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs["labels"])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def train(model: torch.nn.Module, budget: TrainingBudget, windows: torch.Tensor, seed: int = 0,
+          show_progress: bool = True, trainer_class: type[Trainer] = LabelledPositionsTrainer, callbacks=(),
+          **trainer_kwargs) -> None:
+    """Train `model` in place for `budget.steps` steps on `windows` ([windows, seq_len] token ids) through a
+    transformers Trainer (`trainer_class`, e.g. DistillationTrainer), with cosine decay after a linear warm-up."""
+    from compress.errors import CompressError
+
+    if windows.shape[0] < budget.batch_size:
+        raise CompressError(f"training data has {windows.shape[0]} windows of {windows.shape[1]} tokens, fewer "
+                            f"than one batch of {budget.batch_size}; lower batch_size or seq_len")
+    examples = [{"input_ids": row, "labels": row} for row in windows]
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
+            learning_rate=budget.lr, warmup_steps=budget.warmup_ratio,  # a float < 1 is a ratio of the steps
+            lr_scheduler_type="cosine", logging_steps=max(1, budget.steps // 10), save_strategy="no",
+            report_to="none", seed=seed, use_cpu=on_cpu, disable_tqdm=not show_progress, dataloader_num_workers=0,
+            remove_unused_columns=False)
+        trainer_class(model=model, args=args, train_dataset=examples, callbacks=list(callbacks),
+                      **trainer_kwargs).train()

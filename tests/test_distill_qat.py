@@ -1,0 +1,194 @@
+"""Distillation and quantization-aware training: the loss terms, the Trainer subclass and the callback inside real
+transformers Trainers, the checkpoint QAT writes, and the recipe steps (teachers, bad input, crash and resume).
+Tiny random models: only mechanics matter here (quality is tested on SmolLM2 in test_smollm2)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import compress
+from compress.data import training_windows
+from compress.distill import Distill, DistillationTrainer, distillation_loss, hidden_state_loss
+from compress.errors import CompressError
+from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantized_linears
+from compress.quantize.qat import QAT, QATCallback, prepare_qat
+from test_pipeline import quiet_run
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = compress.load(tiny_model_dir)
+    return model, tokenizer, training_windows(tokenizer, "wikitext2-valid", 64)
+
+
+def args(tmp_path, steps=20, lr=1e-3):
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False, logging_strategy="no")
+
+
+def examples(windows):
+    return [{"input_ids": row, "labels": row} for row in windows]
+
+
+def test_distillation_loss_terms():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 10), torch.randn(6, 10)
+    targets = torch.randint(0, 10, (6,))
+    t = 2.0
+    kl = (F.softmax(teacher / t, -1) * (F.log_softmax(teacher / t, -1) - F.log_softmax(student / t, -1))).sum(-1).mean()
+    pure = distillation_loss(student, teacher, targets, Distill(temperature=t, alpha=1.0))
+    torch.testing.assert_close(pure, kl * t * t)
+    mixed = distillation_loss(student, teacher, targets, Distill(temperature=t, alpha=0.25))
+    torch.testing.assert_close(mixed, 0.25 * kl * t * t + 0.75 * F.cross_entropy(student, targets))
+    assert distillation_loss(teacher, teacher, targets, Distill(alpha=1.0)).abs() < 1e-6
+
+
+def test_hidden_state_loss_pairs_equal_widths_only():
+    states = tuple(torch.randn(2, 3, 8) for _ in range(3))
+    assert hidden_state_loss(states, states) == 0
+    shifted = (states[0], states[1] + 1, torch.randn(2, 3, 4))  # the last layer is narrower: skipped
+    torch.testing.assert_close(hidden_state_loss(shifted, states), 1 / states[1].square().mean())
+    with pytest.raises(CompressError, match="set hidden_mse: 0"):
+        hidden_state_loss((states[0], torch.randn(2, 3, 4)), states[:2])
+
+
+def kl_to(teacher, student, windows):
+    with torch.no_grad():
+        t = F.log_softmax(teacher(input_ids=windows).logits, -1)
+        s = F.log_softmax(student(input_ids=windows).logits, -1)
+    return F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean").item()
+
+
+def test_distillation_trainer_in_a_users_trainer_moves_the_student_to_the_teacher(tiny, tmp_path):
+    teacher, _, windows = tiny
+    student = compress.prune(copy.deepcopy(teacher), compress.TaylorPrune(importance="l2", ratio=0.5, multiple=16))
+    held_out = windows[-8:]
+    before = kl_to(teacher, student, held_out)
+    grad_enabled_in_teacher = []
+    handle = teacher.get_decoder().register_forward_pre_hook(
+        lambda *_: grad_enabled_in_teacher.append(torch.is_grad_enabled()))
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, steps=30),
+                                  train_dataset=examples(windows[:-8]), distill=Distill(temperature=2.0, alpha=1.0))
+    trainer.train()
+    handle.remove()
+    assert kl_to(teacher, student.eval(), held_out) < 0.8 * before
+    # the teacher ran without autograd (nothing of it kept for backward) and was never trained
+    assert grad_enabled_in_teacher and not any(grad_enabled_in_teacher)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_distill_with_lora_merges_back_into_plain_weights(tiny):
+    teacher, _, windows = tiny
+    student = compress.prune(copy.deepcopy(teacher), compress.TaylorPrune(importance="l2", ratio=0.5, multiple=16))
+    before = kl_to(teacher, student, windows[-8:])
+    student = compress.distill(student, Distill(steps=20, batch_size=4, seq_len=64, lr=3e-3, alpha=1.0, lora={"r": 8}),
+                               windows[:-8], teacher, show_progress=False)
+    assert not any("lora" in name for name, _ in student.named_modules())
+    assert kl_to(teacher, student, windows[-8:]) < before
+
+
+def test_teacher_with_another_vocabulary_is_a_clear_error(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    student, _, windows = tiny
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(CompressError, match="different vocabularies .1,000 vs 512"):
+        compress.distill(copy.deepcopy(student), Distill(steps=1, batch_size=1), windows, other)
+
+
+def test_fake_quantization_forward_is_on_the_grid_and_gradients_pass_straight_through():
+    linear = torch.nn.Linear(32, 4)
+    prepare_qat(torch.nn.Sequential(linear), QAT(bits=3, group_size=16))
+    raw = linear.parametrizations.weight.original
+    args = QAT(bits=3, group_size=16).quantization_args()
+    torch.testing.assert_close(linear.weight, fake_quantize(raw, *minmax_qparams(raw, args), args))
+    linear(torch.ones(2, 32)).sum().backward()
+    torch.testing.assert_close(raw.grad, torch.ones(4, 32) * 2)  # d/dW of sum(W x) with x = 1, batch 2: identity STE
+
+
+def test_qat_callback_in_a_users_trainer_writes_a_checkpoint_like_ptq(tiny, tmp_path):
+    base, tokenizer, windows = tiny
+    model = copy.deepcopy(base).train().requires_grad_(True)
+    config = QAT(bits=4, group_size=16)
+    Trainer(model=model, args=args(tmp_path, steps=10, lr=1e-4), train_dataset=examples(windows),
+            callbacks=[QATCallback(config)]).train()
+    quantized = list(quantized_linears(model))
+    assert len(quantized) == len(list(quantizable_linears(model))) > 0
+    for _, linear, quant in quantized:  # on the grid: rounding again changes nothing
+        torch.testing.assert_close(linear.weight, fake_quantize(linear.weight, quant.scale, quant.zero_point,
+                                                                quant.args))
+    compress.save_model(model, tokenizer, tmp_path / "qat")
+    ids = windows[:2]
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        ours = compress.load(tmp_path / "qat")[0](input_ids=ids).logits
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "qat", dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stock, expected, atol=1e-4, rtol=0)
+    assert not any("parametrizations" in name for name, _ in model.named_parameters())
+
+
+DISTILL_QAT_STEPS = """\
+  - prune: {importance: l2, ratio: 0.5, multiple: 16}
+  - distill: {teacher: 00-base, temperature: 2.0, alpha: 0.7, hidden_mse: 0.1, steps: 20, batch_size: 4, seq_len: 64, lr: 1.0e-3}
+  - quantize: {method: qat, bits: 4, group_size: 16, steps: 10, batch_size: 4, seq_len: 64, lr: 1.0e-4, distill_from: base}"""
+
+
+def test_distill_and_qat_recipe_steps(tiny_recipe, tmp_path):
+    report = quiet_run(tiny_recipe(steps=DISTILL_QAT_STEPS))
+    rows = {row["kind"]: row for row in report["steps"]}
+    assert rows["distill"]["wikitext2_perplexity"] < rows["prune"]["wikitext2_perplexity"]
+    assert math.isfinite(rows["quantize"]["wikitext2_perplexity"])
+    assert rows["quantize"]["size_bytes"] < rows["distill"]["size_bytes"]
+    model, _ = compress.load(tmp_path / "runs" / "tiny" / "03-quantize")  # a compressed-tensors folder, as PTQ's
+    assert model.model.layers[0].mlp.gate_proj.out_features == 64
+
+
+def test_crash_during_distillation_keeps_earlier_steps_and_resumes(tiny_recipe, tmp_path, monkeypatch):
+    calls = []
+    original = DistillationTrainer.compute_loss
+
+    def crash_after_five_steps(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", crash_after_five_steps)
+    recipe = tiny_recipe(steps=DISTILL_QAT_STEPS)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quiet_run(recipe)
+    out = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00-base", "01-prune"]
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", original)
+    report = quiet_run(recipe)
+    assert [row["step"] for row in report["steps"]] == ["00-base", "01-prune", "02-distill", "03-quantize"]
+
+
+@pytest.mark.parametrize("steps,fragment", [
+    ("  - distill: {teacher: 02-quantize}\n  - quantize: {method: rtn, group_size: 16}",
+     "names teacher '02-quantize', which is not an earlier step"),
+    ("  - distill: {temperature: 0}", "greater than 0"),
+    ("  - distill: {alpha: 1.5}", "less than or equal to 1"),
+    ("  - distill: {teacher: no-such-model}", "a teacher may also be `base`"),
+    ("  - quantize: {method: qat, distill_from: ./missing}", "does not exist"),
+])
+def test_bad_distillation_settings_are_recipe_errors(tiny_recipe, steps, fragment):
+    with pytest.raises(compress.errors.RecipeError, match=fragment.replace("(", r"\(")):
+        compress.load_recipe(tiny_recipe(steps=steps))
+
+
+def test_empty_training_data_fails_before_any_step(tiny_recipe, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(CompressError, match="is empty"):
+        quiet_run(tiny_recipe(steps=f"  - distill: {{data: {empty}}}"))
+    assert not (tmp_path / "runs" / "tiny" / "00-base").exists()
