@@ -18,7 +18,7 @@ from compress.distill import Distill, DistillationTrainer, distillation_loss, hi
 from compress.errors import CompressError
 from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantized_linears
 from compress.quantize.qat import QAT, QATCallback, prepare_qat
-from test_pipeline import quiet_run
+from test_pipeline import failing_after, quiet_run
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +153,8 @@ def test_distill_and_qat_recipe_steps(tiny_recipe, tmp_path):
 
 
 def test_crash_during_distillation_keeps_earlier_steps_and_resumes(tiny_recipe, tmp_path, monkeypatch):
-    calls = []
     original = DistillationTrainer.compute_loss
-
-    def crash_after_five_steps(self, *a, **k):
-        calls.append(1)
-        if len(calls) > 5:
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(DistillationTrainer, "compute_loss", crash_after_five_steps)
+    monkeypatch.setattr(DistillationTrainer, "compute_loss", failing_after(5, original))  # dies at step 6
     recipe = tiny_recipe(steps=DISTILL_QAT_STEPS)
     with pytest.raises(RuntimeError, match="simulated crash"):
         quiet_run(recipe)

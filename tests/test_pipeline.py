@@ -34,6 +34,19 @@ def stable(report: dict) -> dict:
     return report
 
 
+def failing_after(count: int, function):
+    """`function`, raising a simulated crash from its (count + 1)-th call on."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > count:
+            raise RuntimeError("simulated crash")
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 def quiet_run(recipe, **kwargs):
     from rich.console import Console
 
@@ -234,15 +247,8 @@ def test_crash_during_gptq_keeps_earlier_steps_and_resumes(tiny_recipe, tmp_path
     from compress.quantize import gptq
 
     solve = gptq.gptq_solve
-    calls = []
-
-    def crash_on_the_second_layer(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 4:  # four shared-input groups per layer: die inside layer 1
-            raise RuntimeError("simulated crash")
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(gptq, "gptq_solve", crash_on_the_second_layer)
+    # four shared-input groups per layer: die inside layer 1
+    monkeypatch.setattr(gptq, "gptq_solve", failing_after(4, solve))
     recipe = tiny_recipe(steps=GPTQ_STEPS)
     with pytest.raises(RuntimeError, match="simulated crash"):
         quiet_run(recipe)
