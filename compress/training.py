@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainingArguments
 
 from compress.data import DatasetName
+from compress.errors import CompressError
 
 
 class TrainingBudget(BaseModel):
@@ -85,8 +86,6 @@ def train(model: torch.nn.Module, budget: TrainingBudget, windows: torch.Tensor,
           **trainer_kwargs) -> None:
     """Train `model` in place for `budget.steps` steps on `windows` ([windows, seq_len] token ids) through a
     transformers Trainer (`trainer_class`, e.g. DistillationTrainer), with cosine decay after a linear warm-up."""
-    from compress.errors import CompressError
-
     if windows.shape[0] < budget.batch_size:
         raise CompressError(f"training data has {windows.shape[0]} windows of {windows.shape[1]} tokens, fewer "
                             f"than one batch of {budget.batch_size}; lower batch_size or seq_len")
