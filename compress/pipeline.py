@@ -233,7 +233,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         with console.status(f"{label}: saving"):
             record = write_step(folder, lambda partial: save_model(model, tokenizer, partial, _save_format(config)),
                                     record)
-        console.print(f"{label}: done in {step_cost['seconds']:.1f} s, saved {record['size_bytes'] / 2**20:,.1f} MiB")
+        console.print(f"{label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
+                      f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)
         last_complete = folder
 
