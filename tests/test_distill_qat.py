@@ -118,8 +118,11 @@ def test_qat_callback_in_a_users_trainer_writes_a_checkpoint_like_ptq(tiny, tmp_
     base, tokenizer, windows = tiny
     model = copy.deepcopy(base).train().requires_grad_(True)
     config = QAT(bits=4, group_size=16)
-    Trainer(model=model, args=args(tmp_path, steps=10, lr=1e-4), train_dataset=examples(windows),
+    untrained = compress.quantize(copy.deepcopy(base), compress.RTN(bits=4, group_size=16))
+    Trainer(model=model, args=args(tmp_path, steps=10, lr=1e-3), train_dataset=examples(windows),
             callbacks=[QATCallback(config)]).train()
+    # the Trainer's optimizer (built before the callback ran) trained the weights behind the fake quantization
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, untrained.model.layers[0].mlp.down_proj.weight)
     quantized = list(quantized_linears(model))
     assert len(quantized) == len(list(quantizable_linears(model))) > 0
     for _, linear, quant in quantized:  # on the grid: rounding again changes nothing
