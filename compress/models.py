@@ -148,16 +148,19 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 
 def build_architecture(config, dtype: torch.dtype) -> PreTrainedModel:
-    """The model a config describes, per-layer widths of a pruned model included, with uninitialized weights (built
-    on the meta device, so a 7B model costs no time or memory before its weights are loaded)."""
+    """The model a config describes, with per-layer widths of a non-uniformly pruned model applied. Pruned models
+    (Llama-family layouts, whose only non-persistent buffers are the rotary frequencies) are built on the meta
+    device, so a 7B model costs no time or memory before its weights are loaded; other models are built as
+    transformers builds them, so every buffer a checkpoint does not hold is computed."""
     from compress.prune.structure import build_layers_at_recorded_widths
 
+    if not getattr(config, LAYER_WIDTHS_KEY, None):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         build_layers_at_recorded_widths(model)
     model.to_empty(device="cpu")
-    # non-persistent buffers are not in checkpoints: recompute them (rotary inverse frequencies)
-    for module in model.modules():
+    for module in model.modules():  # rotary inverse frequencies: not in checkpoints, computed from the config
         if "RotaryEmbedding" in type(module).__name__:
             model._init_weights(module)
     return model
