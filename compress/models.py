@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
-from compress.prune.structure import LAYER_WIDTHS_KEY
+from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import activation_quantized_modules, decompressed_state_dict, is_quantized_checkpoint
 
 
@@ -152,8 +152,6 @@ def build_architecture(config, dtype: torch.dtype) -> PreTrainedModel:
     (Llama-family layouts, whose only non-persistent buffers are the rotary frequencies) are built on the meta
     device, so a 7B model costs no time or memory before its weights are loaded; other models are built as
     transformers builds them, so every buffer a checkpoint does not hold is computed."""
-    from compress.prune.structure import build_layers_at_recorded_widths
-
     if not getattr(config, LAYER_WIDTHS_KEY, None):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.device("meta"):

@@ -21,11 +21,11 @@ from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
 from compress.data import calibration_batches, training_windows
 from compress.errors import CompressError
-from compress.evaluate import evaluate
-from compress.measure import measure
 from compress.distill import check_same_tokenizer, distill
+from compress.evaluate import evaluate
 from compress.finetune import finetune
-from compress.models import load_model, resolve_source
+from compress.measure import measure
+from compress.models import STEP_FOLDER_NAME, load_model, resolve_source
 from compress.prune import check_prunable, prune
 from compress.quantize import QAT, quantize
 from compress.quantize.grid import check_group_size
@@ -60,7 +60,7 @@ def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
     """A teacher named in a step: `base` (the recipe's model), an earlier step's folder (`01-prune`), or a source."""
     if name == "base":
         return recipe.model
-    if STEP_FOLDER.match(name):
+    if STEP_FOLDER_NAME.match(name):
         if not (out / name / STEP_FILE).is_file():
             raise CompressError(f"teacher '{name}' is not a completed step folder in {out}; name an earlier step "
                                 f"(e.g. 00-base), base, or a model source")
@@ -75,7 +75,12 @@ def _load_teacher(name: str, tokenizer, recipe: Recipe, out: Path, device: str):
 
 
 def _training_windows(config, tokenizer, recipe: Recipe) -> torch.Tensor:
-    return training_windows(tokenizer, config.data, config.seq_len, recipe.data.dir)
+    return _training_ids(tokenizer, config.data, config.seq_len, recipe.data.dir)
+
+
+@lru_cache(maxsize=4)  # as _calibration_ids: the preflight check and the step cut the same windows
+def _training_ids(tokenizer, data: str, seq_len: int, data_dir: str | None) -> torch.Tensor:
+    return training_windows(tokenizer, data, seq_len, data_dir)
 
 
 def _apply(kind: str, config, model, tokenizer, recipe: Recipe, out: Path, device: str, show_progress: bool):

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compress.data import CalibrationData
 from compress.errors import RecipeError
 from compress.evaluate import TASKS, Perplexity
-from compress.models import DTYPES, STEP_FOLDER_NAME, check_source_name
 from compress.distill import Distill
 from compress.finetune import LoRARecovery
+from compress.models import DTYPES, STEP_FOLDER_NAME, check_source_name
 from compress.prune import TaylorPrune
 from compress.quantize import QuantizeConfig
 

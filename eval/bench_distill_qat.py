@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,6 @@ import torch
 
 import compress
 from compress.data import calibration_batches, training_windows
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 import compress
 from compress.data import training_windows
-from compress.training import LabelledPositionsTrainer
+from compress.training import labelled_logits
 
 
 def main() -> None:
@@ -33,13 +33,13 @@ def main() -> None:
     ids = training_windows(tokenizer, "wikitext2-valid", args.seq_len)[: args.batch]
     answer_only = ids.clone()
     answer_only[:, : -args.answer_tokens] = -100
-    ours = LabelledPositionsTrainer.compute_loss
 
     def stock(labels):
         return peft_model(input_ids=ids, labels=labels).loss
 
     def labelled(labels):
-        return ours(None, peft_model, {"input_ids": ids, "labels": labels})
+        logits, targets, _ = labelled_logits(peft_model, ids, labels)  # LabelledPositionsTrainer's loss
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
 
     for name, loss_fn, labels in [("stock, all labelled", stock, ids), ("ours, all labelled", labelled, ids),
                                   ("stock, answer-only labels", stock, answer_only),

@@ -25,6 +25,7 @@ from compress.prune.structure import (
     LayerWidths,
     check_supported,
     heads_mode,
+    kv_group_scores,
     layer_widths,
     planned_widths,
     record_widths,
@@ -103,8 +104,8 @@ def _global_ratios(scores: list[dict], layers: list[torch.nn.Module], config: Ta
     units = {}
     if "attention" in config.targets:
         modes = [heads_mode(layer_widths(layer), config.heads) for layer in layers]
-        units["attention"] = [s["query"] if mode == "query" else
-                              s["query"].view(s["kv"].numel(), -1).sum(1) + s["kv"] for s, mode in zip(scores, modes)]
+        units["attention"] = [s["query"] if mode == "query" else kv_group_scores(s["query"], s["kv"])
+                              for s, mode in zip(scores, modes)]
     if "mlp" in config.targets:
         units["mlp"] = [s["mlp"] for s in scores]
     for target, per_layer in units.items():

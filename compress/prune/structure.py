@@ -121,6 +121,11 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count).indices.sort().values
 
 
+def kv_group_scores(query_scores: torch.Tensor, kv_scores: torch.Tensor) -> torch.Tensor:
+    """A KV group's score: its k/v rows' plus every query head's that reads it."""
+    return query_scores.view(kv_scores.numel(), -1).sum(1) + kv_scores
+
+
 def select_heads(query_scores: torch.Tensor, kv_scores: torch.Tensor, target: LayerWidths, mode: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the query heads and KV heads to keep. query_scores [heads], kv_scores [kv heads]."""
@@ -132,7 +137,7 @@ def select_heads(query_scores: torch.Tensor, kv_scores: torch.Tensor, target: La
         within = torch.stack([_top(by_group[g], keep) for g in range(kv)])
         query = (within + torch.arange(kv)[:, None] * per_group).flatten()
         return query, torch.arange(kv)
-    groups = _top(by_group.sum(1) + kv_scores, target.num_key_value_heads)
+    groups = _top(kv_group_scores(query_scores, kv_scores), target.num_key_value_heads)
     query = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
     return query, groups
 
