@@ -1,4 +1,4 @@
-"""`distill(student, Distill(...), train_ids, teacher)`: knowledge distillation (Hinton et al. 2015) from a teacher
+"""`distill(student, Distill(...), train_data, teacher)`: knowledge distillation (Hinton et al. 2015) from a teacher
 — typically the model before compression — into the compressed student, through a transformers Trainer subclass
 that users can also run in their own pipelines (`DistillationTrainer`).
 
@@ -69,12 +69,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return config.alpha * kd + (1 - config.alpha) * F.cross_entropy(student_logits.float(), targets)
 
 
-def hidden_state_loss(student_states: tuple, teacher_states: tuple) -> torch.Tensor:
+def hidden_state_loss(student_states: tuple, teacher_states: tuple, positions: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """Mean relative MSE over the decoder layers whose outputs have the same shape in both models (pruning keeps
     the hidden size, so all of them; a narrower student's are skipped). Layers pair by depth when the counts match,
-    else only the final states pair."""
+    else only the final states pair. `positions` ([batch, seq] bool) limits it to the trained positions (the
+    answers of prompted examples; not the padding)."""
     pairs = list(zip(student_states, teacher_states)) if len(student_states) == len(teacher_states) \
         else [(student_states[-1], teacher_states[-1])]
+    if positions is not None:
+        pairs = [(s[positions], t[positions]) for s, t in pairs]
     losses = [F.mse_loss(s.float(), t.float()) / t.float().square().mean().clamp_min(1e-6)
               for s, t in pairs[1:] if s.shape == t.shape]  # [0] is the embedding output: identical inputs
     if not losses:
@@ -104,21 +108,24 @@ class DistillationTrainer(LabelledPositionsTrainer):
             teacher_logits, _, teacher_outputs = labelled_logits(self.teacher, ids, labels, output_hidden_states=hidden)
         loss = distillation_loss(logits, teacher_logits, targets, self.distill)
         if hidden:
+            trained = torch.zeros_like(labels, dtype=torch.bool)
+            trained[:, :-1] = labels[:, 1:] != -100  # the positions whose next token is trained on
             loss = loss + self.distill.hidden_mse * hidden_state_loss(outputs.hidden_states,
-                                                                      teacher_outputs.hidden_states)
+                                                                      teacher_outputs.hidden_states, trained)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
-def distill(model: torch.nn.Module, config: Distill, train_ids: torch.Tensor, teacher: torch.nn.Module,
+def distill(model: torch.nn.Module, config: Distill, train_data: torch.Tensor | list[dict], teacher: torch.nn.Module,
             seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
-    """Distill `teacher` into `model` on `train_ids` ([windows, seq_len] token ids) for `config.steps` steps, every
+    """Distill `teacher` into `model` on `train_data` (token windows [windows, seq_len] or
+    `compress.training.training_examples`) for `config.steps` steps, every
     weight trained or (with `config.lora`) LoRA adapters merged back; returns the plain model."""
     if is_quantized(model):
         raise CompressError("distill after quantize: training would move the weights off the quantization grid; "
                             "put distill before quantize, or use quantize: {method: qat, distill_from: base}")
     check_same_vocabulary(model, teacher)
     student = with_lora(model, config.lora) if config.lora else model.train().requires_grad_(True)
-    train(student, config, train_ids, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
+    train(student, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
           teacher=teacher, distill=config)
     return merged(student)
 

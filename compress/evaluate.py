@@ -1,4 +1,4 @@
-"""Evaluations. WikiText-2 perplexity now; RTE and politeness through lm-eval follow.
+"""Evaluations: WikiText-2 perplexity (here) and the choice tasks RTE and politeness (compress.tasks, through lm-eval).
 
 Perplexity protocol (written into every report): the test text is tokenized as one stream; windows of `seq_len`
 tokens start every `stride` tokens; each window scores only the tokens no earlier window scored, and a token is
@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import Progress
 
 from compress.data import token_stream
+from compress.errors import CompressError
+from compress.tasks import ChoiceEval, score_choice_tasks
 
-TASKS = ("wikitext2",)
+TASKS = ("wikitext2", "rte", "politeness")
 
 
 class Perplexity(BaseModel):
@@ -92,13 +94,26 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
     }
 
 
-def evaluate(model, tokenizer, tasks=TASKS, wikitext2: Perplexity = Perplexity(), data_dir=None,
-             show_progress: bool = True) -> dict:
-    """Run the named evals; returns {task: result}."""
+def evaluate(model, tokenizer, tasks=TASKS, wikitext2: Perplexity = Perplexity(), choice: ChoiceEval = ChoiceEval(),
+             data_dir=None, show_progress: bool = True, seed: int = 0) -> dict:
+    """Run the named evals on the in-memory model; returns {task: result} in the order asked."""
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise CompressError(f"unknown eval task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(TASKS)}")
     results = {}
-    for task in tasks:
-        if task == "wikitext2":
-            results[task] = perplexity(model, tokenizer, wikitext2, data_dir, show_progress)
-        else:
-            raise ValueError(f"unknown eval task '{task}'; known: {', '.join(TASKS)}")
-    return results
+    if "wikitext2" in tasks:
+        results["wikitext2"] = perplexity(model, tokenizer, wikitext2, data_dir, show_progress)
+    choice_tasks = [task for task in tasks if task != "wikitext2"]
+    if choice_tasks:
+        results.update(score_choice_tasks(model, tokenizer, choice_tasks, choice, data_dir, show_progress, seed))
+    return {task: results[task] for task in tasks}
+
+
+def headline(task: str, result: dict) -> str:
+    """One line for a console: the task's main number and how it was measured."""
+    if "perplexity" in result:
+        return (f"{task} perplexity {result['perplexity']:.3f} ({result['protocol']['tokens_scored']:,} tokens, "
+                f"{result['seconds']:.0f} s)")
+    return (f"{task} accuracy {100 * result['accuracy']:.2f} % ± {100 * result['stderr']:.2f} over {result['n']} rows "
+            f"(majority class {100 * result['majority_baseline']:.1f} %, {result['seconds']:.0f} s)")

@@ -1,4 +1,4 @@
-"""`finetune(model, LoRARecovery(...), train_ids)`: recover what a compression step cost by training low-rank
+"""`finetune(model, LoRARecovery(...), train_data)`: recover what a compression step cost by training low-rank
 adapters (peft LoRA, Hu et al. 2021) through transformers' Trainer, then merge them into the weights so the result
 is an ordinary model that later steps (quantization) and stock loaders take as is."""
 
@@ -32,15 +32,16 @@ class LoRARecovery(TrainingBudget, LoRAAdapter):  # fields: method, r, alpha, ..
         return f"LoRA recovery r={self.r} alpha={self.alpha:g}, {self.budget()}"
 
 
-def finetune(model: torch.nn.Module, config: LoRARecovery, train_ids: torch.Tensor, seed: int = 0,
+def finetune(model: torch.nn.Module, config: LoRARecovery, train_data: torch.Tensor | list[dict], seed: int = 0,
              show_progress: bool = True) -> torch.nn.Module:
-    """Train LoRA adapters on `train_ids` ([windows, seq_len] token ids, `compress.data.training_windows`) for
+    """Train LoRA adapters on `train_data` (token windows [windows, seq_len] from `compress.data.training_windows`,
+    or prompted task examples from `compress.training.training_examples`) for
     `config.steps` steps, merge them, and return the plain model."""
     if is_quantized(model):
         raise CompressError("finetune after quantize: merged adapters would move the weights off the quantization "
                             "grid; put the finetune step before quantize")
     adapted = with_lora(model, config)
-    train(adapted, config, train_ids, seed=seed, show_progress=show_progress)
+    train(adapted, config, train_data, seed=seed, show_progress=show_progress)
     return merged(adapted)
 
 

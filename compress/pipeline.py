@@ -19,10 +19,10 @@ from rich.console import Console
 
 from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
-from compress.data import calibration_batches, training_windows
+from compress.data import calibration_batches
 from compress.errors import CompressError
 from compress.distill import check_same_tokenizer, distill
-from compress.evaluate import evaluate
+from compress.evaluate import evaluate, headline
 from compress.finetune import finetune
 from compress.measure import measure
 from compress.models import STEP_FOLDER_NAME, load_model, resolve_source
@@ -31,6 +31,7 @@ from compress.quantize import QAT, quantize
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
+from compress.training import training_examples
 
 STEP_FOLDER = re.compile(r"^\d\d-[a-z]+(\.partial)?$")
 
@@ -74,31 +75,31 @@ def _load_teacher(name: str, tokenizer, recipe: Recipe, out: Path, device: str):
     return teacher
 
 
-def _training_windows(config, tokenizer, recipe: Recipe) -> torch.Tensor:
-    return _training_ids(tokenizer, config.data, config.seq_len, recipe.data.dir)
+def _training_data(config, tokenizer, recipe: Recipe) -> list[dict]:
+    return _training_examples(tokenizer, config.data, config.seq_len, recipe.data.dir)
 
 
-@lru_cache(maxsize=4)  # as _calibration_ids: the preflight check and the step cut the same windows
-def _training_ids(tokenizer, data: str, seq_len: int, data_dir: str | None) -> torch.Tensor:
-    return training_windows(tokenizer, data, seq_len, data_dir)
+@lru_cache(maxsize=4)  # as _calibration_ids: the preflight check and the step build the same examples
+def _training_examples(tokenizer, datasets: tuple[str, ...], seq_len: int, data_dir: str | None) -> list[dict]:
+    return training_examples(tokenizer, datasets, seq_len, data_dir)
 
 
 def _apply(kind: str, config, model, tokenizer, recipe: Recipe, out: Path, device: str, show_progress: bool):
     seed = recipe.seed
     if kind == "quantize" and isinstance(config, QAT):
         teacher = _load_teacher(config.distill_from, tokenizer, recipe, out, device) if config.distill_from else None
-        return quantize(model, config, _training_windows(config, tokenizer, recipe), show_progress=show_progress,
+        return quantize(model, config, _training_data(config, tokenizer, recipe), show_progress=show_progress,
                         teacher=teacher, seed=seed)
     if kind == "quantize":
         return quantize(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
     if kind == "prune":
         return prune(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
     if kind == "finetune":
-        return finetune(model, config, _training_windows(config, tokenizer, recipe), seed=seed,
+        return finetune(model, config, _training_data(config, tokenizer, recipe), seed=seed,
                         show_progress=show_progress)
     if kind == "distill":
         teacher = _load_teacher(config.teacher, tokenizer, recipe, out, device)
-        return distill(model, config, _training_windows(config, tokenizer, recipe), teacher, seed=seed,
+        return distill(model, config, _training_data(config, tokenizer, recipe), teacher, seed=seed,
                        show_progress=show_progress)
     raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
 
@@ -114,7 +115,7 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     for step in recipe.steps:
         _calibration(step.config, tokenizer, recipe)
         if hasattr(step.config, "steps"):  # a training step: at least one window of data
-            _training_windows(step.config, tokenizer, recipe)
+            _training_data(step.config, tokenizer, recipe)
     pruned_to = None
     for step in recipe.steps:
         if step.kind == "prune":
@@ -174,7 +175,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     def run_evals(model, tokenizer, index):
         if index not in eval_at:
             return {}
-        return evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.wikitext2, data_dir, show_progress)
+        return evaluate(model, tokenizer, recipe.eval.tasks, wikitext2=recipe.eval.wikitext2, choice=recipe.eval.choice,
+                        data_dir=data_dir, show_progress=show_progress, seed=recipe.seed)
 
     console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps on {device} -> {out}")
     model = tokenizer = None
@@ -224,8 +226,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         with measure() as eval_cost:
             metrics = run_evals(model, tokenizer, index)
         for task, result in metrics.items():
-            console.print(f"{label}: {task} perplexity {result['perplexity']:.3f} "
-                          f"({result['protocol']['tokens_scored']:,} tokens, {result['seconds']:.0f} s)")
+            console.print(f"{label}: {headline(task, result)}")
         record = {
             "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
             "summary": f"base ({recipe.dtype})" if kind == "base" else config.describe(),

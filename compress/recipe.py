@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compress.data import CalibrationData
 from compress.errors import RecipeError
 from compress.evaluate import TASKS, Perplexity
+from compress.tasks import ChoiceEval
 from compress.distill import Distill
 from compress.finetune import LoRARecovery
 from compress.models import DTYPES, STEP_FOLDER_NAME, check_source_name
@@ -65,6 +66,7 @@ class EvalConfig(Strict):
     tasks: list[Literal[TASKS]] = ["wikitext2"]  # type: ignore[valid-type]
     after: Literal["every_step", "last", "none"] = "every_step"
     wikitext2: Perplexity = Perplexity()
+    choice: ChoiceEval = Field(ChoiceEval(), description="how the choice tasks (rte, politeness) are scored")
 
 
 class Recipe(Strict):

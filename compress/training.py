@@ -1,16 +1,18 @@
 """What every training step shares (LoRA recovery, distillation, QAT): the step budget and data of a recipe step,
-optional LoRA adapters merged back afterwards, and one transformers Trainer run over fixed-length token windows."""
+optional LoRA adapters merged back afterwards, and one transformers Trainer run over token windows of text or over
+prompted task examples (loss on the answer tokens only)."""
 
 from __future__ import annotations
 
 import tempfile
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import Trainer, TrainingArguments
 
-from compress.data import DatasetName
+from compress.data import DatasetName, training_windows
 from compress.errors import CompressError
+from compress.tasks import prompted_examples, task_for_split
 
 
 class TrainingBudget(BaseModel):
@@ -23,11 +25,33 @@ class TrainingBudget(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=8)
-    data: DatasetName = Field("wikitext2-valid", description="a named text dataset or a .txt path; cut into seq_len "
-                                                              "windows")
+    data: tuple[DatasetName, ...] = Field(
+        ("wikitext2-valid",), min_length=1,
+        description="a dataset or a list of them: a text dataset or .txt path is cut into seq_len windows; a choice "
+                    "task's train split (rte-train, politeness-train) becomes prompted examples, trained on the "
+                    "answer tokens only")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return (value,) if isinstance(value, str) else value
 
     def budget(self) -> str:
-        return f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens from {self.data}, lr {self.lr:g}"
+        return (f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens from {' + '.join(self.data)}, "
+                f"lr {self.lr:g}")
+
+
+def training_examples(tokenizer, datasets: str | tuple[str, ...], seq_len: int, data_dir=None) -> list[dict]:
+    """What a training step trains on ({"input_ids", "labels"} each, at most seq_len tokens): the windows of every
+    text dataset and the prompted rows of every task split among `datasets` (a training step's `data`)."""
+    examples = []
+    for dataset in (datasets,) if isinstance(datasets, str) else datasets:
+        if task_for_split(dataset):
+            examples += prompted_examples(tokenizer, dataset, seq_len, data_dir)
+        else:
+            examples += [{"input_ids": row, "labels": row}
+                         for row in training_windows(tokenizer, dataset, seq_len, data_dir)]
+    return examples
 
 
 class LoRAAdapter(BaseModel):
@@ -81,15 +105,31 @@ class LabelledPositionsTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
-def train(model: torch.nn.Module, budget: TrainingBudget, windows: torch.Tensor, seed: int = 0,
+def pad_right(examples: list[dict]) -> dict:
+    """Collate examples of different lengths: input ids padded on the right (under a causal mask the pads follow
+    every real token and cannot change it, so no attention mask is needed), labels padded with -100 (no loss)."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example["input_ids"])] = example["input_ids"]
+        labels[row, : len(example["labels"])] = example["labels"]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | list[dict], seed: int = 0,
           show_progress: bool = True, trainer_class: type[Trainer] = LabelledPositionsTrainer, callbacks=(),
           **trainer_kwargs) -> None:
-    """Train `model` in place for `budget.steps` steps on `windows` ([windows, seq_len] token ids) through a
-    transformers Trainer (`trainer_class`, e.g. DistillationTrainer), with cosine decay after a linear warm-up."""
-    if windows.shape[0] < budget.batch_size:
-        raise CompressError(f"training data has {windows.shape[0]} windows of {windows.shape[1]} tokens, fewer "
-                            f"than one batch of {budget.batch_size}; lower batch_size or seq_len")
-    examples = [{"input_ids": row, "labels": row} for row in windows]
+    """Train `model` in place for `budget.steps` steps through a transformers Trainer (`trainer_class`, e.g.
+    DistillationTrainer), with cosine decay after a linear warm-up. `data`: token windows [windows, seq_len]
+    (`compress.data.training_windows`, every token trained on) or examples with their own labels
+    (`training_examples`)."""
+    if isinstance(data, torch.Tensor):
+        data = [{"input_ids": row, "labels": row} for row in data]
+    if len(data) < budget.batch_size:
+        raise CompressError(f"training data has {len(data)} examples, fewer than one batch of {budget.batch_size}; "
+                            f"lower batch_size (or seq_len, for text windows) or use more data")
+    examples = data
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
         args = TrainingArguments(
@@ -98,5 +138,5 @@ def train(model: torch.nn.Module, budget: TrainingBudget, windows: torch.Tensor,
             lr_scheduler_type="cosine", logging_steps=max(1, budget.steps // 10), save_strategy="no",
             report_to="none", seed=seed, use_cpu=on_cpu, disable_tqdm=not show_progress, dataloader_num_workers=0,
             remove_unused_columns=False)
-        trainer_class(model=model, args=args, train_dataset=examples, callbacks=list(callbacks),
-                      **trainer_kwargs).train()
+        trainer_class(model=model, args=args, train_dataset=examples, data_collator=pad_right,
+                      callbacks=list(callbacks), **trainer_kwargs).train()

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import LLAMA2_7B, random_llama, random_tokens, timed  # noqa: E402
 
 import compress  # noqa: E402
-from compress.data import calibration_batches, training_windows  # noqa: E402
+from compress.data import calibration_batches  # noqa: E402
+from compress.training import training_examples  # noqa: E402
 
 GIB = 2**30
 
@@ -108,7 +109,7 @@ def main() -> None:
         if args.recover_steps and tokenizer is not None:
             recovery = compress.LoRARecovery(steps=args.recover_steps, batch_size=args.recover_batch,
                                              seq_len=args.recover_seq_len)
-            windows = training_windows(tokenizer, recovery.data, recovery.seq_len)
+            windows = training_examples(tokenizer, recovery.data, recovery.seq_len)
             model, seconds, _ = timed(lambda: compress.finetune(model, recovery, windows, show_progress=False))
             row.update(recover_seconds=round(seconds, 1), recovered_perplexity=ppl(model))
         results.append(row)

@@ -189,7 +189,14 @@ def test_group_size_misfit_fails_before_any_step_is_written(tiny_recipe, tmp_pat
 
 def test_missing_data_names_the_directories_it_looked_in(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path / "empty"))
+    import datasets
+
     from compress import data
+
+    def no_network(*args, **kwargs):  # the hub fallback, as on a machine without network (and without the retries)
+        raise ConnectionError("the hub is unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
 
     data._load.cache_clear()
     result = CliRunner().invoke(app, ["run", str(tiny_recipe())])

@@ -41,7 +41,7 @@ MALFORMED = [
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - prune: {targets: [heads]}\n", 4, "steps[0].prune.targets[0]", "allowed: 'attention' or 'mlp'"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - prune: {method: magnitude}\n", 4, "steps[0].prune.method", "allowed: 'taylor'"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - finetune: {merge: false}\n", 4, "steps[0].finetune.merge", "keep merge: true"),
-    ("name: x\nmodel: smollm2-135m\nsteps:\n  - finetune: {data: imagenet}\n", 4, "steps[0].finetune.data", "unknown dataset 'imagenet'"),
+    ("name: x\nmodel: smollm2-135m\nsteps:\n  - finetune: {data: imagenet}\n", 4, "steps[0].finetune.data[0]", "unknown dataset 'imagenet'"),
     ("name: x\nmodel: smollm2-135m\nsteps:\n  - finetune: {method: lora, rank: 8}\n", 4, "steps[0].finetune.rank", "unknown field 'rank'; allowed: method, r, alpha"),
     ("name: x\nmodel: smollm2-135m\n", 1, "steps", "required field is missing"),
     ("model: smollm2-135m\nsteps:\n  - quantize: {method: rtn}\n", 1, "name", "required field is missing"),

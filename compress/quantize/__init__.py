@@ -20,7 +20,7 @@ def quantize(model: torch.nn.Module, config: RTN | GPTQ | FP8 | QAT, calibration
              show_progress: bool = True, teacher: torch.nn.Module | None = None, seed: int = 0) -> torch.nn.Module:
     """Quantize `model` in place and return it. GPTQ needs `calibration`, token ids [samples, seq_len]
     (`compress.data.calibration_batches`); QAT trains on token windows passed the same way
-    (`compress.data.training_windows`), distilling from `teacher` when given; RTN and FP8 need no data."""
+    (`compress.data.training_windows`, or `compress.training.training_examples`), distilling from `teacher` when given; RTN and FP8 need no data."""
     if isinstance(config, RTN):
         return quantize_rtn(model, config, show_progress=show_progress)
     if isinstance(config, FP8):

@@ -98,18 +98,18 @@ class QATCallback(TrainerCallback):
         convert_qat(model, self.config)
 
 
-def quantize_qat(model: torch.nn.Module, config: QAT, train_ids: torch.Tensor, teacher: torch.nn.Module | None = None,
-                 seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
-    """QAT on `train_ids` ([windows, seq_len] token ids), distilling from `teacher` when given; returns the model
+def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor | list[dict],
+                 teacher: torch.nn.Module | None = None, seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
+    """QAT on `train_data` (token windows [windows, seq_len] or `compress.training.training_examples`), distilling from `teacher` when given; returns the model
     with weights on the grid, ready for `save_model`."""
     prepare_qat(model, config)
     model.train().requires_grad_(True)  # every weight trains (e.g. a copy of a frozen teacher)
     if teacher is None:
-        train(model, config, train_ids, seed=seed, show_progress=show_progress)
+        train(model, config, train_data, seed=seed, show_progress=show_progress)
     else:
         from compress.distill import Distill, DistillationTrainer
 
         loss = Distill(temperature=config.temperature, alpha=config.alpha)
-        train(model, config, train_ids, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
+        train(model, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
               teacher=teacher, distill=loss)
     return convert_qat(model, config).eval()

@@ -1,0 +1,225 @@
+"""Choice tasks (RTE, Stanford politeness) scored through lm-eval, and the same prompts as training examples.
+
+The task definitions are lm-eval task YAMLs in the repository's eval/tasks/ (shipped in the wheel as
+compress/lm_tasks). lm-eval renders the prompts, builds few-shot contexts and computes accuracy; compress supplies the
+rows (named datasets: the local data directory, else the hub), scores the answers with `AnswerScorer`, and derives
+what lm-eval does not give: per-sample correctness (for the paired test between steps), the majority-class
+baseline, and per-label precision, recall and F1.
+
+A task-adapted model is trained on the same rendered prompts (`prompted_examples`, loss on the answer tokens only),
+so training and scoring see exactly the same text and the same tokenization."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress
+
+from compress.data import load_records
+from compress.errors import CompressError
+from compress.stats import accuracy
+
+
+def _task_dir() -> Path:
+    return Path(str(resources.files("compress.lm_tasks")))
+
+
+def choice_tasks() -> tuple[str, ...]:
+    return tuple(sorted(path.stem for path in _task_dir().glob("*.yaml")))
+
+
+@lru_cache(maxsize=None)
+def task_definition(name: str) -> dict:
+    """The task YAML as a dict (with compress's own `compress:` section)."""
+    path = _task_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise CompressError(f"unknown choice task '{name}'; known: {', '.join(choice_tasks())}")
+    return yaml.safe_load(path.read_text())
+
+
+def task_for_split(dataset: str) -> tuple[str, str] | None:
+    """(task, split) when `dataset` is a split of a choice task (e.g. politeness-train), else None."""
+    for task in choice_tasks():
+        for split, name in task_definition(task)["compress"]["splits"].items():
+            if name == dataset:
+                return task, split
+    return None
+
+
+class ChoiceEval(BaseModel):
+    """Recipe: `eval: {choice: {num_fewshot: 0, limit: null, batch_size: 32}}`: how RTE and politeness are scored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_fewshot: int = Field(0, ge=0, description="examples from the train split put before each question")
+    limit: int | None = Field(None, ge=1, description="score only the first N rows of each task (quick looks)")
+    batch_size: int = Field(32, ge=1, description="sequences per forward pass")
+
+
+def _lm_eval_config(name: str, data_dir: str | None) -> dict:
+    """The lm-eval task config: the YAML without compress's section, with a dataset builder that reads our rows."""
+    import datasets
+
+    definition = dict(task_definition(name))
+    splits = definition.pop("compress")["splits"]
+
+    def build(**_):  # lm-eval passes the task metadata as keyword arguments
+        return {split: datasets.Dataset.from_list(load_records(dataset, data_dir)) for split, dataset in splits.items()}
+
+    return {**definition, "custom_dataset": build}
+
+
+def _scorer_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class AnswerScorer(HFLM):
+        """lm-eval's HFLM with its log-likelihood loop replaced; everything else (tokenization, few-shot contexts,
+        padding-token handling) is HFLM's. Ours is needed because of a benchmark (eval/bench_evals.py): HFLM computes
+        the output head and a log-softmax over the whole vocabulary at every position of every padded sequence; here
+        the decoder runs once per distinct input (the answers of one question that differ only in their last token
+        share it) and the head only at the answer positions."""
+
+        show_progress = True
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # request i scores its answer from the hidden states of input (context + answer)[:-1]; a causal decoder's
+            # states on a prefix do not depend on what follows, so an input that is a prefix of another input of the
+            # same question (" polite" vs " imp|olite", or " True" vs " False") is served by that longer input's pass
+            by_context: dict[tuple[int, ...], list[int]] = {}
+            for index, (_, context, _) in enumerate(requests):
+                by_context.setdefault(tuple(context), []).append(index)
+            inputs: dict[tuple[int, ...], list[int]] = {}  # input run through the decoder -> requests it serves
+            for indices in by_context.values():
+                kept: list[tuple[int, ...]] = []
+                for index in sorted(indices, key=lambda i: -len(requests[i][2])):
+                    _, context, continuation = requests[index]
+                    seq = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+                    longer = next((k for k in kept if k[: len(seq)] == seq), None)
+                    if longer is None:
+                        kept.append(longer := seq)
+                    inputs.setdefault(longer, []).append(index)
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            ordered = sorted(inputs, key=len, reverse=True)  # similar lengths together: little padding
+            decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+            batch_size = override_bs or self.batch_size
+            with torch.inference_mode(), Progress(transient=True, disable=not self.show_progress) as progress:
+                bar = progress.add_task("scoring answers", total=len(requests))
+                for start in range(0, len(ordered), batch_size):
+                    batch = ordered[start : start + batch_size]
+                    width = len(batch[0])
+                    ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                    for row, seq in enumerate(batch):
+                        ids[row, : len(seq)] = torch.tensor(seq)
+                    # right padding under a causal mask: pads follow every real token and cannot change them
+                    hidden = decoder(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+                    for row, seq in enumerate(batch):
+                        for index in inputs[seq]:
+                            _, context, continuation = requests[index]
+                            n, end = len(continuation), min(len(context) + len(continuation), self.max_length + 1) - 1
+                            logprobs = torch.log_softmax(head(hidden[row, end - n : end]).float(), dim=-1)
+                            target = torch.tensor(continuation, device=logprobs.device)
+                            answer = (logprobs.gather(1, target[:, None]).sum().item(),
+                                      bool((logprobs.argmax(-1) == target).all()))
+                            results[index] = answer
+                            self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                        progress.advance(bar, len(inputs[seq]))
+            return results
+
+    return AnswerScorer
+
+
+def _per_label(golds: list[int], predictions: list[int], labels: list[str]) -> dict:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        golds, predictions, labels=list(range(len(labels))), zero_division=0)
+    return {label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                    "support": int(support[i])} for i, label in enumerate(labels)}
+
+
+def score_choice_tasks(model, tokenizer, tasks, config: ChoiceEval = ChoiceEval(), data_dir=None,
+                       show_progress: bool = True, seed: int = 0) -> dict:
+    """Score `tasks` (names in eval/tasks) on the in-memory model; returns {task: result} with accuracy, its standard
+    error, the majority-class baseline, per-label P/R/F1 and the per-sample correctness string ('1' = right)."""
+    from lm_eval import simple_evaluate
+
+    for name in tasks:
+        task_definition(name)  # unknown names fail before any work
+    scorer = _scorer_class()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+    scorer.show_progress = show_progress
+    results = {}
+    for name in tasks:
+        start = time.perf_counter()
+        lm_eval_logger = logging.getLogger("lm_eval")
+        level = lm_eval_logger.level
+        lm_eval_logger.setLevel(logging.ERROR)  # its notices about our custom dataset are not the user's concern
+        try:
+            output = simple_evaluate(scorer, tasks=[_lm_eval_config(name, data_dir)], num_fewshot=config.num_fewshot,
+                                     limit=config.limit, log_samples=True, bootstrap_iters=0, random_seed=seed,
+                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        finally:
+            lm_eval_logger.setLevel(level)
+        samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
+        golds = [int(s["target"]) for s in samples]
+        predictions = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
+        correct = [g == p for g, p in zip(golds, predictions)]
+        labels = task_definition(name)["compress"]["labels"]
+        majority = max(golds.count(i) for i in range(len(labels))) / len(golds)
+        results[name] = {
+            **accuracy(correct),
+            "majority_baseline": majority,
+            "per_label": _per_label(golds, predictions, labels),
+            "correct": "".join("1" if c else "0" for c in correct),
+            "protocol": _protocol(name, config),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    return results
+
+
+def _protocol(name: str, config: ChoiceEval) -> dict:
+    definition = task_definition(name)
+    splits = definition["compress"]["splits"]
+    scored = splits.get("test") or splits["validation"]
+    return {"dataset": scored, "prompt": definition["doc_to_text"], "choices": definition["doc_to_choice"],
+            "labels": definition["compress"]["labels"], "num_fewshot": config.num_fewshot,
+            "fewshot_from": splits["train"] if config.num_fewshot else None, "limit": config.limit,
+            "scoring": "the answer with the higher summed log-likelihood (lm-eval acc)"}
+
+
+def _render(template, doc: dict):
+    from lm_eval.utils import apply_template
+
+    return apply_template(template, doc) if isinstance(template, str) else template
+
+
+def prompted_examples(tokenizer, dataset: str, seq_len: int, data_dir=None) -> list[dict]:
+    """The rows of a choice task's split (e.g. politeness-train) as training examples: the task's prompt followed by
+    the right answer, with labels only on the answer tokens (-100 elsewhere). The tokenization is lm-eval's (the
+    context's trailing spaces move to the answer; context and answer are encoded together, then split), so the model
+    learns exactly the sequence it is scored on. Prompts longer than `seq_len` lose their first tokens."""
+    task, _ = task_for_split(dataset)
+    definition = task_definition(task)
+    delimiter = definition.get("target_delimiter", " ")
+    examples = []
+    for doc in load_records(dataset, data_dir):
+        context = _render(definition["doc_to_text"], doc)
+        choices = definition["doc_to_choice"]
+        gold = _render(definition["doc_to_target"], doc)
+        answer = delimiter + choices[int(gold) if not isinstance(gold, int) else gold]
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, answer = context[:-spaces], context[-spaces:] + answer
+        whole = tokenizer(context + answer).input_ids
+        n_context = len(tokenizer(context).input_ids)
+        ids = torch.tensor(whole[-seq_len:])
+        labels = ids.clone()
+        labels[: max(0, len(ids) - (len(whole) - n_context))] = -100
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
