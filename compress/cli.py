@@ -58,5 +58,40 @@ def run(
         raise typer.Exit(130)
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="a step folder (runs/NAME/03-quantize) or any model source"),
+    tasks: str = typer.Option("wikitext2,rte,politeness", "--tasks", help="comma-separated: wikitext2, rte, politeness"),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", min=0, help="train-split examples before each question"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="score only the first N rows of rte/politeness"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
+    max_tokens: Optional[int] = typer.Option(None, "--wikitext2-max-tokens", min=2,
+                                             help="score only the first N WikiText-2 test tokens (default: all)"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("auto", "--device", help="auto = cuda when available"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="default: $COMPRESS_DATA_DIR, ../shared/data"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every result (per-row correctness "
+                                                                 "included) to this file"),
+) -> None:
+    """Evaluate a model folder: WikiText-2 perplexity and RTE / politeness accuracy (per-label P/R/F1)."""
+    from rich.markdown import Markdown
+
+    from compress.checkpoint import write_json
+    from compress.evaluate import Perplexity, evaluate_source
+    from compress.report import render_results
+    from compress.tasks import ChoiceEval
+
+    try:
+        results = evaluate_source(model, [t.strip() for t in tasks.split(",") if t.strip()],
+                                  wikitext2=Perplexity(max_tokens=max_tokens),
+                                  choice=ChoiceEval(num_fewshot=num_fewshot, limit=limit, batch_size=batch_size),
+                                  dtype=dtype, device=device, data_dir=data_dir)
+    except CompressError as error:
+        _fail(error)
+    Console().print(Markdown(render_results(model, results)))
+    if json_out:
+        write_json(json_out, results)
+
+
 if __name__ == "__main__":
     app()

@@ -89,17 +89,13 @@ def _read_local(path: Path, kind: str):
 
 
 def _from_hub(name: str, spec: NamedDataset):
+    import datasets
+
     repo, config, split = spec.hub
     looked = ", ".join(str(d) for d in candidate_data_dirs())
     if not repo:
         raise CompressError(f"dataset '{name}' is not in a local data directory (looked in: {looked}) and has no hub "
                             f"copy; set {DATA_DIR_ENV} to a folder holding {spec.path}")
-    try:
-        import datasets  # optional: only for hub fallback
-    except ImportError:
-        raise CompressError(f"dataset '{name}' is not in a local data directory (looked in: {looked}); set "
-                            f"{DATA_DIR_ENV} to a folder holding {spec.path}, or `pip install compress-llm[hub]` "
-                            f"to fetch {repo} from the hub")
     try:
         rows = datasets.load_dataset(repo, config, split=split)
     except Exception as error:  # any network/hub failure becomes one line
@@ -123,6 +119,18 @@ def _load(name: str, directory: str | None):
         raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
                             f"or a .txt/.jsonl path")
     return _read_local(path, "records" if path.suffix == ".jsonl" else "text")
+
+
+def source_of(name: str, directory: str | Path | None = None) -> str:
+    """Where a dataset's rows come from, for reports: the local file, else the hub dataset."""
+    if name not in DATASETS:
+        return str(Path(name).expanduser().resolve())
+    spec = DATASETS[name]
+    root = Path(directory) if directory else data_dir()
+    if root is not None and (root / spec.path).is_file():
+        return str((root / spec.path).resolve())
+    repo, config, split = spec.hub
+    return f"hub {repo}" + (f" ({config}, {split})" if config else f" ({split})")
 
 
 def load_text(name: str, directory: str | Path | None = None) -> str:

@@ -94,13 +94,17 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
     }
 
 
-def evaluate(model, tokenizer, tasks=TASKS, wikitext2: Perplexity = Perplexity(), choice: ChoiceEval = ChoiceEval(),
-             data_dir=None, show_progress: bool = True, seed: int = 0) -> dict:
-    """Run the named evals on the in-memory model; returns {task: result} in the order asked."""
+def check_tasks(tasks) -> None:
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise CompressError(f"unknown eval task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                             f"known: {', '.join(TASKS)}")
+
+
+def evaluate(model, tokenizer, tasks=TASKS, wikitext2: Perplexity = Perplexity(), choice: ChoiceEval = ChoiceEval(),
+             data_dir=None, show_progress: bool = True, seed: int = 0) -> dict:
+    """Run the named evals on the in-memory model; returns {task: result} in the order asked."""
+    check_tasks(tasks)
     results = {}
     if "wikitext2" in tasks:
         results["wikitext2"] = perplexity(model, tokenizer, wikitext2, data_dir, show_progress)
@@ -117,3 +121,18 @@ def headline(task: str, result: dict) -> str:
                 f"{result['seconds']:.0f} s)")
     return (f"{task} accuracy {100 * result['accuracy']:.2f} % ± {100 * result['stderr']:.2f} over {result['n']} rows "
             f"(majority class {100 * result['majority_baseline']:.1f} %, {result['seconds']:.0f} s)")
+
+
+def evaluate_source(source: str, tasks=TASKS, wikitext2: Perplexity = Perplexity(), choice: ChoiceEval = ChoiceEval(),
+                    dtype: str = "float32", device: str = "auto", data_dir=None, show_progress: bool = True) -> dict:
+    """`compress eval`: load a step folder (or any model source) and run the named evals on it."""
+    from compress.models import DTYPES, load_model
+
+    check_tasks(tasks)  # before the model loads
+    if dtype not in DTYPES:
+        raise CompressError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(source, dtype, device)
+    return evaluate(model, tokenizer, tasks, wikitext2=wikitext2, choice=choice, data_dir=data_dir,
+                    show_progress=show_progress)

@@ -151,7 +151,7 @@ def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
         for entry in out.iterdir():
             if entry.is_dir() and STEP_FOLDER.match(entry.name):
                 shutil.rmtree(entry)
-            elif entry.name in ("recipe.yaml", "report.json", "report.md"):
+            elif entry.name in ("recipe.yaml", "report.json", "report.md", "tradeoff.png"):
                 entry.unlink()
 
 

@@ -1,5 +1,6 @@
-"""report.json and report.md: one row per step (params, size on disk, metrics, wall time, peak memory) and the
-evaluation protocol, so a reader can tell exactly how every number was produced."""
+"""report.json, report.md and tradeoff.png: one row per step (params, size on disk, every metric, wall time, peak
+memory), each accuracy with its standard error and a paired test against the previous evaluated step, the plot of
+size against every metric, and the evaluation protocol, so a reader can tell exactly how every number was produced."""
 
 from __future__ import annotations
 
@@ -10,12 +11,38 @@ import torch
 
 from compress.checkpoint import write_json
 from compress.recipe import Recipe
+from compress.stats import mcnemar
+from compress.tasks import task_for_split
 
 MIB = 2**20
+SIGNIFICANT = 0.05  # two-sided McNemar p-value below which a change between steps is called significant
+TASK_TITLES = {"wikitext2": "WikiText-2 ppl", "rte": "RTE acc %", "politeness": "politeness acc %"}
 
 
-def _row(record: dict) -> dict:
-    ppl = record.get("metrics", {}).get("wikitext2", {}).get("perplexity")
+def _paired_changes(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """(step, task) -> McNemar test of that step's per-row correctness against the previous step scored on the
+    same rows."""
+    changes, previous = {}, {}
+    for record in records:
+        for task, result in record.get("metrics", {}).items():
+            if "correct" not in result:
+                continue
+            before = previous.get(task)
+            if before is not None and len(before[1]) == len(result["correct"]):
+                test = mcnemar([c == "1" for c in before[1]], [c == "1" for c in result["correct"]])
+                changes[record["step"], task] = {"against": before[0], **test,
+                                                 "delta": result["accuracy"] - before[2]}
+            previous[task] = (record["step"], result["correct"], result["accuracy"])
+    return changes
+
+
+def _row(record: dict, changes: dict) -> dict:
+    metrics = {}
+    for task, result in record.get("metrics", {}).items():
+        kept = {k: v for k, v in result.items() if k not in ("correct", "protocol")}
+        if (record["step"], task) in changes:
+            kept["vs_previous"] = changes[record["step"], task]
+        metrics[task] = kept
     return {
         "step": record["step"],
         "kind": record["kind"],
@@ -23,12 +50,45 @@ def _row(record: dict) -> dict:
         "summary": record.get("summary"),
         "params": record["params"],
         "size_bytes": record["size_bytes"],
-        "wikitext2_perplexity": ppl,
+        "wikitext2_perplexity": metrics.get("wikitext2", {}).get("perplexity"),
+        "metrics": metrics,
         "seconds": record["seconds"],
         "eval_seconds": record["eval_seconds"],
         "peak_rss_bytes": record["peak_rss_bytes"],
         **({"peak_cuda_bytes": record["peak_cuda_bytes"]} if "peak_cuda_bytes" in record else {}),
     }
+
+
+def _adaptation(records: list[dict]) -> dict[str, str]:
+    """task -> the first step that trained on that task's own train split (the model is task-adapted from there)."""
+    adapted = {}
+    for record in records:
+        data = record["config"].get("data")
+        for dataset in data if isinstance(data, list) else ():
+            found = task_for_split(dataset)
+            if found and found[0] not in adapted:
+                adapted[found[0]] = f"{record['step']} (trained on {dataset})"
+    return adapted
+
+
+def build_report(recipe: Recipe, records: list[dict]) -> dict:
+    changes = _paired_changes(records)
+    protocols = {task: result["protocol"] for record in records
+                 for task, result in record.get("metrics", {}).items()}
+    return {
+        "recipe": recipe.name,
+        "model": recipe.model,
+        "steps": [_row(record, changes) for record in records],
+        "protocol": protocols,
+        "task_adapted_from": _adaptation(records),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "cpu_threads": torch.get_num_threads()},
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _describe(row: dict) -> str:
@@ -41,51 +101,78 @@ def _describe(row: dict) -> str:
     return f"{row['kind']} ({details})"
 
 
-def build_report(recipe: Recipe, records: list[dict]) -> dict:
-    rows = [_row(record) for record in records]
-    protocols = {task: result["protocol"] for record in records
-                 for task, result in record.get("metrics", {}).items()}
-    return {
-        "recipe": recipe.name,
-        "model": recipe.model,
-        "steps": rows,
-        "protocol": protocols,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "cpu_threads": torch.get_num_threads()},
-    }
+def _metric_cell(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    if "perplexity" in result:
+        return f"{result['perplexity']:.3f}"
+    cell = f"{100 * result['accuracy']:.1f} ± {100 * result['stderr']:.1f}"
+    change = result.get("vs_previous")
+    if change:
+        text = f"{100 * change['delta']:+.1f}, p {change['p_value']:.2g}"
+        cell += f" ({'**' + text + '**' if change['p_value'] < SIGNIFICANT else text})"
+    return cell
 
 
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+def _tasks(report: dict) -> list[str]:
+    seen: list[str] = []
+    for row in report["steps"]:
+        seen += [task for task in row["metrics"] if task not in seen]
+    return seen
 
 
-def render_markdown(report: dict) -> str:
+def render_results(source: str, results: dict) -> str:
+    """`compress eval`'s table: one row per task."""
+    lines = [f"| {source} | result | per label (P / R / F1) | time |", "|---|---:|---|---:|"]
+    for task, result in results.items():
+        labels = result.get("per_label", {})
+        per_label = ", ".join(f"{name} {v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}"
+                              for name, v in labels.items())
+        value = _metric_cell(result) + ("" if "perplexity" in result else
+                                        f" (majority {100 * result['majority_baseline']:.1f})")
+        lines.append(f"| {TASK_TITLES.get(task, task)} | {value} | {per_label or '—'} | {result['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict, plot: str | None = None) -> str:
     base = report["steps"][0]
-    lines = [
-        f"# {report['recipe']}",
-        "",
-        f"Model: `{report['model']}`",
-        "",
-        "| step | what | params | size on disk | vs base | WikiText-2 ppl | step time | eval time | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    tasks = _tasks(report)
+    politeness = "politeness" in tasks
+    lines = [f"# {report['recipe']}", "", f"Model: `{report['model']}`", ""]
+    if tasks:
+        header = ["step", "size on disk", *(TASK_TITLES.get(t, t) for t in tasks)]
+        header += ["F1 polite", "F1 impolite"] if politeness else []
+        lines += ["## Trade-off", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for row in report["steps"]:
+            cells = [row["step"], f"{row['size_bytes'] / MIB:,.1f} MiB"]
+            cells += [_metric_cell(row["metrics"].get(task)) for task in tasks]
+            if politeness:
+                labels = row["metrics"].get("politeness", {}).get("per_label")
+                cells += [f"{labels[name]['f1']:.3f}" if labels else "—" for name in ("polite", "impolite")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Accuracy is ± its standard error; in brackets, the change from the previous step scored on the "
+                      f"same rows and the two-sided p-value of McNemar's exact test on per-row correctness (**bold**: "
+                      f"p < {SIGNIFICANT}, a change larger than chance).", ""]
+        if plot:
+            lines += [f"![size against every metric, one point per step]({plot})", ""]
+    lines += ["## Cost", "",
+              "| step | what | params | size on disk | vs base | step time | eval time | peak RSS |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["steps"]:
         lines.append(
             f"| {row['step']} | {_describe(row)} | {row['params'] / 1e6:,.1f} M | {row['size_bytes'] / MIB:,.1f} MiB "
-            f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {_fmt(row['wikitext2_perplexity'], '.3f')} "
-            f"| {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s | {row['peak_rss_bytes'] / MIB:,.0f} MiB |"
-        )
-    lines += ["", "## Evaluation protocol", ""]
-    for task, p in report["protocol"].items():
-        limit = f"the first {p['max_tokens']:,} tokens" if p["max_tokens"] else "the whole set"
-        lines.append(
-            f"- **{task}**: perplexity on `{p['dataset']}` ({limit}; {p['tokens_available']:,} tokens in the set), "
-            f"windows of {p['seq_len']} tokens every {p['stride']} tokens, {p['tokens_scored']:,} tokens scored, "
-            f"each with at least one token of context in its window."
-        )
-    if not report["protocol"]:
-        lines.append("No evaluations were run (`eval.after: none`).")
+            f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s "
+            f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |")
+    if politeness:
+        lines += ["", "## Politeness per label", "",
+                  "| step | polite P | polite R | polite F1 | impolite P | impolite R | impolite F1 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in report["steps"]:
+            labels = row["metrics"].get("politeness", {}).get("per_label")
+            if labels:
+                cells = [f"{labels[n][m]:.3f}" for n in ("polite", "impolite") for m in ("precision", "recall", "f1")]
+                lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Evaluation protocol", ""] + _protocol_lines(report)
     machine = report["machine"]
     lines += ["", f"Measured on {machine['cuda'] or 'CPU'} ({machine['cpu_threads']} threads), torch "
               f"{machine['torch']}, {machine['platform']}. Peak RSS is the process's resident-set high-water mark "
@@ -93,8 +180,73 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _protocol_lines(report: dict) -> list[str]:
+    if not report["protocol"]:
+        return ["No evaluations were run (`eval.after: none`)."]
+    lines = []
+    for task, p in report["protocol"].items():
+        if "seq_len" in p:
+            limit = f"the first {p['max_tokens']:,} tokens" if p["max_tokens"] else "the whole set"
+            lines.append(
+                f"- **{task}**: perplexity on `{p['dataset']}` ({limit}; {p['tokens_available']:,} tokens in the "
+                f"set), windows of {p['seq_len']} tokens every {p['stride']} tokens, {p['tokens_scored']:,} tokens "
+                f"scored, each with at least one token of context in its window.")
+            continue
+        rows = next(row["metrics"][task] for row in report["steps"] if task in row["metrics"])
+        shots = f"{p['num_fewshot']}-shot (examples from `{p['fewshot_from']}`)" if p["num_fewshot"] else "zero-shot"
+        adapted = report["task_adapted_from"].get(task)
+        mode = (f"task-adapted from step {adapted} onward, the steps before it score the model as given"
+                if adapted else "the model as given (not trained on this task)")
+        limit = f", only the first {p['limit']} rows" if p["limit"] else ""
+        lines.append(
+            f"- **{task}** (lm-eval, {shots}): `{p['dataset']}` from {p['source']}, {rows['n']} rows{limit}; prompt "
+            f"`{p['prompt']!r}`, answers {', '.join(map(repr, p['choices']))} for labels {', '.join(p['labels'])}; "
+            f"prediction = {p['scoring']}. Majority class: {100 * rows['majority_baseline']:.1f} %. Scoring mode: "
+            f"{mode}.")
+    return lines
+
+
+def plot_tradeoff(report: dict, path: Path) -> bool:
+    """Size on disk against every metric, one labelled point per step; False when there is nothing to plot."""
+    tasks = _tasks(report)
+    if not tasks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        rows = [row for row in report["steps"] if task in row["metrics"]]
+        sizes = [row["size_bytes"] / MIB for row in rows]
+        results = [row["metrics"][task] for row in rows]
+        if task == "wikitext2":
+            values = [r["perplexity"] for r in results]
+            axis.plot(sizes, values, "o-", color="tab:red")
+            axis.set_ylabel("perplexity (lower is better)")
+        else:
+            values = [100 * r["accuracy"] for r in results]
+            axis.errorbar(sizes, values, yerr=[100 * r["stderr"] for r in results], fmt="o-", capsize=3)
+            axis.axhline(100 * results[0]["majority_baseline"], ls="--", color="grey", lw=1, label="majority class")
+            axis.set_ylabel("accuracy % (± standard error)")
+            axis.legend(loc="best", fontsize=8)
+        for i, (row, x, y) in enumerate(zip(rows, sizes, values)):  # alternate sides: steps of equal size overlap
+            axis.annotate(row["step"], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11),
+                          fontsize=8)
+        axis.set_title(TASK_TITLES.get(task, task))
+        axis.set_xlabel("size on disk (MiB)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{report['recipe']}: size against quality, one point per step", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_report(out: Path, recipe: Recipe, records: list[dict]) -> dict:
     report = build_report(recipe, records)
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
+    plotted = plot_tradeoff(report, out / "tradeoff.png")
+    (out / "report.md").write_text(render_markdown(report, "tradeoff.png" if plotted else None))
     return report

@@ -117,6 +117,17 @@ def pad_right(examples: list[dict]) -> dict:
     return {"input_ids": input_ids, "labels": labels}
 
 
+def _length_grouping(examples: list[dict]) -> dict:
+    """Batch examples of similar length together when lengths differ (prompted task rows): with random batches padded
+    to their longest row, 30 LoRA steps of SmolLM2 on politeness + RTE rows took 171 s on 2 CPU cores, grouped 103 s.
+    The argument's name changed within transformers 5."""
+    if len({len(example["input_ids"]) for example in examples}) == 1:
+        return {}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | list[dict], seed: int = 0,
           show_progress: bool = True, trainer_class: type[Trainer] = LabelledPositionsTrainer, callbacks=(),
           **trainer_kwargs) -> None:
@@ -129,7 +140,6 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
     if len(data) < budget.batch_size:
         raise CompressError(f"training data has {len(data)} examples, fewer than one batch of {budget.batch_size}; "
                             f"lower batch_size (or seq_len, for text windows) or use more data")
-    examples = data
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
         args = TrainingArguments(
@@ -137,6 +147,6 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             learning_rate=budget.lr, warmup_steps=budget.warmup_ratio,  # a float < 1 is a ratio of the steps
             lr_scheduler_type="cosine", logging_steps=max(1, budget.steps // 10), save_strategy="no",
             report_to="none", seed=seed, use_cpu=on_cpu, disable_tqdm=not show_progress, dataloader_num_workers=0,
-            remove_unused_columns=False)
-        trainer_class(model=model, args=args, train_dataset=examples, data_collator=pad_right,
+            remove_unused_columns=False, **_length_grouping(data))
+        trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
                       callbacks=list(callbacks), **trainer_kwargs).train()
