@@ -180,35 +180,40 @@ def score_choice_tasks(model, tokenizer, tasks, config: ChoiceEval = ChoiceEval(
                        show_progress: bool = True, seed: int = 0) -> dict:
     """Score `tasks` (names in eval/tasks) on the in-memory model; returns {task: result} with accuracy, its standard
     error, the majority-class baseline, per-label P/R/F1 and the per-sample correctness string ('1' = right)."""
-    from lm_eval import simple_evaluate
-
     for name in tasks:
         task_definition(name)  # unknown names fail before any work
-    scorer = _scorer_class()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
-    scorer.show_progress = show_progress
-    results = {}
-    for name in tasks:
-        start = time.perf_counter()
-        with _lm_eval_session():
-            output = simple_evaluate(scorer, tasks=[_lm_eval_config(name, data_dir)], task_manager=_task_manager(),
-                                     num_fewshot=config.num_fewshot,
-                                     limit=config.limit, log_samples=True, bootstrap_iters=0, random_seed=seed,
-                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
-        golds = [int(s["target"]) for s in samples]
-        predictions = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
-        correct = [g == p for g, p in zip(golds, predictions)]
-        labels = task_definition(name)["compress"]["labels"]
-        majority = max(golds.count(i) for i in range(len(labels))) / len(golds)
-        results[name] = {
-            **accuracy(correct),
-            "majority_baseline": majority,
-            "per_label": _per_label(golds, predictions, labels),
-            "correct": "".join("1" if c else "0" for c in correct),
-            "protocol": _protocol(name, config, data_dir),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-    return results
+    pad_token = tokenizer.pad_token  # HFLM gives a tokenizer without one its unk or eos token: undone afterwards
+    try:
+        with _lm_eval_session():  # HFLM warns that an in-memory model bypasses its loading options: that is the point
+            scorer = _scorer_class()(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        scorer.show_progress = show_progress
+        return {name: _score(scorer, name, config, data_dir, seed) for name in tasks}
+    finally:
+        tokenizer.pad_token = pad_token
+
+
+def _score(scorer, name: str, config: ChoiceEval, data_dir, seed: int) -> dict:
+    from lm_eval import simple_evaluate
+
+    start = time.perf_counter()
+    with _lm_eval_session():
+        output = simple_evaluate(scorer, tasks=[_lm_eval_config(name, data_dir)], task_manager=_task_manager(),
+                                 num_fewshot=config.num_fewshot, limit=config.limit, log_samples=True,
+                                 bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                 fewshot_random_seed=seed)
+    samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
+    golds = [int(s["target"]) for s in samples]
+    predictions = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
+    correct = [g == p for g, p in zip(golds, predictions)]
+    labels = task_definition(name)["compress"]["labels"]
+    return {
+        **accuracy(correct),
+        "majority_baseline": max(golds.count(i) for i in range(len(labels))) / len(golds),
+        "per_label": _per_label(golds, predictions, labels),
+        "correct": "".join("1" if c else "0" for c in correct),
+        "protocol": _protocol(name, config, data_dir),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def _protocol(name: str, config: ChoiceEval, data_dir) -> dict:

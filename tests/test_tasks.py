@@ -88,6 +88,7 @@ def test_rte_few_shot_and_a_tokenizer_without_pad_token(tiny_model_dir):
     assert rte["n"] == 6 and len(rte["correct"]) == 6
     assert rte["protocol"]["fewshot_from"] == "rte-train" and rte["protocol"]["num_fewshot"] == 2
     assert sum(v["support"] for v in rte["per_label"].values()) == 6
+    assert tokenizer.pad_token is None  # lm-eval's padding token was set for the eval only
 
 
 def test_unknown_task_lists_the_known_ones(tiny):
@@ -212,6 +213,13 @@ def test_recipe_with_task_adaptation_reports_every_task(tiny_recipe, tmp_path):
     assert "Majority class" in markdown and "politeness-test" in markdown
     step = json.loads((out / "01-finetune" / "step.json").read_text())
     assert len(step["metrics"]["politeness"]["correct"]) == 8
+    # `compress eval` on the saved step folder reproduces the step's own per-row results
+    saved = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(out / "02-quantize"), "--tasks", "politeness", "--limit", "8",
+                                      "--json", str(saved)])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "02-quantize" / "step.json").read_text())
+    assert json.loads(saved.read_text())["politeness"]["correct"] == step["metrics"]["politeness"]["correct"]
 
 
 def test_compress_eval_command(tiny_model_dir, tmp_path):
