@@ -11,8 +11,9 @@ from compress.pipeline import run  # noqa: E402
 from compress.prune import TaylorPrune, prune  # noqa: E402
 from compress.quantize import FP8, GPTQ, QAT, RTN, QATCallback, quantize  # noqa: E402
 from compress.recipe import Recipe, load_recipe  # noqa: E402
+from compress.tasks import ChoiceEval  # noqa: E402
 
-__all__ = ["FP8", "GPTQ", "QAT", "RTN", "Distill", "DistillationTrainer", "LoRARecovery", "Perplexity", "QATCallback",
+__all__ = ["FP8", "GPTQ", "QAT", "RTN", "ChoiceEval", "Distill", "DistillationTrainer", "LoRARecovery", "Perplexity", "QATCallback",
            "Recipe", "TaylorPrune", "distill", "evaluate", "finetune", "load", "load_model", "load_recipe",
            "perplexity", "prune", "quantize", "run", "save_model"]
 
