@@ -30,6 +30,8 @@ def stable(report: dict) -> dict:
     for row in report["steps"]:
         for key in VOLATILE:
             row.pop(key, None)
+        for result in row.get("metrics", {}).values():
+            result.pop("seconds", None)
     report.pop("machine")
     return report
 
@@ -57,7 +59,7 @@ def test_run_writes_complete_step_folders_and_report(tiny_recipe, tiny_model_dir
     before = {p.name: sha256_file(p) for p in tiny_model_dir.iterdir()}
     report = quiet_run(tiny_recipe())
     out = tiny_recipe().parent / "runs" / "tiny"
-    assert sorted(p.name for p in out.iterdir()) == ["00-base", "01-quantize", "recipe.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["00-base", "01-quantize", "recipe.yaml", "report.json", "report.md", "tradeoff.png"]
     for folder in ("00-base", "01-quantize"):
         files = {p.name for p in (out / folder).iterdir()}
         assert {"model.safetensors", "config.json", "tokenizer.json", "step.json"} <= files
