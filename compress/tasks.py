@@ -11,6 +11,7 @@ so training and scoring see exactly the same text and the same tokenization."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import contextmanager
@@ -90,7 +91,7 @@ def _lm_eval_config(name: str, data_dir: str | None) -> dict:
     """The lm-eval task config: the YAML without compress's section, with a dataset builder that reads our rows."""
     import datasets
 
-    definition = dict(task_definition(name))
+    definition = copy.deepcopy(task_definition(name))  # lm-eval may fill in the config; the cached one stays as read
     splits = definition.pop("compress")["splits"]
 
     def build(**_):  # lm-eval passes the task metadata as keyword arguments
