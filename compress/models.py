@@ -1,4 +1,5 @@
-"""Model sources: a registry name, a hub id, a local HF folder (including our step folders), or a .gguf file.
+"""Model sources: a registry name, a hub id, a local HF folder (including our step folders), a .gguf file, or a
+named architecture with random weights (`{config: llama2-7b, init: random}`: a dry run at full size).
 
 Every source comes back as a plain transformers model that `save_pretrained` can write."""
 
@@ -9,8 +10,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compress.errors import CompressError
@@ -36,17 +39,86 @@ REGISTRY = {
     ),
 }
 
+@dataclass(frozen=True)
+class Architecture:
+    """A named model shape: its hub id and license, and the config fields that differ from LlamaConfig's defaults."""
+
+    hub_id: str
+    license: str
+    config: dict
+
+
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+ARCHITECTURES = {  # shapes only: `compress estimate` and random-weight dry runs need no download
+    "llama2-7b": Architecture("meta-llama/Llama-2-7b-hf", "llama2", dict(
+        _LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32)),
+    "llama2-13b": Architecture("meta-llama/Llama-2-13b-hf", "llama2", dict(
+        _LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40)),
+    "llama3.1-8b": Architecture("meta-llama/Llama-3.1-8B", "llama3.1", dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False)),
+    "smollm2-135m": Architecture("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True)),
+}
+
+
+def architecture_config(name: str):
+    """The transformers config of a named architecture (or of a folder's config.json)."""
+    if name in ARCHITECTURES:
+        fields = dict(ARCHITECTURES[name].config)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoConfig.from_pretrained(name)
+
+
+class RandomInit(BaseModel):
+    """Recipe: `model: {config: llama2-7b, init: random}`: a named architecture (or a folder's config.json) with
+    random weights, to time a recipe and check that it fits a GPU before fetching real weights. The tokenizer comes
+    from `tokenizer` and the vocabulary is sized to it, so every token id has an embedding row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: str = Field(description=f"a named architecture ({', '.join(ARCHITECTURES)}) or a folder with config.json")
+    init: Literal["random"]
+    tokenizer: str = Field("smollm2-135m", description="the model source whose tokenizer is used")
+    seed: int = Field(0, description="the weights are drawn from this seed: `teacher: base` gets the same ones")
+
+    @field_validator("config")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value in ARCHITECTURES or (Path(value).expanduser() / "config.json").is_file():
+            return value
+        raise ValueError(f"unknown architecture '{value}'; allowed: {', '.join(ARCHITECTURES)}, or a folder with "
+                         f"a config.json")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_source(cls, value: str) -> str:
+        return check_source_name(value)
+
+    def describe(self) -> str:
+        return f"{self.config} architecture, random weights (seed {self.seed})"
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" | "dir" | "hub"
-    location: str  # folder or hub id
+    kind: str  # "gguf" | "dir" | "hub" | "random"
+    location: str  # folder, hub id, or architecture name
     gguf_file: str | None = None
+    random: RandomInit | None = None
 
     def describe(self) -> str:
+        if self.random:
+            return self.random.describe()
         return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
 
 
@@ -62,8 +134,10 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith(".gguf") or Path(source).exists()
 
 
-def resolve_source(source: str) -> ModelSource:
-    """Map a recipe's `model:` string to where the weights are, without loading them."""
+def resolve_source(source: str | RandomInit) -> ModelSource:
+    """Map a recipe's `model:` to where the weights are, without loading them."""
+    if isinstance(source, RandomInit):
+        return ModelSource("random", source.config, random=source)
     if source in REGISTRY:
         entry = REGISTRY[source]
         folder = _package_dir(entry.package) if entry.package else None
@@ -192,10 +266,30 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
     return model
 
 
-def load_model(source: str | ModelSource, dtype: str = "float32", device: str = "cpu"):
+def random_init_config(spec: RandomInit):
+    """(config, tokenizer) of a random-weights source: the architecture with the tokenizer's vocabulary."""
+    tokenizer = load_tokenizer(resolve_source(spec.tokenizer))
+    config = architecture_config(spec.config)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config, tokenizer
+
+
+def _random_model(spec: RandomInit, dtype: str, device: str):
+    config, tokenizer = random_init_config(spec)
+    torch.manual_seed(spec.seed)
+    with torch.device(device):  # drawn where it will run: 7B random weights in seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return model.eval(), tokenizer
+
+
+def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", device: str = "cpu"):
     """Load (model, tokenizer) from any source as plain, saveable transformers objects."""
-    if isinstance(source, str):
+    if not isinstance(source, ModelSource):
         source = resolve_source(source)
+    if source.random:
+        return _random_model(source.random, dtype, device)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
         if is_quantized_checkpoint(config) or LAYER_WIDTHS_KEY in config:

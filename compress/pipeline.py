@@ -165,7 +165,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     _prepare_output(out, recipe, overwrite)
     (out / "recipe.yaml").write_text(resolved_yaml(recipe))
 
-    steps = [("base", {"model": recipe.model, "dtype": recipe.dtype})]
+    steps = [("base", recipe.model_dump(mode="json", include={"model", "dtype"}))]
     steps += [(step.kind, step.config) for step in recipe.steps]
     eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
     eval_fingerprint = _fingerprint("", recipe.eval.model_dump(mode="json"))
@@ -217,7 +217,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             model, tokenizer = load_model(str(last_complete), recipe.dtype, device)
         with measure() as step_cost:
             if kind == "base":
-                console.print(f"{label}: loading {recipe.model}")
+                console.print(f"{label}: loading {recipe.model_description}")
                 model, tokenizer = load_model(recipe.model, recipe.dtype, device)
                 _preflight(model, tokenizer, recipe)
             else:

@@ -17,7 +17,7 @@ from compress.evaluate import TASKS, Perplexity
 from compress.tasks import ChoiceEval
 from compress.distill import Distill
 from compress.finetune import LoRARecovery
-from compress.models import DTYPES, STEP_FOLDER_NAME, check_source_name
+from compress.models import DTYPES, STEP_FOLDER_NAME, RandomInit, check_source_name, resolve_source
 from compress.prune import TaylorPrune
 from compress.quantize import QuantizeConfig
 
@@ -71,7 +71,8 @@ class EvalConfig(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
-    model: str
+    model: str | RandomInit = Field(description="registry name, hub id, folder, .gguf file, or "
+                                                "{config: llama2-7b, init: random}")
     dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto = cuda when available")
     seed: int = 0
@@ -82,8 +83,8 @@ class Recipe(Strict):
 
     @field_validator("model")
     @classmethod
-    def _model_source(cls, value: str) -> str:
-        return check_source_name(value)  # resolvable without loading anything
+    def _model_source(cls, value: str | RandomInit) -> str | RandomInit:
+        return check_source_name(value) if isinstance(value, str) else value  # resolvable without loading anything
 
     @model_validator(mode="after")
     def _teachers_come_first(self):
@@ -103,6 +104,10 @@ class Recipe(Strict):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def model_description(self) -> str:
+        return resolve_source(self.model).describe()
 
     @property
     def resolved_output_dir(self) -> Path:
@@ -168,6 +173,13 @@ def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
             if isinstance(arg, type) and issubclass(arg, BaseModel) and "method" in arg.model_fields}
 
 
+def _union_branches(annotation: Any) -> dict[str, Any]:
+    """Branch name → type for a plain union (e.g. model: str | RandomInit), as pydantic names them in locations."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return {}
+    return {arg.__name__: arg for arg in typing.get_args(annotation) if isinstance(arg, type)}
+
+
 def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
     """Follow `loc` through the schema: returns the location without the union tags pydantic inserts (so it
     reads like the YAML) and the model class it points into (to list allowed fields), or None."""
@@ -175,7 +187,7 @@ def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
     clean: list = []
     for part in loc:
         current = _unwrap(current)
-        members = _tagged_members(current)
+        members = _tagged_members(current) or _union_branches(current)
         if part in members:
             current = members[part]
             continue
@@ -241,9 +253,14 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe.model_validate(document)
     except ValidationError as error:
         lines = _lines(node)
+        located = [_message(item) for item in error.errors()]
         messages = []
-        for item in error.errors():
-            loc, message = _message(item)
+        for loc, message in located:
+            # a union field (model: str | {config, init}) fails each branch; the type error of the branch the
+            # input was not meant for is noise when the other branch says what is wrong
+            if message.startswith("Input should be a valid") and any(
+                    other[: len(loc)] == loc and other != loc for other, _ in located):
+                continue
             messages.append(f"{path}:{_line_of(loc, lines)}: {_field_path(loc)}: {message}")
         raise RecipeError(messages)
 

@@ -77,7 +77,7 @@ def build_report(recipe: Recipe, records: list[dict]) -> dict:
                  for task, result in record.get("metrics", {}).items()}
     return {
         "recipe": recipe.name,
-        "model": recipe.model,
+        "model": recipe.model_description,
         "steps": [_row(record, changes) for record in records],
         "protocol": protocols,
         "task_adapted_from": _adaptation(records),

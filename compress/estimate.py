@@ -1,0 +1,190 @@
+"""`estimate(source)`: will this model fit? Disk and memory per precision and per pruning ratio, for inference
+(weights + KV cache + the prefill's working set) and for the training steps (LoRA recovery, distillation: weights,
+gradients, optimizer states, saved activations, logits), from the config alone: the model is built on the meta
+device, so a 70B estimate costs no memory and downloads nothing but config.json.
+
+The activation terms count what a Llama-family decoder layer keeps (for backward) or holds at its peak (inference),
+per token, in units of the hidden size h and the MLP width i; eval/bench_estimate.py checks the totals against
+measured peaks (torch's allocator on CUDA, the process's resident memory on the CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compress.errors import CompressError
+from compress.models import ARCHITECTURES, RandomInit, architecture_config, random_init_config, resolve_source
+from compress.prune import TaylorPrune
+from compress.prune.structure import (
+    build_layers_at_recorded_widths,
+    layer_widths,
+    planned_widths,
+    shrink_attention,
+    shrink_mlp,
+)
+from compress.quantize.grid import quantizable_linears
+from compress.quantize.layerwise import decoder_layers
+
+# bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word)
+PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10}
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class EstimateConfig(BaseModel):
+    """`compress estimate SOURCE --context 4096 --batch 1`: what is estimated, at which sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context: int = Field(2048, ge=1, description="tokens per sequence at inference (prompt + generated)")
+    batch: int = Field(1, ge=1, description="sequences decoded together")
+    dtype: str = Field("bfloat16", description="precision of what is not quantized, and of training")
+    group_size: int = Field(128, ge=1, description="int formats: weights per scale")
+    ratios: tuple[float, ...] = Field((0.25, 0.5), description="pruning ratios to estimate (all decoder layers)")
+    train_batch: int = Field(8, ge=1)
+    train_seq_len: int = Field(256, ge=8)
+    lora_r: int = Field(8, ge=1)
+
+
+@dataclass
+class Shapes:
+    """What the estimate needs from a model: parameter counts by role and the widths that size activations."""
+
+    params: int  # stored tensors (a tied head counted once)
+    quantizable: int  # decoder Linear weights: what quantization shrinks
+    lora_params_per_rank: int  # sum of (in + out) over the Linears LoRA (all-linear) adapts
+    layers: int
+    hidden: int
+    intermediate: int  # summed over layers / layers (pruned layers are narrower)
+    kv_width: int  # KV heads x head_dim, summed over layers / layers
+    vocab: int
+
+
+def source_config(source: str | RandomInit):
+    """The transformers config of a model source, reading no weights (a hub id: its config.json only)."""
+    if isinstance(source, RandomInit):
+        return random_init_config(source)[0]
+    for entry in ARCHITECTURES.values():  # known shapes need no download
+        if source == entry.hub_id:
+            return architecture_config(next(k for k, v in ARCHITECTURES.items() if v is entry))
+    if source in ARCHITECTURES:
+        return architecture_config(source)
+    located = resolve_source(source)
+    kwargs = {"gguf_file": located.gguf_file} if located.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(located.location, **kwargs)
+    except OSError as error:
+        raise CompressError(f"could not read the config of {located.describe()}: {str(error).splitlines()[0]}; "
+                            f"known shapes work offline: {', '.join(ARCHITECTURES)}")
+
+
+def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
+    """Build the model a transformers config describes on the meta device (no memory), prune its shapes as
+    `prune` would, and count."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        build_layers_at_recorded_widths(model)  # a pruned model's per-layer widths (no-op for stock configs)
+    layers = decoder_layers(model)
+    if prune is not None:
+        start, end = prune.layers or (0, len(layers))
+        for index in range(start, end):
+            layer = layers[index]
+            widths = planned_widths(layer_widths(layer), prune.ratio, prune.heads, prune.targets, prune.multiple,
+                                    layer.self_attn.head_dim, f"decoder layer {index}")
+            shrink_attention(layer.self_attn, torch.arange(widths.num_attention_heads),
+                             torch.arange(widths.num_key_value_heads))
+            shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
+    linears = [module for _, module in quantizable_linears(model)]
+    count = len(layers)
+    return Shapes(
+        params=sum(p.numel() for p in model.parameters()),
+        quantizable=sum(m.weight.numel() for m in linears),
+        lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
+        layers=count, hidden=config.hidden_size,
+        intermediate=sum(layer.mlp.down_proj.in_features for layer in layers) // count,
+        kv_width=sum(layer.self_attn.k_proj.out_features for layer in layers) // count,
+        vocab=model.get_output_embeddings().out_features,
+    )
+
+
+def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int) -> int:
+    """Size of the saved weights: quantized Linears at their packed width plus one scale per group (per output row
+    for fp8 / int8, as our formats save them); everything else (embeddings, norms) at `dtype_bytes`."""
+    if precision in ("fp32", "bf16"):
+        return shape.params * int(PRECISIONS[precision] // 8)
+    scales = shape.quantizable // group_size if precision.startswith("int") and precision != "int8" else 0
+    rest = shape.params - shape.quantizable
+    return int(shape.quantizable * PRECISIONS[precision] / 8) + scales * dtype_bytes + rest * dtype_bytes
+
+
+def inference_bytes(shape: Shapes, precision: str, config: EstimateConfig) -> dict[str, int]:
+    """Weights as stored, the KV cache for context x batch tokens (16-bit, fp32 for an fp32 model), and the
+    prefill's peak working set: per token the residual stream, the normed input and the MLP's gate, up and product
+    (2h + 3i), plus the last position's logits in fp32."""
+    dtype_bytes = FLOAT_BYTES[config.dtype]
+    act_bytes = 4 if precision == "fp32" else dtype_bytes
+    tokens = config.context * config.batch
+    weights = disk_bytes(shape, precision, dtype_bytes, config.group_size)
+    kv_cache = 2 * shape.layers * shape.kv_width * tokens * act_bytes
+    working = tokens * (2 * shape.hidden + 3 * shape.intermediate) * act_bytes + config.batch * shape.vocab * 4
+    return {"weights": weights, "kv_cache": kv_cache, "activations": working,
+            "total": weights + kv_cache + working}
+
+
+def _saved_per_token(shape: Shapes, lora_r: int | None) -> float:
+    """Elements autograd keeps per token per decoder layer (no gradient checkpointing), counted with
+    torch.autograd.graph.saved_tensors_hooks on a SmolLM2-shaped Llama layer (fp32, sdpa attention) and written in
+    the layer's widths: the norms, projection inputs, rotary q/k, attention inputs and output, the MLP's gate,
+    activation, up and product. LoRA (all-linear, with dropout) adds each adapted Linear's dropped-out input and
+    mask and the rank-r intermediates."""
+    if lora_r is None:
+        return 9.38 * shape.hidden + 2.56 * shape.kv_width + 4.56 * shape.intermediate
+    return 17.2 * shape.hidden + 2.55 * shape.kv_width + 5.57 * shape.intermediate + 9.4 * lora_r
+
+
+def training_bytes(shape: Shapes, config: EstimateConfig) -> dict[str, dict[str, int]]:
+    """Peak memory of one training step of LoRA recovery (frozen weights, fp32 adapters with AdamW) and of
+    full-student distillation (AdamW states in the weights' precision, a frozen teacher of the same size):
+    weights + gradients + optimizer states + saved activations + the step's logits (the head's output, its fp32
+    copy, log-softmax and their gradients; distillation adds the teacher's)."""
+    dtype_bytes = FLOAT_BYTES[config.dtype]
+    tokens = config.train_batch * config.train_seq_len
+    fp32_copy = 4 if dtype_bytes < 4 else 0  # the losses upcast the logits; a no-op when they are fp32 already
+    logits = tokens * shape.vocab * (dtype_bytes + fp32_copy + 4 + 4)  # + log-softmax + gradient
+
+    lora_params = config.lora_r * shape.lora_params_per_rank
+    lora = {"weights": shape.params * dtype_bytes + lora_params * 4, "gradients": lora_params * 4,
+            "optimizer": lora_params * 8,
+            "activations": tokens * shape.layers * _saved_per_token(shape, config.lora_r) * dtype_bytes + logits}
+    student = shape.params * dtype_bytes
+    distill = {"weights": 2 * student, "gradients": student, "optimizer": 2 * student,
+               "activations": tokens * shape.layers * _saved_per_token(shape, None) * dtype_bytes
+               + logits + tokens * shape.vocab * (dtype_bytes + fp32_copy + 4)}  # the teacher's
+    for part in (lora, distill):
+        part["total"] = sum(part.values())
+    return {"lora": lora, "distill": distill}
+
+
+def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
+    """Every figure `compress estimate` prints, as a dict of bytes. `source`: a model source (str or RandomInit)
+    or a transformers config."""
+    if config.dtype not in FLOAT_BYTES:
+        raise CompressError(f"dtype {config.dtype!r} is not one of {', '.join(FLOAT_BYTES)}")
+    model_config = source if hasattr(source, "to_dict") else source_config(source)
+    base = shapes(model_config)
+    dtype_bytes = FLOAT_BYTES[config.dtype]
+    result = {"source": getattr(source, "_name_or_path", None) or str(source), "config": config.model_dump(mode="json"), "params": base.params,
+              "quantizable_params": base.quantizable, "precisions": {}, "pruned": {}, "training": {}}
+    for precision in PRECISIONS:
+        result["precisions"][precision] = {"disk": disk_bytes(base, precision, dtype_bytes, config.group_size),
+                                           "inference": inference_bytes(base, precision, config)}
+    for ratio in config.ratios:
+        pruned = shapes(model_config, TaylorPrune(ratio=ratio))
+        result["pruned"][str(ratio)] = {
+            "params": pruned.params,
+            "precisions": {p: {"disk": disk_bytes(pruned, p, dtype_bytes, config.group_size),
+                               "inference": inference_bytes(pruned, p, config)["total"]} for p in PRECISIONS}}
+    result["training"] = training_bytes(base, config)
+    return result
