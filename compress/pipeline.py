@@ -111,7 +111,7 @@ def _save_format(config) -> str:
 def _preflight(model, tokenizer, recipe: Recipe) -> None:
     """Check what can be checked before any long work starts: calibration and training data are long enough, the
     first prune step fits the model, and group sizes divide the widths each quantize step will see (the base
-    model's until a prune step; after it, the prune step's width multiple)."""
+    model's, and after a prune step also the prune step's width multiple)."""
     for step in recipe.steps:
         _calibration(step.config, tokenizer, recipe)
         if hasattr(step.config, "steps"):  # a training step: at least one window of data
@@ -123,9 +123,8 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
                 check_prunable(model, step.config)
             pruned_to = step.config
         elif step.kind == "quantize" and getattr(step.config, "group_size", -1) != -1:
-            if pruned_to is None:
-                check_group_size(model, step.config.group_size)
-            elif pruned_to.multiple % step.config.group_size:
+            check_group_size(model, step.config.group_size)  # the hidden size and unpruned layers keep these widths
+            if pruned_to is not None and pruned_to.multiple % step.config.group_size:
                 raise CompressError(f"the prune step rounds widths to multiples of {pruned_to.multiple}, which "
                                     f"quantize group_size {step.config.group_size} does not divide; set prune "
                                     f"multiple: {step.config.group_size} (or a multiple of it)")

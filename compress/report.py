@@ -155,14 +155,17 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
                       f"p < {SIGNIFICANT}, a change larger than chance).", ""]
         if plot:
             lines += [f"![size against every metric, one point per step]({plot})", ""]
+    gpu = any("peak_cuda_bytes" in row for row in report["steps"])
     lines += ["## Cost", "",
-              "| step | what | params | size on disk | vs base | step time | eval time | peak RSS |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| step | what | params | size on disk | vs base | step time | eval time | peak RSS |"
+              + (" peak GPU memory (step) |" if gpu else ""),
+              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for row in report["steps"]:
         lines.append(
             f"| {row['step']} | {_describe(row)} | {row['params'] / 1e6:,.1f} M | {row['size_bytes'] / MIB:,.1f} MiB "
             f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s "
-            f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |")
+            f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |"
+            + (f" {row.get('peak_cuda_bytes', 0) / 2**30:,.1f} GiB |" if gpu else ""))
     if politeness:
         lines += ["", "## Politeness per label", "",
                   "| step | polite P | polite R | polite F1 | impolite P | impolite R | impolite F1 |",
