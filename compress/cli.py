@@ -93,5 +93,42 @@ def eval_(
         write_json(json_out, results)
 
 
+@app.command()
+def estimate(
+    source: str = typer.Argument(..., help="hub id, registry name, folder, .gguf file, or a named architecture "
+                                           "(llama2-7b, llama2-13b, llama3.1-8b, smollm2-135m)"),
+    context: int = typer.Option(2048, "--context", min=1, help="tokens per sequence at inference"),
+    batch: int = typer.Option(1, "--batch", min=1, help="sequences decoded together"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="precision of what is not quantized, and of training"),
+    group_size: int = typer.Option(128, "--group-size", min=1, help="int formats: weights per scale"),
+    ratios: str = typer.Option("0.25,0.5", "--ratios", help="comma-separated pruning ratios ('' for none)"),
+    train_batch: int = typer.Option(8, "--train-batch", min=1),
+    train_seq_len: int = typer.Option(256, "--train-seq-len", min=8),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    gpu_gib: Optional[float] = typer.Option(None, "--gpu-gib", help="mark what fits in this much memory"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every figure (bytes) to this file"),
+) -> None:
+    """Memory and disk per precision and pruning ratio, for inference and training, from the config alone."""
+    from pydantic import ValidationError
+    from rich.markdown import Markdown
+
+    from compress.checkpoint import write_json
+    from compress.estimate import EstimateConfig, estimate as estimate_source, render_estimate
+
+    try:
+        config = EstimateConfig(context=context, batch=batch, dtype=dtype, group_size=group_size,
+                                ratios=ratios,
+                                train_batch=train_batch, train_seq_len=train_seq_len, lora_r=lora_r)
+        result = estimate_source(source, config)
+    except ValidationError as error:
+        _fail(CompressError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e['input']!r})"
+                                      for e in error.errors())))
+    except CompressError as error:
+        _fail(error)
+    Console().print(Markdown(render_estimate(result, gpu_gib)))
+    if json_out:
+        write_json(json_out, result)
+
+
 if __name__ == "__main__":
     app()

@@ -10,9 +10,10 @@ measured peaks (torch's allocator on CUDA, the process's resident memory on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.errors import CompressError
@@ -42,10 +43,16 @@ class EstimateConfig(BaseModel):
     batch: int = Field(1, ge=1, description="sequences decoded together")
     dtype: str = Field("bfloat16", description="precision of what is not quantized, and of training")
     group_size: int = Field(128, ge=1, description="int formats: weights per scale")
-    ratios: tuple[float, ...] = Field((0.25, 0.5), description="pruning ratios to estimate (all decoder layers)")
+    ratios: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
+        (0.25, 0.5), description="pruning ratios to estimate (every decoder layer); also a comma-separated string")
     train_batch: int = Field(8, ge=1)
     train_seq_len: int = Field(256, ge=8)
     lora_r: int = Field(8, ge=1)
+
+    @field_validator("ratios", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return tuple(part for part in value.split(",") if part.strip()) if isinstance(value, str) else value
 
 
 @dataclass
@@ -188,3 +195,50 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
                                "inference": inference_bytes(pruned, p, config)["total"]} for p in PRECISIONS}}
     result["training"] = training_bytes(base, config)
     return result
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:,.2f} GiB"
+
+
+def render_estimate(result: dict, budget_gib: float | None = None) -> str:
+    """Markdown tables of an `estimate` result; with `budget_gib`, each memory total says whether it fits."""
+    config = result["config"]
+
+    def mark(value: int) -> str:
+        return "" if budget_gib is None else (" ✓" if value <= budget_gib * 2**30 else " ✗")
+
+    def total(value: int) -> str:
+        return _gib(value) + mark(value)
+
+    lines = [f"# Estimate: {result['source']}", "",
+             f"{result['params'] / 1e6:,.0f} M parameters, {result['quantizable_params'] / 1e6:,.0f} M of them in the "
+             f"decoder's Linear layers (what quantization shrinks); what is not quantized stays {config['dtype']}; int "
+             f"formats have one scale per {config['group_size']} weights."
+             + (f" ✓ / ✗: fits in {budget_gib:g} GiB or not." if budget_gib else ""), "",
+             f"## Inference: {config['context']:,} tokens x batch {config['batch']}", "",
+             "| precision | disk | weights | KV cache | working set | total |", "|---|---:|---:|---:|---:|---:|"]
+    for precision, row in result["precisions"].items():
+        memory = row["inference"]
+        lines.append(f"| {precision} | {_gib(row['disk'])} | {_gib(memory['weights'])} | {_gib(memory['kv_cache'])} "
+                     f"| {_gib(memory['activations'])} | {total(memory['total'])} |")
+    if result["pruned"]:
+        lines += ["", "## After structured pruning of every decoder layer (GiB: inference total / disk)", "",
+                  "| ratio | params | " + " | ".join(result["precisions"]) + " |",
+                  "|---|---:|" + "---:|" * len(result["precisions"])]
+        for ratio, row in result["pruned"].items():
+            cells = [f"{v['inference'] / 2**30:.1f}{mark(v['inference'])} / {v['disk'] / 2**30:.1f}"
+                     for v in row["precisions"].values()]
+            lines.append(f"| {float(ratio):.0%} | {row['params'] / 1e6:,.0f} M | " + " | ".join(cells) + " |")
+    lines += ["", f"## Training: one step of {config['train_batch']} x {config['train_seq_len']} tokens, "
+                  f"{config['dtype']}, no gradient checkpointing", "",
+              "| step | weights | gradients | optimizer | activations + logits | total |",
+              "|---|---:|---:|---:|---:|---:|"]
+    names = {"lora": f"LoRA recovery (r {config['lora_r']}, all linear layers)",
+             "distill": "distillation (full student + frozen teacher)"}
+    for kind, row in result["training"].items():
+        lines.append(f"| {names[kind]} | {_gib(row['weights'])} | {_gib(row['gradients'])} | "
+                     f"{_gib(row['optimizer'])} | {_gib(row['activations'])} | {total(row['total'])} |")
+    lines += ["", "Checked against measured peaks within 15 % (eval/bench_estimate.py); the CUDA context (~0.5 GiB) "
+                  "and allocator slack come on top."]
+    return "\n".join(lines)
