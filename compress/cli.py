@@ -45,12 +45,21 @@ def run(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: the recipe's output_dir"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard earlier step folders and start over"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="ORG/NAME",
+                                              help="then upload a step folder with a model card (recipe: hub:)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="with --push-to-hub: write the card and the files to "
+                                                          "RUN/hub-upload, send nothing"),
 ) -> None:
     """Run a recipe; a rerun skips the steps that are complete and unchanged."""
+    from pydantic import ValidationError
+
     from compress.pipeline import run as run_recipe
 
     try:
-        run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console)
+        run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console, push_to_hub=push_to_hub,
+                   dry_run=dry_run)
+    except ValidationError as error:  # --push-to-hub's repo id
+        _fail(CompressError(f"--push-to-hub: {error.errors()[0]['msg']} (got {push_to_hub!r}); use ORG/NAME"))
     except CompressError as error:
         _fail(error)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from compress.errors import CompressError
 from compress.distill import check_same_tokenizer, distill
 from compress.evaluate import evaluate, headline
 from compress.finetune import finetune
+from compress.hub import STAGING, HubPush, push
 from compress.measure import measure
 from compress.models import STEP_FOLDER_NAME, load_model, resolve_source
 from compress.prune import check_prunable, prune
@@ -152,13 +153,29 @@ def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
                 shutil.rmtree(entry)
             elif entry.name in ("recipe.yaml", "report.json", "report.md", "tradeoff.png"):
                 entry.unlink()
+            elif entry.name == STAGING:
+                shutil.rmtree(entry)
+
+
+def _hub_settings(recipe: Recipe, push_to_hub: str | None, dry_run: bool) -> HubPush | None:
+    """The recipe's `hub:` section, with --push-to-hub's repo id in place of its own."""
+    if push_to_hub:
+        return HubPush(**{**(recipe.hub.model_dump() if recipe.hub else {}), "repo_id": push_to_hub})
+    if dry_run and recipe.hub is None:
+        raise CompressError("--dry-run prepares a Hub upload: give --push-to-hub ORG/NAME or a hub: section in the "
+                            "recipe")
+    return recipe.hub
 
 
 def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
-        console: Console | None = None, show_progress: bool = True) -> dict:
-    """Run (or resume) a recipe (a Recipe or a path to its YAML); returns the report also written to report.json."""
+        console: Console | None = None, show_progress: bool = True, push_to_hub: str | None = None,
+        dry_run: bool = False) -> dict:
+    """Run (or resume) a recipe (a Recipe or a path to its YAML); returns the report also written to report.json.
+    Then, with `push_to_hub` (a repo id) or the recipe's `hub:`, push a step folder with a model card; `dry_run`
+    writes the upload (card and files) to RUN/hub-upload without sending it."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    hub = _hub_settings(recipe, push_to_hub, dry_run)  # a bad repo id fails now, not after the run
     console = console or Console(stderr=True)
     out = Path(output_dir) if output_dir else recipe.resolved_output_dir
     _prepare_output(out, recipe, overwrite)
@@ -245,5 +262,14 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
 
     report = write_report(out, recipe, records)
     console.print(f"[bold green]done[/]: {out / 'report.md'}")
+    if hub:
+        with console.status(f"staging {hub.repo_id}" if dry_run else f"pushing to {hub.repo_id}"):
+            pushed = push(out, hub, dry_run=dry_run)
+        if dry_run:
+            console.print(f"dry run: {len(pushed['files'])} files for {hub.repo_id} (step {pushed['step']}) staged in "
+                          f"{pushed['staging']}, the model card is its README.md; nothing was sent")
+        else:
+            console.print(f"[bold green]pushed[/] step {pushed['step']} to {hub.repo_id}: {pushed['commit_url']}")
+        report["hub"] = pushed
     return report
 

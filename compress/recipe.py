@@ -17,6 +17,7 @@ from compress.evaluate import TASKS, Perplexity
 from compress.tasks import ChoiceEval
 from compress.distill import Distill
 from compress.finetune import LoRARecovery
+from compress.hub import HubPush
 from compress.models import DTYPES, STEP_FOLDER_NAME, RandomInit, check_source_name, resolve_source
 from compress.prune import TaylorPrune
 from compress.quantize import QuantizeConfig
@@ -80,6 +81,7 @@ class Recipe(Strict):
     steps: list[Step] = Field(min_length=1)
     eval: EvalConfig = EvalConfig()
     output_dir: str | None = None
+    hub: HubPush | None = Field(None, description="push a step folder with a model card after the run")
 
     @field_validator("model")
     @classmethod
