@@ -184,18 +184,41 @@ def test_distill_and_qat_recipe_on_smollm2(smollm2, tmp_path):
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["num_bits"] == 3
 
 
-@pytest.mark.parametrize("example", ["qat_in_my_trainer.py", "distill_in_my_pipeline.py"])
-def test_examples_run(example, tmp_path):
+def _run_example(example: str, *args: str, env: dict | None = None):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / example
-    done = subprocess.run([sys.executable, str(script), "--steps", "2", "--output-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "WikiText-2 perplexity" in done.stdout
+    return done.stdout
+
+
+@pytest.mark.parametrize("example", ["qat_in_my_trainer.py", "distill_in_my_pipeline.py", "prune_and_recover.py"])
+def test_examples_run(example, tmp_path):
+    stdout = _run_example(example, "--steps", "2", "--output-dir", str(tmp_path / "out"))
+    assert "WikiText-2 perplexity" in stdout
     assert (tmp_path / "out" / "config.json").is_file()
+    if example == "prune_and_recover.py":
+        params = [float(line.split(": ")[1].split(" M")[0]) for line in stdout.splitlines() if " M parameters" in line]
+        assert params[0] > params[1] == params[2]  # pruning removed parameters; merged LoRA added none
+
+
+def test_quantize_then_push_example_pushes_to_the_hub(tmp_path):
+    from hub_standin import StandInHub
+
+    with StandInHub() as hub:
+        stdout = _run_example("quantize_then_push.py", "--repo-id", "me/smollm2-gptq4", "--samples", "8",
+                              "--output-dir", str(tmp_path / "run"), env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_t"})
+    assert "pushed" in stdout and "01-quantize" in stdout
+    repo = hub.repos["me/smollm2-gptq4"]
+    files = {name for commit in repo["commits"] for name in commit["files"]}
+    assert repo["private"] and {"model.safetensors", "README.md", "config.json", "tokenizer.json"} <= files
+    card = next(c["files"]["README.md"] for c in repo["commits"] if "README.md" in c["files"]).decode()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
 
 
 def test_task_adaptation_on_smollm2(tmp_path):
