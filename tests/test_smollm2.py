@@ -45,6 +45,27 @@ def test_gguf_loads_as_a_plain_model_that_saves_and_reloads_identically(smollm2,
     assert tokenizer.decode(logits(model, ids)[0, -1].argmax()).strip() == "Berlin"
 
 
+def test_gguf_is_read_once_then_loaded_from_the_cache(smollm2, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    start = time.perf_counter()
+    first, first_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
+    cold = time.perf_counter() - start
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (folder / "model.safetensors").is_file()
+    start = time.perf_counter()
+    second, second_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
+    assert time.perf_counter() - start < cold / 3
+    model, tokenizer, ids = smollm2  # the fixture's model: read from a cache of its own or from the GGUF
+    assert first.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert torch.equal(second.model.layers[3].mlp.up_proj.weight,
+                       model.model.layers[3].mlp.up_proj.weight.to(torch.bfloat16))  # as the GGUF read in bf16
+    assert second_tokenizer.get_vocab() == first_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert second_tokenizer.chat_template == tokenizer.chat_template
+
+
 def test_rtn4_g64_reloads_in_stock_transformers_and_perplexity_rises(smollm2, tmp_path):
     model, tokenizer, ids = smollm2
     base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
