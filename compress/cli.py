@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from compress.errors import CompressError, RecipeError
 
@@ -15,9 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, highlight=False)
 
 
+def _error(line: str) -> None:
+    console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)  # escaped: [a-z] in a message is not markup
+
+
 def _fail(error: CompressError) -> None:
     for line in str(error).splitlines():
-        console.print(f"[red]error:[/] {line}", soft_wrap=True)
+        _error(line)
     raise typer.Exit(2)
 
 
@@ -33,7 +38,7 @@ def validate(recipes: list[Path] = typer.Argument(..., help="recipe YAML files")
         except RecipeError as error:
             failed = True
             for line in error.lines:
-                console.print(f"[red]error:[/] {line}", soft_wrap=True)
+                _error(line)
             continue
         console.print(f"[green]ok[/] {path}: {recipe.name}, {len(recipe.steps)} step(s)")
     if failed:
@@ -59,7 +64,7 @@ def run(
         run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console, push_to_hub=push_to_hub,
                    dry_run=dry_run)
     except ValidationError as error:  # --push-to-hub's repo id
-        _fail(CompressError(f"--push-to-hub: {error.errors()[0]['msg']} (got {push_to_hub!r}); use ORG/NAME"))
+        _fail(CompressError(f"--push-to-hub: {error.errors()[0]['msg'].removeprefix('Value error, ')}"))
     except CompressError as error:
         _fail(error)
     except KeyboardInterrupt:

@@ -73,11 +73,9 @@ def source_config(source: str | RandomInit):
     """The transformers config of a model source, reading no weights (a hub id: its config.json only)."""
     if isinstance(source, RandomInit):
         return random_init_config(source)[0]
-    for entry in ARCHITECTURES.values():  # known shapes need no download
-        if source == entry.hub_id:
-            return architecture_config(next(k for k, v in ARCHITECTURES.items() if v is entry))
-    if source in ARCHITECTURES:
-        return architecture_config(source)
+    name = {entry.hub_id: name for name, entry in ARCHITECTURES.items()}.get(source, source)
+    if name in ARCHITECTURES:  # known shapes need no download
+        return architecture_config(name)
     located = resolve_source(source)
     kwargs = {"gguf_file": located.gguf_file} if located.gguf_file else {}
     try:
@@ -117,8 +115,9 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
 
 
 def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int) -> int:
-    """Size of the saved weights: quantized Linears at their packed width plus one scale per group (per output row
-    for fp8 / int8, as our formats save them); everything else (embeddings, norms) at `dtype_bytes`."""
+    """Size of the saved weights: quantized Linears at their packed width plus one scale per group for int4 / int3
+    (fp8 and int8 have one scale per output row: negligible, left out); everything else (embeddings, norms) at
+    `dtype_bytes`."""
     if precision in ("fp32", "bf16"):
         return shape.params * int(PRECISIONS[precision] // 8)
     scales = shape.quantizable // group_size if precision.startswith("int") and precision != "int8" else 0

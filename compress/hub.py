@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.checkpoint import STEP_FILE, folder_files
 from compress.errors import CompressError
@@ -29,10 +29,23 @@ class HubPush(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    repo_id: str = Field(pattern=HUB_ID.pattern, description="the model repo to create or update, org/name")
+    repo_id: str = Field(description="the model repo to create or update, org/name")
     private: bool = Field(True, description="create the repo private (an existing repo keeps its visibility)")
-    step: str = Field("last", pattern=r"^(last|\d\d-[a-z]+)$", description="the step folder to upload, e.g. "
-                                                                         "03-quantize; last = the final step")
+    step: str = Field("last", description="the step folder to upload, e.g. 03-quantize; last = the final step")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not HUB_ID.match(value):
+            raise ValueError(f"'{value}' is not a repo id; use ORG/NAME, e.g. my-org/llama2-7b-4bit-prune25")
+        return value
+
+    @field_validator("step")
+    @classmethod
+    def _step(cls, value: str) -> str:
+        if value != "last" and not STEP_FOLDER_NAME.match(value):
+            raise ValueError(f"'{value}' is not a step folder; use one like 03-quantize, or last")
+        return value
 
 
 def base_model(model: str | dict) -> tuple[str | None, str | None]:
