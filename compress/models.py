@@ -41,6 +41,7 @@ REGISTRY = {
     ),
 }
 
+
 @dataclass(frozen=True)
 class Architecture:
     """A named model shape: its hub id and license, and the config fields that differ from LlamaConfig's defaults."""
@@ -296,9 +297,12 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
     """A GGUF file's dequantized model and tokenizer, saved once as a plain folder in $COMPRESS_CACHE (default
     ~/.cache/compress) and loaded from there afterwards: reading SmolLM2's GGUF takes 19 s on 2 CPU cores (14.5 s
     the weights, 4.3 s converting its tokenizer), the saved folder ~1 s. Keyed on the file's name, size and mtime; if
-    the cache cannot be written, the GGUF is read each time."""
+    the cache cannot be written, the GGUF is read each time. Only files under 1 GiB are cached: the folder holds
+    float32 weights (exact dequantized values), 4 bytes per parameter on disk."""
     gguf = Path(source.location) / source.gguf_file
     stat = gguf.stat()
+    if stat.st_size >= 2**30:
+        return source
     folder = _cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (folder / "config.json").is_file():
         model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
