@@ -1,19 +1,58 @@
-"""compress: prune, recover, quantize and evaluate causal LMs, one verb and one config class per technique."""
+"""compress: prune, recover, quantize and evaluate causal LMs, one verb and one config class per technique.
+
+The public API is imported lazily (PEP 562): `import compress` and the config classes load no torch, so
+`compress validate` answers at once; the first use of a verb imports what it needs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from compress.checkpoint import save_model  # noqa: E402
-from compress.distill import Distill, DistillationTrainer, distill  # noqa: E402
-from compress.evaluate import Perplexity, evaluate, perplexity  # noqa: E402
-from compress.finetune import LoRARecovery, finetune  # noqa: E402
-from compress.models import load, load_model  # noqa: E402
-from compress.pipeline import run  # noqa: E402
-from compress.prune import TaylorPrune, prune  # noqa: E402
-from compress.quantize import FP8, GPTQ, QAT, RTN, QATCallback, quantize  # noqa: E402
-from compress.recipe import Recipe, load_recipe  # noqa: E402
-from compress.tasks import ChoiceEval  # noqa: E402
+_EXPORTS = {  # name -> module that defines it
+    "FP8": "compress.config", "GPTQ": "compress.config", "QAT": "compress.config", "RTN": "compress.config",
+    "KD": "compress.config", "LoRA": "compress.config", "Distill": "compress.config",
+    "LoRARecovery": "compress.config", "TaylorPrune": "compress.config", "Perplexity": "compress.config",
+    "ChoiceEval": "compress.config",
+    "Recipe": "compress.recipe", "load_recipe": "compress.recipe",
+    "save_model": "compress.checkpoint",
+    "DistillationTrainer": "compress.distill", "distill": "compress.distill",
+    "evaluate": "compress.evaluate", "perplexity": "compress.evaluate",
+    "finetune": "compress.finetune",
+    "load": "compress.models", "load_model": "compress.models",
+    "run": "compress.pipeline",
+    "prune": "compress.prune",
+    "QATCallback": "compress.quantize", "quantize": "compress.quantize",
+}
 
-__all__ = ["FP8", "GPTQ", "QAT", "RTN", "ChoiceEval", "Distill", "DistillationTrainer", "LoRARecovery", "Perplexity", "QATCallback",
-           "Recipe", "TaylorPrune", "distill", "evaluate", "finetune", "load", "load_model", "load_recipe",
-           "perplexity", "prune", "quantize", "run", "save_model"]
+__all__ = sorted(_EXPORTS)
 
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+class _Package(types.ModuleType):
+    """Verbs named like their module (`compress.prune`, `quantize`, `finetune`, `distill`, `evaluate`): importing the
+    module sets the package attribute to the module object, so these are looked up each time and give the verb."""
+
+    def __getattribute__(self, name: str):
+        if name in _VERB_MODULES:
+            return getattr(importlib.import_module(f"compress.{name}"), name)
+        return super().__getattribute__(name)
+
+
+_VERB_MODULES = frozenset(name for name, module in _EXPORTS.items() if module == f"compress.{name}")
+
+
+sys.modules[__name__].__class__ = _Package

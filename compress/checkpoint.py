@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from compress.errors import CompressError
-from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict, is_quantized
+from compress.config.quantize import SAVE_FORMATS
+from compress.modules import is_quantized
+from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict
 
 STEP_FILE = "step.json"
 PARTIAL_SUFFIX = ".partial"
@@ -33,9 +35,6 @@ def folder_files(folder: Path) -> list[Path]:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder_files(folder))
-
-
-SAVE_FORMATS = ("compressed-tensors", "gptq")
 
 
 def save_model(model, tokenizer, folder: str | Path, format: str = "compressed-tensors") -> None:

@@ -6,79 +6,22 @@ first `shared/data` found beside the current directory or beside this checkout (
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from compress.config.data import (  # noqa: F401 -- re-exported: the names and the data-dir rule live in the config
+    DATA_DIR_ENV,
+    DATASETS,
+    CalibrationData,
+    DatasetName,
+    NamedDataset,
+    candidate_data_dirs,
+    data_dir,
+    is_known,
+)
 from compress.errors import CompressError
-
-DATA_DIR_ENV = "COMPRESS_DATA_DIR"
-
-
-@dataclass(frozen=True)
-class NamedDataset:
-    path: str  # relative to the data directory
-    kind: str  # "text" (one document) or "records" (jsonl rows)
-    hub: tuple[str, str | None, str]  # (hub dataset id, config, split)
-
-
-DATASETS = {
-    "wikitext2-test": NamedDataset("wikitext2/wiki.test.raw", "text", ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
-    "wikitext2-valid": NamedDataset("wikitext2/wiki.valid.tokens", "text", ("Salesforce/wikitext", "wikitext-2-v1", "validation")),
-    "rte-train": NamedDataset("rte/train.jsonl", "records", ("nyu-mll/glue", "rte", "train")),
-    "rte-validation": NamedDataset("rte/validation.jsonl", "records", ("nyu-mll/glue", "rte", "validation")),
-    "politeness-train": NamedDataset("politeness/train.jsonl", "records", ("", None, "train")),
-    "politeness-test": NamedDataset("politeness/test.jsonl", "records", ("", None, "test")),
-}
-
-
-def candidate_data_dirs() -> list[Path]:
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return [Path(env).expanduser()]
-    checkout = Path(__file__).resolve().parent.parent
-    seen: list[Path] = []
-    for base in (Path.cwd(), checkout):
-        for folder in (base / "shared" / "data", base.parent / "shared" / "data"):
-            if folder.resolve() not in seen:
-                seen.append(folder.resolve())
-    return seen
-
-
-def data_dir(explicit: str | Path | None = None) -> Path | None:
-    """The first existing data directory, or None (then named datasets come from the hub)."""
-    if explicit is not None:
-        return Path(explicit).expanduser()
-    return next((d for d in candidate_data_dirs() if d.is_dir()), None)
-
-
-def is_known(name: str) -> bool:
-    return name in DATASETS or Path(name).suffix in (".txt", ".raw", ".tokens", ".jsonl")
-
-
-def _known_dataset(value: str) -> str:
-    if not is_known(value):
-        raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt/.jsonl path")
-    return value
-
-
-# a recipe field naming a dataset: a known name or a data file path, checked at validation time
-DatasetName = Annotated[str, AfterValidator(_known_dataset)]
-
-
-class CalibrationData(BaseModel):
-    """Recipe: `calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 512}` (random windows, seeded)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: DatasetName = "wikitext2-valid"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=8)
 
 
 def _read_local(path: Path, kind: str):

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.errors import CompressError
-from compress.models import ARCHITECTURES, RandomInit, architecture_config, random_init_config, resolve_source
-from compress.prune import TaylorPrune
+from compress.config.prune import TaylorPrune
+from compress.config.sources import ARCHITECTURES, RandomInit
+from compress.models import architecture_config, random_init_config, resolve_source
 from compress.prune.structure import (
     build_layers_at_recorded_widths,
     layer_widths,
@@ -26,8 +27,7 @@ from compress.prune.structure import (
     shrink_attention,
     shrink_mlp,
 )
-from compress.quantize.grid import quantizable_linears
-from compress.quantize.layerwise import decoder_layers
+from compress.modules import decoder_layers, quantizable_linears
 
 # bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word)
 PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10}

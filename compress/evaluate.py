@@ -11,32 +11,12 @@ import math
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import Progress
 
+from compress.config.evals import TASKS, ChoiceEval, Perplexity
 from compress.data import token_stream
 from compress.errors import CompressError
-from compress.tasks import ChoiceEval, score_choice_tasks
-
-TASKS = ("wikitext2", "rte", "politeness")
-
-
-class Perplexity(BaseModel):
-    """Recipe: `eval: {wikitext2: {seq_len: 512, stride: 512, max_tokens: 16384}}`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: str = "wikitext2-test"
-    seq_len: int = Field(512, ge=2)
-    stride: int | None = Field(None, ge=1, description="defaults to seq_len (non-overlapping windows)")
-    max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens; None = the whole set")
-    batch_size: int = Field(4, ge=1)
-
-    @model_validator(mode="after")
-    def _stride_fits(self):
-        if self.stride is not None and self.stride > self.seq_len:
-            raise ValueError(f"stride {self.stride} is larger than seq_len {self.seq_len}; tokens would be skipped")
-        return self
+from compress.tasks import score_choice_tasks
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int):

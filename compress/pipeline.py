@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -19,22 +18,22 @@ from rich.console import Console
 
 from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
+from compress.config import HubPush, TaylorPrune, WeightOnlyConfig
+from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, step_folder_name
 from compress.data import calibration_batches
+from compress.distill import check_same_tokenizer
 from compress.errors import CompressError
-from compress.distill import check_same_tokenizer, distill
 from compress.evaluate import evaluate, headline
-from compress.finetune import finetune
-from compress.hub import STAGING, HubPush, push
+from compress.hub import STAGING, push
 from compress.measure import measure
-from compress.models import STEP_FOLDER_NAME, load_model, resolve_source
-from compress.prune import check_prunable, prune
-from compress.quantize import QAT, quantize
+from compress.models import load_model, resolve_source
+from compress.modules import is_quantized
+from compress.prune import check_prunable
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
+from compress.steps import spec_of, teacher_name
 from compress.training import training_examples
-
-STEP_FOLDER = re.compile(r"^\d\d-[a-z]+(\.partial)?$")
 
 
 def _fingerprint(previous: str, payload: dict) -> str:
@@ -46,16 +45,14 @@ def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
 
 
-def _calibration(config, tokenizer, recipe: Recipe) -> torch.Tensor | None:
-    """Token ids [samples, seq_len] for a step that calibrates (its own `calibration`, else the recipe's)."""
-    if not hasattr(config, "calibration"):
-        return None
-    return _calibration_ids(tokenizer, config.calibration or recipe.data.calibration, recipe.seed, recipe.data.dir)
-
-
 @lru_cache(maxsize=4)  # the preflight check and the step itself ask for the same windows: tokenize once
 def _calibration_ids(tokenizer, spec, seed: int, data_dir: str | None) -> torch.Tensor:
     return calibration_batches(tokenizer, spec.dataset, spec.samples, spec.seq_len, seed, data_dir)
+
+
+@lru_cache(maxsize=4)  # as _calibration_ids: the preflight check and the step build the same examples
+def _training_examples(tokenizer, datasets: tuple[str, ...], seq_len: int, data_dir: str | None) -> list[dict]:
+    return training_examples(tokenizer, datasets, seq_len, data_dir)
 
 
 def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
@@ -70,65 +67,54 @@ def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
     return name
 
 
-def _load_teacher(name: str, tokenizer, recipe: Recipe, out: Path, device: str):
-    teacher, teacher_tokenizer = load_model(_teacher_source(name, recipe, out), recipe.dtype, device)
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
-    return teacher
-
-
-def _training_data(config, tokenizer, recipe: Recipe) -> list[dict]:
-    return _training_examples(tokenizer, config.data, config.seq_len, recipe.data.dir)
-
-
-@lru_cache(maxsize=4)  # as _calibration_ids: the preflight check and the step build the same examples
-def _training_examples(tokenizer, datasets: tuple[str, ...], seq_len: int, data_dir: str | None) -> list[dict]:
-    return training_examples(tokenizer, datasets, seq_len, data_dir)
-
-
-def _apply(kind: str, config, model, tokenizer, recipe: Recipe, out: Path, device: str, show_progress: bool):
-    seed = recipe.seed
-    if kind == "quantize" and isinstance(config, QAT):
-        teacher = _load_teacher(config.distill_from, tokenizer, recipe, out, device) if config.distill_from else None
-        return quantize(model, config, _training_data(config, tokenizer, recipe), show_progress=show_progress,
-                        teacher=teacher, seed=seed)
-    if kind == "quantize":
-        return quantize(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
-    if kind == "prune":
-        return prune(model, config, _calibration(config, tokenizer, recipe), show_progress=show_progress)
-    if kind == "finetune":
-        return finetune(model, config, _training_data(config, tokenizer, recipe), seed=seed,
-                        show_progress=show_progress)
-    if kind == "distill":
-        teacher = _load_teacher(config.teacher, tokenizer, recipe, out, device)
-        return distill(model, config, _training_data(config, tokenizer, recipe), teacher, seed=seed,
-                       show_progress=show_progress)
-    raise CompressError(f"step kind '{kind}' has no implementation")  # the schema admits only known kinds
-
-
-def _save_format(config) -> str:
-    return getattr(config, "format", "compressed-tensors")
+def _step_inputs(config, model, tokenizer, recipe: Recipe, out: Path, device: str) -> dict:
+    """What the step's spec says its verb needs: calibration ids, training rows (and the seed), a teacher."""
+    spec = spec_of(config)
+    data_dir = recipe.data.dir
+    inputs: dict = {}
+    if spec.calibrates:
+        inputs["calibration"] = _calibration_ids(tokenizer, config.calibration, recipe.seed, data_dir)
+    if spec.trains:
+        inputs["train_data"] = _training_examples(tokenizer, config.data, config.seq_len, data_dir)
+        inputs["seed"] = recipe.seed
+    if spec.teacher != "never":
+        name = teacher_name(config)
+        teacher = None
+        if name is not None:
+            teacher, teacher_tokenizer = load_model(_teacher_source(name, recipe, out), recipe.dtype, device)
+            check_same_tokenizer(tokenizer, teacher_tokenizer)
+        inputs["teacher"] = teacher
+    return inputs
 
 
 def _preflight(model, tokenizer, recipe: Recipe) -> None:
-    """Check what can be checked before any long work starts: calibration and training data are long enough, the
-    first prune step fits the model, and group sizes divide the widths each quantize step will see (the base
-    model's, and after a prune step also the prune step's width multiple)."""
+    """Check what can be checked before any long work starts: the model is float if a step needs it to be,
+    calibration and training data are long enough, the first prune step fits the model, and group sizes divide the
+    widths each quantize step will see (the base model's, and after a prune step also its width multiple)."""
+    if is_quantized(model):
+        needs_float = [spec_of(step.config).name for step in recipe.steps if not spec_of(step.config).accepts_quantized]
+        if needs_float:
+            raise CompressError(f"{recipe.model} is a quantized checkpoint, and {', '.join(needs_float)} need a float "
+                                f"model; start from the unquantized model")
     for step in recipe.steps:
-        _calibration(step.config, tokenizer, recipe)
-        if hasattr(step.config, "steps"):  # a training step: at least one window of data
-            _training_data(step.config, tokenizer, recipe)
+        spec = spec_of(step.config)
+        if spec.calibrates:
+            _calibration_ids(tokenizer, step.config.calibration, recipe.seed, recipe.data.dir)
+        if spec.trains:  # at least one window of data
+            _training_examples(tokenizer, step.config.data, step.config.seq_len, recipe.data.dir)
     pruned_to = None
     for step in recipe.steps:
-        if step.kind == "prune":
+        config = step.config
+        if isinstance(config, TaylorPrune):
             if pruned_to is None:
-                check_prunable(model, step.config)
-            pruned_to = step.config
-        elif step.kind == "quantize" and getattr(step.config, "group_size", -1) != -1:
-            check_group_size(model, step.config.group_size)  # the hidden size and unpruned layers keep these widths
-            if pruned_to is not None and pruned_to.multiple % step.config.group_size:
+                check_prunable(model, config)
+            pruned_to = config
+        elif isinstance(config, WeightOnlyConfig) and config.group_size != -1:
+            check_group_size(model, config.group_size)  # the hidden size and unpruned layers keep these widths
+            if pruned_to is not None and pruned_to.multiple % config.group_size:
                 raise CompressError(f"the prune step rounds widths to multiples of {pruned_to.multiple}, which "
-                                    f"quantize group_size {step.config.group_size} does not divide; set prune "
-                                    f"multiple: {step.config.group_size} (or a multiple of it)")
+                                    f"quantize group_size {config.group_size} does not divide; set prune "
+                                    f"multiple: {config.group_size} (or a multiple of it)")
 
 
 def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
@@ -175,6 +161,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     writes the upload (card and files) to RUN/hub-upload without sending it."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    # inherited defaults (data dir, calibration sets) are filled in before anything is fingerprinted or written
+    recipe = recipe.resolved()
     hub = _hub_settings(recipe, push_to_hub, dry_run)  # a bad repo id fails now, not after the run
     console = console or Console(stderr=True)
     out = Path(output_dir) if output_dir else recipe.resolved_output_dir
@@ -184,9 +172,10 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     steps = [("base", recipe.model_dump(mode="json", include={"model", "dtype"}))]
     steps += [(step.kind, step.config) for step in recipe.steps]
     eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
-    eval_fingerprint = _fingerprint("", recipe.eval.model_dump(mode="json"))
     data_dir = recipe.data.dir
+    eval_fingerprint = _fingerprint("", {**recipe.eval.model_dump(mode="json"), "data_dir": data_dir})
     device = recipe.resolved_device
+    model_description = resolve_source(recipe.model).describe()
 
     def run_evals(model, tokenizer, index):
         if index not in eval_at:
@@ -202,8 +191,11 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     redo = False
     for index, (kind, config) in enumerate(steps):
         config_dict = config if isinstance(config, dict) else config.model_dump(mode="json")
-        fingerprint = _fingerprint(fingerprint, {"kind": kind, "config": config_dict, "seed": recipe.seed})
-        folder = out / f"{index:02d}-{kind}"
+        spec = None if kind == "base" else spec_of(config)
+        reads_data = spec is not None and (spec.calibrates or spec.trains)
+        fingerprint = _fingerprint(fingerprint, {"kind": kind, "config": config_dict, "seed": recipe.seed,
+                                                 **({"data_dir": data_dir} if reads_data else {})})
+        folder = out / step_folder_name(index, kind)
         label = f"[{index}/{len(steps) - 1}] {folder.name}"
         if not redo:
             record, why = read_step(folder, fingerprint)
@@ -233,12 +225,14 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             model, tokenizer = load_model(str(last_complete), recipe.dtype, device)
         with measure() as step_cost:
             if kind == "base":
-                console.print(f"{label}: loading {recipe.model_description}")
+                console.print(f"{label}: loading {model_description}")
                 model, tokenizer = load_model(recipe.model, recipe.dtype, device)
                 _preflight(model, tokenizer, recipe)
             else:
                 console.print(f"{label}: {config.describe()}")
-                model = _apply(kind, config, model, tokenizer, recipe, out, device, show_progress)
+                inputs = _step_inputs(config, model, tokenizer, recipe, out, device)
+                model = spec.load_verb()(model, config, **inputs, show_progress=show_progress)
+                inputs.clear()  # the teacher, if any, is freed before the evals
         with measure() as eval_cost:
             metrics = run_evals(model, tokenizer, index)
         for task, result in metrics.items():
@@ -247,20 +241,24 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
             "summary": f"base ({recipe.dtype})" if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
+            "quantized": is_quantized(model), "save_format": "dense" if spec is None else spec.save_format(config),
+            **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
             "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],
             "peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"]),
             **({"peak_cuda_bytes": step_cost["peak_cuda_bytes"]} if "peak_cuda_bytes" in step_cost else {}),
             "compress_version": __version__, "torch_version": torch.__version__,
         }
         with console.status(f"{label}: saving"):
-            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial, _save_format(config)),
-                                    record)
+            # a dense step's model is saved as is; a quantized one in its spec's format (the default when the step
+            # itself is dense: a quantized input model passed through)
+            save_format = "compressed-tensors" if record["save_format"] == "dense" else record["save_format"]
+            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial, save_format), record)
         console.print(f"{label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
                       f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)
         last_complete = folder
 
-    report = write_report(out, recipe, records)
+    report = write_report(out, recipe.name, model_description, records)
     console.print(f"[bold green]done[/]: {out / 'report.md'}")
     if hub:
         with console.status(f"staging {hub.repo_id}" if dry_run else f"pushing to {hub.repo_id}"):

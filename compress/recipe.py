@@ -6,44 +6,26 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
-from compress.data import CalibrationData
+from compress.config import DataConfig, EvalConfig, HubPush, RandomInit, Strict
+from compress.config.base import MAX_SEED
+from compress.config.data import data_dir
+from compress.config.sources import DTYPE_NAMES, STEP_FOLDER_NAME, check_source_name, step_folder_name
 from compress.errors import RecipeError
-from compress.evaluate import TASKS, Perplexity
-from compress.tasks import ChoiceEval
-from compress.distill import Distill
-from compress.finetune import LoRARecovery
-from compress.hub import HubPush
-from compress.models import DTYPES, STEP_FOLDER_NAME, RandomInit, check_source_name, resolve_source
-from compress.prune import TaylorPrune
-from compress.quantize import QuantizeConfig
+from compress.steps import KINDS, spec_of, teacher_name
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(Strict):
-    calibration: CalibrationData = CalibrationData()
-    dir: str | None = Field(None, description="data directory; default: $COMPRESS_DATA_DIR, then ../shared/data")
-
-
-class Step(Strict):
+class _StepBase(Strict):
     """One list item of `steps:`: a mapping with exactly one key, the step kind, whose value is its config."""
-
-    prune: TaylorPrune | None = None
-    finetune: LoRARecovery | None = None
-    distill: Distill | None = None
-    quantize: QuantizeConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _one_kind(cls, value: Any) -> Any:
-        kinds = [name for name in cls.model_fields]
+        kinds = list(KINDS)
         if not isinstance(value, dict) or len(value) != 1:
             raise ValueError(f"a step is a mapping with one key, the step kind ({', '.join(kinds)}), "
                              f"e.g. `- quantize: {{method: rtn, bits: 4}}`")
@@ -59,26 +41,54 @@ class Step(Strict):
         return next(name for name in type(self).model_fields if getattr(self, name) is not None)
 
     @property
-    def config(self) -> BaseModel:
+    def config(self) -> Strict:
         return getattr(self, self.kind)
 
 
-class EvalConfig(Strict):
-    tasks: list[Literal[TASKS]] = ["wikitext2"]  # type: ignore[valid-type]
-    after: Literal["every_step", "last", "none"] = "every_step"
-    wikitext2: Perplexity = Perplexity()
-    choice: ChoiceEval = Field(ChoiceEval(), description="how the choice tasks (rte, politeness) are scored")
+def _kind_annotation(specs) -> Any:
+    """A kind's config type: its one config class, or the classes of its methods discriminated on `method`."""
+    if len(specs) == 1:
+        return specs[0].config | None
+    return Annotated[Union[tuple(spec.config for spec in specs)], Field(discriminator="method")] | None
+
+
+# the step kinds and their configs come from the step specs: a new method needs no edit here
+Step = create_model("Step", __base__=_StepBase, **{kind: (_kind_annotation(specs), None)
+                                                   for kind, specs in KINDS.items()})
+
+
+def order_problems(recipe: "Recipe") -> list[tuple[tuple, str]]:
+    """(location, problem) for every step the specs do not allow where it stands: a step that needs a float model
+    after a step that quantizes, and a teacher that is not an earlier step."""
+    problems = []
+    quantized_by = None
+    for index, step in enumerate(recipe.steps):
+        spec = spec_of(step.config)
+        if quantized_by is not None and not spec.accepts_quantized:
+            earlier_index, earlier = quantized_by
+            problems.append((("steps", index, step.kind), (
+                f"{spec.name} cannot follow steps[{earlier_index}] ({earlier.name}): it needs a float model and would "
+                f"move the weights off the quantization grid; put it before the quantize step")))
+        if spec.quantizes and quantized_by is None:
+            quantized_by = (index, spec)
+        teacher = teacher_name(step.config)
+        match = STEP_FOLDER_NAME.match(teacher or "")
+        if match and int(match[1]) > index:
+            problems.append((("steps", index, step.kind, "kd", "teacher"), (
+                f"teacher '{teacher}' is not an earlier step: this step writes {step_folder_name(index + 1, step.kind)}"
+                f"; use base or a folder numbered below {index + 1:02d}")))
+    return problems
 
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
     model: str | RandomInit = Field(description="registry name, hub id, folder, .gguf file, or "
                                                 "{config: llama2-7b, init: random}")
-    dtype: Literal[tuple(DTYPES)] = "float32"  # type: ignore[valid-type]
+    dtype: Literal[DTYPE_NAMES] = "float32"  # type: ignore[valid-type]
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto = cuda when available")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1, max_length=99)  # type: ignore[valid-type]  # folders are numbered NN-
     eval: EvalConfig = EvalConfig()
     output_dir: str | None = None
     hub: HubPush | None = Field(None, description="push a step folder with a model card after the run")
@@ -89,15 +99,25 @@ class Recipe(Strict):
         return check_source_name(value) if isinstance(value, str) else value  # resolvable without loading anything
 
     @model_validator(mode="after")
-    def _teachers_come_first(self):
-        for index, step in enumerate(self.steps):
-            teacher = getattr(step.config, "teacher", None) or getattr(step.config, "distill_from", None)
-            match = STEP_FOLDER_NAME.match(teacher or "")
-            if match and int(match[1]) > index:
-                raise ValueError(f"steps[{index}] ({step.kind}) names teacher '{teacher}', which is not an earlier "
-                                 f"step: this step writes {index + 1:02d}-{step.kind}; use base or a folder numbered "
-                                 f"below {index + 1:02d}")
+    def _order(self, info: ValidationInfo):
+        if not (info.context or {}).get("order_checked_by_loader"):
+            problems = order_problems(self)
+            if problems:
+                raise ValueError("; ".join(message for _, message in problems))
         return self
+
+    def resolved(self) -> "Recipe":
+        """The recipe with every inherited default filled in, as it is fingerprinted and written to the run: the data
+        directory found now, and each calibrating step's calibration set (its own, else data.calibration)."""
+        found = data_dir(self.data.dir)
+        data = self.data.model_copy(update={"dir": str(found.resolve()) if found else None})
+        steps = []
+        for step in self.steps:
+            config = step.config
+            if spec_of(config).calibrates and config.calibration is None:
+                config = config.model_copy(update={"calibration": data.calibration})
+            steps.append(Step(**{step.kind: config}))
+        return self.model_copy(update={"data": data, "steps": steps})
 
     @property
     def resolved_device(self) -> str:
@@ -108,10 +128,6 @@ class Recipe(Strict):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
-    def model_description(self) -> str:
-        return resolve_source(self.model).describe()
-
-    @property
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
 
@@ -119,19 +135,26 @@ class Recipe(Strict):
 # ---------------------------------------------------------------- YAML with line numbers
 
 
-def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map every key path in the document to the (1-based) line where it appears."""
+def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None,
+           duplicates: list | None = None) -> dict[tuple, int]:
+    """Map every key path in the document to the (1-based) line where it appears; a key given twice in one mapping
+    is appended to `duplicates` as (path, first line, second line)."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
         for key, value in node.value:
             child = path + (key.value,)
-            out[child] = key.start_mark.line + 1
-            _lines(value, child, out)
+            line = key.start_mark.line + 1
+            if key.value in seen and duplicates is not None:
+                duplicates.append((child, seen[key.value], line))
+            seen.setdefault(key.value, line)
+            out[child] = line
+            _lines(value, child, out, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[path + (i,)] = item.start_mark.line + 1
-            _lines(item, path + (i,), out)
+            _lines(item, path + (i,), out, duplicates)
     return out
 
 
@@ -167,7 +190,7 @@ def _unwrap(annotation: Any) -> Any:
         return annotation
 
 
-def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+def _tagged_members(annotation: Any) -> dict[str, type[Strict]]:
     """tag → class for a union discriminated on `method` (e.g. quantize: rtn | gptq); empty otherwise."""
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
         return {}
@@ -182,7 +205,7 @@ def _union_branches(annotation: Any) -> dict[str, Any]:
     return {arg.__name__: arg for arg in typing.get_args(annotation) if isinstance(arg, type)}
 
 
-def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+def _walk(loc: tuple) -> tuple[tuple, type[Strict] | None]:
     """Follow `loc` through the schema: returns the location without the union tags pydantic inserts (so it
     reads like the YAML) and the model class it points into (to list allowed fields), or None."""
     current: Any = Recipe
@@ -205,6 +228,37 @@ def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
     return tuple(clean), model
 
 
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short")
+
+
+def _allowed_range(raw: tuple) -> str:
+    """The bounds of the field at `raw`, as `1 to 10000000` / `> 0` / `at most 99 items`."""
+    owner = _walk(raw[:-1])[1]
+    field = owner.model_fields.get(raw[-1]) if owner else None
+    bounds = {}
+    for meta in field.metadata if field else ():
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            if getattr(meta, name, None) is not None:
+                bounds[name] = getattr(meta, name)
+    if "min_length" in bounds or "max_length" in bounds:
+        return f"{bounds.get('min_length', 0)} to {bounds.get('max_length', 'any number of')} items"
+    number = lambda value: str(value) if isinstance(value, int) else f"{value:g}"  # noqa: E731
+    low = number(bounds["ge"]) if "ge" in bounds else (f"more than {number(bounds['gt'])}" if "gt" in bounds else "")
+    high = number(bounds["le"]) if "le" in bounds else (f"less than {number(bounds['lt'])}" if "lt" in bounds else "")
+    if low and high:
+        return f"{low} to {high}" if "ge" in bounds and "le" in bounds else f"{low} and {high}"
+    return (f"at least {low}" if "ge" in bounds else low) or (f"at most {high}" if "le" in bounds else high)
+
+
+def _belongs_in(owner: type[BaseModel] | None, name: str) -> str:
+    """A hint when an unknown field is a field of one of the owner's nested blocks (`r` of `lora:`)."""
+    for field, info in (owner.model_fields.items() if owner else ()):
+        block = _unwrap(info.annotation)
+        if isinstance(block, type) and issubclass(block, BaseModel) and name in block.model_fields:
+            return f" here: it belongs in the {field} block ({field}: {{{name}: ...}})"
+    return ""
+
+
 def _message(error: dict) -> tuple[tuple, str]:
     raw, kind, value = tuple(error["loc"]), error["type"], error.get("input")
     loc = _walk(raw)[0]
@@ -212,7 +266,7 @@ def _message(error: dict) -> tuple[tuple, str]:
         owner = _walk(raw[:-1])[1]
         fields = sorted(owner.model_fields, key=lambda name: name != "method") if owner else []  # method first
         allowed = f"; allowed: {', '.join(fields)}" if owner else ""
-        return loc, f"unknown field '{loc[-1]}'{allowed}"
+        return loc, f"unknown field '{loc[-1]}'{_belongs_in(owner, loc[-1])}{allowed}"
     if kind in ("union_tag_not_found", "union_tag_invalid"):
         tags = ", ".join(_tagged_members(_unwrap(_walk(loc[:-1])[1].model_fields[loc[-1]].annotation)))
         if kind == "union_tag_invalid":
@@ -224,6 +278,8 @@ def _message(error: dict) -> tuple[tuple, str]:
         return loc, f"got {value!r}; allowed: {error['ctx']['expected']}"
     if kind == "value_error":
         return loc, str(error["ctx"]["error"])
+    if kind in RANGE_ERRORS:
+        return loc, f"got {value!r}; allowed: {_allowed_range(raw)}"
     return loc, f"{error['msg'].rstrip('.')} (got {value!r})"
 
 
@@ -251,10 +307,14 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(document, dict):
         got = "an empty file" if document is None else f"a {type(document).__name__}"
         raise RecipeError([f"{path}:1: recipe: expected a mapping of recipe fields (name, model, steps, ...), got {got}"])
+    duplicates: list = []
+    lines_of = _lines(node, duplicates=duplicates)
+    if duplicates:  # PyYAML keeps the later value silently: a typo'd override would go unnoticed
+        raise RecipeError([f"{path}:{second}: {_field_path(key)}: duplicate key '{key[-1]}' (first at line {first}); "
+                           f"give each key once" for key, first, second in duplicates])
     try:
-        return Recipe.model_validate(document)
+        recipe = Recipe.model_validate(document, context={"order_checked_by_loader": True})
     except ValidationError as error:
-        lines = _lines(node)
         located = [_message(item) for item in error.errors()]
         messages = []
         for loc, message in located:
@@ -263,10 +323,15 @@ def load_recipe(path: str | Path) -> Recipe:
             if message.startswith("Input should be a valid") and any(
                     other[: len(loc)] == loc and other != loc for other, _ in located):
                 continue
-            messages.append(f"{path}:{_line_of(loc, lines)}: {_field_path(loc)}: {message}")
+            messages.append(f"{path}:{_line_of(loc, lines_of)}: {_field_path(loc)}: {message}")
         raise RecipeError(messages)
+    problems = order_problems(recipe)
+    if problems:
+        raise RecipeError([f"{path}:{_line_of(loc, lines_of)}: {_field_path(loc)}: {message}"
+                           for loc, message in problems])
+    return recipe
 
 
 def resolved_yaml(recipe: Recipe) -> str:
-    """The recipe with every default filled in, as written to the run folder."""
+    """The recipe with every default filled in (`recipe.resolved()`), as written to the run folder."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from compress.checkpoint import write_json
-from compress.recipe import Recipe
 from compress.stats import mcnemar
 from compress.tasks import task_for_split
 
@@ -63,21 +62,20 @@ def _adaptation(records: list[dict]) -> dict[str, str]:
     """task -> the first step that trained on that task's own train split (the model is task-adapted from there)."""
     adapted = {}
     for record in records:
-        data = record["config"].get("data")
-        for dataset in data if isinstance(data, list) else ():
+        for dataset in record.get("training_data", ()):
             found = task_for_split(dataset)
             if found and found[0] not in adapted:
                 adapted[found[0]] = f"{record['step']} (trained on {dataset})"
     return adapted
 
 
-def build_report(recipe: Recipe, records: list[dict]) -> dict:
+def build_report(name: str, model: str, records: list[dict]) -> dict:
     changes = _paired_changes(records)
     protocols = {task: result["protocol"] for record in records
                  for task, result in record.get("metrics", {}).items()}
     return {
-        "recipe": recipe.name,
-        "model": recipe.model_description,
+        "recipe": name,
+        "model": model,
         "steps": [_row(record, changes) for record in records],
         "protocol": protocols,
         "task_adapted_from": _adaptation(records),
@@ -247,8 +245,8 @@ def plot_tradeoff(report: dict, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, recipe: Recipe, records: list[dict]) -> dict:
-    report = build_report(recipe, records)
+def write_report(out: Path, name: str, model: str, records: list[dict]) -> dict:
+    report = build_report(name, model, records)
     write_json(out / "report.json", report)
     plotted = plot_tradeoff(report, out / "tradeoff.png")
     (out / "report.md").write_text(render_markdown(report, "tradeoff.png" if plotted else None))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
 
+from compress.config.evals import ChoiceEval
 from compress.data import load_records, source_of
 from compress.errors import CompressError
 from compress.stats import accuracy
@@ -56,16 +56,6 @@ def task_for_split(dataset: str) -> tuple[str, str] | None:
             if name == dataset:
                 return task, split
     return None
-
-
-class ChoiceEval(BaseModel):
-    """Recipe: `eval: {choice: {num_fewshot: 0, limit: null, batch_size: 16}}`: how RTE and politeness are scored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_fewshot: int = Field(0, ge=0, description="examples from the train split put before each question")
-    limit: int | None = Field(None, ge=1, description="score only the first N rows of each task (quick looks)")
-    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
 
 
 @contextmanager

@@ -7,38 +7,12 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import Trainer, TrainingArguments
 
-from compress.data import DatasetName, training_windows
+from compress.config.training import LoRA, TrainingBudget
+from compress.data import training_windows
 from compress.errors import CompressError
 from compress.tasks import prompted_examples, task_for_split
-
-
-class TrainingBudget(BaseModel):
-    """How long and on what a training step runs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(300, ge=1, description="optimizer steps")
-    lr: float = Field(3e-4, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=8)
-    data: tuple[DatasetName, ...] = Field(
-        ("wikitext2-valid",), min_length=1,
-        description="a dataset or a list of them: a text dataset or .txt path is cut into seq_len windows; a choice "
-                    "task's train split (rte-train, politeness-train) becomes prompted examples, trained on the "
-                    "answer tokens only")
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _one_or_more(cls, value):
-        return (value,) if isinstance(value, str) else value
-
-    def budget(self) -> str:
-        return (f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens from {' + '.join(self.data)}, "
-                f"lr {self.lr:g}")
 
 
 def training_examples(tokenizer, datasets: str | tuple[str, ...], seq_len: int, data_dir=None) -> list[dict]:
@@ -54,24 +28,11 @@ def training_examples(tokenizer, datasets: str | tuple[str, ...], seq_len: int, 
     return examples
 
 
-class LoRAAdapter(BaseModel):
-    """Low-rank adapters (peft LoRA) trained in place of the full weights and merged back into them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    r: int = Field(8, ge=1, description="adapter rank")
-    alpha: float = Field(16, gt=0, description="adapter scale numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | tuple[str, ...] = Field(
-        "all-linear", description="peft target_modules: all-linear (every Linear but the output head) or names")
-
-
-def with_lora(model: torch.nn.Module, adapter: LoRAAdapter) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, adapter: LoRA) -> torch.nn.Module:
+    """The model wrapped with peft LoRA adapters as the LoRA block describes (every field is a LoraConfig field)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else list(adapter.target_modules)
-    return get_peft_model(model, LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                                            bias="none", target_modules=targets, task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(**adapter.peft_kwargs()))
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import compress
 from compress.data import training_windows
-from compress.distill import Distill, DistillationTrainer, distillation_loss, hidden_state_loss
+from compress.config import KD, Distill
+from compress.distill import DistillationTrainer, distillation_loss, hidden_state_loss, paired_layers
 from compress.errors import CompressError
-from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantized_linears
+from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantization_args, quantized_linears
 from compress.quantize.qat import QAT, QATCallback, prepare_qat
 from test_pipeline import failing_after, quiet_run
 
@@ -43,11 +44,23 @@ def test_distillation_loss_terms():
     targets = torch.randint(0, 10, (6,))
     t = 2.0
     kl = (F.softmax(teacher / t, -1) * (F.log_softmax(teacher / t, -1) - F.log_softmax(student / t, -1))).sum(-1).mean()
-    pure = distillation_loss(student, teacher, targets, Distill(temperature=t, alpha=1.0))
+    pure = distillation_loss(student, teacher, targets, KD(temperature=t, alpha=1.0))
     torch.testing.assert_close(pure, kl * t * t)
-    mixed = distillation_loss(student, teacher, targets, Distill(temperature=t, alpha=0.25))
+    mixed = distillation_loss(student, teacher, targets, KD(temperature=t, alpha=0.25))
     torch.testing.assert_close(mixed, 0.25 * kl * t * t + 0.75 * F.cross_entropy(student, targets))
-    assert distillation_loss(teacher, teacher, targets, Distill(alpha=1.0)).abs() < 1e-6
+    assert distillation_loss(teacher, teacher, targets, KD(alpha=1.0)).abs() < 1e-6
+
+
+def test_hidden_states_of_models_with_different_depths_pair_by_depth():
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 3, 4) for _ in range(5))  # embeddings + 4 layers
+    assert paired_layers(2, 4) == [(1, 2), (2, 4)]
+    assert paired_layers(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    student = (teacher[0], teacher[2], teacher[4])  # 2 layers that equal the teacher's 2nd and 4th
+    assert hidden_state_loss(student, teacher) == 0
+    shifted = (teacher[0], teacher[2] + 1, teacher[4])
+    expected = (1 / teacher[2].square().mean() + 0) / 2  # relative MSE of each pair, averaged over the pairs
+    torch.testing.assert_close(hidden_state_loss(shifted, teacher), expected)
 
 
 def test_hidden_state_loss_pairs_equal_widths_only():
@@ -75,7 +88,7 @@ def test_distillation_trainer_in_a_users_trainer_moves_the_student_to_the_teache
     handle = teacher.get_decoder().register_forward_pre_hook(
         lambda *_: grad_enabled_in_teacher.append(torch.is_grad_enabled()))
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args(tmp_path, steps=30),
-                                  train_dataset=examples(windows[:-8]), distill=Distill(temperature=2.0, alpha=1.0))
+                                  train_dataset=examples(windows[:-8]), kd=KD(temperature=2.0, alpha=1.0))
     trainer.train()
     handle.remove()
     assert kl_to(teacher, student.eval(), held_out) < 0.8 * before
@@ -88,7 +101,7 @@ def test_distill_with_lora_merges_back_into_plain_weights(tiny):
     teacher, _, windows = tiny
     student = compress.prune(copy.deepcopy(teacher), compress.TaylorPrune(importance="l2", ratio=0.5, multiple=16))
     before = kl_to(teacher, student, windows[-8:])
-    student = compress.distill(student, Distill(steps=20, batch_size=4, seq_len=64, lr=3e-3, alpha=1.0, lora={"r": 8}),
+    student = compress.distill(student, Distill(steps=20, batch_size=4, seq_len=64, lr=3e-3, kd=KD(alpha=1.0), lora={"r": 8}),
                                windows[:-8], teacher, show_progress=False)
     assert not any("lora" in name for name, _ in student.named_modules())
     assert kl_to(teacher, student, windows[-8:]) < before
@@ -108,7 +121,7 @@ def test_fake_quantization_forward_is_on_the_grid_and_gradients_pass_straight_th
     linear = torch.nn.Linear(32, 4)
     prepare_qat(torch.nn.Sequential(linear), QAT(bits=3, group_size=16))
     raw = linear.parametrizations.weight.original
-    args = QAT(bits=3, group_size=16).quantization_args()
+    args = quantization_args(QAT(bits=3, group_size=16))
     torch.testing.assert_close(linear.weight, fake_quantize(raw, *minmax_qparams(raw, args), args))
     linear(torch.ones(2, 32)).sum().backward()
     torch.testing.assert_close(raw.grad, torch.ones(4, 32) * 2)  # d/dW of sum(W x) with x = 1, batch 2: identity STE
@@ -141,8 +154,8 @@ def test_qat_callback_in_a_users_trainer_writes_a_checkpoint_like_ptq(tiny, tmp_
 
 DISTILL_QAT_STEPS = """\
   - prune: {importance: l2, ratio: 0.5, multiple: 16}
-  - distill: {teacher: 00-base, temperature: 2.0, alpha: 0.7, hidden_mse: 0.1, steps: 20, batch_size: 4, seq_len: 64, lr: 1.0e-3}
-  - quantize: {method: qat, bits: 4, group_size: 16, steps: 10, batch_size: 4, seq_len: 64, lr: 1.0e-4, distill_from: base}"""
+  - distill: {kd: {teacher: 00-base, temperature: 2.0, alpha: 0.7, hidden_mse: 0.1}, steps: 20, batch_size: 4, seq_len: 64, lr: 1.0e-3}
+  - quantize: {method: qat, bits: 4, group_size: 16, steps: 10, batch_size: 4, seq_len: 64, lr: 1.0e-4, kd: {teacher: base}}"""
 
 
 def test_distill_and_qat_recipe_steps(tiny_recipe, tmp_path):
@@ -169,12 +182,12 @@ def test_crash_during_distillation_keeps_earlier_steps_and_resumes(tiny_recipe, 
 
 
 @pytest.mark.parametrize("steps,fragment", [
-    ("  - distill: {teacher: 02-quantize}\n  - quantize: {method: rtn, group_size: 16}",
-     "names teacher '02-quantize', which is not an earlier step"),
-    ("  - distill: {temperature: 0}", "greater than 0"),
-    ("  - distill: {alpha: 1.5}", "less than or equal to 1"),
-    ("  - distill: {teacher: no-such-model}", "a teacher may also be `base`"),
-    ("  - quantize: {method: qat, distill_from: ./missing}", "does not exist"),
+    ("  - distill: {kd: {teacher: 02-finetune}}\n  - finetune: {}",
+     "teacher '02-finetune' is not an earlier step"),
+    ("  - distill: {kd: {temperature: 0}}", "got 0; allowed: more than 0 and 100"),
+    ("  - distill: {kd: {alpha: 1.5}}", "got 1.5; allowed: 0 to 1"),
+    ("  - distill: {kd: {teacher: no-such-model}}", "a teacher may also be `base`"),
+    ("  - quantize: {method: qat, kd: {teacher: ./missing}}", "does not exist"),
 ])
 def test_bad_distillation_settings_are_recipe_errors(tiny_recipe, steps, fragment):
     with pytest.raises(compress.errors.RecipeError, match=fragment.replace("(", r"\(")):

@@ -155,7 +155,8 @@ def test_gptq_on_layers_of_different_widths(tiny_model_dir):
     assert (_logits(model, ids[:2]) - reference).abs().mean() < reference.abs().mean()
     for save in ("compressed-tensors", "gptq"):  # both layouts hold per-layer shapes
         state, config = (gptq_state_dict(model) if save == "gptq" else _ct_state(model))
-        dense = decompressed_state_dict(state, {"quantization_config": config})
+        dense, grids = decompressed_state_dict(state, {"quantization_config": config})
+        assert set(grids) == {name for name, _, _ in quantized_linears(model)}
         for name, linear, _ in quantized_linears(model):
             assert torch.allclose(dense[f"{name}.weight"].float(), linear.weight, atol=1e-3), (save, name)
 

@@ -163,7 +163,7 @@ def test_prune_and_recover_recipe_on_smollm2(tmp_path, smollm2):
     recipe.write_text(
         "name: smollm2-prune-ci\nmodel: smollm2-135m\nsteps:\n"
         "  - prune: {method: taylor, importance: element1, ratio: 0.25, layers: [4, 28]}\n"
-        "  - finetune: {method: lora, r: 8, alpha: 16, steps: 12, lr: 1.0e-3, batch_size: 4, seq_len: 128}\n"
+        "  - finetune: {method: lora, lora: {r: 8, alpha: 16}, steps: 12, lr: 1.0e-3, batch_size: 4, seq_len: 128}\n"
         "eval:\n  wikitext2: {seq_len: 512, max_tokens: 4096}\n"
         f"output_dir: {tmp_path / 'run'}\n")
     report = compress.run(recipe, show_progress=False)
@@ -190,7 +190,7 @@ def test_distill_and_qat_recipe_on_smollm2(smollm2, tmp_path):
     recipe.write_text(
         "name: smollm2-distill-qat-ci\nmodel: smollm2-135m\nsteps:\n"
         "  - prune: {importance: element1, ratio: 0.25, layers: [4, 28]}\n"
-        "  - distill: {teacher: base, steps: 10, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
+        "  - distill: {kd: {teacher: base}, steps: 10, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
         "  - quantize: {method: qat, bits: 3, group_size: 64, steps: 6, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
         "eval:\n  wikitext2: {seq_len: 512, max_tokens: 4096}\n"
         f"output_dir: {tmp_path / 'run'}\n")
@@ -248,7 +248,7 @@ def test_task_adaptation_on_smollm2(tmp_path):
     recipe = tmp_path / "adapt.yaml"
     recipe.write_text(
         "name: smollm2-adapt-ci\nmodel: smollm2-135m\nsteps:\n"
-        "  - finetune: {method: lora, r: 16, alpha: 32, steps: 40, lr: 1.0e-3, batch_size: 8, seq_len: 256, "
+        "  - finetune: {method: lora, lora: {r: 16, alpha: 32}, steps: 40, lr: 1.0e-3, batch_size: 8, seq_len: 256, "
         "data: [politeness-train]}\n"
         "eval:\n  tasks: [politeness]\n  choice: {limit: 200}\n"
         f"output_dir: {tmp_path / 'run'}\n")

@@ -193,7 +193,7 @@ def test_recipe_with_task_adaptation_reports_every_task(tiny_recipe, tmp_path):
     import compress
     from rich.console import Console
 
-    recipe = tiny_recipe(steps="  - finetune: {method: lora, r: 4, steps: 4, batch_size: 4, seq_len: 96, lr: 1.0e-3, "
+    recipe = tiny_recipe(steps="  - finetune: {method: lora, lora: {r: 4}, steps: 4, batch_size: 4, seq_len: 96, lr: 1.0e-3, "
                                "data: [politeness-train, rte-train]}\n  - quantize: {method: rtn, bits: 4, "
                                "group_size: 32}")
     text = recipe.read_text().replace("  tasks: [wikitext2]\n", "  tasks: [wikitext2, rte, politeness]\n"

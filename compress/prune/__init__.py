@@ -5,17 +5,12 @@ parameters, smaller files, faster forwards), and record the new widths in the co
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.data import CalibrationData
+from compress.config.prune import NEEDS_FISHER, NEEDS_GRADIENT, TaylorPrune
 from compress.errors import CompressError
+from compress.modules import decoder_layers, require_float
 from compress.prune.importance import (
-    IMPORTANCE,
-    NEEDS_FISHER,
-    NEEDS_GRADIENT,
     channel_scorer,
     gradient_statistics,
     layer_group_scores,
@@ -23,6 +18,7 @@ from compress.prune.importance import (
 )
 from compress.prune.structure import (
     LayerWidths,
+    check_stock_config,
     check_supported,
     heads_mode,
     kv_group_scores,
@@ -34,46 +30,6 @@ from compress.prune.structure import (
     shrink_attention,
     shrink_mlp,
 )
-from compress.quantize.formats import is_quantized
-from compress.quantize.layerwise import decoder_layers
-
-
-class TaylorPrune(BaseModel):
-    """Recipe: `prune: {method: taylor, importance: element1, ratio: 0.25, layers: [4, 30]}`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["taylor"] = "taylor"
-    importance: Literal[IMPORTANCE] = Field(  # type: ignore[valid-type]
-        "element1", description="element1 | element2 | vector | mix (Taylor, LLM-Pruner); l1 | l2 | random baselines")
-    ratio: float = Field(0.25, gt=0, lt=1, description="fraction of each pruned layer's heads and channels removed")
-    layers: tuple[int, int] | None = Field(None, description="[start, end) decoder layers to prune; default all")
-    targets: tuple[Literal["attention", "mlp"], ...] = Field(("attention", "mlp"), min_length=1)
-    heads: Literal["auto", "query", "kv_groups"] = Field(
-        "auto", description="query: the same number of query heads removed from every KV group; kv_groups: whole "
-                            "KV groups with their query heads; auto: query under GQA, kv_groups otherwise")
-    scope: Literal["layer", "global"] = Field(
-        "layer", description="layer: every pruned layer loses `ratio`; global: one ranking across the pruned layers")
-    multiple: int = Field(64, ge=1, description="kept widths are rounded to multiples of this (quantization groups)")
-    uniform: bool = Field(False, description="prune every layer to the same widths: a stock transformers config")
-    calibration: CalibrationData = CalibrationData(samples=10, seq_len=128)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
-            raise ValueError(f"layers [{self.layers[0]}, {self.layers[1]}] is not a range [start, end) with "
-                             f"0 <= start < end")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets {list(self.targets)} lists a target twice")
-        if self.uniform and self.scope == "global":
-            raise ValueError("uniform: true gives every layer the same widths, scope: global ranks across layers "
-                             "and gives them different widths; choose one")
-        return self
-
-    def describe(self) -> str:
-        where = f"layers [{self.layers[0]}, {self.layers[1]})" if self.layers else "all layers"
-        return (f"prune {'/'.join(self.targets)} {self.ratio:.0%} by {self.importance} importance, {where}, "
-                f"{self.scope} ranking, widths multiple of {self.multiple}")
 
 
 def _layer_range(model: torch.nn.Module, config: TaylorPrune) -> range:
@@ -92,10 +48,13 @@ def check_prunable(model: torch.nn.Module, config: TaylorPrune) -> None:
     """Every check that needs only the model's shapes: run before any work (the pipeline does, right after load)."""
     check_supported(model)
     layers = decoder_layers(model)
+    planned = {}
     for index in _layer_range(model, config):
         widths = layer_widths(layers[index])
-        planned_widths(widths, config.ratio, config.heads, config.targets, config.multiple,
-                       layers[index].self_attn.head_dim, f"decoder layer {index}")
+        planned[index] = planned_widths(widths, config.ratio, config.heads, config.targets, config.multiple,
+                                        layers[index].self_attn.head_dim, f"decoder layer {index}")
+    if config.uniform:  # every layer gets these widths: they become the stock config's fields
+        check_stock_config(model, config, planned[0])
 
 
 def _global_ratios(scores: list[dict], layers: list[torch.nn.Module], config: TaylorPrune) -> list[dict[str, float]]:
@@ -117,14 +76,13 @@ def _global_ratios(scores: list[dict], layers: list[torch.nn.Module], config: Ta
     return ratios
 
 
-def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor | None = None,
+def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor | None = None, *,
           show_progress: bool = True) -> torch.nn.Module:
     """Prune `model` in place and return it. Taylor importances need `calibration`, token ids [samples, seq_len]
     (`compress.data.calibration_batches`; LLM-Pruner uses 10 x 128); l1, l2 and random need none."""
+    require_float(model, "prune", "the quantization grids are per weight column and row and would not survive "
+                                   "the surgery")
     check_prunable(model, config)
-    if is_quantized(model):
-        raise CompressError("prune after quantize: the quantization grids are per weight column and row and would "
-                            "not survive the surgery; put the prune step before quantize")
     layers = [decoder_layers(model)[i] for i in _layer_range(model, config)]
 
     # 1. importance: gradients of the LM loss on the calibration samples, then one score per group

@@ -18,9 +18,6 @@ from typing import Callable
 import torch
 from rich.progress import track
 
-IMPORTANCE = ("element1", "element2", "vector", "mix", "l1", "l2", "random")
-NEEDS_GRADIENT = ("element1", "element2", "vector", "mix")
-NEEDS_FISHER = ("element2", "mix")
 
 # channel_score(linear, dim): one score per channel of `linear`, channels along weight dimension `dim`
 # (0: output rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads)

@@ -15,13 +15,14 @@ it as is); different widths are listed in `compress_layer_widths` and built by `
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from compress.errors import CompressError
-from compress.quantize.layerwise import decoder_layers
+from compress.modules import decoder_layers
 
 # model_type -> why it is supported: same decoder layer layout (q/k/v/o_proj, gate/up/down_proj); qwen2 adds q/k/v
 # biases, which are sliced with their rows
@@ -114,6 +115,55 @@ def planned_widths(widths: LayerWidths, ratio: float, heads: str, targets, multi
     return LayerWidths(q, kv, inter)
 
 
+def stock_config_problem(config, widths: LayerWidths, dim: int) -> str | None:
+    """Why transformers would refuse `config` with every layer at `widths`, or None. The family's own validation
+    decides (transformers ≥ 5.17 validates configs when they are built, saved and loaded; LlamaConfig requires
+    hidden_size % num_attention_heads == 0 even with an explicit head_dim; Mistral and Qwen2 check nothing of the
+    kind), so the rule is always the installed transformers' rule."""
+    candidate = copy.deepcopy(config)
+    candidate.num_attention_heads = widths.num_attention_heads
+    candidate.num_key_value_heads = widths.num_key_value_heads
+    candidate.intermediate_size = widths.intermediate_size
+    candidate.head_dim = dim
+    validate = getattr(candidate, "validate", None)
+    if validate is None:  # transformers before config validation: every config is accepted
+        return None
+    try:
+        validate()
+    except Exception as error:  # noqa: BLE001 -- transformers wraps its ValueError in its own error class
+        return str(error).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+    return None
+
+
+def check_stock_config(model: torch.nn.Module, prune_config, widths: LayerWidths) -> None:
+    """Uniform pruning writes the kept widths into the stock config fields; refuse, before any work, widths that the
+    family's config validation rejects, naming the nearest ratios that pass."""
+    dim = head_dim(model)
+    problem = stock_config_problem(model.config, widths, dim)
+    if problem is None:
+        return
+    original = layer_widths(decoder_layers(model)[0])
+    ranges: dict[int, list[float]] = {}  # kept heads -> the ratios that keep that many and pass validation
+    for percent in range(1, 100):
+        ratio = percent / 100
+        try:
+            candidate = planned_widths(original, ratio, prune_config.heads, prune_config.targets,
+                                       prune_config.multiple, dim, "decoder layer 0")
+        except CompressError:
+            continue
+        if stock_config_problem(model.config, candidate, dim) is None:
+            ranges.setdefault(candidate.num_attention_heads, []).append(ratio)
+    nearest = sorted(ranges.items(), key=lambda item: min(abs(r - prune_config.ratio) for r in item[1]))[:2]
+    choices = [f"ratio {min(rs):g} to {max(rs):g} ({heads} heads{', attention unpruned' if heads == original.num_attention_heads else ''})"
+               for heads, rs in nearest]
+    suggestion = f"valid choices: {' or '.join(choices)}; or " if choices else ""
+    raise CompressError(
+        f"uniform pruning at ratio {prune_config.ratio:g} keeps {widths.num_attention_heads} of "
+        f"{original.num_attention_heads} attention heads in every layer, and {type(model.config).__name__} refuses "
+        f"that config ({problem}); {suggestion}targets: [mlp] to keep every head, or uniform: false (per-layer "
+        f"widths, loaded by compress.load)")
+
+
 # ---------------------------------------------------------------- which to keep
 
 
@@ -189,22 +239,27 @@ def shrink_mlp(mlp: torch.nn.Module, channels: torch.Tensor) -> None:
 
 
 def record_widths(model: torch.nn.Module) -> None:
-    """Write the layers' widths into the config: stock fields when every layer has the same widths (a stock
-    transformers config), else the per-layer list that compress.load builds from."""
+    """Write the layers' widths into the config: stock fields when every layer has the same widths and the family's
+    config validation accepts them (a stock transformers config), else the per-layer list that compress.load builds
+    from, with the stock fields at widths every layer fits in (transformers builds at those, we then shrink)."""
     config = model.config
     widths = [layer_widths(layer) for layer in decoder_layers(model)]
-    config.head_dim = head_dim(model)  # no longer hidden_size // num_attention_heads
-    if len(set(widths)) == 1:
+    dim = head_dim(model)
+    if len(set(widths)) == 1 and stock_config_problem(config, widths[0], dim) is None:
+        config.head_dim = dim  # no longer hidden_size // num_attention_heads
         config.num_attention_heads = widths[0].num_attention_heads
         config.num_key_value_heads = widths[0].num_key_value_heads
         config.intermediate_size = widths[0].intermediate_size
         if hasattr(config, LAYER_WIDTHS_KEY):
             delattr(config, LAYER_WIDTHS_KEY)
         return
-    # the stock fields keep the widest layer's sizes: transformers builds every layer at those, we then shrink
-    config.num_attention_heads = max(w.num_attention_heads for w in widths)
-    config.num_key_value_heads = max(w.num_key_value_heads for w in widths)
-    config.intermediate_size = max(w.intermediate_size for w in widths)
+    widest = LayerWidths(max(w.num_attention_heads for w in widths), max(w.num_key_value_heads for w in widths),
+                         max(w.intermediate_size for w in widths))
+    if stock_config_problem(config, widest, dim) is None:  # else keep the fields the model was built with
+        config.num_attention_heads = widest.num_attention_heads
+        config.num_key_value_heads = widest.num_key_value_heads
+        config.intermediate_size = widest.intermediate_size
+    config.head_dim = dim
     setattr(config, LAYER_WIDTHS_KEY, [asdict(w) for w in widths])
 
 

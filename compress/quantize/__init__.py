@@ -1,41 +1,47 @@
-"""`quantize(model, config, data)`: one verb, one config class per method (RTN, GPTQ, FP8, QAT)."""
+"""`quantize(model, config, ...)`: one verb, one config class per method (RTN, GPTQ, FP8, QAT); each method's own
+function is named in its step spec (compress.steps)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
 import torch
-from pydantic import Field
 
+from compress.config.quantize import FP8, GPTQ, QAT, RTN
 from compress.errors import CompressError
-from compress.quantize.fp8 import FP8, quantize_fp8
-from compress.quantize.gptq import GPTQ, quantize_gptq
-from compress.quantize.qat import QAT, QATCallback, quantize_qat
-from compress.quantize.rtn import RTN, quantize_rtn
-
-QuantizeConfig = Annotated[Union[RTN, GPTQ, FP8, QAT], Field(discriminator="method")]
+from compress.steps import spec_of
 
 
-def quantize(model: torch.nn.Module, config: RTN | GPTQ | FP8 | QAT, calibration: torch.Tensor | None = None,
-             show_progress: bool = True, teacher: torch.nn.Module | None = None, seed: int = 0) -> torch.nn.Module:
+def quantize(model: torch.nn.Module, config: RTN | GPTQ | FP8 | QAT, calibration: torch.Tensor | None = None, *,
+             train_data: torch.Tensor | list[dict] | None = None, teacher: torch.nn.Module | None = None,
+             seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
     """Quantize `model` in place and return it. GPTQ needs `calibration`, token ids [samples, seq_len]
-    (`compress.data.calibration_batches`); QAT trains on token windows passed the same way
-    (`compress.data.training_windows`, or `compress.training.training_examples`), distilling from `teacher` when given; RTN and FP8 need no data."""
-    if isinstance(config, RTN):
-        return quantize_rtn(model, config, show_progress=show_progress)
-    if isinstance(config, FP8):
-        return quantize_fp8(model, config, show_progress=show_progress)
-    if isinstance(config, GPTQ):
+    (`compress.data.calibration_batches`); QAT needs `train_data`, token windows [windows, seq_len]
+    (`compress.data.training_windows`) or `compress.training.training_examples`, and distils from `teacher` when
+    its config has a `kd` block; RTN and FP8 need no data."""
+    spec = spec_of(config)
+    if spec.kind != "quantize":
+        raise TypeError(f"{type(config).__name__} is a {spec.kind} config; quantize takes RTN, GPTQ, FP8 or QAT")
+    inputs: dict = {}
+    if spec.calibrates:
         if calibration is None:
-            raise CompressError("GPTQ needs calibration token ids [samples, seq_len]: "
-                                "compress.data.calibration_batches(tokenizer, 'wikitext2-valid', 128, 512)")
-        return quantize_gptq(model, config, calibration, show_progress=show_progress)
-    if isinstance(config, QAT):
-        if calibration is None:
-            raise CompressError("QAT needs training token ids [windows, seq_len]: "
-                                "compress.data.training_windows(tokenizer, 'wikitext2-valid', 256)")
-        return quantize_qat(model, config, calibration, teacher, seed=seed, show_progress=show_progress)
-    raise TypeError(f"unsupported quantization config {type(config).__name__}")
+            raise CompressError(f"{spec.name} needs calibration token ids [samples, seq_len]: "
+                                f"compress.data.calibration_batches(tokenizer, 'wikitext2-valid', 128, 512)")
+        inputs["calibration"] = calibration
+    if spec.trains:
+        if train_data is None:
+            raise CompressError(f"{spec.name} needs train_data: token ids [windows, seq_len] from "
+                                f"compress.data.training_windows(tokenizer, 'wikitext2-valid', 256)")
+        inputs.update(train_data=train_data, seed=seed)
+    if spec.teacher != "never":
+        inputs["teacher"] = teacher
+    return spec.load_verb()(model, config, **inputs, show_progress=show_progress)
 
 
-__all__ = ["FP8", "GPTQ", "QAT", "QATCallback", "RTN", "QuantizeConfig", "quantize"]
+def __getattr__(name: str):  # the Trainer callback imports transformers' Trainer: only when asked for
+    if name == "QATCallback":
+        from compress.quantize.qat import QATCallback
+
+        return QATCallback
+    raise AttributeError(f"module 'compress.quantize' has no attribute {name!r}")
+
+
+__all__ = ["FP8", "GPTQ", "QAT", "QATCallback", "RTN", "quantize"]

@@ -18,7 +18,8 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
 from compress.errors import CompressError
-from compress.quantize.grid import quantized_linears
+from compress.modules import WeightQuant, quantized_linears
+from compress.quantize.grid import weight_args
 
 
 def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], list[str]]:
@@ -44,10 +45,6 @@ def _compressor(args):
     if args.type == "float":
         return FloatQuantizationCompressor, "float-quantized"
     return PackedQuantizationCompressor, "pack-quantized"
-
-
-def is_quantized(model: torch.nn.Module) -> bool:
-    return next(quantized_linears(model), None) is not None
 
 
 def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
@@ -134,12 +131,18 @@ def is_gptq(config: dict) -> bool:
     return quant.get("quant_method") == "gptq"
 
 
-def _gptq_decompressed(state: dict[str, torch.Tensor], quant: dict) -> dict[str, torch.Tensor]:
-    """Dense weights from a GPTQ v1 state dict: weight = scales[g_idx] · (q − (qzeros + 1)) (AutoGPTQ's reference)."""
+def _gptq_decompressed(state: dict[str, torch.Tensor], quant: dict
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
+    """Dense weights from a GPTQ v1 state dict: weight = scales[g_idx] · (q − (qzeros + 1)) (AutoGPTQ's reference),
+    and each module's grid on compressed-tensors' signed scale (zero points shifted back by 2^(bits-1))."""
     bits = quant["bits"]
     if bits not in GPTQ_PACKABLE_BITS:
         raise ValueError(f"GPTQ checkpoints with {bits} bits are not supported; supported: {GPTQ_PACKABLE_BITS}")
+    args = weight_args(bits, quant.get("group_size", -1), quant.get("sym", True),
+                       "weight" if quant.get("static_groups") else None, torch.float16)
+    offset = 2 ** (bits - 1)
     dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
+    grids = {}
     for key in [k for k in state if k.endswith(".qweight")]:
         module = key.removesuffix(".qweight")
         q = _unpack_int32(state[key], bits, dim=0).float()  # [in, out]
@@ -147,7 +150,8 @@ def _gptq_decompressed(state: dict[str, torch.Tensor], quant: dict) -> dict[str,
         g_idx = state[f"{module}.g_idx"].long()
         scales = state[f"{module}.scales"].float()
         dense[f"{module}.weight"] = (scales[g_idx] * (q - zeros[g_idx])).T.contiguous()
-    return dense
+        grids[module] = WeightQuant(args, scales.T.contiguous(), (zeros - offset).T.to(torch.int8).contiguous())
+    return dense, grids
 
 
 # ---------------------------------------------------------------- reading either format back
@@ -160,8 +164,10 @@ def is_quantized_checkpoint(config: dict) -> bool:
                                 and quant.get("format") in ("pack-quantized", "float-quantized"))
 
 
-def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors or GPTQ)."""
+def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
+    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors or GPTQ), and the grid of
+    every quantized module (its scales and zero points as saved), so the loaded model is known as quantized."""
     if is_gptq(config):
         return _gptq_decompressed(state, config["quantization_config"])
     quant = QuantizationConfig.model_validate(config["quantization_config"])
@@ -170,6 +176,7 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dic
     modules = {k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")}
     dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in modules
              or not k.rsplit(".", 1)[-1].startswith("weight")}
+    grids = {}
     for module in modules:
         if module in ignore:
             continue
@@ -177,8 +184,15 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict) -> dic
         compressor, _ = _compressor(scheme.weights)
         local = {name.removeprefix(module + "."): value for name, value in state.items()
                  if name.startswith(module + ".weight")}
-        dense[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"]
-    return dense
+        decompressed = compressor.decompress(local, scheme)  # the zero point comes back unpacked
+        dense[f"{module}.weight"] = decompressed["weight"]
+        scale = decompressed["weight_scale"]
+        zero = decompressed.get("weight_zero_point")
+        if zero is None:  # symmetric grids save no zero point: it is 0
+            zero = torch.zeros(scale.shape, dtype=scheme.weights.zp_dtype or (
+                scale.dtype if scheme.weights.type == "float" else torch.int8))
+        grids[module] = WeightQuant(scheme.weights, scale, zero.reshape(scale.shape), scheme.input_activations)
+    return dense, grids
 
 
 def activation_quantized_modules(config: dict) -> list[str]:

@@ -10,30 +10,17 @@ activations onto the e4m3 grid, then an ordinary matmul), so CPU tests and evals
 from __future__ import annotations
 
 import types
-from typing import Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
-from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import track
 
+from compress.config.quantize import FP8
+from compress.modules import require_float
 from compress.quantize.grid import QUANT_ATTR, WeightQuant, fake_quantize, minmax_qparams, quantizable_linears
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-
-
-class FP8(BaseModel):
-    """Recipe: `quantize: {method: fp8}` (W8A8) or `{method: fp8, activations: none}` (FP8 weights only)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["fp8"] = "fp8"
-    activations: Literal["dynamic", "none"] = Field("dynamic", description="dynamic: per-token FP8 at run time")
-
-    def describe(self) -> str:
-        return "fp8 W8A8 (e4m3, per-channel weights, dynamic per-token activations)" if self.activations == "dynamic" \
-            else "fp8 W8A16 (e4m3, per-channel weights)"
 
 
 WEIGHT_ARGS = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
@@ -75,9 +62,10 @@ def enable_fp8_activations(linear: torch.nn.Linear) -> None:
 
 
 @torch.no_grad()
-def quantize_fp8(model: torch.nn.Module, config: FP8, show_progress: bool = True) -> torch.nn.Module:
+def quantize_fp8(model: torch.nn.Module, config: FP8, *, show_progress: bool = True) -> torch.nn.Module:
     """Round every decoder Linear's weight onto the e4m3 grid (per-channel scale) and, for W8A8, switch its
     forward to dynamic per-token FP8 activations."""
+    require_float(model, "quantize", "its weights already lie on a quantization grid")
     input_args = ACTIVATION_ARGS if config.activations == "dynamic" else None
     for _, linear in track(list(quantizable_linears(model)), description="FP8", disable=not show_progress,
                            transient=True):

@@ -13,46 +13,27 @@ Decoder layers are calibrated in sequence on the outputs of the already-quantize
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Literal
 
 import torch
-from pydantic import Field
 from rich.progress import Progress
 
-from compress.data import CalibrationData
+from compress.config.quantize import GPTQ
 from compress.errors import CompressError
+from compress.modules import require_float
+from compress.quantize import kernels
 from compress.quantize.grid import (
     QUANT_ATTR,
-    WeightOnlyConfig,
     WeightQuant,
     check_group_size,
     fake_quantize,
     minmax_qparams,
     quantizable_linears,
+    quantization_args,
 )
-from compress.quantize import kernels
 from compress.quantize.layerwise import LayerwiseCalibration
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
 DEFAULT_BATCH_TOKENS = 16384
-
-
-class GPTQ(WeightOnlyConfig):
-    """Recipe: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01,
-    calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
-
-    method: Literal["gptq"] = "gptq"
-    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal; groups stay in place")
-    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it")
-    block_size: int = Field(128, ge=1, description="columns per lazy batch update")
-    calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
-    offload: bool = Field(False, description="keep weights on the CPU; one decoder layer at a time visits the GPU")
-    batch_tokens: int | None = Field(None, ge=1, description=(
-        "tokens per calibration forward; default: the whole set in one forward (one pass per layer) when it fits "
-        f"in memory, else chunks of {DEFAULT_BATCH_TOKENS} (two passes per layer)"))
-
-    def describe(self) -> str:
-        return f"gptq {self.grid()}{' act-order' if self.act_order else ''}{' offload' if self.offload else ''}"
 
 
 # ---------------------------------------------------------------- the Hessians of one decoder layer
@@ -270,7 +251,7 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
 
 def _quantize_layer_two_passes(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
                                config: GPTQ, last: bool) -> None:
-    """Bounded memory: one pass over the chunks collects every Hessian (float weights), the layer is quantized,
+    """schedule two_pass: one pass over the chunks collects every Hessian (float weights), the layer is quantized,
     and a second pass computes its outputs with the quantized weights for the next layer."""
     for names, hessian in LayerHessians(linears).collect(calibration, layer):
         _solve_group(linears, names, hessian, args, config, f"layer {index} ({', '.join(names)})")
@@ -278,23 +259,54 @@ def _quantize_layer_two_passes(calibration: LayerwiseCalibration, layer, index: 
         calibration.propagate(layer, index)
 
 
-def _quantize_layer_one_pass(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
-                             config: GPTQ) -> None:
-    """The whole calibration set in one forward: each group of Linears is solved the moment its input arrives,
-    so everything after it in the layer already sees quantized weights (the GPTQ reference's "true sequential"
-    order) and the same forward yields the next layer's input. One pass per layer instead of two."""
+def _group_hessian(calibration: LayerwiseCalibration, layer, first: torch.nn.Linear) -> torch.Tensor:
+    """The Hessian of `first`'s input over every calibration chunk; the layer stops where `first` is reached."""
+    state: dict = {}
+
+    def record(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        if "sum" not in state:
+            state.update(sum=torch.zeros(x.shape[1], x.shape[1], device=x.device), tokens=0)
+        _add_gram(state["sum"], x)
+        state["tokens"] += x.shape[0]
+        raise _SeenAllInputs
+
+    handle = first.register_forward_pre_hook(record)
+    try:
+        calibration.run(layer, stop=_SeenAllInputs)
+    finally:
+        handle.remove()
+    return state["sum"].mul_(2 / state["tokens"])
+
+
+def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
+                               config: GPTQ, last: bool) -> None:
+    """schedule sequential: the groups of Linears that share an input (q/k/v, o, gate/up, down) are solved in the
+    order the layer calls them, each on inputs computed with the groups before it already quantized (the GPTQ
+    reference's "true sequential"). With the whole calibration set in one chunk, one forward does it all: each group
+    is solved the moment its input arrives, and the same forward yields the next layer's input. With several
+    chunks, each group's Hessian takes one partial pass over them. Same algorithm either way: only the order in
+    which the Hessians' sums are added differs."""
+    where = lambda names: f"layer {index} ({', '.join(names)})"  # noqa: E731
+    groups = LayerHessians(linears).probe(calibration, layer)
+    if len(calibration.hidden) > 1:
+        for names in groups:
+            _solve_group(linears, names, _group_hessian(calibration, layer, linears[names[0]]), args, config,
+                         where(names))
+        if not last:
+            calibration.propagate(layer, index)
+        return
+
     def solve_on_arrival(names: list[str]):
         def hook(module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             _add_gram(hessian, x)
-            _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config,
-                         f"layer {index} ({', '.join(names)})")
+            _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config, where(names))
 
         return hook
 
     # the first Linear of each shared-input group solves the whole group before any of them computes
-    groups = LayerHessians(linears).probe(calibration, layer)
     handles = [linears[names[0]].register_forward_pre_hook(solve_on_arrival(names)) for names in groups]
     try:
         calibration.propagate(layer, index)
@@ -304,36 +316,42 @@ def _quantize_layer_one_pass(calibration: LayerwiseCalibration, layer, index: in
 
 
 @torch.no_grad()
-def quantize_gptq(model: torch.nn.Module, config: GPTQ, input_ids: torch.Tensor,
+def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, *,
                   show_progress: bool = True) -> torch.nn.Module:
-    """Quantize every decoder Linear with GPTQ, layer by layer, on `input_ids` [samples, seq_len]."""
+    """Quantize every decoder Linear with GPTQ, layer by layer, on `calibration` token ids [samples, seq_len].
+
+    `offload` changes where the weights wait (the CPU, one decoder layer at a time on the GPU), never the result;
+    `batch_tokens` (default: the whole set in one forward when it fits in memory) changes only how the calibration
+    forwards are chunked. `schedule` is the one setting that changes the algorithm."""
+    require_float(model, "quantize", "its weights already lie on a quantization grid")
     check_group_size(model, config.group_size)
-    args = config.quantization_args("weight" if config.act_order else None)
+    args = quantization_args(config, "weight" if config.act_order else None)
     home = next(model.parameters()).device
     device = _calibration_device(model, config.offload)
     if config.offload and home.type != "cpu":
         model.to("cpu")  # offload: the weights wait on the CPU, one layer at a time visits the device
-    one_pass = config.batch_tokens is None and not config.offload and _whole_set_fits(model, input_ids, device)
-    batch_tokens = input_ids.numel() if one_pass else (config.batch_tokens or DEFAULT_BATCH_TOKENS)
-    calibration = LayerwiseCalibration(model, input_ids, device, batch_tokens)
-    layers = calibration.layers
+    if config.batch_tokens is not None:
+        batch_tokens = config.batch_tokens
+    elif not config.offload and _whole_set_fits(model, calibration, device):
+        batch_tokens = calibration.numel()
+    else:
+        batch_tokens = DEFAULT_BATCH_TOKENS
+    quantize_layer = _quantize_layer_sequential if config.schedule == "sequential" else _quantize_layer_two_passes
+    layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens)
+    layers = layerwise.layers
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("GPTQ", total=len(layers))
         for index, layer in enumerate(layers):
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
-            with calibration.layer_on_device(index) if config.offload else nullcontext():
+            with layerwise.layer_on_device(index) if config.offload else nullcontext():
                 linears = dict(quantizable_linears(layer))
-                if one_pass:
-                    _quantize_layer_one_pass(calibration, layer, index, linears, args, config)
-                else:
-                    _quantize_layer_two_passes(calibration, layer, index, linears, args, config,
-                                               last=index + 1 == len(layers))
+                quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))
             if config.offload:
                 for linear in linears.values():
                     quant = getattr(linear, QUANT_ATTR)
                     setattr(linear, QUANT_ATTR, WeightQuant(args, quant.scale.cpu(), quant.zero_point.cpu()))
             progress.advance(task)
-    del calibration
+    del layerwise
     if model.device != home:
         model.to(home)
     return model

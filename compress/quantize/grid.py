@@ -7,59 +7,26 @@ compute in memory is bit-for-bit what stock transformers and vLLM decompress fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as _ct_fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress.config.quantize import WeightOnlyConfig
 from compress.errors import CompressError
+from compress.modules import DEFAULT_IGNORE, QUANT_ATTR, WeightQuant, quantizable_linears, quantized_linears
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-# The output head stays in full precision: it is tied to the embedding in most small models, and quantizing it
-# costs far more quality per byte saved than any decoder Linear.
-DEFAULT_IGNORE = ("lm_head",)
+__all__ = ["DEFAULT_IGNORE", "QUANT_ATTR", "WeightQuant", "check_group_size", "fake_quantize", "minmax_qparams",
+           "quantizable_linears", "quantization_args", "quantized_linears", "weight_args"]
 
 
-class WeightOnlyConfig(BaseModel):
-    """What every integer weight-only method shares: the grid (bits, group size, symmetry) and the saved format."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, description="input columns per scale; -1 = one scale per output channel")
-    sym: bool = True
-    format: Literal["compressed-tensors", "gptq"] = Field(
-        "compressed-tensors", description="compressed-tensors (stock transformers, vLLM) or the GPTQ v1 layout")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError(f"got {value}; allowed: a positive number of columns, or -1 for per-channel")
-        return value
-
-    @model_validator(mode="after")
-    def _gptq_layout(self):
-        if self.format == "gptq" and self.bits == 3:
-            raise ValueError("format gptq packs 2, 4 or 8 bits into int32 words; for 3 bits use format "
-                             "compressed-tensors")
-        if self.format == "gptq" and not self.sym:
-            raise ValueError("format gptq (v1) stores zero points minus one, so an asymmetric zero point of 0 "
-                             "cannot be written; use sym: true, or format compressed-tensors for asymmetric grids")
-        return self
-
-    def quantization_args(self, actorder: str | None = None) -> QuantizationArgs:
-        # GPTQ-format checkpoints store float16 scales: quantize on that grid so the saved model is the one measured
-        scale_dtype = torch.float16 if self.format == "gptq" else None
-        return weight_args(self.bits, self.group_size, self.sym, actorder, scale_dtype)
-
-    def grid(self) -> str:
-        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}"
+def quantization_args(config: WeightOnlyConfig, actorder: str | None = None) -> QuantizationArgs:
+    """compressed-tensors args of a weight-only config's grid. GPTQ-format checkpoints store float16 scales:
+    quantize on that grid so the saved model is the one measured."""
+    scale_dtype = torch.float16 if config.format == "gptq" else None
+    return weight_args(config.bits, config.group_size, config.sym, actorder, scale_dtype)
 
 
 def weight_args(bits: int, group_size: int, sym: bool, actorder: str | None = None,
@@ -70,32 +37,6 @@ def weight_args(bits: int, group_size: int, sym: bool, actorder: str | None = No
     if group_size == -1:
         return QuantizationArgs(strategy="channel", **common)
     return QuantizationArgs(strategy="group", group_size=group_size, **common)
-
-
-@dataclass
-class WeightQuant:
-    """The grid a Linear's (already rounded) weight lies on; kept on the module until it is saved."""
-
-    args: QuantizationArgs
-    scale: torch.Tensor  # [out, in // group] (or [out, 1] per channel)
-    zero_point: torch.Tensor
-    input_args: QuantizationArgs | None = None  # activations quantized at run time (FP8 W8A8), else None
-
-
-QUANT_ATTR = "weight_quant"
-
-
-def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE) -> Iterator[tuple[str, torch.nn.Linear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in ignore:
-            yield name, module
-
-
-def quantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear, WeightQuant]]:
-    for name, module in model.named_modules():
-        quant = getattr(module, QUANT_ATTR, None)
-        if isinstance(module, torch.nn.Linear) and quant is not None:
-            yield name, module, quant
 
 
 def check_group_size(model: torch.nn.Module, group_size: int, ignore=DEFAULT_IGNORE) -> None:

@@ -12,19 +12,11 @@ from contextlib import contextmanager
 import torch
 
 from compress.errors import CompressError
+from compress.modules import decoder_layers
 
 
 class _Captured(Exception):
     """Raised by the hook on the first decoder layer once its inputs are recorded: the rest of the model is skipped."""
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise CompressError(f"{type(model).__name__} has no decoder layer list (model.get_decoder().layers); "
-                            f"layer-wise calibration supports decoder-only transformers models")
-    return layers
 
 
 class LayerwiseCalibration:

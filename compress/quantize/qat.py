@@ -14,39 +14,16 @@ checkpoint will hold, so the network learns to live with the rounding; then roun
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, field_validator
 from torch.nn.utils import parametrize
 from transformers import TrainerCallback
 
-from compress.quantize.grid import WeightOnlyConfig, check_group_size, fake_quantize, minmax_qparams, quantizable_linears
-from compress.quantize.rtn import RTN, quantize_rtn
-from compress.training import TrainingBudget, train
-
-
-class QAT(WeightOnlyConfig, TrainingBudget):
-    """Recipe: `quantize: {method: qat, bits: 3, group_size: 64, steps: 300, distill_from: base}`."""
-
-    method: Literal["qat"] = "qat"
-    lr: float = Field(2e-5, gt=0, description="full-weight training: far below LoRA's rates")
-    distill_from: str | None = Field(None, description="a teacher to distill from while training (base, an earlier "
-                                                       "step's folder, or any model source); None: plain LM loss")
-    temperature: float = Field(2.0, gt=0, description="distillation temperature (with distill_from)")
-    alpha: float = Field(1.0, ge=0, le=1, description="distillation weight; 1 - alpha weights the CE (with distill_from)")
-
-    @field_validator("distill_from")
-    @classmethod
-    def _teacher(cls, value: str | None) -> str | None:
-        from compress.models import check_teacher_name
-
-        return None if value is None else check_teacher_name(value)
-
-    def describe(self) -> str:
-        teacher = f", distilling from {self.distill_from} (T={self.temperature:g}, alpha={self.alpha:g})" \
-            if self.distill_from else ""
-        return f"QAT {self.grid()}, {self.budget()}{teacher}"
+from compress.config.quantize import QAT, RTN, WeightOnlyConfig
+from compress.errors import CompressError
+from compress.modules import require_float
+from compress.quantize.grid import check_group_size, fake_quantize, minmax_qparams, quantizable_linears, quantization_args
+from compress.quantize.rtn import quantize_rtn
+from compress.training import train
 
 
 class _FakeQuantized(torch.nn.Module):
@@ -54,7 +31,7 @@ class _FakeQuantized(torch.nn.Module):
 
     def __init__(self, config: WeightOnlyConfig):
         super().__init__()
-        self.args = config.quantization_args()
+        self.args = quantization_args(config)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -99,17 +76,21 @@ class QATCallback(TrainerCallback):
 
 
 def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor | list[dict],
-                 teacher: torch.nn.Module | None = None, seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
-    """QAT on `train_data` (token windows [windows, seq_len] or `compress.training.training_examples`), distilling from `teacher` when given; returns the model
-    with weights on the grid, ready for `save_model`."""
+                 teacher: torch.nn.Module | None = None, seed: int = 0, *, show_progress: bool = True
+                 ) -> torch.nn.Module:
+    """QAT on `train_data` (token windows [windows, seq_len] or `compress.training.training_examples`), distilling
+    from `teacher` when the config has a `kd` block; returns the model with weights on the grid, ready for
+    `save_model`."""
+    require_float(model, "QAT", "it starts from float weights and rounds them itself")
+    if config.kd is not None and teacher is None:
+        raise CompressError(f"QAT with kd needs the teacher model ({config.kd.teacher}); pass teacher=")
     prepare_qat(model, config)
     model.train().requires_grad_(True)  # every weight trains (e.g. a copy of a frozen teacher)
-    if teacher is None:
+    if config.kd is None:
         train(model, config, train_data, seed=seed, show_progress=show_progress)
     else:
-        from compress.distill import Distill, DistillationTrainer
+        from compress.distill import DistillationTrainer
 
-        loss = Distill(temperature=config.temperature, alpha=config.alpha)
         train(model, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
-              teacher=teacher, distill=loss)
+              teacher=teacher, kd=config.kd)
     return convert_qat(model, config).eval()

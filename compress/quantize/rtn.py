@@ -3,36 +3,29 @@ point) from its min and max, and every weight is rounded to the nearest grid poi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from rich.progress import track
 
+from compress.config.quantize import RTN, WeightOnlyConfig
+from compress.modules import require_float
 from compress.quantize.grid import (
     QUANT_ATTR,
-    WeightOnlyConfig,
     WeightQuant,
     check_group_size,
     fake_quantize,
     minmax_qparams,
     quantizable_linears,
+    quantization_args,
 )
 
 
-class RTN(WeightOnlyConfig):
-    """Recipe: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`."""
-
-    method: Literal["rtn"] = "rtn"
-
-    def describe(self) -> str:
-        return f"rtn {self.grid()}"
-
-
 @torch.no_grad()
-def quantize_rtn(model: torch.nn.Module, config: RTN, show_progress: bool = True) -> torch.nn.Module:
+def quantize_rtn(model: torch.nn.Module, config: RTN | WeightOnlyConfig, *, show_progress: bool = True
+                 ) -> torch.nn.Module:
     """Round every decoder Linear onto the grid in place; the grid is recorded on the module for saving."""
+    require_float(model, "quantize", "its weights already lie on a quantization grid")
     check_group_size(model, config.group_size)
-    args = config.quantization_args()
+    args = quantization_args(config)
     linears = list(quantizable_linears(model))
     for _, linear in track(linears, description="RTN rounding", disable=not show_progress, transient=True):
         scale, zero_point = minmax_qparams(linear.weight, args)

@@ -1,0 +1,18 @@
+"""Every config class of compress, in a layer that imports pydantic and nothing heavy: `compress validate` checks a
+recipe without torch, and each algorithm module imports its config from here."""
+
+from compress.config.base import Strict
+from compress.config.data import DATASETS, CalibrationData, DataConfig, DatasetName, NamedDataset
+from compress.config.distill import Distill
+from compress.config.evals import TASKS, ChoiceEval, EvalConfig, Perplexity
+from compress.config.finetune import LoRARecovery
+from compress.config.hub import HubPush
+from compress.config.prune import TaylorPrune
+from compress.config.quantize import FP8, GPTQ, QAT, RTN, QuantizeConfig, WeightOnlyConfig
+from compress.config.sources import ARCHITECTURES, REGISTRY, RandomInit
+from compress.config.training import KD, LoRA, TrainingBudget
+
+__all__ = ["ARCHITECTURES", "DATASETS", "FP8", "GPTQ", "KD", "QAT", "REGISTRY", "RTN", "TASKS", "CalibrationData",
+           "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig", "HubPush", "LoRA", "LoRARecovery",
+           "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Strict", "TaylorPrune", "TrainingBudget",
+           "WeightOnlyConfig"]

@@ -1,0 +1,81 @@
+"""Named datasets (as data: where each lives in a data directory and on the hub) and the recipe's data section."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from compress.config.base import MAX_SAMPLES, MAX_SEQ_LEN, Strict
+
+DATA_DIR_ENV = "COMPRESS_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    path: str  # relative to the data directory
+    kind: str  # "text" (one document) or "records" (jsonl rows)
+    hub: tuple[str, str | None, str]  # (hub dataset id, config, split)
+
+
+DATASETS = {
+    "wikitext2-test": NamedDataset("wikitext2/wiki.test.raw", "text", ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
+    "wikitext2-valid": NamedDataset("wikitext2/wiki.valid.tokens", "text", ("Salesforce/wikitext", "wikitext-2-v1", "validation")),
+    "rte-train": NamedDataset("rte/train.jsonl", "records", ("nyu-mll/glue", "rte", "train")),
+    "rte-validation": NamedDataset("rte/validation.jsonl", "records", ("nyu-mll/glue", "rte", "validation")),
+    "politeness-train": NamedDataset("politeness/train.jsonl", "records", ("", None, "train")),
+    "politeness-test": NamedDataset("politeness/test.jsonl", "records", ("", None, "test")),
+}
+DATA_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl")
+
+
+def is_known(name: str) -> bool:
+    return name in DATASETS or Path(name).suffix in DATA_FILE_SUFFIXES
+
+
+def _known_dataset(value: str) -> str:
+    if not is_known(value):
+        raise ValueError(f"unknown dataset '{value}'; allowed: {', '.join(DATASETS)}, or a .txt/.jsonl path")
+    return value
+
+
+# a recipe field naming a dataset: a known name or a data file path, checked at validation time
+DatasetName = Annotated[str, AfterValidator(_known_dataset)]
+
+
+class CalibrationData(Strict):
+    """Recipe: `calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 512}` (random windows, seeded)."""
+
+    dataset: DatasetName = "wikitext2-valid"
+    samples: int = Field(128, ge=1, le=MAX_SAMPLES)
+    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN)
+
+
+class DataConfig(Strict):
+    calibration: CalibrationData = CalibrationData()
+    dir: str | None = Field(None, description="data directory; default: $COMPRESS_DATA_DIR, then ../shared/data")
+
+
+def candidate_data_dirs() -> list[Path]:
+    """Where a data directory is looked for: $COMPRESS_DATA_DIR alone when set, else `shared/data` in or beside the
+    current directory and this checkout."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return [Path(env).expanduser()]
+    checkout = Path(__file__).resolve().parent.parent.parent
+    seen: list[Path] = []
+    for base in (Path.cwd(), checkout):
+        for folder in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if folder.resolve() not in seen:
+                seen.append(folder.resolve())
+    return seen
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The first existing data directory, or None (then named datasets come from the hub)."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    return next((d for d in candidate_data_dirs() if d.is_dir()), None)

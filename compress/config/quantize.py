@@ -1,0 +1,106 @@
+"""Recipe: `quantize: {method: rtn | gptq | fp8 | qat, ...}`: one config class per method, discriminated on `method`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from compress.config.base import MAX_TOKENS, MAX_WIDTH, Strict
+from compress.config.data import CalibrationData
+from compress.config.training import KD, TrainingBudget
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SAVE_FORMATS = ("compressed-tensors", "gptq")
+
+
+class WeightOnlyConfig(Strict):
+    """What every integer weight-only method shares: the grid (bits, group size, symmetry) and the saved format."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="input columns per scale; -1 = one scale per output channel")
+    sym: bool = True
+    format: Literal["compressed-tensors", "gptq"] = Field(
+        "compressed-tensors", description="compressed-tensors (stock transformers, vLLM) or the GPTQ v1 layout")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and not 1 <= value <= MAX_WIDTH:
+            raise ValueError(f"got {value}; allowed: 1 to {MAX_WIDTH} columns, or -1 for per-channel")
+        return value
+
+    @model_validator(mode="after")
+    def _gptq_layout(self):
+        if self.format == "gptq" and self.bits == 3:
+            raise ValueError("format gptq packs 2, 4 or 8 bits into int32 words; for 3 bits use format "
+                             "compressed-tensors")
+        if self.format == "gptq" and not self.sym:
+            raise ValueError("format gptq (v1) stores zero points minus one, so an asymmetric zero point of 0 "
+                             "cannot be written; use sym: true, or format compressed-tensors for asymmetric grids")
+        return self
+
+    def grid(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}"
+
+
+class RTN(WeightOnlyConfig):
+    """Round-to-nearest: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`."""
+
+    method: Literal["rtn"] = "rtn"
+
+    def describe(self) -> str:
+        return f"rtn {self.grid()}"
+
+
+class GPTQ(WeightOnlyConfig):
+    """GPTQ: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01, schedule: sequential,
+    calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal; groups stay in place")
+    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, ge=1, le=MAX_WIDTH, description="columns per lazy batch update")
+    schedule: Literal["sequential", "two_pass"] = Field(
+        "sequential", description="sequential: inside a decoder layer each group of Linears is calibrated on the "
+                                  "outputs of the already-quantized ones before it (the GPTQ reference's true "
+                                  "sequential order); two_pass: every Hessian of a layer from its float weights, "
+                                  "then one more pass for the next layer's inputs (fewer forwards, slightly worse)")
+    calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
+    offload: bool = Field(False, description="keep weights on the CPU; one decoder layer at a time visits the GPU")
+    batch_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description=(
+        "tokens per calibration forward; default: the whole set in one forward when it fits in memory, else "
+        "chunks of 16384. Only the summation order depends on it, never the algorithm"))
+
+    def describe(self) -> str:
+        schedule = "" if self.schedule == "sequential" else " two-pass"
+        return (f"gptq {self.grid()}{' act-order' if self.act_order else ''}{schedule}"
+                f"{' offload' if self.offload else ''}")
+
+
+class FP8(Strict):
+    """FP8: `quantize: {method: fp8}` (W8A8) or `{method: fp8, activations: none}` (FP8 weights only)."""
+
+    method: Literal["fp8"] = "fp8"
+    activations: Literal["dynamic", "none"] = Field("dynamic", description="dynamic: per-token FP8 at run time")
+
+    def describe(self) -> str:
+        return "fp8 W8A8 (e4m3, per-channel weights, dynamic per-token activations)" if self.activations == "dynamic" \
+            else "fp8 W8A16 (e4m3, per-channel weights)"
+
+
+class QAT(WeightOnlyConfig, TrainingBudget):
+    """Quantization-aware training: `quantize: {method: qat, bits: 3, group_size: 64, steps: 300, kd: {teacher:
+    base}}`."""
+
+    method: Literal["qat"] = "qat"
+    lr: float = Field(2e-5, gt=0, le=1, description="full-weight training: far below LoRA's rates")
+    kd: KD | None = Field(None, description="distil from a teacher while training; None: plain LM loss")
+
+    def describe(self) -> str:
+        teacher = f", {self.kd.describe()}" if self.kd else ""
+        return f"QAT {self.grid()}, {self.budget()}{teacher}"
+
+
+QuantizeConfig = Annotated[Union[RTN, GPTQ, FP8, QAT], Field(discriminator="method")]

@@ -1,0 +1,66 @@
+"""What the algorithms need to know about a model's modules, in one place: its decoder layers, which Linears are
+quantized (and on which grid), and the guard that keeps training and surgery off quantized weights.
+
+The quantized flag is `linear.weight_quant` (a WeightQuant). Quantizers set it, and `compress.load` restores it
+from a quantized checkpoint's scales, so a model loaded back from a quantized step folder is known as quantized
+on every path (resume, `compress.load`, the Python API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs
+
+QUANT_ATTR = "weight_quant"
+# The output head stays in full precision: it is tied to the embedding in most small models, and quantizing it
+# costs far more quality per byte saved than any decoder Linear.
+DEFAULT_IGNORE = ("lm_head",)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise CompressError(f"{type(model).__name__} has no decoder layer list (model.get_decoder().layers); "
+                            f"compress supports decoder-only transformers models")
+    return layers
+
+
+@dataclass
+class WeightQuant:
+    """The grid a Linear's (already rounded) weight lies on; kept on the module until it is saved."""
+
+    args: "QuantizationArgs"
+    scale: torch.Tensor  # [out, in // group] (or [out, 1] per channel)
+    zero_point: torch.Tensor | None
+    input_args: "QuantizationArgs | None" = None  # activations quantized at run time (FP8 W8A8), else None
+
+
+def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE) -> Iterator[tuple[str, torch.nn.Linear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in ignore:
+            yield name, module
+
+
+def quantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear, WeightQuant]]:
+    for name, module in model.named_modules():
+        quant = getattr(module, QUANT_ATTR, None)
+        if isinstance(module, torch.nn.Linear) and quant is not None:
+            yield name, module, quant
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return next(quantized_linears(model), None) is not None
+
+
+def require_float(model: torch.nn.Module, step: str, why: str) -> None:
+    """Refuse to run `step` on a quantized model (one quantized in memory or loaded from a quantized folder)."""
+    if is_quantized(model):
+        raise CompressError(f"{step} on a quantized model: {why}; put the {step} step before quantize, or start "
+                            f"from a step folder written before quantization")

@@ -1,0 +1,90 @@
+"""Step specs: what each step kind and method is, for the recipe's order rules and the pipeline's dispatch.
+
+A spec names its config class and its verb, and declares what the step needs (calibration token ids, training rows,
+a teacher), whether it accepts a quantized input, and what it produces (a quantized or a pruned model, and in which
+format it is saved). The recipe checks step order against the specs; the pipeline gives each verb what its spec
+asks for. Nothing here imports torch: verbs are named as `module:function` and imported when a step runs.
+
+Adding a method: a config class (compress/config/), a function `verb(model, config, *, calibration=None,
+train_data=None, teacher=None, seed=0, show_progress=True)` taking the inputs its spec declares, and an entry below."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from compress.config import FP8, GPTQ, QAT, RTN, Distill, LoRARecovery, TaylorPrune
+
+
+def _dense(config) -> str:
+    return "dense"
+
+
+def _config_format(config) -> str:
+    return config.format
+
+
+def _compressed_tensors(config) -> str:
+    return "compressed-tensors"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    kind: str  # the recipe key: prune, finetune, distill, quantize
+    config: type  # its config class; `method` (when present) tells methods of one kind apart
+    verb: str  # module:function, called as verb(model, config, **inputs, show_progress=...)
+    calibrates: bool = False  # needs calibration token ids: `config.calibration` (resolved from data.calibration)
+    trains: bool = False  # needs training rows: `config.data` cut at `config.seq_len`; gets the recipe's seed
+    teacher: Literal["never", "optional", "always"] = "never"  # `config.kd.teacher`, loaded by the pipeline
+    accepts_quantized: bool = False  # may its input already lie on a quantization grid?
+    quantizes: bool = False  # its output lies on a quantization grid (and is saved compressed)
+    prunes: bool = False  # its output has narrower layers than its input
+    save_format: Callable = _dense  # config -> "dense" | "compressed-tensors" | "gptq"
+
+    @property
+    def method(self) -> str | None:
+        field = self.config.model_fields.get("method")
+        return field.default if field else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} ({self.method})" if self.method else self.kind
+
+    def load_verb(self) -> Callable:
+        module, function = self.verb.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+SPECS = (
+    StepSpec("prune", TaylorPrune, "compress.prune:prune", calibrates=True, prunes=True),
+    StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
+    StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
+    StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format),
+    StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
+             save_format=_config_format),
+    StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors),
+    StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
+             save_format=_config_format),
+)
+
+KINDS: dict[str, tuple[StepSpec, ...]] = {}
+for _spec in SPECS:
+    KINDS[_spec.kind] = KINDS.get(_spec.kind, ()) + (_spec,)
+
+_BY_CONFIG = {spec.config: spec for spec in SPECS}
+
+
+def spec_of(config) -> StepSpec:
+    """The spec of a step config instance."""
+    try:
+        return _BY_CONFIG[type(config)]
+    except KeyError:
+        raise TypeError(f"{type(config).__name__} is not a step config; known: "
+                        f"{', '.join(c.__name__ for c in _BY_CONFIG)}") from None
+
+
+def teacher_name(config) -> str | None:
+    """The teacher a step distils from, per its spec: `kd.teacher`, or None."""
+    spec = spec_of(config)
+    return None if spec.teacher == "never" or config.kd is None else config.kd.teacher
