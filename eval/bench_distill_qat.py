@@ -85,11 +85,11 @@ def main() -> None:
             del model
     elif args.part == "control":
         grid = dict(bits=args.bits, group_size=args.group_size)
-        full = compress.Distill(lr=args.qat_lr, alpha=0.0, **budget)  # alpha 0: plain CE, every weight trained
+        full = compress.Distill(lr=args.qat_lr, kd=compress.KD(alpha=0.0), **budget)  # alpha 0: plain CE, every weight trained
         model, seconds = timed(lambda: compress.distill(copy.deepcopy(base), full, windows, base, show_progress=False))
         record(f"float model, same training as QAT (CE, lr {args.qat_lr:g}), no quantization", model, seconds)
-        config = compress.QAT(**grid, **budget, lr=args.qat_lr, distill_from="base", alpha=0.5)
-        model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, windows, teacher=base,
+        config = compress.QAT(**grid, **budget, lr=args.qat_lr, kd=compress.KD(teacher="base", alpha=0.5))
+        model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, train_data=windows, teacher=base,
                                                          show_progress=False))
         record(f"QAT W{args.bits} g{args.group_size} + KD from base, alpha 0.5", model, seconds)
     else:
@@ -100,8 +100,8 @@ def main() -> None:
                                                          show_progress=False))
         record(f"GPTQ W{args.bits} g{args.group_size}", model, seconds)
         for teacher in (None, base):
-            config = compress.QAT(**grid, **budget, lr=args.qat_lr, distill_from="base" if teacher else None)
-            model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, windows, teacher=teacher,
+            config = compress.QAT(**grid, **budget, lr=args.qat_lr, kd=compress.KD(teacher="base") if teacher else None)
+            model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, train_data=windows, teacher=teacher,
                                                              show_progress=False))
             record(f"QAT W{args.bits} g{args.group_size}{' + KD from base' if teacher else ''}", model, seconds)
         base_ppl, gptq_ppl = results[0]["perplexity"], results[2]["perplexity"]

@@ -44,6 +44,7 @@ def _random_ids(vocab: int, rows: int, length: int) -> torch.Tensor:
 def measure_phase(args) -> int:
     """Run one phase on a freshly built model; returns its peak bytes (see the module docstring)."""
     from compress.distill import Distill, distill
+    from compress.config import LoRA
     from compress.finetune import LoRARecovery, finetune
 
     cuda = args.device.startswith("cuda")
@@ -62,7 +63,7 @@ def measure_phase(args) -> int:
         data = _random_ids(vocab, 4 * args.train_batch, args.train_seq_len)
         budget = dict(steps=args.train_steps, batch_size=args.train_batch, seq_len=args.train_seq_len, warmup_ratio=0)
         if args.phase == "lora":
-            finetune(model, LoRARecovery(r=args.lora_r, **budget), data, show_progress=False)
+            finetune(model, LoRARecovery(lora=LoRA(r=args.lora_r), **budget), data, show_progress=False)
         else:
             teacher = copy.deepcopy(model)
             distill(model, Distill(**budget), data, teacher, show_progress=False)

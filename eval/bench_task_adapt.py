@@ -16,7 +16,7 @@ import torch
 
 import compress
 from compress.evaluate import evaluate
-from compress.finetune import LoRARecovery
+from compress.config import LoRA, LoRARecovery
 from compress.training import training_examples
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     rows = [{"budget": "zero-shot", **scores(base, tokenizer)}]
     print(json.dumps(rows[-1]), flush=True)
     for steps in map(int, args.steps.split(",")):
-        config = LoRARecovery(r=args.r, alpha=2 * args.r, steps=steps, lr=args.lr, batch_size=8, seq_len=256,
+        config = LoRARecovery(lora=LoRA(r=args.r, alpha=2 * args.r), steps=steps, lr=args.lr, batch_size=8, seq_len=256,
                               data=("politeness-train", "rte-train"))
         torch.manual_seed(0)
         start = time.perf_counter()

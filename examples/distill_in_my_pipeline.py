@@ -25,7 +25,7 @@ windows = training_windows(tokenizer, "wikitext2-valid", seq_len=128)
 trainer = compress.DistillationTrainer(
     model=student.train(),
     teacher=teacher,  # runs without gradients; its activations are never kept for backward
-    distill=compress.Distill(temperature=2.0, alpha=0.7),  # 0.7 x T^2 x KL(teacher || student) + 0.3 x CE
+    kd=compress.KD(temperature=2.0, alpha=0.7),  # 0.7 x T^2 x KL(teacher || student) + 0.3 x CE
     args=TrainingArguments(output_dir="distill-scratch", max_steps=args.steps, per_device_train_batch_size=4,
                            learning_rate=1e-4, save_strategy="no", report_to="none", remove_unused_columns=False),
     train_dataset=[{"input_ids": row, "labels": row} for row in windows],
