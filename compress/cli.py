@@ -107,6 +107,53 @@ def eval_(
         write_json(json_out, results)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Named datasets: where each comes from, and fetching them ahead.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="default: $COMPRESS_DATA_DIR, "
+                                                                                 "../shared/data")) -> None:
+    """Each named dataset, its public source, and where it is read from now (data dir, cache, or not fetched)."""
+    from rich.table import Table
+
+    from compress.config.data import DATASETS
+    from compress.fetch import source_description, status
+
+    table = Table("dataset", "public source", "read from")
+    for name in DATASETS:
+        where, path = status(name, data_dir)
+        table.add_row(name, source_description(name), f"{where}: {path}" if path else where)
+    Console().print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Optional[list[str]] = typer.Argument(None, help="named datasets (default: all, or a recipe's)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="fetch what this recipe reads"),
+) -> None:
+    """Download named datasets into the cache ($COMPRESS_CACHE/data), so later runs need no network."""
+    from compress.config.data import DATASETS
+    from compress.fetch import datasets_of_recipe, fetch, status
+
+    try:
+        wanted = list(names or [])
+        if recipe is not None:
+            from compress.recipe import load_recipe
+
+            wanted += datasets_of_recipe(load_recipe(recipe))
+        for name in wanted or list(DATASETS):
+            where, path = status(name) if name in DATASETS else ("", None)
+            if where == "data dir":
+                console.print(f"{name}: in the data directory ({path}), nothing to fetch")
+                continue
+            with console.status(f"fetching {name}"):
+                path = fetch(name)
+            console.print(f"[green]ok[/] {name}: {path}")
+    except CompressError as error:
+        _fail(error)
+
+
 @app.command()
 def estimate(
     source: str = typer.Argument(..., help="hub id, registry name, folder, .gguf file, or a named architecture "

@@ -1,4 +1,5 @@
-"""Named datasets, read from a local data directory (never copied into the repo), else from the hub.
+"""Named datasets, read from a local data directory (never copied into the repo), else from the cache, which
+compress.fetch fills from each dataset's public source on first use.
 
 The data directory is, in order: the `data_dir` argument, the COMPRESS_DATA_DIR environment variable, then the
 first `shared/data` found beside the current directory or beside this checkout (`../shared/data`)."""
@@ -22,6 +23,7 @@ from compress.config.data import (  # noqa: F401 -- re-exported: the names and t
     is_known,
 )
 from compress.errors import CompressError
+from compress.fetch import data_cache, fetch, recorded_sources
 
 
 def _read_local(path: Path, kind: str):
@@ -31,24 +33,6 @@ def _read_local(path: Path, kind: str):
     return path.read_text(encoding="utf-8")
 
 
-def _from_hub(name: str, spec: NamedDataset):
-    import datasets
-
-    repo, config, split = spec.hub
-    looked = ", ".join(str(d) for d in candidate_data_dirs())
-    if not repo:
-        raise CompressError(f"dataset '{name}' is not in a local data directory (looked in: {looked}) and has no hub "
-                            f"copy; set {DATA_DIR_ENV} to a folder holding {spec.path}")
-    try:
-        rows = datasets.load_dataset(repo, config, split=split)
-    except Exception as error:  # any network/hub failure becomes one line
-        raise CompressError(f"dataset '{name}' is not local (looked in: {looked}) and the hub copy {repo} failed to "
-                            f"load: {str(error).splitlines()[0]}; set {DATA_DIR_ENV}")
-    if spec.kind == "text":
-        return "\n".join(row["text"].rstrip("\n") for row in rows)
-    return [dict(row, premise=row.get("sentence1"), hypothesis=row.get("sentence2")) for row in rows]
-
-
 @lru_cache(maxsize=8)
 def _load(name: str, directory: str | None):
     if name in DATASETS:
@@ -56,7 +40,7 @@ def _load(name: str, directory: str | None):
         root = Path(directory) if directory else data_dir()
         if root is not None and (root / spec.path).is_file():
             return _read_local(root / spec.path, spec.kind)
-        return _from_hub(name, spec)
+        return _read_local(fetch(name), spec.kind)  # the cache, filled from the public source on first use
     path = Path(name).expanduser()
     if not path.is_file():
         raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
@@ -72,8 +56,9 @@ def source_of(name: str, directory: str | Path | None = None) -> str:
     root = Path(directory) if directory else data_dir()
     if root is not None and (root / spec.path).is_file():
         return str((root / spec.path).resolve())
-    repo, config, split = spec.hub
-    return f"hub {repo}" + (f" ({config}, {split})" if config else f" ({split})")
+    recorded = recorded_sources().get(name)
+    where = f" (fetched from {recorded['source']} at {recorded['revision']})" if recorded else ""
+    return f"{data_cache() / spec.path}{where}"
 
 
 def load_text(name: str, directory: str | Path | None = None) -> str:

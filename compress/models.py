@@ -24,6 +24,7 @@ from compress.config.sources import (
     looks_like_path,
 )
 from compress.errors import CompressError
+from compress.fetch import cache_root
 from compress.modules import QUANT_ATTR
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
@@ -194,11 +195,6 @@ def _random_model(spec: RandomInit, dtype: str, device: str):
     return model.eval(), tokenizer
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "compress")
-
-
 def gguf_as_folder(source: ModelSource) -> ModelSource:
     """A GGUF file's dequantized model and tokenizer, saved once as a plain folder in $COMPRESS_CACHE (default
     ~/.cache/compress) and loaded from there afterwards: reading SmolLM2's GGUF takes 19 s on 2 CPU cores (14.5 s
@@ -209,7 +205,7 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
     stat = gguf.stat()
     if stat.st_size >= 2**30:
         return source
-    folder = _cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (folder / "config.json").is_file():
         model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
                                                                            dtype=torch.float32))

@@ -35,9 +35,13 @@ def test_environment_variable_selects_the_data_dir(tmp_path, monkeypatch):
     assert data.load_text("wikitext2-valid") == "hello world " * 10
 
 
-def test_missing_dataset_without_hub_copy_names_where_it_looked(tmp_path, monkeypatch):
+def test_missing_dataset_whose_source_is_unreachable_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    with pytest.raises(CompressError, match=f"politeness-train.*looked in: {tmp_path}.*{data.DATA_DIR_ENV}"):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESS_GITHUB_RAW_URL", "http://127.0.0.1:9")  # nothing listens there
+    data._load.cache_clear()
+    with pytest.raises(CompressError, match=f"politeness-train.*looked in: {tmp_path}.*could not be reached.*"
+                                            f"{data.DATA_DIR_ENV}"):
         data.load_records("politeness-train")
 
 

@@ -16,18 +16,18 @@ DATA_DIR_ENV = "COMPRESS_DATA_DIR"
 
 @dataclass(frozen=True)
 class NamedDataset:
-    path: str  # relative to the data directory
+    path: str  # relative to the data directory (and to the cache of fetched datasets)
     kind: str  # "text" (one document) or "records" (jsonl rows)
-    hub: tuple[str, str | None, str]  # (hub dataset id, config, split)
 
 
+# where each comes from when no data directory holds it: compress.fetch
 DATASETS = {
-    "wikitext2-test": NamedDataset("wikitext2/wiki.test.raw", "text", ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
-    "wikitext2-valid": NamedDataset("wikitext2/wiki.valid.tokens", "text", ("Salesforce/wikitext", "wikitext-2-v1", "validation")),
-    "rte-train": NamedDataset("rte/train.jsonl", "records", ("nyu-mll/glue", "rte", "train")),
-    "rte-validation": NamedDataset("rte/validation.jsonl", "records", ("nyu-mll/glue", "rte", "validation")),
-    "politeness-train": NamedDataset("politeness/train.jsonl", "records", ("", None, "train")),
-    "politeness-test": NamedDataset("politeness/test.jsonl", "records", ("", None, "test")),
+    "wikitext2-test": NamedDataset("wikitext2/wiki.test.raw", "text"),
+    "wikitext2-valid": NamedDataset("wikitext2/wiki.valid.tokens", "text"),
+    "rte-train": NamedDataset("rte/train.jsonl", "records"),
+    "rte-validation": NamedDataset("rte/validation.jsonl", "records"),
+    "politeness-train": NamedDataset("politeness/train.jsonl", "records"),
+    "politeness-test": NamedDataset("politeness/test.jsonl", "records"),
 }
 DATA_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl")
 
