@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from compress.config.evals import TASKS, ChoiceEval, Perplexity
-from compress.data import token_stream
+from compress.data import source_of, token_stream
 from compress.errors import CompressError
 from compress.tasks import score_choice_tasks
 
@@ -64,6 +64,7 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
         "perplexity": math.exp(nll / count),
         "protocol": {
             "dataset": config.dataset,
+            "source": source_of(config.dataset, data_dir),
             "seq_len": config.seq_len,
             "stride": stride,
             "tokens_scored": count,

@@ -189,7 +189,8 @@ def _protocol_lines(report: dict) -> list[str]:
         if "seq_len" in p:
             limit = f"the first {p['max_tokens']:,} tokens" if p["max_tokens"] else "the whole set"
             lines.append(
-                f"- **{task}**: perplexity on `{p['dataset']}` ({limit}; {p['tokens_available']:,} tokens in the "
+                f"- **{task}**: perplexity on `{p['dataset']}`{' from ' + p['source'] if p.get('source') else ''} "
+                f"({limit}; {p['tokens_available']:,} tokens in the "
                 f"set), windows of {p['seq_len']} tokens every {p['stride']} tokens, {p['tokens_scored']:,} tokens "
                 f"scored, each with at least one token of context in its window.")
             continue
@@ -203,8 +204,13 @@ def _protocol_lines(report: dict) -> list[str]:
             f"- **{task}** (lm-eval, {shots}): `{p['dataset']}` from {p['source']}, {rows['n']} rows{limit}; prompt "
             f"`{p['prompt']!r}`, answers {', '.join(map(repr, p['choices']))} for labels {', '.join(p['labels'])}; "
             f"prediction = {p['scoring']}. Majority class: {100 * rows['majority_baseline']:.1f} %. Scoring mode: "
-            f"{mode}.")
+            f"{mode}.{POLITENESS_LICENCE if task == 'politeness' else ''}")
     return lines
+
+
+POLITENESS_LICENCE = (" Corpus: Danescu-Niculescu-Mizil et al., \"A computational approach to politeness with application "
+                      "to social factors\", ACL 2013 (cite it); its files carry no licence statement, the request "
+                      "texts are Wikipedia and Stack Exchange user content under CC BY-SA.")
 
 
 def plot_tradeoff(report: dict, path: Path) -> bool:
