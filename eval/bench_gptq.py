@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--bits", default="4", help="comma-separated")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--modes", default="resident", help="resident,offload")
+    parser.add_argument("--schedules", default="sequential", help="sequential,two_pass")
+    parser.add_argument("--batch-tokens", default="auto", help="comma-separated: auto (whole set when it fits) or N "
+                                                                "(chunks of N tokens, as when memory is short)")
     parser.add_argument("--perplexity", action="store_true", help="WikiText-2 perplexity of every result")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor; omit to skip it")
@@ -104,15 +107,29 @@ def main() -> None:
 
     for bits in [int(b) for b in args.bits.split(",")]:
         setting = f"W{bits} g{args.group_size}"
-        for mode in args.modes.split(","):
-            m = fresh()
+        reference = None  # the first variant's first and last layers, to compare the others' weights against
+        variants = [(mode, schedule, tokens) for mode in args.modes.split(",")
+                    for schedule in args.schedules.split(",") for tokens in args.batch_tokens.split(",")]
+        for mode, schedule, tokens in variants:
+            if args.model == "llama2-7b-shape" and reference is not None:  # a fresh random model, the same weights
+                del m
+                torch.cuda.empty_cache()
+                model = random_llama(LLAMA2_7B, getattr(torch, args.dtype), args.device)
+                m = model
+            else:
+                m = fresh()
             if mode == "offload":
                 m.to("cpu")
             config = compress.GPTQ(bits=bits, group_size=args.group_size, act_order=True, damp=0.01,
-                                   offload=(mode == "offload"))
+                                   offload=(mode == "offload"), schedule=schedule,
+                                   batch_tokens=None if tokens == "auto" else int(tokens))
             _, seconds, peak = timed(lambda: compress.quantize(m, config, ids, show_progress=False))
-            results.append({"tool": f"compress {compress.__version__} ({mode})", "setting": setting,
-                            "seconds": seconds, "peak_cuda_bytes": peak, "perplexity": ppl(m)})
+            edges = [m.model.layers[0], m.model.layers[-1]]
+            weights = torch.cat([p.detach().flatten().float().cpu() for layer in edges for p in layer.parameters()])
+            reference = weights if reference is None else reference
+            results.append({"tool": f"compress {compress.__version__} ({mode}, {schedule}, batch_tokens {tokens})",
+                            "setting": setting, "seconds": seconds, "peak_cuda_bytes": peak, "perplexity": ppl(m),
+                            "same_weights_as_first_variant": (weights == reference).float().mean().item()})
             print(json.dumps(results[-1]), flush=True)
             if mode == "offload":
                 m.to(args.device)

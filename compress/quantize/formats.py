@@ -193,13 +193,3 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                 scale.dtype if scheme.weights.type == "float" else torch.int8))
         grids[module] = WeightQuant(scheme.weights, scale, zero.reshape(scale.shape), scheme.input_activations)
     return dense, grids
-
-
-def activation_quantized_modules(config: dict) -> list[str]:
-    """Names (or the "Linear" wildcard) of modules whose inputs a compressed-tensors checkpoint quantizes at run
-    time, e.g. FP8 W8A8."""
-    quant = config.get("quantization_config") or {}
-    if quant.get("quant_method") != "compressed-tensors":
-        return []
-    return [t for group in quant.get("config_groups", {}).values() if group.get("input_activations")
-            for t in group.get("targets", [])]
