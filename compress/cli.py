@@ -54,6 +54,8 @@ def run(
                                               help="then upload a step folder with a model card (recipe: hub:)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="with --push-to-hub: write the card and the files to "
                                                           "RUN/hub-upload, send nothing"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="the data directory (instead of the recipe's "
+                                                                     "data.dir, $COMPRESS_DATA_DIR, ../shared/data)"),
 ) -> None:
     """Run a recipe; a rerun skips the steps that are complete and unchanged."""
     from pydantic import ValidationError
@@ -62,7 +64,7 @@ def run(
 
     try:
         run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console, push_to_hub=push_to_hub,
-                   dry_run=dry_run)
+                   dry_run=dry_run, data_dir=data_dir)
     except ValidationError as error:  # --push-to-hub's repo id
         _fail(CompressError(f"--push-to-hub: {error.errors()[0]['msg'].removeprefix('Value error, ')}"))
     except CompressError as error:

@@ -23,7 +23,7 @@ from compress.config.data import (  # noqa: F401 -- re-exported: the names and t
     is_known,
 )
 from compress.errors import CompressError
-from compress.fetch import data_cache, fetch, recorded_sources
+from compress.fetch import fetch, recorded_sources
 
 
 def _read_local(path: Path, kind: str):
@@ -40,7 +40,7 @@ def _load(name: str, directory: str | None):
         root = Path(directory) if directory else data_dir()
         if root is not None and (root / spec.path).is_file():
             return _read_local(root / spec.path, spec.kind)
-        return _read_local(fetch(name), spec.kind)  # the cache, filled from the public source on first use
+        return _read_local(fetch(name, directory), spec.kind)  # the cache, filled from the public source once
     path = Path(name).expanduser()
     if not path.is_file():
         raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
@@ -49,16 +49,18 @@ def _load(name: str, directory: str | None):
 
 
 def source_of(name: str, directory: str | Path | None = None) -> str:
-    """Where a dataset's rows come from, for reports: the local file, else the hub dataset."""
+    """Where a dataset's rows come from, for reports (which may be published: no local directory is named for a
+    named dataset): the data directory's file, or the public source the cache was filled from and its revision."""
     if name not in DATASETS:
         return str(Path(name).expanduser().resolve())
     spec = DATASETS[name]
     root = Path(directory) if directory else data_dir()
     if root is not None and (root / spec.path).is_file():
-        return str((root / spec.path).resolve())
+        return f"the data directory's {spec.path}"
     recorded = recorded_sources().get(name)
-    where = f" (fetched from {recorded['source']} at {recorded['revision']})" if recorded else ""
-    return f"{data_cache() / spec.path}{where}"
+    if recorded:
+        return f"{recorded['source']} at {recorded['revision']} (fetched into the cache)"
+    return f"the cache's {spec.path}"
 
 
 def load_text(name: str, directory: str | Path | None = None) -> str:

@@ -50,8 +50,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def paired_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """(student, teacher) hidden-state indices paired by depth: student layer i (1-based; 0 is the embedding output,
-    identical inputs, never paired) with teacher layer round(i · L_t / L_s)."""
-    return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
+    identical inputs, never paired) with teacher layer round(i · L_t / L_s), at least 1."""
+    return [(i, max(1, round(i * teacher_layers / student_layers))) for i in range(1, student_layers + 1)]
 
 
 def hidden_state_loss(student_states: tuple, teacher_states: tuple, positions: torch.Tensor | None = None

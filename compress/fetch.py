@@ -113,8 +113,8 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _unavailable(name: str, why: str) -> CompressError:
-    looked = ", ".join(str(d) for d in candidate_data_dirs()) or "(none)"
+def _unavailable(name: str, why: str, directory: str | Path | None = None) -> CompressError:
+    looked = str(directory) if directory else ", ".join(str(d) for d in candidate_data_dirs()) or "(none)"
     return CompressError(
         f"dataset '{name}' is not in a data directory (looked in: {looked}) nor in the cache ({data_cache()}), and "
         f"{why}; give --data-dir or set {DATA_DIR_ENV} to a folder holding {DATASETS[name].path}, or run "
@@ -141,16 +141,26 @@ def _reachable(url: str) -> str | None:
     import socket
     from urllib.parse import urlsplit
 
+    import threading
+
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=CONNECT_SECONDS).close()
-    except OSError as error:
-        return f"{parts.hostname}:{port} is unreachable: {error.strerror or error}"
-    return None
+    outcome: list = []
+
+    def probe():  # in a thread: the name lookup is not bounded by the socket's timeout
+        try:
+            socket.create_connection((parts.hostname, port), timeout=CONNECT_SECONDS).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"{parts.hostname}:{port} is unreachable: {error.strerror or error}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS)
+    return outcome[0] if outcome else f"{parts.hostname}:{port} did not answer within {CONNECT_SECONDS} s"
 
 
-def _from_hub(name: str, source: HubParquet) -> None:
+def _from_hub(name: str, source: HubParquet, directory: str | Path | None) -> None:
     import pyarrow.parquet as pq
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -158,7 +168,7 @@ def _from_hub(name: str, source: HubParquet) -> None:
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     problem = _reachable(endpoint)
     if problem:
-        raise _unavailable(name, f"the hub copy {source.repo} could not be reached ({problem})")
+        raise _unavailable(name, f"the hub copy {source.repo} could not be reached ({problem})", directory)
     rows, commit = [], None
     for filename in source.files:
         try:
@@ -167,10 +177,10 @@ def _from_hub(name: str, source: HubParquet) -> None:
                                         cache_dir=cache_root() / "hub"))
         except (OfflineModeIsEnabled, LocalEntryNotFoundError) as error:
             raise _unavailable(name, f"the hub copy {source.repo} could not be reached "
-                                     f"({str(error).splitlines()[0][:160]})") from error
+                                     f"({str(error).splitlines()[0][:160]})", directory) from error
         except (HfHubHTTPError, OSError) as error:
             raise _unavailable(name, f"the hub copy {source.repo} failed to download "
-                                     f"({str(error).splitlines()[0][:160]})") from error
+                                     f"({str(error).splitlines()[0][:160]})", directory) from error
         commit = path.parents[len(Path(filename).parts) - 1].name  # the hub cache: snapshots/<commit>/<filename>
         rows += pq.read_table(path).to_pylist()
     _write(data_cache() / DATASETS[name].path, source.to_file(rows))
@@ -185,19 +195,19 @@ def _download(url: str) -> bytes:
         raise ConnectionError(f"{url}: {getattr(error, 'reason', error)}") from error
 
 
-def _politeness() -> None:
+def _politeness(name: str, directory: str | Path | None) -> None:
     from compress.politeness import SOURCES, build_split, source_url
 
     base = os.environ.get(GITHUB_RAW_ENV) or GITHUB_RAW
     problem = _reachable(base)
     if problem:
-        raise _unavailable("politeness-train", f"its source host could not be reached ({problem})")
+        raise _unavailable(name, f"its source host could not be reached ({problem})", directory)
     raw = {}
     for source in SOURCES:
         try:
             raw[source.name] = _download(source_url(source, base))
         except ConnectionError as error:
-            raise _unavailable("politeness-train", f"its source could not be downloaded ({error})") from error
+            raise _unavailable(name, f"its source could not be downloaded ({error})", directory) from error
     built = build_split(raw)  # checks every file's sha256 first
     for name in POLITENESS:
         path = data_cache() / DATASETS[name].path
@@ -206,21 +216,22 @@ def _politeness() -> None:
                          "revision": ", ".join(f"{s.repo}@{s.commit}" for s in SOURCES)})
 
 
-def fetch(name: str) -> Path:
-    """The cached file of a named dataset, fetched from its public source if it is not cached yet."""
+def fetch(name: str, directory: str | Path | None = None) -> Path:
+    """The cached file of a named dataset, fetched from its public source if it is not cached yet. `directory`: the
+    data directory that was asked for (named in the error when the dataset cannot be had)."""
     if name not in DATASETS:
         raise CompressError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     path = cached(name)
     if path is not None:
         return path
     if _offline():
-        raise _unavailable(name, "HF_HUB_OFFLINE is set, so nothing is downloaded")
+        raise _unavailable(name, "HF_HUB_OFFLINE is set, so nothing is downloaded", directory)
     if name in HUB_SOURCES:
-        _from_hub(name, HUB_SOURCES[name])
+        _from_hub(name, HUB_SOURCES[name], directory)
     elif name in POLITENESS:
-        _politeness()
+        _politeness(name, directory)
     else:
-        raise _unavailable(name, "it has no public source")
+        raise _unavailable(name, "it has no public source", directory)
     return data_cache() / DATASETS[name].path
 
 

@@ -53,10 +53,10 @@ def model_card(run_dir: Path, step: str, repo_id: str) -> str:
     """The README.md of the pushed repo: metadata, what was done, the report's tables, the recipe, how to load."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from compress.report import render_markdown  # the report imports the recipe, which imports this module
+    from compress.report import render_markdown
 
     report = json.loads((run_dir / "report.json").read_text())
-    recipe_text = (run_dir / "recipe.yaml").read_text()
+    recipe_text = public_recipe(run_dir)
     recipe = yaml.safe_load(recipe_text)
     hub_id, license_name = base_model(recipe["model"])
     config = json.loads((run_dir / step / "config.json").read_text())
@@ -84,6 +84,14 @@ def model_card(run_dir: Path, step: str, repo_id: str) -> str:
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)))
 
 
+def public_recipe(run_dir: Path) -> str:
+    """The run's recipe.yaml without this machine's data directory (a local path, resolved at run time)."""
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    if (recipe.get("data") or {}).get("dir"):
+        recipe["data"]["dir"] = None
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -108,9 +116,10 @@ def stage(run_dir: Path, hub: HubPush) -> tuple[str, Path, list[str]]:
             target = staging / path.relative_to(run_dir / step)
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(path, target)
-    for name in ("recipe.yaml", "report.md", "tradeoff.png"):
+    for name in ("report.md", "tradeoff.png"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
+    (staging / "recipe.yaml").write_text(public_recipe(run_dir))
     (staging / "README.md").write_text(model_card(run_dir, step, hub.repo_id))
     files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
     return step, staging, files

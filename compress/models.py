@@ -25,7 +25,7 @@ from compress.config.sources import (
 )
 from compress.errors import CompressError
 from compress.fetch import cache_root
-from compress.modules import QUANT_ATTR
+from compress.modules import QUANT_ATTR, grids_to_weights
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
 
@@ -230,11 +230,14 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
         return _random_model(source.random, dtype, device)
     if source.kind == "gguf":
         source = gguf_as_folder(source)
+    if source.kind == "hub":
+        source = _quantized_hub_checkpoint_as_folder(source)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
         if is_quantized_checkpoint(config) or LAYER_WIDTHS_KEY in config:
-            model = _load_state(Path(source.location), config, DTYPES[dtype])
-            return model.to(device).eval(), load_tokenizer(source)
+            model = _load_state(Path(source.location), config, DTYPES[dtype]).to(device).eval()
+            grids_to_weights(model)  # the restored grids follow the weights to the device
+            return model, load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
@@ -246,6 +249,22 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
         _strip_gguf_quantizer(model)
     tokenizer = load_tokenizer(source)
     return model.to(device).eval(), tokenizer
+
+
+def _quantized_hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:
+    """A hub model whose config.json declares a quantization we read comes down as a folder and loads through
+    _load_state, so it is known as quantized (as a step folder is); any other hub model is left to from_pretrained."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        config = json.loads(Path(hf_hub_download(source.location, "config.json")).read_text())
+        if not is_quantized_checkpoint(config):
+            return source
+        folder = snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                    "*.tiktoken"])
+    except Exception as error:  # noqa: BLE001 -- any network or hub failure becomes one line
+        raise _hub_error(source, error)
+    return ModelSource("dir", folder)
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):

@@ -55,6 +55,15 @@ def quantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Li
             yield name, module, quant
 
 
+def grids_to_weights(model: torch.nn.Module) -> None:
+    """Move each quantized Linear's grid (plain attributes, not buffers: `model.to` leaves them) to its weight's
+    device."""
+    for _, linear, quant in quantized_linears(model):
+        device = linear.weight.device
+        quant.scale = quant.scale.to(device)
+        quant.zero_point = None if quant.zero_point is None else quant.zero_point.to(device)
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     return next(quantized_linears(model), None) is not None
 

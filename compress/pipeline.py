@@ -18,7 +18,7 @@ from rich.console import Console
 
 from compress import __version__
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
-from compress.config import HubPush, TaylorPrune, WeightOnlyConfig
+from compress.config import HubPush, WeightOnlyConfig
 from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, step_folder_name
 from compress.data import calibration_batches
 from compress.distill import check_same_tokenizer
@@ -28,7 +28,6 @@ from compress.hub import STAGING, push
 from compress.measure import measure
 from compress.models import load_model, resolve_source
 from compress.modules import is_quantized
-from compress.prune import check_prunable
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
@@ -67,7 +66,7 @@ def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
     return name
 
 
-def _step_inputs(config, model, tokenizer, recipe: Recipe, out: Path, device: str) -> dict:
+def _step_inputs(config, tokenizer, recipe: Recipe, out: Path, device: str) -> dict:
     """What the step's spec says its verb needs: calibration ids, training rows (and the seed), a teacher."""
     spec = spec_of(config)
     data_dir = recipe.data.dir
@@ -104,10 +103,10 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
             _training_examples(tokenizer, step.config.data, step.config.seq_len, recipe.data.dir)
     pruned_to = None
     for step in recipe.steps:
-        config = step.config
-        if isinstance(config, TaylorPrune):
-            if pruned_to is None:
-                check_prunable(model, config)
+        config, spec = step.config, spec_of(step.config)
+        if pruned_to is None:  # until a step changes the widths, the base model is what each step will see
+            spec.check_model(model, config)
+        if spec.prunes:
             pruned_to = config
         elif isinstance(config, WeightOnlyConfig) and config.group_size != -1:
             check_group_size(model, config.group_size)  # the hidden size and unpruned layers keep these widths
@@ -155,12 +154,14 @@ def _hub_settings(recipe: Recipe, push_to_hub: str | None, dry_run: bool) -> Hub
 
 def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
         console: Console | None = None, show_progress: bool = True, push_to_hub: str | None = None,
-        dry_run: bool = False) -> dict:
+        dry_run: bool = False, data_dir: str | Path | None = None) -> dict:
     """Run (or resume) a recipe (a Recipe or a path to its YAML); returns the report also written to report.json.
     Then, with `push_to_hub` (a repo id) or the recipe's `hub:`, push a step folder with a model card; `dry_run`
     writes the upload (card and files) to RUN/hub-upload without sending it."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if data_dir is not None:  # --data-dir: in place of the recipe's data.dir
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dir": str(data_dir)})})
     # inherited defaults (data dir, calibration sets) are filled in before anything is fingerprinted or written
     recipe = recipe.resolved()
     hub = _hub_settings(recipe, push_to_hub, dry_run)  # a bad repo id fails now, not after the run
@@ -230,8 +231,9 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                 _preflight(model, tokenizer, recipe)
             else:
                 console.print(f"{label}: {config.describe()}")
-                inputs = _step_inputs(config, model, tokenizer, recipe, out, device)
-                model = spec.load_verb()(model, config, **inputs, show_progress=show_progress)
+                inputs = _step_inputs(config, tokenizer, recipe, out, device)
+                ran_with = spec.run_config(model, config, inputs)
+                model = spec.load_verb()(model, ran_with, **inputs, show_progress=show_progress)
                 inputs.clear()  # the teacher, if any, is freed before the evals
         with measure() as eval_cost:
             metrics = run_evals(model, tokenizer, index)
@@ -243,6 +245,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
             "quantized": is_quantized(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
+            **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
             "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],
             "peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"]),
             **({"peak_cuda_bytes": step_cost["peak_cuda_bytes"]} if "peak_cuda_bytes" in step_cost else {}),

@@ -41,6 +41,11 @@ class StepSpec:
     quantizes: bool = False  # its output lies on a quantization grid (and is saved compressed)
     prunes: bool = False  # its output has narrower layers than its input
     save_format: Callable = _dense  # config -> "dense" | "compressed-tensors" | "gptq"
+    # module:function (model, config, **inputs) -> the config as it will run, where a setting is decided at run time
+    # by the machine (e.g. GPTQ's chunking by free memory): recorded in step.json, not fingerprinted
+    resolve_run: str | None = None
+    # module:function (model, config) -> None: what can be checked on the input model's shapes before any work
+    check: str | None = None
 
     @property
     def method(self) -> str | None:
@@ -52,17 +57,30 @@ class StepSpec:
         return f"{self.kind} ({self.method})" if self.method else self.kind
 
     def load_verb(self) -> Callable:
-        module, function = self.verb.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _load(self.verb)
+
+    def check_model(self, model, config) -> None:
+        if self.check:
+            _load(self.check)(model, config)
+
+    def run_config(self, model, config, inputs: dict):
+        """The config as the step will run it (itself, unless the spec resolves run-time settings)."""
+        return _load(self.resolve_run)(model, config, **inputs) if self.resolve_run else config
+
+
+def _load(name: str) -> Callable:
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 SPECS = (
-    StepSpec("prune", TaylorPrune, "compress.prune:prune", calibrates=True, prunes=True),
+    StepSpec("prune", TaylorPrune, "compress.prune:prune", calibrates=True, prunes=True,
+             check="compress.prune:check_prunable"),
     StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
     StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
     StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
-             save_format=_config_format),
+             save_format=_config_format, resolve_run="compress.quantize.gptq:resolve_run"),
     StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors),
     StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
              save_format=_config_format),

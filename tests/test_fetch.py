@@ -100,7 +100,7 @@ def test_every_named_dataset_is_fetched_equal_to_the_local_files(no_data_dir, tm
         assert (tmp_path / "cache" / "data" / DATASETS[name].path).read_bytes() == (LOCAL / DATASETS[name].path).read_bytes()
     fetched = {path for method, path in no_data_dir.requests if method == "GET" and "/api/" not in path}
     assert fetched == set(_hub_files()) | set(_github_files())  # each file once, nothing else
-    assert f"fetched from hub nyu-mll/glue: rte/train at {COMMIT}" in source_of("rte-train")
+    assert source_of("rte-train") == f"hub nyu-mll/glue: rte/train at {COMMIT} (fetched into the cache)"
     # a second read is local: no request at all
     before = len(no_data_dir.requests)
     from compress import data
@@ -191,4 +191,4 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
                                                         "04-quantize"]
     assert all(set(row["metrics"]) == {"wikitext2", "rte", "politeness"} for row in report["steps"])
     assert str(tmp_path / "no-data-here") not in json.dumps(report)
-    assert "fetched from" in report["protocol"]["rte"]["source"]
+    assert "fetched into the cache" in report["protocol"]["rte"]["source"]

@@ -157,6 +157,9 @@ def test_gptq_schedule_is_recorded_in_the_step(tiny_recipe, tmp_path):
     report = quiet_run(tiny_recipe(steps=steps))
     assert report["steps"][1]["config"]["schedule"] == "two_pass"
     assert "two-pass" in report["steps"][1]["summary"]
+    record = json.loads((tmp_path / "runs" / "tiny" / "01-quantize" / "step.json").read_text())
+    assert record["config"]["batch_tokens"] is None  # fingerprinted as asked
+    assert record["ran_with"]["batch_tokens"] == 4 * 64  # recorded as it ran: the whole set fits in one forward
 
 
 # ---------------------------------------------------------------- item 10: uniform pruning that transformers loads

@@ -87,7 +87,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("batch_tokens", [None, 128])  # one pass over the whole set; two passes over chunks
+@pytest.mark.parametrize("batch_tokens", [None, 128])  # the whole set in one forward, or 8 chunks: the same sequential algorithm
 def test_gptq_model_is_closer_to_the_float_model_than_rtn(tiny_model_dir, batch_tokens):
     model, _, ids = _tiny(tiny_model_dir)
     reference = _logits(model, ids[:2])

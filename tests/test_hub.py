@@ -90,6 +90,12 @@ def test_cli_dry_run_writes_the_upload_and_sends_nothing(hub, tiny_recipe, tmp_p
     staged = tmp_path / "runs" / "tiny" / "hub-upload"
     assert (staged / "README.md").is_file() and (staged / "model.safetensors").is_file()
     assert "nothing was sent" in result.output and hub.requests == []
+    # the run's recipe.yaml names this machine's data directory; the public copy and the card do not
+    from compress.config.data import data_dir
+
+    local = str(data_dir().resolve())
+    assert local in (tmp_path / "runs" / "tiny" / "recipe.yaml").read_text()
+    assert local not in (staged / "recipe.yaml").read_text() and local not in (staged / "README.md").read_text()
     # the real push from the same command line, now that the run is complete (its steps are skipped)
     result = CliRunner().invoke(app, ["run", str(recipe), "--push-to-hub", "my-org/tiny"])
     assert result.exit_code == 0, result.output

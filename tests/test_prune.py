@@ -26,7 +26,7 @@ from compress.prune.structure import (
     shrink_attention,
     shrink_mlp,
 )
-from compress.quantize.layerwise import decoder_layers
+from compress.modules import decoder_layers
 
 IDS = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
 

@@ -39,7 +39,8 @@ class TrainingBudget(Strict):
 
 # peft's init_lora_weights: True (Kaiming-uniform A, zero B), False (random B: not an identity start), or a named
 # initialisation; pissa_niter_N is written as pissa_niter_16 etc.
-LORA_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+# eva, corda and loftq need a data- or config-dependent setup step that peft does not run by itself: not offered
+LORA_INITS = ("gaussian", "olora", "pissa", "orthogonal")
 
 
 class LoRA(Strict):

@@ -32,6 +32,9 @@ def quantize(model: torch.nn.Module, config: RTN | GPTQ | FP8 | QAT, calibration
                                 f"compress.data.training_windows(tokenizer, 'wikitext2-valid', 256)")
         inputs.update(train_data=train_data, seed=seed)
     if spec.teacher != "never":
+        if teacher is not None and config.kd is None:
+            raise CompressError(f"a teacher was given but {spec.name} has no kd block, so it would train on the plain "
+                                f"LM loss; pass {type(config).__name__}(..., kd=compress.KD(...)) to distil from it")
         inputs["teacher"] = teacher
     return spec.load_verb()(model, config, **inputs, show_progress=show_progress)
 

@@ -315,14 +315,24 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
             handle.remove()
 
 
+def resolve_run(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, **_) -> GPTQ:
+    """The config as it will run: `batch_tokens` decided by memory now (the whole set in one forward when it fits on
+    the calibration device, unless offloading; else 16,384-token chunks). It changes only the order in which the
+    Hessians' sums are added, so it is recorded with the step, not fingerprinted."""
+    if config.batch_tokens is not None:
+        return config
+    fits = not config.offload and _whole_set_fits(model, calibration, _calibration_device(model, config.offload))
+    return config.model_copy(update={"batch_tokens": calibration.numel() if fits else DEFAULT_BATCH_TOKENS})
+
+
 @torch.no_grad()
 def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, *,
                   show_progress: bool = True) -> torch.nn.Module:
     """Quantize every decoder Linear with GPTQ, layer by layer, on `calibration` token ids [samples, seq_len].
 
-    `offload` changes where the weights wait (the CPU, one decoder layer at a time on the GPU), never the result;
-    `batch_tokens` (default: the whole set in one forward when it fits in memory) changes only how the calibration
-    forwards are chunked. `schedule` is the one setting that changes the algorithm."""
+    `offload` changes where the weights wait (the CPU, one decoder layer at a time on the GPU) and, by default, chunks
+    the calibration forwards; `batch_tokens` (`resolve_run`) changes only how those forwards are chunked, so only the
+    order of additions. `schedule` is the one setting that changes the algorithm."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
     check_group_size(model, config.group_size)
     args = quantization_args(config, "weight" if config.act_order else None)
@@ -330,12 +340,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     device = _calibration_device(model, config.offload)
     if config.offload and home.type != "cpu":
         model.to("cpu")  # offload: the weights wait on the CPU, one layer at a time visits the device
-    if config.batch_tokens is not None:
-        batch_tokens = config.batch_tokens
-    elif not config.offload and _whole_set_fits(model, calibration, device):
-        batch_tokens = calibration.numel()
-    else:
-        batch_tokens = DEFAULT_BATCH_TOKENS
+    batch_tokens = resolve_run(model, config, calibration).batch_tokens
     quantize_layer = _quantize_layer_sequential if config.schedule == "sequential" else _quantize_layer_two_passes
     layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens)
     layers = layerwise.layers

@@ -43,6 +43,7 @@ class _FakeQuantized(torch.nn.Module):
 def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Module:
     """Fake-quantize every decoder Linear's weight (in place). The weight Parameter objects stay the same, so an
     optimizer created before this call still trains them."""
+    require_float(model, "QAT", "it starts from float weights and rounds them itself")
     check_group_size(model, config.group_size)
     for _, linear in quantizable_linears(model):
         if not parametrize.is_parametrized(linear, "weight"):
