@@ -15,6 +15,7 @@ from compress.data import calibration_batches, training_windows
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=300)
 parser.add_argument("--output-dir", default="smollm2-pruned-distilled")
+parser.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 test tokens scored")
 args = parser.parse_args()
 
 teacher, tokenizer = compress.load_model("smollm2-135m")
@@ -32,7 +33,7 @@ trainer = compress.DistillationTrainer(
 )
 trainer.train()
 
-protocol = compress.Perplexity(seq_len=512, max_tokens=4096)
+protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens)
 for name, model in (("teacher", teacher), ("pruned + distilled student", student.eval())):
     print(f"{name}: WikiText-2 perplexity {compress.perplexity(model, tokenizer, protocol)['perplexity']:.2f}")
 compress.save_model(student, tokenizer, args.output_dir)  # per-layer widths: load with compress.load

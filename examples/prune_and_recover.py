@@ -12,10 +12,11 @@ from compress.data import calibration_batches, training_windows
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=300, help="LoRA recovery steps")
 parser.add_argument("--output-dir", default="smollm2-pruned-recovered")
+parser.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 test tokens scored")
 args = parser.parse_args()
 
 model, tokenizer = compress.load_model("smollm2-135m")  # or any Llama-family transformers model
-protocol = compress.Perplexity(seq_len=512, max_tokens=4096)
+protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens)
 
 
 def report(stage: str) -> None:

@@ -14,6 +14,7 @@ from compress.data import training_windows
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=300)
 parser.add_argument("--output-dir", default="smollm2-qat-w4g64")
+parser.add_argument("--ppl-tokens", type=int, default=4096, help="WikiText-2 test tokens scored")
 args = parser.parse_args()
 
 model, tokenizer = compress.load_model("smollm2-135m")  # or any transformers causal LM
@@ -29,7 +30,7 @@ trainer = Trainer(
 )
 trainer.train()  # when training ends the callback rounds the weights onto the grid
 
-protocol = compress.Perplexity(seq_len=512, max_tokens=4096)
+protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens)
 print(f"W4 g64 after QAT: WikiText-2 perplexity {compress.perplexity(model, tokenizer, protocol)['perplexity']:.2f}")
 compress.save_model(model, tokenizer, args.output_dir)  # compressed-tensors pack-quantized, like PTQ
 print(f"saved {args.output_dir}: AutoModelForCausalLM.from_pretrained({args.output_dir!r}) loads it")

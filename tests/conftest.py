@@ -3,6 +3,7 @@ where only mechanics matter; SmolLM2 (the embedded real model) for the tests whe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,23 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`-n 2`, as CI runs) each worker gets one core's worth of threads: two workers of two
+    # threads each on a 2-core machine would oversubscribe it. Subprocesses a test starts inherit the setting.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow (real-weights) tests")
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"):
+        # the long real-weights tests first: under xdist the workers start on them and the short tests fill the gaps,
+        # instead of one worker finishing a long test alone at the end
+        items.sort(key=lambda item: "slow" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:

@@ -181,6 +181,7 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
             config.update(steps=2, batch_size=2)
         if "calibration" in config:
             config["calibration"].update(samples=4, seq_len=64)
+    recipe["eval"].update(after="last")  # every dataset is still read: the evals at the end, training data before
     recipe["eval"]["wikitext2"]["max_tokens"] = 1024
     recipe["eval"]["choice"]["limit"] = 8
     recipe["output_dir"] = str(tmp_path / "run")
@@ -189,6 +190,6 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
     report = run(path, console=Console(quiet=True), show_progress=False)
     assert [row["step"] for row in report["steps"]] == ["00-base", "01-finetune", "02-prune", "03-finetune",
                                                         "04-quantize"]
-    assert all(set(row["metrics"]) == {"wikitext2", "rte", "politeness"} for row in report["steps"])
+    assert set(report["steps"][-1]["metrics"]) == {"wikitext2", "rte", "politeness"}
     assert str(tmp_path / "no-data-here") not in json.dumps(report)
     assert "fetched into the cache" in report["protocol"]["rte"]["source"]

@@ -117,8 +117,8 @@ def test_eval_change_reevaluates_without_recomputing(tiny_recipe, tmp_path):
 
 
 def test_sigkill_during_second_step_then_resume(tiny_recipe, tmp_path):
-    # the whole test set (no max_tokens) makes the second step's eval long enough to be killed inside it
-    recipe = tiny_recipe(max_tokens=None)
+    # 100k tokens make the second step's eval long enough (seconds) to be killed inside it
+    recipe = tiny_recipe(max_tokens=100_000)
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "run", str(recipe)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     out = tmp_path / "runs" / "tiny"

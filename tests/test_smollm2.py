@@ -66,40 +66,32 @@ def test_gguf_is_read_once_then_loaded_from_the_cache(smollm2, tmp_path, monkeyp
     assert second_tokenizer.chat_template == tokenizer.chat_template
 
 
-def test_rtn4_g64_reloads_in_stock_transformers_and_perplexity_rises(smollm2, tmp_path):
-    model, tokenizer, ids = smollm2
-    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
-    quantized = compress.quantize(copy.deepcopy(model), compress.RTN(bits=4, group_size=64), show_progress=False)
-    compress.save_model(quantized, tokenizer, tmp_path / "q4")
-    config = json.loads((tmp_path / "q4" / "config.json").read_text())
-    assert config["quantization_config"]["format"] == "pack-quantized"
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", dtype=torch.float32)
-    torch.testing.assert_close(logits(reloaded, ids), logits(quantized, ids), rtol=0, atol=1e-4)
-    q4_ppl = compress.perplexity(quantized, tokenizer, PPL, show_progress=False)["perplexity"]
-    q8_ppl = compress.perplexity(compress.quantize(copy.deepcopy(model), compress.RTN(bits=8, group_size=-1),
-                                                   show_progress=False), tokenizer, PPL, show_progress=False)["perplexity"]
-    assert math.isfinite(q4_ppl) and q4_ppl > base_ppl * 1.05  # 4-bit RTN costs visible quality
-    assert abs(q8_ppl - base_ppl) < 0.02 * base_ppl  # 8-bit is near lossless
-    compress.save_model(model, tokenizer, tmp_path / "base")
-    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("base", "q4")}
-    assert size["q4"] < 0.4 * size["base"]
-
-
 def test_group_128_is_a_clear_error_on_smollm2(smollm2):
     model, _, _ = smollm2
     with pytest.raises(CompressError, match=r"group_size 128 does not divide the input width 576 .*use one of .*64"):
         compress.quantize(model, compress.RTN(bits=4, group_size=128), show_progress=False)
 
 
-def test_shipped_recipe_runs_end_to_end(tmp_path):
+def test_shipped_recipe_runs_end_to_end(smollm2, tmp_path):
+    """The shipped RTN 4-bit recipe through the CLI: a pack-quantized folder under 40 % of the base's size that stock
+    transformers loads with compress's own logits, at a visible but bounded perplexity cost; 8-bit is near lossless."""
+    model, tokenizer, ids = smollm2
     result = CliRunner().invoke(app, ["run", "recipes/smollm2-135m-rtn4.yaml", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     base, quant = report["steps"]
     assert (base["step"], quant["step"]) == ("00-base", "01-quantize")
     assert quant["size_bytes"] < 0.4 * base["size_bytes"]
-    assert base["wikitext2_perplexity"] < quant["wikitext2_perplexity"] < 2 * base["wikitext2_perplexity"]
+    assert 1.05 * base["wikitext2_perplexity"] < quant["wikitext2_perplexity"] < 2 * base["wikitext2_perplexity"]
     assert (tmp_path / "01-quantize" / "tokenizer.json").is_file()
+    folder = tmp_path / "01-quantize"
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, _ = compress.load(folder)
+    torch.testing.assert_close(logits(stock, ids), logits(ours, ids), rtol=0, atol=1e-4)
+    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
+    q8 = compress.quantize(copy.deepcopy(model), compress.RTN(bits=8, group_size=-1), show_progress=False)
+    assert abs(compress.perplexity(q8, tokenizer, PPL, show_progress=False)["perplexity"] - base_ppl) < 0.02 * base_ppl
 
 
 def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm2, tmp_path):
@@ -164,7 +156,7 @@ def test_prune_and_recover_recipe_on_smollm2(tmp_path, smollm2):
         "name: smollm2-prune-ci\nmodel: smollm2-135m\nsteps:\n"
         "  - prune: {method: taylor, importance: element1, ratio: 0.25, layers: [4, 28]}\n"
         "  - finetune: {method: lora, lora: {r: 8, alpha: 16}, steps: 12, lr: 1.0e-3, batch_size: 4, seq_len: 128}\n"
-        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 4096}\n"
+        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 2048}\n"
         f"output_dir: {tmp_path / 'run'}\n")
     report = compress.run(recipe, show_progress=False)
     base, pruned, recovered = (row["wikitext2_perplexity"] for row in report["steps"])
@@ -192,14 +184,15 @@ def test_distill_and_qat_recipe_on_smollm2(smollm2, tmp_path):
         "  - prune: {importance: element1, ratio: 0.25, layers: [4, 28]}\n"
         "  - distill: {kd: {teacher: base}, steps: 10, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
         "  - quantize: {method: qat, bits: 3, group_size: 64, steps: 6, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
-        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 4096}\n"
+        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 2048}\n"
         f"output_dir: {tmp_path / 'run'}\n")
     report = compress.run(recipe, show_progress=False)
     base, pruned, distilled, qat = (row["wikitext2_perplexity"] for row in report["steps"])
     assert distilled < 0.8 * pruned, (pruned, distilled)
     student, _ = compress.load(tmp_path / "run" / "02-distill")
     rtn = compress.quantize(student, compress.RTN(bits=3, group_size=64), show_progress=False)
-    rtn_ppl = compress.perplexity(rtn, tokenizer, PPL, show_progress=False)["perplexity"]
+    same_protocol = compress.Perplexity(seq_len=512, max_tokens=2048)  # as the recipe's evals
+    rtn_ppl = compress.perplexity(rtn, tokenizer, same_protocol, show_progress=False)["perplexity"]
     assert qat < 0.7 * rtn_ppl, (qat, rtn_ppl)
     config = json.loads((tmp_path / "run" / "03-quantize" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["num_bits"] == 3
@@ -220,7 +213,7 @@ def _run_example(example: str, *args: str, env: dict | None = None):
 
 @pytest.mark.parametrize("example", ["qat_in_my_trainer.py", "distill_in_my_pipeline.py", "prune_and_recover.py"])
 def test_examples_run(example, tmp_path):
-    stdout = _run_example(example, "--steps", "2", "--output-dir", str(tmp_path / "out"))
+    stdout = _run_example(example, "--steps", "2", "--ppl-tokens", "1024", "--output-dir", str(tmp_path / "out"))
     assert "WikiText-2 perplexity" in stdout
     assert (tmp_path / "out" / "config.json").is_file()
     if example == "prune_and_recover.py":
@@ -232,7 +225,7 @@ def test_quantize_then_push_example_pushes_to_the_hub(tmp_path):
     from hub_standin import StandInHub
 
     with StandInHub() as hub:
-        stdout = _run_example("quantize_then_push.py", "--repo-id", "me/smollm2-gptq4", "--samples", "8",
+        stdout = _run_example("quantize_then_push.py", "--repo-id", "me/smollm2-gptq4", "--samples", "8", "--ppl-tokens", "1024",
                               "--output-dir", str(tmp_path / "run"), env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_t"})
     assert "pushed" in stdout and "01-quantize" in stdout
     repo = hub.repos["me/smollm2-gptq4"]
