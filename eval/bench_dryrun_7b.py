@@ -16,22 +16,26 @@ import torch
 
 import compress
 from compress.models import RandomInit
+from compress.steps import spec_of
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def dry_run_recipe(path: Path, architecture: str, train_steps: int, limit: int, max_tokens: int) -> compress.Recipe:
+def dry_run_recipe(path: Path, architecture: str, train_steps: int, limit: int, max_tokens: int,
+                   tokenizer: str = "smollm2-135m", tasks: list[str] | None = None) -> compress.Recipe:
     recipe = compress.load_recipe(path)
     steps = []
     for step in recipe.steps:
         config = step.config
-        if hasattr(config, "steps"):  # a training step: shorter, same batch and sequence shapes
+        if spec_of(config).trains:  # a training step: shorter, same batch and sequence shapes
             config = config.model_copy(update={"steps": train_steps})
         steps.append(step.model_copy(update={step.kind: config}))
     evals = recipe.eval.model_copy(update={
         "choice": recipe.eval.choice.model_copy(update={"limit": limit}),
-        "wikitext2": recipe.eval.wikitext2.model_copy(update={"max_tokens": max_tokens})})
-    return recipe.model_copy(update={"model": RandomInit(config=architecture, init="random"), "steps": steps,
+        "wikitext2": recipe.eval.wikitext2.model_copy(update={"max_tokens": max_tokens}),
+        **({"tasks": tasks} if tasks else {})})
+    model = RandomInit(config=architecture, init="random", tokenizer=tokenizer)
+    return recipe.model_copy(update={"model": model, "steps": steps,
                                      "eval": evals, "name": f"{recipe.name}-dryrun"})
 
 
@@ -43,10 +47,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="rows of RTE and of politeness scored")
     parser.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens scored")
     parser.add_argument("--output-dir", default="runs/llama2-7b-dryrun")
+    parser.add_argument("--tokenizer", default="smollm2-135m", help="the model source whose tokenizer is used")
+    parser.add_argument("--tasks", help="comma-separated evals instead of the recipe's (e.g. wikitext2)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    recipe = dry_run_recipe(Path(args.recipe), args.config, args.train_steps, args.limit, args.max_tokens)
+    recipe = dry_run_recipe(Path(args.recipe), args.config, args.train_steps, args.limit, args.max_tokens,
+                            args.tokenizer, args.tasks.split(",") if args.tasks else None)
     report = compress.run(recipe, output_dir=args.output_dir)
     rows = [{"step": row["step"], "summary": row.get("summary"), "params_b": round(row["params"] / 1e9, 3),
              "step_s": row["seconds"], "eval_s": row.get("eval_seconds"),
