@@ -187,10 +187,21 @@ def _from_hub(name: str, source: HubParquet, directory: str | Path | None) -> No
     _record((name,), {"source": source.describe(), "revision": commit})
 
 
-def _download(url: str) -> bytes:
+def _download(url: str, label: str) -> bytes:
+    """The bytes at `url`, with a progress bar (bytes, rate) on the terminal."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
-            return response.read()
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response, \
+                Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                         transient=True) as progress:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            task = progress.add_task(label, total=size)
+            chunks = []
+            while chunk := response.read(1 << 16):
+                chunks.append(chunk)
+                progress.advance(task, len(chunk))
+            return b"".join(chunks)
     except (urllib.error.URLError, OSError) as error:
         raise ConnectionError(f"{url}: {getattr(error, 'reason', error)}") from error
 
@@ -205,7 +216,7 @@ def _politeness(name: str, directory: str | Path | None) -> None:
     raw = {}
     for source in SOURCES:
         try:
-            raw[source.name] = _download(source_url(source, base))
+            raw[source.name] = _download(source_url(source, base), source.name)
         except ConnectionError as error:
             raise _unavailable(name, f"its source could not be downloaded ({error})", directory) from error
     built = build_split(raw)  # checks every file's sha256 first
