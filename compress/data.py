@@ -23,7 +23,7 @@ from compress.config.data import (  # noqa: F401 -- re-exported: the names and t
     is_known,
 )
 from compress.errors import CompressError
-from compress.fetch import fetch, recorded_sources
+from compress.fetch import fetch, recorded_sources, status
 
 
 def _read_local(path: Path, kind: str):
@@ -36,11 +36,9 @@ def _read_local(path: Path, kind: str):
 @lru_cache(maxsize=8)
 def _load(name: str, directory: str | None):
     if name in DATASETS:
-        spec = DATASETS[name]
-        root = Path(directory) if directory else data_dir()
-        if root is not None and (root / spec.path).is_file():
-            return _read_local(root / spec.path, spec.kind)
-        return _read_local(fetch(name, directory), spec.kind)  # the cache, filled from the public source once
+        _, path = status(name, directory)  # the data directory's file, else the cache's
+        # not yet cached: fetched from its public source, once
+        return _read_local(path if path is not None else fetch(name, directory), DATASETS[name].kind)
     path = Path(name).expanduser()
     if not path.is_file():
         raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
@@ -54,8 +52,7 @@ def source_of(name: str, directory: str | Path | None = None) -> str:
     if name not in DATASETS:
         return str(Path(name).expanduser().resolve())
     spec = DATASETS[name]
-    root = Path(directory) if directory else data_dir()
-    if root is not None and (root / spec.path).is_file():
+    if status(name, directory)[0] == "data dir":
         return f"the data directory's {spec.path}"
     recorded = recorded_sources().get(name)
     if recorded:

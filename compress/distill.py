@@ -21,9 +21,6 @@ from compress.errors import CompressError
 from compress.modules import require_float
 from compress.training import LabelledPositionsTrainer, labelled_logits, merged, train, with_lora
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """Distillation compares next-token distributions entry by entry: both models must score the same tokens."""
     sizes = (student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
@@ -83,7 +80,7 @@ class DistillationTrainer(LabelledPositionsTrainer):
         self.kd = kd or KD()
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         check_same_vocabulary(student, teacher)
-        dtype = None if self.kd.teacher_dtype == "same" else _DTYPES[self.kd.teacher_dtype]
+        dtype = None if self.kd.teacher_dtype == "same" else getattr(torch, self.kd.teacher_dtype)
         self.teacher = teacher.to(device=self.args.device, dtype=dtype).eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

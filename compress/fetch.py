@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from compress.config.data import DATA_DIR_ENV, DATASETS, candidate_data_dirs
+from compress.config.data import DATA_DIR_ENV, DATASETS, cache_root, candidate_data_dirs, data_dir
 from compress.errors import CompressError
 
 GITHUB_RAW_ENV = "COMPRESS_GITHUB_RAW_URL"  # where GitHub raw files are read from (a mirror, or a test server)
@@ -38,12 +38,6 @@ GITHUB_RAW = "https://raw.githubusercontent.com"
 SOURCES_FILE = "sources.json"
 TIMEOUT_SECONDS = 15  # per request: a stalled download fails in bounded time
 CONNECT_SECONDS = 3  # the reachability probe before any download
-
-
-def cache_root() -> Path:
-    """$COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress."""
-    return Path(os.environ.get("COMPRESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "compress")
 
 
 def data_cache() -> Path:
@@ -93,7 +87,10 @@ def source_description(name: str) -> str:
     if name in HUB_SOURCES:
         return HUB_SOURCES[name].describe()
     if name in POLITENESS:
-        return "GitHub sudhof/politeness@743ad25 + sudhof/politeness-api@c7384d8 (raw CSVs, rebuilt)"
+        from compress.politeness import SOURCES
+
+        pinned = " + ".join(sorted({f"{s.repo}@{s.commit[:7]}" for s in SOURCES}, reverse=True))
+        return f"GitHub {pinned} (raw CSVs, rebuilt)"
     return "no public source"
 
 
@@ -220,9 +217,8 @@ def _politeness(name: str, directory: str | Path | None) -> None:
         except ConnectionError as error:
             raise _unavailable(name, f"its source could not be downloaded ({error})", directory) from error
     built = build_split(raw)  # checks every file's sha256 first
-    for name in POLITENESS:
-        path = data_cache() / DATASETS[name].path
-        _write(path, built[Path(DATASETS[name].path).name])
+    for split in POLITENESS:
+        _write(data_cache() / DATASETS[split].path, built[Path(DATASETS[split].path).name])
     _record(POLITENESS, {"source": source_description("politeness-train"),
                          "revision": ", ".join(f"{s.repo}@{s.commit}" for s in SOURCES)})
 
@@ -248,12 +244,11 @@ def fetch(name: str, directory: str | Path | None = None) -> Path:
 
 def datasets_of_recipe(recipe) -> list[str]:
     """Every named dataset a (loaded) recipe reads: calibration sets, training data, eval tasks."""
-    from compress.steps import spec_of
     from compress.tasks import task_definition
 
-    names = {recipe.data.calibration.dataset}
+    names = set()
     for step in recipe.resolved().steps:
-        spec = spec_of(step.config)
+        spec = step.spec
         if spec.calibrates:
             names.add(step.config.calibration.dataset)
         if spec.trains:
@@ -268,8 +263,6 @@ def datasets_of_recipe(recipe) -> list[str]:
 
 def status(name: str, directory: str | Path | None = None) -> tuple[str, Path | None]:
     """Where a named dataset would be read from now: ("data dir", path), ("cache", path) or ("not fetched", None)."""
-    from compress.config.data import data_dir
-
     root = data_dir(directory)
     if root is not None and (root / DATASETS[name].path).is_file():
         return "data dir", root / DATASETS[name].path

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from compress.config.data import cache_root
 from compress.config.sources import (
     ARCHITECTURES,
     HUB_ID,
@@ -24,7 +25,6 @@ from compress.config.sources import (
     looks_like_path,
 )
 from compress.errors import CompressError
-from compress.fetch import cache_root
 from compress.modules import QUANT_ATTR, grids_to_weights
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint

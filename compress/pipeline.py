@@ -66,16 +66,22 @@ def _teacher_source(name: str, recipe: Recipe, out: Path) -> str:
     return name
 
 
-def _step_inputs(config, tokenizer, recipe: Recipe, out: Path, device: str) -> dict:
-    """What the step's spec says its verb needs: calibration ids, training rows (and the seed), a teacher."""
+def _data_inputs(config, tokenizer, recipe: Recipe) -> dict:
+    """The data the step's spec says its verb reads: calibration ids, training rows (and the seed)."""
     spec = spec_of(config)
-    data_dir = recipe.data.dir
     inputs: dict = {}
     if spec.calibrates:
-        inputs["calibration"] = _calibration_ids(tokenizer, config.calibration, recipe.seed, data_dir)
+        inputs["calibration"] = _calibration_ids(tokenizer, config.calibration, recipe.seed, recipe.data.dir)
     if spec.trains:
-        inputs["train_data"] = _training_examples(tokenizer, config.data, config.seq_len, data_dir)
+        inputs["train_data"] = _training_examples(tokenizer, config.data, config.seq_len, recipe.data.dir)
         inputs["seed"] = recipe.seed
+    return inputs
+
+
+def _step_inputs(config, tokenizer, recipe: Recipe, out: Path, device: str) -> dict:
+    """Everything the step's verb needs: its data and, when its spec distils, the teacher."""
+    spec = spec_of(config)
+    inputs = _data_inputs(config, tokenizer, recipe)
     if spec.teacher != "never":
         name = teacher_name(config)
         teacher = None
@@ -91,19 +97,15 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     calibration and training data are long enough, the first prune step fits the model, and group sizes divide the
     widths each quantize step will see (the base model's, and after a prune step also its width multiple)."""
     if is_quantized(model):
-        needs_float = [spec_of(step.config).name for step in recipe.steps if not spec_of(step.config).accepts_quantized]
+        needs_float = [step.spec.name for step in recipe.steps if not step.spec.accepts_quantized]
         if needs_float:
             raise CompressError(f"{recipe.model} is a quantized checkpoint, and {', '.join(needs_float)} need a float "
                                 f"model; start from the unquantized model")
-    for step in recipe.steps:
-        spec = spec_of(step.config)
-        if spec.calibrates:
-            _calibration_ids(tokenizer, step.config.calibration, recipe.seed, recipe.data.dir)
-        if spec.trains:  # at least one window of data
-            _training_examples(tokenizer, step.config.data, step.config.seq_len, recipe.data.dir)
+    for step in recipe.steps:  # enough data for each (cached: the step itself gets the same tensors)
+        _data_inputs(step.config, tokenizer, recipe)
     pruned_to = None
     for step in recipe.steps:
-        config, spec = step.config, spec_of(step.config)
+        config, spec = step.config, step.spec
         if pruned_to is None:  # until a step changes the widths, the base model is what each step will see
             spec.check_model(model, config)
         if spec.prunes:

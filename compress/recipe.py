@@ -44,6 +44,10 @@ class _StepBase(Strict):
     def config(self) -> Strict:
         return getattr(self, self.kind)
 
+    @property
+    def spec(self):
+        return spec_of(self.config)
+
 
 def _kind_annotation(specs) -> Any:
     """A kind's config type: its one config class, or the classes of its methods discriminated on `method`."""
@@ -63,7 +67,7 @@ def order_problems(recipe: "Recipe") -> list[tuple[tuple, str]]:
     problems = []
     quantized_by = None
     for index, step in enumerate(recipe.steps):
-        spec = spec_of(step.config)
+        spec = step.spec
         if quantized_by is not None and not spec.accepts_quantized:
             earlier_index, earlier = quantized_by
             problems.append((("steps", index, step.kind), (

@@ -166,7 +166,7 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
 
     import yaml
 
-    from compress.fetch import cache_root
+    from compress.config.data import cache_root
     from compress.pipeline import run
     from rich.console import Console
 

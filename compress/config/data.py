@@ -59,6 +59,13 @@ class DataConfig(Strict):
     dir: str | None = Field(None, description="data directory; default: $COMPRESS_DATA_DIR, then ../shared/data")
 
 
+def cache_root() -> Path:
+    """Where compress keeps what it builds once (dequantized GGUF models, fetched datasets): $COMPRESS_CACHE, else
+    $XDG_CACHE_HOME/compress, else ~/.cache/compress."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "compress")
+
+
 def candidate_data_dirs() -> list[Path]:
     """Where a data directory is looked for: $COMPRESS_DATA_DIR alone when set, else `shared/data` in or beside the
     current directory and this checkout."""

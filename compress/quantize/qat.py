@@ -82,7 +82,6 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     """QAT on `train_data` (token windows [windows, seq_len] or `compress.training.training_examples`), distilling
     from `teacher` when the config has a `kd` block; returns the model with weights on the grid, ready for
     `save_model`."""
-    require_float(model, "QAT", "it starts from float weights and rounds them itself")
     if config.kd is not None and teacher is None:
         raise CompressError(f"QAT with kd needs the teacher model ({config.kd.teacher}); pass teacher=")
     prepare_qat(model, config)
