@@ -40,6 +40,8 @@ class WeightQuant:
     scale: torch.Tensor  # [out, in // group] (or [out, 1] per channel)
     zero_point: torch.Tensor | None
     input_args: "QuantizationArgs | None" = None  # activations quantized at run time (FP8 W8A8), else None
+    # sensitivity: ||(Q − W) X||² / ||W X||² on the calibration inputs X, where the quantizer saw any; not saved
+    output_error: float | None = None
 
 
 def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE) -> Iterator[tuple[str, torch.nn.Linear]]:

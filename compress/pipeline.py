@@ -27,7 +27,7 @@ from compress.evaluate import evaluate, headline
 from compress.hub import STAGING, push
 from compress.measure import measure
 from compress.models import load_model, resolve_source
-from compress.modules import is_quantized
+from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
@@ -116,6 +116,12 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
                 raise CompressError(f"the prune step rounds widths to multiples of {pruned_to.multiple}, which "
                                     f"quantize group_size {config.group_size} does not divide; set prune "
                                     f"multiple: {config.group_size} (or a multiple of it)")
+
+
+def _sensitivity(model) -> dict:
+    """Each quantized Linear's relative output error on the calibration inputs, where the quantizer measured it."""
+    errors = {name: quant.output_error for name, _, quant in quantized_linears(model) if quant.output_error is not None}
+    return {"sensitivity": errors} if errors else {}
 
 
 def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
@@ -245,7 +251,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
             "summary": f"base ({recipe.dtype})" if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
-            "quantized": is_quantized(model), "save_format": "dense" if spec is None else spec.save_format(config),
+            "quantized": is_quantized(model), **_sensitivity(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
             **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
             "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],

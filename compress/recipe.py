@@ -81,7 +81,21 @@ def order_problems(recipe: "Recipe") -> list[tuple[tuple, str]]:
             problems.append((("steps", index, step.kind, "kd", "teacher"), (
                 f"teacher '{teacher}' is not an earlier step: this step writes {step_folder_name(index + 1, step.kind)}"
                 f"; use base or a folder numbered below {index + 1:02d}")))
+        elif match and quantized_by is not None and int(match[1]) > quantized_by[0] and int(match[1]) <= index:
+            problems.append((("steps", index, step.kind, "kd", "teacher"), (
+                f"teacher '{teacher}' is quantized (steps[{quantized_by[0]}] quantized the model): a teacher on a "
+                f"grid teaches its rounding errors; name a step folder numbered {quantized_by[0]:02d} or below, or "
+                f"leave teacher out for the model before quantization")))
     return problems
+
+
+def default_teacher(steps: list, index: int) -> str:
+    """The teacher of steps[index] when its kd block names none: base for distillation; for a quantizing step the
+    model before quantization: the folder of the step before the first quantize step, or the step's own input."""
+    if not steps[index].spec.quantizes:
+        return "base"
+    first = next((i for i in range(index) if steps[i].spec.quantizes), index)
+    return "base" if first == 0 else step_folder_name(first, steps[first - 1].kind)
 
 
 class Recipe(Strict):
@@ -120,6 +134,9 @@ class Recipe(Strict):
             config = step.config
             if spec_of(config).calibrates and config.calibration is None:
                 config = config.model_copy(update={"calibration": data.calibration})
+            if teacher_name(config) is None and getattr(config, "kd", None) is not None:
+                kd = config.kd.model_copy(update={"teacher": default_teacher(self.steps, len(steps))})
+                config = config.model_copy(update={"kd": kd})
             steps.append(Step(**{step.kind: config}))
         return self.model_copy(update={"data": data, "steps": steps})
 

@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from compress.config import FP8, GPTQ, QAT, RTN, Distill, LoRARecovery, TaylorPrune
+from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Distill, LoRARecovery, TaylorPrune
 
 
 def _dense(config) -> str:
@@ -81,9 +81,11 @@ SPECS = (
     StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
              save_format=_config_format, resolve_run="compress.quantize.gptq:resolve_run"),
+    StepSpec("quantize", AWQ, "compress.quantize.awq:quantize_awq", calibrates=True, quantizes=True,
+             save_format=_config_format),
     StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors),
     StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
-             save_format=_config_format),
+             accepts_quantized=True, save_format=_config_format),
 )
 
 KINDS: dict[str, tuple[StepSpec, ...]] = {}

@@ -1,4 +1,4 @@
-"""Recipe: `quantize: {method: rtn | gptq | fp8 | qat, ...}`: one config class per method, discriminated on `method`."""
+"""Recipe: `quantize: {method: rtn | gptq | awq | fp8 | qat, ...}`: one config class per method, discriminated on `method`."""
 
 from __future__ import annotations
 
@@ -54,14 +54,22 @@ class RTN(WeightOnlyConfig):
         return f"rtn {self.grid()}"
 
 
-class GPTQ(WeightOnlyConfig):
+class GPTQSolver(Strict):
+    """The GPTQ solver's own settings, apart from the grid: `gptq: {act_order: true, damp: 0.01}` inside AWQ."""
+
+    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal; groups stay in place")
+    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, ge=1, le=MAX_WIDTH, description="columns per lazy batch update")
+
+    def describe(self) -> str:
+        return f"gptq{' act-order' if self.act_order else ''}"
+
+
+class GPTQ(WeightOnlyConfig, GPTQSolver):
     """GPTQ: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01, schedule: sequential,
     calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
 
     method: Literal["gptq"] = "gptq"
-    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal; groups stay in place")
-    damp: float = Field(0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it")
-    block_size: int = Field(128, ge=1, le=MAX_WIDTH, description="columns per lazy batch update")
     schedule: Literal["sequential", "two_pass"] = Field(
         "sequential", description="sequential: inside a decoder layer each group of Linears is calibrated on the "
                                   "outputs of the already-quantized ones before it (the GPTQ reference's true "
@@ -79,6 +87,28 @@ class GPTQ(WeightOnlyConfig):
                 f"{' offload' if self.offload else ''}")
 
 
+class AWQ(WeightOnlyConfig):
+    """Activation-aware weight quantization: `quantize: {method: awq, bits: 4, group_size: 64, calibration: {...}}`,
+    rounded to the grid by RTN, or by GPTQ on the scaled weights with `gptq: {act_order: true}`."""
+
+    method: Literal["awq"] = "awq"
+    grid_points: int = Field(20, ge=1, le=1000, description="exponents tried for the scales: 0, 1/n, ..., (n-1)/n")
+    duo_scaling: bool = Field(True, description="scales from activations and weights, x^a / w^(1-a) (AutoAWQ's "
+                                                "default); false: x^a")
+    loss: Literal["block", "linear"] = Field(
+        "block", description="what judges a scale: block: the output of the block that reads the Linears (attention, "
+                             "MLP), run on the calibration set for every candidate (the paper's choice); linear: the "
+                             "Linears' own outputs, from XᵀX without running anything (about 10x faster on a CPU)")
+    clip: bool = Field(True, description="then search each group's clipping range (the paper's weight clipping)")
+    gptq: GPTQSolver | None = Field(None, description="round the scaled weights with GPTQ; None: round-to-nearest")
+    calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
+
+    def describe(self) -> str:
+        then = f" + {self.gptq.describe()}" if self.gptq else ""
+        loss = " linear-loss" if self.loss == "linear" else ""
+        return f"awq {self.grid()}{loss}{' clip' if self.clip else ''}{then}"
+
+
 class FP8(Strict):
     """FP8: `quantize: {method: fp8}` (W8A8) or `{method: fp8, activations: none}` (FP8 weights only)."""
 
@@ -90,17 +120,31 @@ class FP8(Strict):
             else "fp8 W8A16 (e4m3, per-channel weights)"
 
 
+QAT_TRAINS = {
+    "weights": "the float weights through a straight-through rounding, each group's scale from its min and max at "
+               "every step",
+    "scales": "each group's scale, the integer codes fixed (EfficientQAT's end-to-end step: one number per group "
+              "trains, the memory-lean choice)",
+    "weights_and_scales": "the float weights through a straight-through rounding and each group's scale (LSQ)",
+}
+
+
 class QAT(WeightOnlyConfig, TrainingBudget):
-    """Quantization-aware training: `quantize: {method: qat, bits: 3, group_size: 64, steps: 300, kd: {teacher:
-    base}}`."""
+    """Quantization-aware training: `quantize: {method: qat, bits: 4, group_size: 64, train: scales, steps: 100,
+    kd: {}}`. After a PTQ step (GPTQ, AWQ, RTN) on the same grid it starts from that step's weights and scales
+    (quantization-aware recovery); on a float model, from round-to-nearest."""
 
     method: Literal["qat"] = "qat"
+    train: Literal["weights", "scales", "weights_and_scales"] = Field(
+        "weights", description="what trains: " + "; ".join(f"{k}: {v}" for k, v in QAT_TRAINS.items()))
     lr: float = Field(2e-5, gt=0, le=1, description="full-weight training: far below LoRA's rates")
-    kd: KD | None = Field(None, description="distil from a teacher while training; None: plain LM loss")
+    kd: KD | None = Field(None, description="distil from a teacher while training (default teacher: the model "
+                                            "before quantization); None: plain LM loss")
 
     def describe(self) -> str:
         teacher = f", {self.kd.describe()}" if self.kd else ""
-        return f"QAT {self.grid()}, {self.budget()}{teacher}"
+        trains = {"weights": "", "scales": ", scales trained", "weights_and_scales": ", weights and scales trained"}
+        return f"QAT {self.grid()}{trains[self.train]}, {self.budget()}{teacher}"
 
 
-QuantizeConfig = Annotated[Union[RTN, GPTQ, FP8, QAT], Field(discriminator="method")]
+QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, QAT], Field(discriminator="method")]

@@ -101,8 +101,10 @@ class KD(Strict):
     """Knowledge distillation (Hinton et al. 2015) from a teacher:
         alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE + hidden_mse · relative hidden-state MSE."""
 
-    teacher: str = Field("base", description="base (the recipe's model), an earlier step's folder (e.g. 01-prune), "
-                                             "or any model source")
+    teacher: str | None = Field(None, description=(
+        "base (the recipe's model), an earlier step's folder (e.g. 01-prune), or any model source; default: base for "
+        "distill, and for QAT the model before it was quantized (the last step folder before the first quantize "
+        "step, or the step's own input)"))
     temperature: float = Field(2.0, gt=0, le=100)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the CE")
     hidden_mse: float = Field(0.0, ge=0, le=1e4, description="weight of the relative hidden-state MSE (layers paired "
@@ -111,9 +113,9 @@ class KD(Strict):
 
     @field_validator("teacher")
     @classmethod
-    def _teacher(cls, value: str) -> str:
-        return check_teacher_name(value)
+    def _teacher(cls, value: str | None) -> str | None:
+        return None if value is None else check_teacher_name(value)
 
     def describe(self) -> str:
         hidden = f", hidden MSE {self.hidden_mse:g}" if self.hidden_mse else ""
-        return f"distilling from {self.teacher} (T={self.temperature:g}, alpha={self.alpha:g}{hidden})"
+        return f"distilling from {self.teacher or 'the default teacher'} (T={self.temperature:g}, alpha={self.alpha:g}{hidden})"

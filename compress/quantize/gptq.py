@@ -29,6 +29,7 @@ from compress.quantize.grid import (
     minmax_qparams,
     quantizable_linears,
     quantization_args,
+    relative_output_error,
 )
 from compress.quantize.layerwise import LayerwiseCalibration
 
@@ -244,8 +245,9 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
     for name in names:
         linear = linears[name]
         rows = slice(row, row + linear.out_features)
+        error = relative_output_error(linear.weight, quantized[rows], hessian)
         linear.weight.copy_(quantized[rows])
-        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows]))
+        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows], output_error=error))
         row += linear.out_features
 
 

@@ -18,7 +18,7 @@ from compress.errors import CompressError
 from compress.modules import DEFAULT_IGNORE, QUANT_ATTR, WeightQuant, quantizable_linears, quantized_linears
 
 __all__ = ["DEFAULT_IGNORE", "QUANT_ATTR", "WeightQuant", "check_group_size", "fake_quantize", "minmax_qparams",
-           "quantizable_linears", "quantization_args", "quantized_linears", "weight_args"]
+           "quantizable_linears", "quantization_args", "quantized_linears", "relative_output_error", "weight_args"]
 
 
 
@@ -73,3 +73,13 @@ def minmax_qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantizationArgs):
     """Round onto the grid and back to floats, exactly as the checkpoint's loader will dequantize it."""
     return _ct_fake_quantize(weight.float(), scale, zero_point, args).to(weight.dtype)
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(Q − W) X||² / ||W X||² over calibration inputs X, from their XᵀX (any positive multiple of it): how much of
+    the Linear's output the rounding changes. Columns no input reached count for nothing."""
+    weight = weight.float()
+    difference = quantized.float() - weight
+    changed = ((difference @ gram) * difference).sum()
+    kept = ((weight @ gram) * weight).sum()
+    return (changed / kept).item() if kept > 0 else 0.0

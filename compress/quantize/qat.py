@@ -1,14 +1,21 @@
-"""Quantization-aware training: train with every decoder Linear's weight fake-quantized onto the integer grid the
-checkpoint will hold, so the network learns to live with the rounding; then round for real.
+"""Quantization-aware training: train with every decoder Linear's weight on the integer grid the checkpoint will hold,
+so the network learns to live with the rounding; then round for real.
 
-1. prepare: a parametrization replaces each weight W by  W + stopgrad(Q(W) − W), where Q rounds onto the grid
-   (round-to-nearest, group scales from min/max: exactly RTN's and the saved checkpoint's grid). The forward sees
-   Q(W); the gradient passes straight through to W (straight-through estimator, Bengio et al. 2013).
-2. train: transformers' Trainer on text windows — optionally distilling from a teacher (quantization-aware
-   distillation), through DistillationTrainer.
-3. convert: drop the parametrizations and round W onto the grid (RTN), recording the grid for saving. The result is
-   the same kind of model PTQ returns: it saves to the same compressed-tensors (or GPTQ) checkpoint and loads the
-   same way.
+1. prepare: a parametrization replaces each weight by its value on the grid, with a straight-through gradient for
+   the rounding (Bengio et al. 2013). What trains (`train`):
+   - weights: the float weights W; the forward sees Q(W), each group's scale from its min and max at every step
+     (round-to-nearest's grid, recomputed);
+   - weights_and_scales: W and each group's scale s; the forward sees (clamp(⌊W/s⌉ + z) − z)·s, whose gradient in s
+     is LSQ's (Esser et al. 2020);
+   - scales: only s; the integer codes q are fixed and the forward sees (q − z)·s (EfficientQAT's end-to-end
+     training of the quantization parameters, Chen et al. 2024: one trained number per group, the memory-lean
+     choice for large models).
+   Started on a quantized model (after GPTQ, AWQ or RTN on the same grid), the codes, scales and zero points are
+   that step's, so training starts exactly at the PTQ result; on a float model, at round-to-nearest's.
+2. train: transformers' Trainer, optionally distilling from a teacher (quantization-aware distillation, through
+   DistillationTrainer). A scale that turns non-positive or NaN stops training with the layer named.
+3. convert: drop the parametrizations and write the weights on the grid (the trained codes and scales), recording
+   the grid for saving: the same compressed-tensors (or GPTQ) checkpoint PTQ writes.
 
 `QATCallback` runs steps 1 and 3 around a user's own Trainer."""
 
@@ -20,18 +27,17 @@ from transformers import TrainerCallback
 
 from compress.config.quantize import QAT, RTN, WeightOnlyConfig
 from compress.errors import CompressError
-from compress.modules import require_float
+from compress.modules import QUANT_ATTR, WeightQuant, is_quantized
 from compress.quantize.grid import check_group_size, fake_quantize, minmax_qparams, quantizable_linears, quantization_args
 from compress.quantize.rtn import quantize_rtn
-from compress.training import train
 
 
-class _FakeQuantized(torch.nn.Module):
-    """Parametrization: the weight as the forward sees it, on the grid, with a straight-through gradient."""
+class _MinMaxFakeQuantized(torch.nn.Module):
+    """train: weights. The weight as the forward sees it, on the min/max grid, with a straight-through gradient."""
 
-    def __init__(self, config: WeightOnlyConfig):
+    def __init__(self, args):
         super().__init__()
-        self.args = quantization_args(config)
+        self.args = args
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -40,37 +46,145 @@ class _FakeQuantized(torch.nn.Module):
         return weight + rounding
 
 
-def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Module:
-    """Fake-quantize every decoder Linear's weight (in place). The weight Parameter objects stay the same, so an
-    optimizer created before this call still trains them."""
-    require_float(model, "QAT", "it starts from float weights and rounds them itself")
+def _round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _LearnedScales(torch.nn.Module):
+    """train: scales or weights_and_scales. Each group's scale is a Parameter; the zero point stays fixed. With
+    `codes`, the parametrized tensor holds the integer codes q and the forward is (q − z)·s; otherwise it holds float
+    weights W and the forward is (clamp(⌊W/s⌉ + z, qmin, qmax) − z)·s."""
+
+    def __init__(self, args, scale: torch.Tensor, zero_point: torch.Tensor | None, codes: bool):
+        super().__init__()
+        self.args, self.codes = args, codes
+        self.scale = torch.nn.Parameter(scale.detach().float().clone())
+        self.register_buffer("zero_point", torch.zeros_like(self.scale) if zero_point is None
+                             else zero_point.detach().float().clone())
+        self.qmin, self.qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
+
+    def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
+        return values.repeat_interleave(width // values.shape[1], dim=1)
+
+    def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The grid's integers for `weight` (the codes themselves, when they are what is stored)."""
+        if self.codes:
+            return weight.float()
+        scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
+        return torch.clamp(_round_straight_through(weight.float() / scale) + zero, self.qmin, self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
+        return ((self.integer_codes(weight) - zero) * scale).to(weight.dtype)
+
+
+def _starting_grid(linear: torch.nn.Linear, args, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scale and zero point training starts from: the quantized input's own (checked to be this config's grid),
+    else round-to-nearest's."""
+    quant = getattr(linear, QUANT_ATTR, None)
+    if quant is None:
+        return minmax_qparams(linear.weight, args)
+    same = (quant.args.num_bits, quant.args.group_size, quant.args.symmetric, quant.args.type) == (
+        args.num_bits, args.group_size, args.symmetric, args.type)
+    if not same:
+        group = "per-channel" if quant.args.group_size is None else f"g{quant.args.group_size}"
+        raise CompressError(f"QAT on {name}: the input is quantized as {quant.args.type} W{quant.args.num_bits} "
+                            f"{group} {'sym' if quant.args.symmetric else 'asym'}, not on this step's grid; give "
+                            f"the QAT step the same bits, group_size and sym as the quantize step before it")
+    return quant.scale.to(linear.weight.device), (None if quant.zero_point is None
+                                                  else quant.zero_point.to(linear.weight.device))
+
+
+def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str = "weights") -> torch.nn.Module:
+    """Put every decoder Linear's weight on the grid for training (in place). With train "weights", the weight
+    Parameters stay the same objects, so an optimizer created before this call still trains them."""
     check_group_size(model, config.group_size)
-    for _, linear in quantizable_linears(model):
-        if not parametrize.is_parametrized(linear, "weight"):
-            parametrize.register_parametrization(linear, "weight", _FakeQuantized(config))
+    args = quantization_args(config)
+    for name, linear in quantizable_linears(model):
+        if parametrize.is_parametrized(linear, "weight"):
+            continue
+        if train == "weights":
+            parametrize.register_parametrization(linear, "weight", _MinMaxFakeQuantized(args))
+            continue
+        scale, zero_point = _starting_grid(linear, args, name)
+        learned = _LearnedScales(args, scale, zero_point, codes=train == "scales")
+        if train == "scales":
+            with torch.no_grad():  # store the integer codes; the forward rebuilds the weight from them
+                columns = learned.columns(learned.scale, linear.in_features)
+                zero = learned.columns(learned.zero_point, linear.in_features)
+                codes = torch.clamp(torch.round(linear.weight.float() / columns) + zero, learned.qmin, learned.qmax)
+                linear.weight.copy_(codes.to(linear.weight.dtype))
+        parametrize.register_parametrization(linear, "weight", learned)
+        linear.parametrizations.weight.original.requires_grad_(train != "scales")
+        if hasattr(linear, QUANT_ATTR):
+            delattr(linear, QUANT_ATTR)  # the grid now lives in the parametrization, and is written back at the end
     return model
 
 
+def check_scales(model: torch.nn.Module) -> None:
+    """Stop with the layer named if a learned scale has turned non-positive or NaN."""
+    for name, linear in quantizable_linears(model):
+        if not parametrize.is_parametrized(linear, "weight"):
+            continue
+        learned = linear.parametrizations.weight[0]
+        if isinstance(learned, _LearnedScales):
+            bad = ~(learned.scale > 0)  # NaN compares false
+            if bad.any():
+                value = learned.scale[bad][0].item()
+                raise CompressError(f"QAT: {int(bad.sum())} scales of {name} became non-positive or NaN (e.g. "
+                                    f"{value:g}); lower lr (now too large for the scales), or train: weights")
+
+
+@torch.no_grad()
 def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Module:
-    """Remove the fake quantization and round the trained weights onto the same grid for real."""
-    for _, linear in quantizable_linears(model):
-        if parametrize.is_parametrized(linear, "weight"):
+    """Remove the training parametrizations and write each weight onto its grid for real, recording the grid."""
+    args = quantization_args(config)
+    check_scales(model)
+    minmax = []
+    for name, linear in quantizable_linears(model):
+        if not parametrize.is_parametrized(linear, "weight"):
+            continue
+        learned = linear.parametrizations.weight[0]
+        if not isinstance(learned, _LearnedScales):
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
-    grid = RTN(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format)
-    return quantize_rtn(model, grid, show_progress=False)
+            minmax.append(linear)
+            continue
+        stored = linear.parametrizations.weight.original
+        scale = learned.scale if args.scale_dtype is None else learned.scale.to(args.scale_dtype).float()
+        learned.scale.copy_(scale)  # the scales as the checkpoint stores them
+        codes = learned.integer_codes(stored)
+        weight = (codes - learned.columns(learned.zero_point, stored.shape[1])) * learned.columns(scale, stored.shape[1])
+        zero_point = learned.zero_point.to(args.zp_dtype or torch.int8)
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+        # through compressed-tensors' own rounding, so memory holds exactly what a loader decompresses
+        linear.weight.copy_(fake_quantize(weight.to(linear.weight.dtype), scale, zero_point, args))
+        setattr(linear, QUANT_ATTR, WeightQuant(args, scale.detach().clone(), zero_point))
+    if minmax:
+        grid = RTN(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format)
+        quantize_rtn(model, grid, show_progress=False)
+    return model
 
 
 class QATCallback(TrainerCallback):
     """Quantization-aware training inside any transformers Trainer:
-    `Trainer(..., callbacks=[compress.QATCallback(compress.QAT(bits=4, group_size=128))])`. Fake quantization goes
-    in when training begins; when it ends the weights are rounded onto the grid and `compress.save_model` writes
-    the quantized checkpoint. Any weight-only config gives the grid (QAT, RTN or GPTQ settings)."""
+    `Trainer(..., callbacks=[compress.QATCallback(compress.QAT(bits=4, group_size=128))])`. The weights go onto the
+    grid when training begins (create the Trainer after the callback's `prepare` when `train` learns scales, so
+    the optimizer sees them: `callback.prepare(model)`); when it ends they are rounded for real and
+    `compress.save_model` writes the quantized checkpoint. Any weight-only config gives the grid."""
 
     def __init__(self, config: WeightOnlyConfig | None = None):
         self.config = config or QAT()
+        self.train = getattr(self.config, "train", "weights")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return prepare_qat(model, self.config, self.train)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        prepare_qat(model, self.config)
+        self.prepare(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.train != "weights":
+            check_scales(model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         convert_qat(model, self.config)
@@ -81,16 +195,28 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
                  ) -> torch.nn.Module:
     """QAT on `train_data` (token windows [windows, seq_len] or `compress.training.training_examples`), distilling
     from `teacher` when the config has a `kd` block; returns the model with weights on the grid, ready for
-    `save_model`."""
-    if config.kd is not None and teacher is None:
-        raise CompressError(f"QAT with kd needs the teacher model ({config.kd.teacher}); pass teacher=")
-    prepare_qat(model, config)
-    model.train().requires_grad_(True)  # every weight trains (e.g. a copy of a frozen teacher)
-    if config.kd is None:
-        train(model, config, train_data, seed=seed, show_progress=show_progress)
-    else:
-        from compress.distill import DistillationTrainer
+    `save_model`. On a quantized model (a PTQ result on the same grid) training starts from its codes and scales."""
+    from compress.training import train
 
-        train(model, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
-              teacher=teacher, kd=config.kd)
-    return convert_qat(model, config).eval()
+    if config.kd is not None and teacher is None:
+        teacher_name = config.kd.teacher or "the model before quantization"
+        raise CompressError(f"QAT with kd needs the teacher model ({teacher_name}); pass teacher=")
+    if teacher is not None and is_quantized(teacher):
+        raise CompressError("the QAT teacher is quantized: it would teach its own rounding errors; distil from the "
+                            "model before quantization")
+    if is_quantized(model) and config.train == "weights":
+        raise CompressError("QAT train: weights recomputes each group's scale from min/max, so it cannot start from "
+                            "a quantized model's scales; use train: scales or weights_and_scales after a PTQ step")
+    callback = QATCallback(config)
+    model.requires_grad_(True)  # every weight may train (e.g. a copy of a frozen teacher); prepare freezes codes
+    callback.prepare(model)
+    model.train()
+    kwargs = {} if config.kd is None else dict(trainer_class=_distillation_trainer(), teacher=teacher, kd=config.kd)
+    train(model, config, train_data, seed=seed, show_progress=show_progress, callbacks=[callback], **kwargs)
+    return convert_qat(model, config).eval()  # (the callback converted already when training ended: a no-op)
+
+
+def _distillation_trainer():
+    from compress.distill import DistillationTrainer
+
+    return DistillationTrainer

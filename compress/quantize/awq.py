@@ -1,0 +1,360 @@
+"""AWQ: Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, "AWQ: Activation-aware Weight Quantization for
+On-Device LLM Compression and Acceleration" (MLSys 2024).
+
+Weights that meet large activations matter most, and scaling a weight column up by s (its input down by s) before
+rounding shrinks that column's rounding error relative to its value. Per decoder layer, for each group of Linears
+that read one input:
+  1. statistics: the mean magnitude x̄ of each input channel on the calibration set, and (duo scaling) the mean
+     magnitude w̄ of each weight column relative to its quantization group's maximum;
+  2. search (paper §3.2): s = x̄^α / w̄^(1−α) for α on a grid in [0, 1), normalised to a geometric mean of 1; keep
+     the s whose rounded weights Q(W·s)/s give the smallest output error of the block that reads the group (the
+     attention block for q/k/v, the MLP for gate/up, the Linear itself otherwise), or with `loss: linear` of the
+     Linears themselves, computed from XᵀX. s = 1 (no scaling) is always a candidate, so the search never makes a
+     group worse than plain rounding;
+  3. fold: the op before the group (its norm, or the previous Linear's output rows) is divided by s and the group's
+     columns multiplied by s: the float model computes exactly what it did;
+  4. clip (paper's weight clipping): each quantization group's range is shrunk by the ratio, down to half, that
+     minimises the Linear's output error on the calibration inputs (q and k are left unclipped, as in the reference
+     code: their outputs meet in a product);
+  5. round: round-to-nearest per layer, or GPTQ over the whole scaled model (`gptq:`).
+Decoder layers are visited in order; each is searched on the float outputs of the layers before it (as the
+reference implementation does). Groups, statistics and the search follow AutoAWQ (`awq/quantize/quantizer.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.progress import Progress
+
+from compress.config.quantize import AWQ, GPTQ
+from compress.errors import CompressError
+from compress.modules import require_float
+from compress.quantize.grid import (
+    QUANT_ATTR,
+    WeightQuant,
+    check_group_size,
+    fake_quantize,
+    minmax_qparams,
+    quantizable_linears,
+    quantization_args,
+    relative_output_error,
+)
+from compress.quantize.layerwise import LayerwiseCalibration
+
+CLIP_STEPS = 20  # shrink ratios 1, 0.975, ..., 0.525: the reference's grid (n_grid 20, max_shrink 0.5)
+CLIP_MAX_SHRINK = 0.5
+
+
+# ---------------------------------------------------------------- which groups a decoder layer has
+
+
+@dataclass
+class ScaledGroup:
+    """Linears that read one input, the op before them that the scales fold into, and the block whose output error
+    judges the scales."""
+
+    prev: str  # a norm or a Linear, relative to the decoder layer
+    linears: tuple[str, ...]
+    inspect: str  # the module whose output is compared (attention, MLP, or the one Linear)
+
+
+# Llama-family decoder layers (Llama, Mistral, Qwen2, SmolLM): the reference implementation's four groups. v → o is
+# foldable only when v's outputs are o's inputs one for one, i.e. without grouped-query attention.
+LLAMA_GROUPS = (
+    ScaledGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaledGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScaledGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaledGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+UNCLIPPED = ("q_proj", "k_proj")
+
+
+def _foldable_norm(module: torch.nn.Module) -> bool:
+    """A norm whose output is x̂ · weight (+ bias): dividing its weight by s divides its output by s. Gemma's norms
+    compute x̂ · (1 + weight) and are not of this kind."""
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and "Gemma" not in name and (
+        name.endswith("RMSNorm") or isinstance(module, torch.nn.LayerNorm))
+
+
+def layer_groups(layer: torch.nn.Module, index: int) -> list[ScaledGroup]:
+    """The groups AWQ scales in one decoder layer; a clear error when the layer is not of a form it can fold into."""
+    groups = []
+    for group in LLAMA_GROUPS:
+        try:
+            prev = layer.get_submodule(group.prev)
+            linears = [layer.get_submodule(name) for name in group.linears]
+            layer.get_submodule(group.inspect)
+        except AttributeError as error:
+            raise CompressError(f"AWQ cannot scale decoder layer {index} ({type(layer).__name__}): {error}; it folds "
+                                f"scales into Llama-family layers (input_layernorm → q/k/v_proj, "
+                                f"post_attention_layernorm → gate/up_proj, up_proj → down_proj); use method gptq or "
+                                f"rtn for this model") from None
+        if isinstance(prev, torch.nn.Linear):
+            if prev.out_features != linears[0].in_features:
+                continue  # grouped-query attention: v's outputs are shared by several heads of o
+        elif not _foldable_norm(prev):
+            raise CompressError(f"AWQ cannot fold scales into layers.{index}.{group.prev} ({type(prev).__name__}): "
+                                f"only norms computing x̂·weight (RMSNorm, LayerNorm) can absorb them; use method "
+                                f"gptq or rtn for this model")
+        groups.append(group)
+    return groups
+
+
+# ---------------------------------------------------------------- one decoder layer's calibration inputs
+
+
+class LayerInputs:
+    """One pass of the calibration set through a decoder layer records, chunk by chunk, the input of every group's
+    block (with the attention's keyword arguments) and that block's float output; and for every Linear the sum of
+    |x| per input channel and XᵀX of its input (Linears reading one tensor share them)."""
+
+    def __init__(self, calibration: LayerwiseCalibration, layer: torch.nn.Module, index: int,
+                 groups: list[ScaledGroup], linears: dict[str, torch.nn.Linear], record_blocks: bool = True):
+        inspected = {g.inspect for g in groups} if record_blocks else set()
+        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in inspected}
+        self.kwargs: dict[str, list[dict]] = {name: [] for name in inspected}
+        self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in inspected}
+        self.magnitude: dict[str, torch.Tensor] = {}  # Σ|x| per channel
+        self.grams: dict[str, torch.Tensor] = {}  # XᵀX, float32
+        self.tokens = 0
+        # inputs already summed in this chunk, by data_ptr -> (the tensor, kept alive so its address is not reused
+        # by a later input of the same forward; the Linear it was summed for)
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        handles = []
+        for name in inspected:
+            module = layer.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(self._record_input(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._record_output(name)))
+        handles += [linear.register_forward_pre_hook(self._record_statistics(name)) for name, linear in linears.items()]
+        handles.append(layer.register_forward_pre_hook(self._new_chunk, with_kwargs=True))
+        self._share: dict[str, str] = {}
+        try:
+            calibration.propagate(layer, index)  # the float layer's outputs: the next layer's inputs
+            self._seen.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, owner in self._share.items():
+            self.magnitude[name], self.grams[name] = self.magnitude[owner], self.grams[owner]
+
+    def _new_chunk(self, module, args, kwargs):
+        self._seen.clear()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.tokens += hidden.shape[:-1].numel()
+
+    def _record_input(self, name: str):
+        def hook(module, args, kwargs):
+            self.inputs[name].append(args[0] if args else kwargs["hidden_states"])
+            self.kwargs[name].append({k: v for k, v in kwargs.items()
+                                      if k not in ("hidden_states", "past_key_values", "past_key_value")})
+
+        return hook
+
+    def _record_output(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name].append(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def _record_statistics(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            _, owner = self._seen.setdefault(x.data_ptr(), (x, name))
+            if owner != name:  # q/k/v, gate/up: one input, summed once
+                self._share[name] = owner
+                return
+            x = x.reshape(-1, x.shape[-1]).float()
+            if name not in self.grams:
+                self.magnitude[name] = torch.zeros(x.shape[1], device=x.device)
+                self.grams[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.magnitude[name] += x.abs().sum(0)
+            self.grams[name].addmm_(x.T, x)
+
+        return hook
+
+    def mean_magnitude(self, linear: str) -> torch.Tensor:
+        """x̄: the mean |x| of each input channel of `linear` over every calibration token."""
+        return self.magnitude[linear] / self.tokens
+
+    def output_error(self, block: torch.nn.Module, name: str) -> float:
+        """Mean squared difference between `block`'s output now and its recorded float output."""
+        total, count = 0.0, 0
+        for x, kwargs, reference in zip(self.inputs[name], self.kwargs[name], self.outputs[name]):
+            output = block(x, **kwargs)
+            output = output[0] if isinstance(output, tuple) else output
+            total += (output.float() - reference.float()).pow(2).sum().item()
+            count += reference.numel()
+        return total / count
+
+
+# ---------------------------------------------------------------- the scale search
+
+
+def _rounded(weight: torch.Tensor, args) -> torch.Tensor:
+    return fake_quantize(weight, *minmax_qparams(weight, args), args)
+
+
+def _column_magnitude(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """w̄: each input column's mean |w| relative to its quantization group's largest |w|, over all output rows."""
+    weight = torch.cat(weights).float().abs()
+    rows, cols = weight.shape
+    group = cols if group_size is None else group_size
+    grouped = weight.reshape(rows, cols // group, group)
+    relative = grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)
+    return relative.reshape(rows, cols).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, grid_points: int):
+    """s = 1, then x̄^α / w̄^(1−α) (or x̄^α) for α = 0, 1/n, ..., (n−1)/n, each with geometric mean 1 over its extremes
+    (the reference's normalisation)."""
+    yield torch.ones_like(x_mean)
+    for step in range(grid_points):
+        alpha = step / grid_points
+        scales = x_mean.pow(alpha)
+        if w_mean is not None:
+            scales = scales / (w_mean.pow(1 - alpha) + 1e-4)
+        scales = scales.clamp(min=1e-4)
+        yield scales / (scales.max() * scales.min()).sqrt()
+
+
+@torch.no_grad()
+def search_scales(layer: torch.nn.Module, group: ScaledGroup, inputs: LayerInputs, args, config: AWQ,
+                  where: str) -> torch.Tensor:
+    """The scales whose rounded weights give the block the smallest output error (paper §3.2, grid search)."""
+    linears = [layer.get_submodule(name) for name in group.linears]
+    block = layer.get_submodule(group.inspect)
+    originals = [linear.weight.detach().clone() for linear in linears]
+    x_mean = inputs.mean_magnitude(group.linears[0])
+    w_mean = _column_magnitude(originals, args.group_size) if config.duo_scaling else None
+    gram = inputs.grams[group.linears[0]] if config.loss == "linear" else None
+    best, best_error = None, float("inf")
+    try:
+        for scales in candidate_scales(x_mean, w_mean, config.grid_points):
+            error = 0.0
+            for linear, weight in zip(linears, originals):
+                scaled = weight.float() * scales
+                rounded = _rounded(scaled, args) / scales
+                if gram is None:
+                    linear.weight.copy_(rounded.to(weight.dtype))
+                else:  # ||(Q − W) X||² = tr(D XᵀX Dᵀ): the Linears' output error without running them
+                    difference = rounded - weight.float()
+                    error += ((difference @ gram) * difference).sum().item()
+            if gram is None:
+                error = inputs.output_error(block, group.inspect)
+            if error < best_error:
+                best, best_error = scales, error
+    finally:
+        for linear, weight in zip(linears, originals):
+            linear.weight.copy_(weight)
+    if best is None or not torch.isfinite(best).all():
+        raise CompressError(f"AWQ {where}: the block's output is NaN/inf for every scale tried; the weights or the "
+                            f"dtype overflow (with float16, try dtype bfloat16 or float32)")
+    return best
+
+
+@torch.no_grad()
+def fold_scales(layer: torch.nn.Module, group: ScaledGroup, scales: torch.Tensor) -> None:
+    """Divide the op before the group by s and multiply the group's input columns by s: the same function."""
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.div_(scales.to(prev.weight.dtype)[:, None])
+    else:
+        prev.weight.div_(scales.to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(scales.to(prev.bias.dtype))
+    for name in group.linears:
+        linear = layer.get_submodule(name)
+        linear.weight.mul_(scales.to(linear.weight.dtype))
+
+
+# ---------------------------------------------------------------- clipping
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, gram: torch.Tensor, args) -> torch.Tensor:
+    """The weight with each quantization group clipped to ±(ratio · its largest |w|), the ratio chosen per group to
+    minimise that group's share of the output error, dᵀ (X_gᵀ X_g) d with d the rounding error."""
+    rows, cols = weight.shape
+    group = cols if args.group_size is None else args.group_size
+    groups = cols // group
+    w = weight.float()
+    # the diagonal blocks of XᵀX: each quantization group's own inputs
+    blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(groups)])
+    peak = w.reshape(rows, groups, group).abs().amax(-1, keepdim=True)
+    best = w.clone().reshape(rows, groups, group)
+    best_error = torch.full((rows, groups), float("inf"), device=w.device)
+    for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
+        bound = peak * (1 - step / CLIP_STEPS)
+        clipped = torch.maximum(torch.minimum(w.reshape(rows, groups, group), bound), -bound)
+        difference = (_rounded(clipped.reshape(rows, cols), args).float() - w).reshape(rows, groups, group)
+        error = torch.einsum("rgi,gij,rgj->rg", difference, blocks, difference)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better[..., None], clipped, best)
+    return best.reshape(rows, cols).to(weight.dtype)
+
+
+# ---------------------------------------------------------------- the verb
+
+
+def _scaled_gram(inputs: LayerInputs, name: str, scales: torch.Tensor | None) -> torch.Tensor:
+    """XᵀX of a Linear's input as it is after the fold: its input was divided by the scales."""
+    gram = inputs.grams[name]
+    return gram if scales is None else gram / (scales[:, None] * scales[None, :])
+
+
+def _clip_and_round(linears: dict[str, torch.nn.Linear], inputs: LayerInputs, scales_of: dict, args, clip: bool,
+                    round_now: bool) -> None:
+    """Clip each Linear's groups (q and k excepted) and, unless GPTQ rounds later, round onto the grid, recording
+    each Linear's relative output error on the calibration inputs."""
+    for name, linear in linears.items():
+        gram = _scaled_gram(inputs, name, scales_of.get(name))
+        float_weight = linear.weight.detach().clone()
+        if clip and name.rsplit(".", 1)[-1] not in UNCLIPPED:
+            linear.weight.copy_(search_clip(float_weight, gram, args))
+        if round_now:
+            scale, zero = minmax_qparams(linear.weight, args)
+            linear.weight.copy_(fake_quantize(linear.weight, scale, zero, args))
+            error = relative_output_error(float_weight, linear.weight, gram)
+            setattr(linear, QUANT_ATTR, WeightQuant(args, scale, zero, output_error=error))
+
+
+@torch.no_grad()
+def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor, *,
+                 show_progress: bool = True) -> torch.nn.Module:
+    """Scale (and clip) every decoder layer's Linears by AWQ on `calibration` token ids [samples, seq_len], then
+    round them: round-to-nearest, or GPTQ on the scaled weights when `config.gptq` is set."""
+    require_float(model, "quantize", "its weights already lie on a quantization grid")
+    check_group_size(model, config.group_size)
+    args = quantization_args(config)
+    device = next(model.parameters()).device
+    layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens=calibration.numel())
+    layers = layerwise.layers
+    plan = [layer_groups(layer, index) for index, layer in enumerate(layers)]  # every layer checked before any work
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("AWQ", total=len(layers))
+        for index, (layer, groups) in enumerate(zip(layers, plan)):
+            progress.update(task, description=f"AWQ layer {index + 1}/{len(layers)}")
+            linears = dict(quantizable_linears(layer))
+            inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block")
+            scales_of: dict[str, torch.Tensor] = {}
+            for group in groups:
+                where = f"layer {index} ({group.prev} → {', '.join(group.linears)})"
+                scales = search_scales(layer, group, inputs, args, config, where)
+                fold_scales(layer, group, scales)
+                scales_of.update(dict.fromkeys(group.linears, scales))
+            _clip_and_round(linears, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
+            del inputs
+            progress.advance(task)
+    del layerwise
+    if config.gptq is not None:
+        from compress.quantize.gptq import quantize_gptq, resolve_run
+
+        gptq = GPTQ(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format,
+                    **config.gptq.model_dump())
+        quantize_gptq(model, resolve_run(model, gptq, calibration), calibration, show_progress=show_progress)
+    return model

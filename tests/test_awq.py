@@ -1,0 +1,151 @@
+"""AWQ: folding keeps the float function, the search protects channels that meet large activations, checkpoints round
+trip through stock transformers, GQA and pruned widths, the sensitivity it records, and the bad inputs the issue
+lists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compress
+from compress.checkpoint import save_model
+from compress.data import calibration_batches
+from compress.errors import CompressError
+from compress.quantize.awq import LLAMA_GROUPS, fold_scales, layer_groups, quantize_awq
+from compress.quantize.grid import quantized_linears, relative_output_error
+
+
+def _tiny(tiny_model_dir):
+    model, tokenizer = compress.load_model(str(tiny_model_dir))
+    ids = calibration_batches(tokenizer, "wikitext2-valid", samples=8, seq_len=64)
+    return model, tokenizer, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _loud_channels(model, factor: float = 30.0) -> None:
+    """Make a few input channels of every Linear group carry large activations, as real LLMs' do: the norms scale
+    channels 0-3 up (and the Linears reading them scale those columns down, so outputs stay of the usual size)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, linears in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                                  (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                norm.weight[:4] *= factor
+                parent = layer.self_attn if linears[0] == "q_proj" else layer.mlp
+                for name in linears:
+                    getattr(parent, name).weight[:, :4] /= factor ** 0.5
+
+
+def test_folding_scales_keeps_the_float_function(tiny_model_dir):
+    model, _, ids = _tiny(tiny_model_dir)
+    reference = _logits(model, ids[:2])
+    torch.manual_seed(1)
+    for index, layer in enumerate(model.model.layers):
+        for group in layer_groups(layer, index):
+            width = layer.get_submodule(group.linears[0]).in_features
+            fold_scales(layer, group, torch.rand(width) * 4 + 0.25)
+    assert torch.allclose(_logits(model, ids[:2]), reference, atol=1e-4)
+
+
+def test_gqa_skips_the_v_to_o_fold_and_equal_heads_keep_it(tiny_model_dir):
+    model, _, _ = _tiny(tiny_model_dir)  # 4 query heads, 2 KV heads: v's 32 outputs feed o's 64 inputs
+    groups = [g.prev for g in layer_groups(model.model.layers[0], 0)]
+    assert groups == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mha = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2))
+    assert [g.prev for g in layer_groups(mha.model.layers[0], 0)] == [g.prev for g in LLAMA_GROUPS]
+
+
+@pytest.mark.parametrize("loss", ["block", "linear"])
+def test_awq_protects_loud_channels_better_than_rtn(tiny_model_dir, loss):
+    model, _, ids = _tiny(tiny_model_dir)
+    _loud_channels(model)
+    reference = _logits(model, ids[:2])
+    rtn, _, _ = _tiny(tiny_model_dir)
+    _loud_channels(rtn)
+    compress.quantize(rtn, compress.RTN(bits=3, group_size=32))
+    compress.quantize(model, compress.AWQ(bits=3, group_size=32, loss=loss, clip=False), ids, show_progress=False)
+    awq_error = (_logits(model, ids[:2]) - reference).pow(2).mean()
+    rtn_error = (_logits(rtn, ids[:2]) - reference).pow(2).mean()
+    assert awq_error < 0.7 * rtn_error, (awq_error, rtn_error)
+    assert len(list(quantized_linears(model))) == 14
+
+
+def test_awq_checkpoint_loads_in_stock_transformers(tiny_model_dir, tmp_path):
+    model, tokenizer, ids = _tiny(tiny_model_dir)
+    compress.quantize(model, compress.AWQ(bits=4, group_size=32, grid_points=5), ids, show_progress=False)
+    save_model(model, tokenizer, tmp_path / "awq")
+    torch.save(ids[:2], tmp_path / "ids.pt")
+    torch.save(_logits(model, ids[:2]), tmp_path / "logits.pt")
+    script = (f"import torch; from transformers import AutoModelForCausalLM\n"
+              f"m = AutoModelForCausalLM.from_pretrained(r'{tmp_path / 'awq'}', dtype=torch.float32)\n"
+              f"ids = torch.load(r'{tmp_path / 'ids.pt'}'); ref = torch.load(r'{tmp_path / 'logits.pt'}')\n"
+              f"with torch.no_grad(): out = m(input_ids=ids).logits\n"
+              f"assert 'compress' not in __import__('sys').modules\n"
+              f"assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_awq_then_gptq_and_sensitivity_is_the_relative_output_error(tiny_model_dir):
+    model, _, ids = _tiny(tiny_model_dir)
+    compress.quantize(model, compress.AWQ(bits=4, group_size=32, gptq={"act_order": True}), ids,
+                      show_progress=False)
+    errors = {name: quant.output_error for name, _, quant in quantized_linears(model)}
+    assert len(errors) == 14 and all(0 < e < 0.5 for e in errors.values()), errors
+    # the error GPTQ records is ||(Q − W') X'||² / ||W' X'||² for the weights and inputs it saw (scaled by AWQ);
+    # written out here: relative_output_error against a direct computation on random data
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 16, generator=g), torch.randn(100, 16, generator=g)
+    q = w + 0.1 * torch.randn(8, 16, generator=g)
+    direct = ((x @ (q - w).T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
+    assert relative_output_error(w, q, x.T @ x) == pytest.approx(direct, rel=1e-4)
+
+
+def test_awq_on_layers_of_different_widths(tiny_model_dir):
+    """A pruned model: layer 1's MLP is 96 wide."""
+    model, _, ids = _tiny(tiny_model_dir)
+    layer = model.model.layers[1]
+    torch.manual_seed(3)
+    for name, shape in {"gate_proj": (96, 64), "up_proj": (96, 64), "down_proj": (64, 96)}.items():
+        setattr(layer.mlp, name, torch.nn.Linear(shape[1], shape[0], bias=False))
+    reference = _logits(model, ids[:2])
+    compress.quantize(model, compress.AWQ(bits=4, group_size=32, grid_points=5), ids, show_progress=False)
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 96)
+    assert (_logits(model, ids[:2]) - reference).abs().mean() < 0.2 * reference.abs().mean()
+
+
+def test_awq_names_the_module_it_cannot_fold_into():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 64, (2, 16))
+    with pytest.raises(CompressError, match=r"layers\.0\.input_layernorm \(GemmaRMSNorm\).*gptq or rtn"):
+        quantize_awq(model, compress.AWQ(bits=4, group_size=32), ids, show_progress=False)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    layer = llama.model.layers[0]
+    del layer.mlp.up_proj  # e.g. a fused gate_up_proj
+    with pytest.raises(CompressError, match="AWQ cannot scale decoder layer 0 .*up_proj"):
+        layer_groups(layer, 0)
+
+
+def test_awq_refuses_a_quantized_model_and_needs_calibration(tiny_model_dir):
+    model, _, ids = _tiny(tiny_model_dir)
+    with pytest.raises(CompressError, match="needs calibration token ids"):
+        compress.quantize(model, compress.AWQ(bits=4, group_size=32))
+    compress.quantize(model, compress.RTN(bits=4, group_size=32))
+    with pytest.raises(CompressError, match="quantized model"):
+        compress.quantize(model, compress.AWQ(bits=4, group_size=32), ids)
