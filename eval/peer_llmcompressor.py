@@ -1,5 +1,5 @@
-"""The llm-compressor side of bench_gptq.py: the same model, calibration token ids and GPTQ settings through
-llm-compressor's `oneshot` + `GPTQModifier`. Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17
+"""The llm-compressor side of bench_gptq.py and bench_recovery.py: the same model, calibration token ids and grid
+through llm-compressor's `oneshot` + `GPTQModifier` (or, `--method awq`, its `AWQModifier` then round-to-nearest). Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17
 and compressed-tensors 0.19, so it is never a dependency of compress); prints one JSON line."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="llama2-7b-shape, or a folder/GGUF path")
     parser.add_argument("--gguf-file")
     parser.add_argument("--ids", required=True, help="calibration token ids saved with torch.save")
+    parser.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--device", default="cuda")
@@ -56,23 +57,36 @@ def main() -> None:
     ids = torch.load(args.ids)
     rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     loader = torch.utils.data.DataLoader(rows, batch_size=1)  # llm-compressor's default calibration batch
-    recipe = GPTQModifier(
-        targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static",
-        config_groups={"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group",
-            "group_size": args.group_size}}},
-    )
+    grid = {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group_size}}}
+    if args.method == "gptq":
+        recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01,
+                              actorder="static", config_groups=grid)
+    else:  # AWQ (duo scaling, 20 grid points: its defaults) then the same grid by round-to-nearest
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+                  QuantizationModifier(targets="Linear", ignore=["lm_head"], config_groups=grid)]
     _, seconds, peak = timed(lambda: oneshot(model=model, dataset=loader, recipe=recipe, processor=processor,
                                              num_calibration_samples=len(ids), max_seq_length=ids.shape[1]))
-    if args.save_weights:
+    if args.save_weights:  # every tensor (AWQ also rescales the norms), each Linear's weight as its grid holds it
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
         from safetensors.torch import save_file
 
-        weights = {n + ".weight": m.weight.detach().float().cpu().contiguous() for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+        weights = {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.state_dict().items()
+                   if not name.rsplit(".", 1)[-1].startswith(("weight_", "input_", "output_"))}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                scheme = getattr(module, "quantization_scheme", None)
+                if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
+                    zero = getattr(module, "weight_zero_point", None)
+                    weights[name + ".weight"] = fake_quantize(module.weight, module.weight_scale, zero,
+                                                              scheme.weights).float().cpu().contiguous()
         save_file(weights, args.save_weights)
     import llmcompressor
 
-    print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__}", "seconds": seconds, "peak_cuda_bytes": peak}))
+    print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__} {args.method}", "seconds": seconds, "peak_cuda_bytes": peak}))
 
 
 if __name__ == "__main__":

@@ -200,3 +200,105 @@ def test_empty_training_data_fails_before_any_step(tiny_recipe, tmp_path):
     with pytest.raises(CompressError, match="is empty"):
         quiet_run(tiny_recipe(steps=f"  - distill: {{data: {empty}}}"))
     assert not (tmp_path / "runs" / "tiny" / "00-base").exists()
+
+
+# ---------------------------------------------------------------- quantization-aware recovery from a PTQ result
+
+
+def _gptq(base, windows):
+    model = copy.deepcopy(base)
+    return compress.quantize(model, compress.GPTQ(bits=4, group_size=16), windows[:8], show_progress=False)
+
+
+def _codes(linear, quant):
+    columns = quant.scale.repeat_interleave(linear.in_features // quant.scale.shape[1], dim=1)
+    return torch.round(linear.weight.detach() / columns)
+
+
+def test_learned_scales_start_at_the_ptq_result_and_train_only_scales(tiny):
+    base, _, windows = tiny
+    ptq = _gptq(base, windows)
+    student = copy.deepcopy(ptq)
+    prepare_qat(student, QAT(bits=4, group_size=16, train="scales"))
+    with torch.no_grad():  # the forward at step 0 is exactly the PTQ model's
+        torch.testing.assert_close(student(input_ids=windows[:2]).logits, ptq(input_ids=windows[:2]).logits,
+                                   atol=1e-5, rtol=0)
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad and "parametrizations" in name}
+    assert trainable and all(name.endswith("parametrizations.weight.0.scale") for name in trainable)
+    assert len(trainable) == len(list(quantizable_linears(student)))
+
+
+def test_scale_gradient_of_fixed_codes_is_the_group_sum(tiny):
+    """weight = (q − z)·s with q fixed: ∂L/∂s of a group = Σ over its columns of ∂L/∂w · (q − z), by hand."""
+    linear = torch.nn.Linear(32, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(2, 32))
+    config = QAT(bits=4, group_size=16, train="scales")
+    prepare_qat(torch.nn.Sequential(linear), config)
+    learned = linear.parametrizations.weight[0]
+    codes = linear.parametrizations.weight.original.detach()
+    x = torch.randn(5, 32)
+    linear(x).pow(2).sum().backward()
+    grad_w = 2 * (x @ linear.weight.detach().T).T @ x  # ∂/∂W of Σ (W x)²
+    expected = (grad_w * codes).reshape(2, 2, 16).sum(-1)  # symmetric: z = 0
+    torch.testing.assert_close(learned.scale.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", ["scales", "weights_and_scales"])
+def test_qat_recovery_after_gptq_keeps_the_grid_and_moves_toward_the_teacher(tiny, tmp_path, train):
+    base, tokenizer, windows = tiny
+    ptq = _gptq(base, windows)
+    before = {name: (_codes(linear, quant), quant.scale.clone()) for name, linear, quant in quantized_linears(ptq)}
+    student = copy.deepcopy(ptq)
+    config = QAT(bits=4, group_size=16, train=train, steps=10, batch_size=4, seq_len=64, lr=1e-5, kd=KD(alpha=1.0))
+    compress.quantize(student, config, train_data=windows, teacher=base, show_progress=False)
+    after = {name: (linear, quant) for name, linear, quant in quantized_linears(student)}
+    assert set(after) == set(before)
+    for name, (linear, quant) in after.items():  # on the grid it records
+        torch.testing.assert_close(linear.weight, fake_quantize(linear.weight, quant.scale, quant.zero_point,
+                                                                quant.args))
+    name = "model.layers.0.mlp.down_proj"
+    linear, quant = after[name]
+    assert not torch.equal(quant.scale, before[name][1])  # the scales trained
+    if train == "scales":  # the integer codes did not move
+        assert torch.equal(_codes(linear, quant), before[name][0])
+    assert kl_to(base, student, windows[:64]) < kl_to(base, ptq, windows[:64])
+    compress.save_model(student, tokenizer, tmp_path / "recovered")
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "recovered", dtype=torch.float32)
+        torch.testing.assert_close(stock(input_ids=windows[:2]).logits, student(input_ids=windows[:2]).logits,
+                                   atol=1e-4, rtol=0)
+
+
+def test_qat_recovery_bad_input(tiny):
+    base, _, windows = tiny
+    ptq = _gptq(base, windows)
+    with pytest.raises(CompressError, match="not on this step's grid"):
+        compress.quantize(copy.deepcopy(ptq), QAT(bits=4, group_size=32, train="scales", steps=1, batch_size=4,
+                                                  seq_len=64), train_data=windows)
+    with pytest.raises(CompressError, match="cannot start from a quantized model's scales"):
+        compress.quantize(copy.deepcopy(ptq), QAT(bits=4, group_size=16, steps=1, batch_size=4, seq_len=64),
+                          train_data=windows)
+    with pytest.raises(CompressError, match="teacher is quantized"):
+        compress.quantize(copy.deepcopy(ptq), QAT(bits=4, group_size=16, train="scales", steps=1, batch_size=4,
+                                                  seq_len=64, kd=KD()), train_data=windows, teacher=ptq)
+    # a learning rate far too large for the scales drives some below zero: the layer is named, nothing is saved
+    with pytest.raises(CompressError, match=r"scales of model\.layers\.\d+\.\S+ became non-positive or NaN"):
+        compress.quantize(copy.deepcopy(ptq), QAT(bits=4, group_size=16, train="scales", steps=3, batch_size=4,
+                                                  seq_len=64, lr=1.0, warmup_ratio=0.0), train_data=windows)
+
+
+QAT_RECOVERY_STEPS = """\
+  - finetune: {steps: 2, batch_size: 4, seq_len: 64}
+  - quantize: {method: gptq, bits: 4, group_size: 16, calibration: {samples: 4, seq_len: 64}}
+  - quantize: {method: qat, bits: 4, group_size: 16, train: scales, steps: 2, batch_size: 4, seq_len: 64, kd: {}}"""
+
+
+def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_recipe):
+    recipe = compress.load_recipe(tiny_recipe(steps=QAT_RECOVERY_STEPS))
+    assert recipe.steps[2].config.kd.teacher is None
+    assert recipe.resolved().steps[2].config.kd.teacher == "01-finetune"  # not 02-quantize: that one is quantized
+    with pytest.raises(compress.errors.RecipeError, match="teacher '02-quantize' is quantized"):
+        compress.load_recipe(tiny_recipe(steps=QAT_RECOVERY_STEPS.replace("kd: {}", "kd: {teacher: 02-quantize}")))
+    report = quiet_run(tiny_recipe(steps=QAT_RECOVERY_STEPS))
+    assert [row["step"] for row in report["steps"]][-1] == "03-quantize"

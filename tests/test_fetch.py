@@ -177,7 +177,7 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
                             .read_text())
     for step in recipe["steps"]:
         (kind, config), = step.items()
-        if kind == "finetune":
+        if kind == "finetune" or config.get("method") == "qat":
             config.update(steps=2, batch_size=2)
         if "calibration" in config:
             config["calibration"].update(samples=4, seq_len=64)
@@ -188,7 +188,7 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
     path = tmp_path / "main.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     report = run(path, console=Console(quiet=True), show_progress=False)
-    assert [row["step"] for row in report["steps"]] == ["00-base", "01-finetune", "02-prune", "03-finetune",
+    assert [row["step"] for row in report["steps"]] == ["00-base", "01-finetune", "02-prune", "03-quantize",
                                                         "04-quantize"]
     assert set(report["steps"][-1]["metrics"]) == {"wikitext2", "rte", "politeness"}
     assert str(tmp_path / "no-data-here") not in json.dumps(report)

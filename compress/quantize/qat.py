@@ -95,9 +95,11 @@ def _starting_grid(linear: torch.nn.Linear, args, name: str) -> tuple[torch.Tens
                                                   else quant.zero_point.to(linear.weight.device))
 
 
-def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str = "weights") -> torch.nn.Module:
-    """Put every decoder Linear's weight on the grid for training (in place). With train "weights", the weight
-    Parameters stay the same objects, so an optimizer created before this call still trains them."""
+def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | None = None) -> torch.nn.Module:
+    """Put every decoder Linear's weight on the grid for training (in place); `train` defaults to the config's
+    (QAT) or "weights" (any other weight-only config). With train "weights", the weight Parameters stay the same
+    objects, so an optimizer created before this call still trains them."""
+    train = train or getattr(config, "train", "weights")
     check_group_size(model, config.group_size)
     args = quantization_args(config)
     for name, linear in quantizable_linears(model):
