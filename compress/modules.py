@@ -8,6 +8,7 @@ on every path (resume, `compress.load`, the Python API)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -44,10 +45,23 @@ class WeightQuant:
     output_error: float | None = None
 
 
-def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE) -> Iterator[tuple[str, torch.nn.Linear]]:
+def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE, keep_float: tuple[str, ...] = ()
+                        ) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """Every Linear but those named in `ignore` (last name component) and those whose full name matches a
+    `keep_float` pattern (fnmatch)."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in ignore:
+        if (isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in ignore
+                and not any(fnmatch(name, pattern) for pattern in keep_float)):
             yield name, module
+
+
+def kept_float(model: torch.nn.Module, patterns: tuple[str, ...]) -> set[int]:
+    """id() of every Linear a config's `ignore` patterns keep in full precision: for per-layer loops, which see
+    names relative to the layer."""
+    if not patterns:
+        return set()
+    everything = {id(m) for _, m in quantizable_linears(model)}
+    return everything - {id(m) for _, m in quantizable_linears(model, keep_float=patterns)}
 
 
 def quantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear, WeightQuant]]:

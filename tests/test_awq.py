@@ -149,3 +149,21 @@ def test_awq_refuses_a_quantized_model_and_needs_calibration(tiny_model_dir):
     compress.quantize(model, compress.RTN(bits=4, group_size=32))
     with pytest.raises(CompressError, match="quantized model"):
         compress.quantize(model, compress.AWQ(bits=4, group_size=32), ids)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_ignored_linears_stay_float_and_are_written_unquantized(tiny_model_dir, tmp_path, method):
+    model, tokenizer, ids = _tiny(tiny_model_dir)
+    kept = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    grid = dict(bits=4, group_size=32, ignore=("model.layers.1.mlp.down_proj", "*.0.self_attn.o_proj"))
+    config = {"rtn": compress.RTN, "gptq": compress.GPTQ, "awq": compress.AWQ}[method](**grid)
+    compress.quantize(model, config, ids, show_progress=False)
+    names = {name for name, _, _ in quantized_linears(model)}
+    assert len(names) == 12 and "model.layers.1.mlp.down_proj" not in names
+    assert "model.layers.0.self_attn.o_proj" not in names
+    if method != "awq":  # AWQ scales every Linear of a group (exactly), rounding only the quantized ones
+        assert torch.equal(model.model.layers[1].mlp.down_proj.weight, kept)
+    save_model(model, tokenizer, tmp_path / "mixed")
+    reloaded, _ = compress.load(tmp_path / "mixed")
+    assert {name for name, _, _ in quantized_linears(reloaded)} == names
+    assert torch.allclose(_logits(reloaded, ids[:2]), _logits(model, ids[:2]), atol=1e-4)

@@ -22,6 +22,9 @@ class WeightOnlyConfig(Strict):
     sym: bool = True
     format: Literal["compressed-tensors", "gptq"] = Field(
         "compressed-tensors", description="compressed-tensors (stock transformers, vLLM) or the GPTQ v1 layout")
+    ignore: tuple[str, ...] = Field((), description=(
+        "Linears kept in full precision besides lm_head: full module names or shell-style patterns, e.g. "
+        "model.layers.0.mlp.down_proj or '*.down_proj' (a step's step.json lists each Linear's sensitivity)"))
 
     @field_validator("group_size")
     @classmethod
@@ -42,7 +45,8 @@ class WeightOnlyConfig(Strict):
 
     def grid(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}"
+        kept = f", {', '.join(self.ignore)} kept float" if self.ignore else ""
+        return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}{kept}"
 
 
 class RTN(WeightOnlyConfig):

@@ -30,7 +30,7 @@ from rich.progress import Progress
 
 from compress.config.quantize import AWQ, GPTQ
 from compress.errors import CompressError
-from compress.modules import require_float
+from compress.modules import kept_float, require_float
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -335,6 +335,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens=calibration.numel())
     layers = layerwise.layers
     plan = [layer_groups(layer, index) for index, layer in enumerate(layers)]  # every layer checked before any work
+    kept = kept_float(model, config.ignore)  # scaled with their group (exact), never rounded
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("AWQ", total=len(layers))
         for index, (layer, groups) in enumerate(zip(layers, plan)):
@@ -347,7 +348,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
                 scales = search_scales(layer, group, inputs, args, config, where)
                 fold_scales(layer, group, scales)
                 scales_of.update(dict.fromkeys(group.linears, scales))
-            _clip_and_round(linears, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
+            rounded = {name: m for name, m in linears.items() if id(m) not in kept}
+            _clip_and_round(rounded, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
             del inputs
             progress.advance(task)
     del layerwise
@@ -355,6 +357,6 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
         from compress.quantize.gptq import quantize_gptq, resolve_run
 
         gptq = GPTQ(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format,
-                    **config.gptq.model_dump())
+                    ignore=config.ignore, **config.gptq.model_dump())
         quantize_gptq(model, resolve_run(model, gptq, calibration), calibration, show_progress=show_progress)
     return model

@@ -19,7 +19,7 @@ from rich.progress import Progress
 
 from compress.config.quantize import GPTQ
 from compress.errors import CompressError
-from compress.modules import require_float
+from compress.modules import kept_float, require_float
 from compress.quantize import kernels
 from compress.quantize.grid import (
     QUANT_ATTR,
@@ -346,12 +346,13 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     quantize_layer = _quantize_layer_sequential if config.schedule == "sequential" else _quantize_layer_two_passes
     layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens)
     layers = layerwise.layers
+    kept = kept_float(model, config.ignore)
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("GPTQ", total=len(layers))
         for index, layer in enumerate(layers):
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
             with layerwise.layer_on_device(index) if config.offload else nullcontext():
-                linears = dict(quantizable_linears(layer))
+                linears = {name: m for name, m in quantizable_linears(layer) if id(m) not in kept}
                 quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))
             if config.offload:
                 for linear in linears.values():

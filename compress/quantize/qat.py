@@ -102,7 +102,7 @@ def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | N
     train = train or getattr(config, "train", "weights")
     check_group_size(model, config.group_size)
     args = quantization_args(config)
-    for name, linear in quantizable_linears(model):
+    for name, linear in quantizable_linears(model, keep_float=config.ignore):
         if parametrize.is_parametrized(linear, "weight"):
             continue
         if train == "weights":
@@ -162,7 +162,8 @@ def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Mo
         linear.weight.copy_(fake_quantize(weight.to(linear.weight.dtype), scale, zero_point, args))
         setattr(linear, QUANT_ATTR, WeightQuant(args, scale.detach().clone(), zero_point))
     if minmax:
-        grid = RTN(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format)
+        grid = RTN(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format,
+                   ignore=config.ignore)
         quantize_rtn(model, grid, show_progress=False)
     return model
 

@@ -26,7 +26,7 @@ def quantize_rtn(model: torch.nn.Module, config: RTN | WeightOnlyConfig, *, show
     require_float(model, "quantize", "its weights already lie on a quantization grid")
     check_group_size(model, config.group_size)
     args = quantization_args(config)
-    linears = list(quantizable_linears(model))
+    linears = list(quantizable_linears(model, keep_float=config.ignore))
     for _, linear in track(linears, description="RTN rounding", disable=not show_progress, transient=True):
         scale, zero_point = minmax_qparams(linear.weight, args)
         linear.weight.copy_(fake_quantize(linear.weight, scale, zero_point, args))
