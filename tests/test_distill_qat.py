@@ -5,6 +5,7 @@ Tiny random models: only mechanics matter here (quality is tested on SmolLM2 in 
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -294,7 +295,7 @@ QAT_RECOVERY_STEPS = """\
   - quantize: {method: qat, bits: 4, group_size: 16, train: scales, steps: 2, batch_size: 4, seq_len: 64, kd: {}}"""
 
 
-def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_recipe):
+def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_recipe, tmp_path):
     recipe = compress.load_recipe(tiny_recipe(steps=QAT_RECOVERY_STEPS))
     assert recipe.steps[2].config.kd.teacher is None
     assert recipe.resolved().steps[2].config.kd.teacher == "01-finetune"  # not 02-quantize: that one is quantized
@@ -302,3 +303,7 @@ def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_r
         compress.load_recipe(tiny_recipe(steps=QAT_RECOVERY_STEPS.replace("kd: {}", "kd: {teacher: 02-quantize}")))
     report = quiet_run(tiny_recipe(steps=QAT_RECOVERY_STEPS))
     assert [row["step"] for row in report["steps"]][-1] == "03-quantize"
+    out = tmp_path / "runs" / "tiny"
+    sensitivity = json.loads((out / "02-quantize" / "step.json").read_text())["sensitivity"]
+    assert len(sensitivity) == 14 and all(0 < error < 1 for error in sensitivity.values())  # GPTQ measured each
+    assert "sensitivity" not in json.loads((out / "01-finetune" / "step.json").read_text())
