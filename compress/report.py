@@ -55,7 +55,16 @@ def _row(record: dict, changes: dict) -> dict:
         "eval_seconds": record["eval_seconds"],
         "peak_rss_bytes": record["peak_rss_bytes"],
         **({"peak_cuda_bytes": record["peak_cuda_bytes"]} if "peak_cuda_bytes" in record else {}),
+        **({"most_sensitive": _most_sensitive(record["sensitivity"])} if record.get("sensitivity") else {}),
     }
+
+
+SENSITIVE_SHOWN = 5
+
+
+def _most_sensitive(sensitivity: dict[str, float]) -> dict[str, float]:
+    """The Linears whose rounding changed their output most (step.json keeps them all)."""
+    return dict(sorted(sensitivity.items(), key=lambda item: -item[1])[:SENSITIVE_SHOWN])
 
 
 def _adaptation(records: list[dict]) -> dict[str, str]:
@@ -173,6 +182,15 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             if labels:
                 cells = [f"{labels[n][m]:.3f}" for n in ("polite", "impolite") for m in ("precision", "recall", "f1")]
                 lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    sensitive = [row for row in report["steps"] if row.get("most_sensitive")]
+    if sensitive:
+        lines += ["", "## Most sensitive Linears", "",
+                  "Relative output error ‖(Q − W)X‖² / ‖WX‖² on the calibration inputs, highest first (every Linear's "
+                  "is in the step's step.json); name them in the quantize step's `ignore` to keep them in full "
+                  "precision.", ""]
+        for row in sensitive:
+            errors = ", ".join(f"`{name}` {error:.4f}" for name, error in row["most_sensitive"].items())
+            lines.append(f"- {row['step']}: {errors}")
     lines += ["", "## Evaluation protocol", ""] + _protocol_lines(report)
     machine = report["machine"]
     lines += ["", f"Measured on {machine['cuda'] or 'CPU'} ({machine['cpu_threads']} threads), torch "

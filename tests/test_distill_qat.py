@@ -307,3 +307,6 @@ def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_r
     sensitivity = json.loads((out / "02-quantize" / "step.json").read_text())["sensitivity"]
     assert len(sensitivity) == 14 and all(0 < error < 1 for error in sensitivity.values())  # GPTQ measured each
     assert "sensitivity" not in json.loads((out / "01-finetune" / "step.json").read_text())
+    worst = max(sensitivity, key=sensitivity.get)
+    assert list(report["steps"][2]["most_sensitive"])[0] == worst
+    assert f"`{worst}` {sensitivity[worst]:.4f}" in (out / "report.md").read_text()
