@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="the float model trained with the QAT budget")
     parser.add_argument("--tasks", default="wikitext2,rte,politeness")
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor; omit to skip it")
+    parser.add_argument("--peer-methods", default="gptq,awq")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True)
@@ -132,7 +133,7 @@ def main() -> None:
         del model
     for bits in [int(b) for b in args.bits.split(",")]:
         grid = dict(bits=bits, group_size=args.group_size)
-        for name in args.methods.split(","):
+        for name in [m for m in args.methods.split(",") if m]:
             model = copy.deepcopy(adapted)
             with measure() as cost:
                 compress.quantize(model, METHODS[name](grid), ids, show_progress=False)
@@ -151,7 +152,7 @@ def main() -> None:
         if args.peer_python:
             from safetensors.torch import load_file
 
-            for method in ("gptq", "awq"):
+            for method in args.peer_methods.split(","):
                 weights = work / f"peer-{method}-w{bits}.safetensors"
                 peer = _peer(args, method, bits, folder, work / "ids.pt", weights)
                 model = copy.deepcopy(adapted)

@@ -63,6 +63,10 @@ def main() -> None:
         recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                               actorder="static", config_groups=grid)
     else:  # AWQ (duo scaling, 20 grid points: its defaults) then the same grid by round-to-nearest
+        if args.device == "cpu":  # its AWQ pins cached activations for faster GPU uploads, which fails without one
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
@@ -74,7 +78,7 @@ def main() -> None:
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize
         from safetensors.torch import save_file
 
-        weights = {name: tensor.detach().float().cpu().contiguous() for name, tensor in model.state_dict().items()
+        weights = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()
                    if not name.rsplit(".", 1)[-1].startswith(("weight_", "input_", "output_"))}
         with torch.no_grad():
             for name, module in model.named_modules():
