@@ -78,6 +78,22 @@ def _adaptation(records: list[dict]) -> dict[str, str]:
     return adapted
 
 
+def _final_against_earlier(records: list[dict]) -> list[dict]:
+    """The last step against every earlier step scored on the same rows, per task (McNemar): what the whole chain
+    after that step cost, e.g. the final model against the task-adapted one."""
+    final = records[-1]
+    rows = []
+    for record in records[:-1]:
+        for task, result in record.get("metrics", {}).items():
+            last = final.get("metrics", {}).get(task, {})
+            if "correct" in result and len(last.get("correct", "")) == len(result["correct"]):
+                test = mcnemar([c == "1" for c in result["correct"]], [c == "1" for c in last["correct"]])
+                rows.append({"step": record["step"], "task": task, "accuracy": result["accuracy"],
+                             "final_accuracy": last["accuracy"], "delta": last["accuracy"] - result["accuracy"],
+                             "kept": last["accuracy"] / result["accuracy"] if result["accuracy"] else None, **test})
+    return rows
+
+
 def build_report(name: str, model: str, records: list[dict]) -> dict:
     changes = _paired_changes(records)
     protocols = {task: result["protocol"] for record in records
@@ -88,6 +104,7 @@ def build_report(name: str, model: str, records: list[dict]) -> dict:
         "steps": [_row(record, changes) for record in records],
         "protocol": protocols,
         "task_adapted_from": _adaptation(records),
+        "final_against_earlier": _final_against_earlier(records) if len(records) > 1 else [],
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "cpu_threads": torch.get_num_threads()},
@@ -182,6 +199,19 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             if labels:
                 cells = [f"{labels[n][m]:.3f}" for n in ("polite", "impolite") for m in ("precision", "recall", "f1")]
                 lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    against = report.get("final_against_earlier") or []
+    if against:
+        final = report["steps"][-1]["step"]
+        lines += ["", f"## {final} against each earlier step", "",
+                  "Accuracy of the final step against each earlier step on the same rows, the share of it kept, and "
+                  "McNemar's exact p (bold below 0.05).", "",
+                  "| step | task | its accuracy % | final % | change | kept | p |", "|---|---|---:|---:|---:|---:|---:|"]
+        for row in against:
+            p = f"{row['p_value']:.2g}"
+            lines.append(f"| {row['step']} | {row['task']} | {100 * row['accuracy']:.1f} "
+                         f"| {100 * row['final_accuracy']:.1f} | {100 * row['delta']:+.1f} | "
+                         f"{_fmt(row['kept'] and 100 * row['kept'], '.1f')} % | "
+                         f"{f'**{p}**' if row['p_value'] < 0.05 else p} |")
     sensitive = [row for row in report["steps"] if row.get("most_sensitive")]
     if sensitive:
         lines += ["", "## Most sensitive Linears", "",

@@ -181,10 +181,16 @@ def test_report_marks_significant_changes_and_plots(tmp_path):
     assert changes["02-quantize", "rte"]["lost"] == 38 and changes["02-quantize", "rte"]["p_value"] < 1e-6
     from compress.report import _row
 
+    from compress.report import _final_against_earlier
+
     report = {"recipe": "r", "model": "m", "steps": [_row(r, changes) for r in records], "protocol": {},
-              "task_adapted_from": {}, "machine": {"cuda": None, "cpu_threads": 2, "torch": "x", "platform": "y"}}
+              "task_adapted_from": {}, "machine": {"cuda": None, "cpu_threads": 2, "torch": "x", "platform": "y"},
+              "final_against_earlier": _final_against_earlier(records)}
     markdown = render_markdown(report, "tradeoff.png")
     assert "(-2.0, p 0.5)" in markdown and "(**-38.0, p " in markdown  # only the large drop is significant
+    # the final step against each earlier one: 50 of 90 kept against 00-base (55.6 %), significant
+    assert "## 02-quantize against each earlier step" in markdown
+    assert "| 00-base | rte | 90.0 | 50.0 | -40.0 | 55.6 % | **" in markdown
     assert plot_tradeoff(report, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

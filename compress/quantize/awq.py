@@ -31,6 +31,7 @@ from rich.progress import Progress
 from compress.config.quantize import AWQ, GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
+from compress.quantize.gptq import add_gram, quantize_gptq, resolve_run
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -167,12 +168,12 @@ class LayerInputs:
             if owner != name:  # q/k/v, gate/up: one input, summed once
                 self._share[name] = owner
                 return
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1])
             if name not in self.grams:
                 self.magnitude[name] = torch.zeros(x.shape[1], device=x.device)
                 self.grams[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            self.magnitude[name] += x.abs().sum(0)
-            self.grams[name].addmm_(x.T, x)
+            self.magnitude[name] += x.abs().sum(0, dtype=torch.float32)
+            add_gram(self.grams[name], x)  # GPTQ's: tensor cores for half inputs on CUDA, symmetric blocks on CPU
 
         return hook
 
@@ -354,8 +355,6 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
             progress.advance(task)
     del layerwise
     if config.gptq is not None:
-        from compress.quantize.gptq import quantize_gptq, resolve_run
-
         gptq = GPTQ(bits=config.bits, group_size=config.group_size, sym=config.sym, format=config.format,
                     ignore=config.ignore, **config.gptq.model_dump())
         quantize_gptq(model, resolve_run(model, gptq, calibration), calibration, show_progress=show_progress)

@@ -75,7 +75,7 @@ class LayerHessians:
         for group, total in zip(self.groups, self.sums):
             x = self._inputs[group[0]]
             x = x.reshape(-1, x.shape[-1])
-            _add_gram(total, x)
+            add_gram(total, x)
         self.tokens += x.shape[0]
         self._inputs.clear()
 
@@ -100,7 +100,7 @@ class LayerHessians:
 GRAM_BLOCK = 512  # CPU: xᵀx is symmetric, so only the blocks on and above the diagonal are multiplied
 
 
-def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
     """total += xᵀx in float32. On CUDA, half-precision inputs go to the tensor cores with a float32 result
     (products of bfloat16/float16 values are exact in float32, so nothing is lost against casting first). On the
     CPU, where these products are a third of a GPTQ run, wide inputs skip the blocks below the diagonal (for
@@ -269,7 +269,7 @@ def _group_hessian(calibration: LayerwiseCalibration, layer, first: torch.nn.Lin
         x = inputs[0].reshape(-1, inputs[0].shape[-1])
         if "sum" not in state:
             state.update(sum=torch.zeros(x.shape[1], x.shape[1], device=x.device), tokens=0)
-        _add_gram(state["sum"], x)
+        add_gram(state["sum"], x)
         state["tokens"] += x.shape[0]
         raise _SeenAllInputs
 
@@ -303,7 +303,7 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
         def hook(module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            _add_gram(hessian, x)
+            add_gram(hessian, x)
             _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config, where(names))
 
         return hook
