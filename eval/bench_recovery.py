@@ -72,7 +72,8 @@ def _peer(args, method: str, bits: int, folder: Path, ids_path: Path, weights: P
     command = [args.peer_python, str(REPO / "eval" / "peer_llmcompressor.py"), "--model", str(folder), "--ids",
                str(ids_path), "--method", method, "--bits", str(bits), "--group-size", str(args.group_size),
                "--device", args.device, "--dtype", args.dtype, "--save-weights", str(weights)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": args.peer_pythonpath})
     if done.returncode:
         sys.stderr.write(done.stderr[-3000:])
         raise SystemExit(f"llm-compressor {method} failed (exit {done.returncode})")
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="wikitext2,rte,politeness")
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor; omit to skip it")
     parser.add_argument("--peer-methods", default="gptq,awq")
+    parser.add_argument("--peer-pythonpath", default="", help="PYTHONPATH for the peer (e.g. a --target install)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True)
