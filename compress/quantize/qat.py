@@ -66,12 +66,14 @@ class _LearnedScales(torch.nn.Module):
     def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
         return values.repeat_interleave(width // values.shape[1], dim=1)
 
-    def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """The grid's integers for `weight` (the codes themselves, when they are what is stored)."""
-        if self.codes:
-            return weight.float()
+    def round_to_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """clamp(⌊W/s⌉ + z): float weights onto the grid's integers, with a straight-through gradient."""
         scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
         return torch.clamp(_round_straight_through(weight.float() / scale) + zero, self.qmin, self.qmax)
+
+    def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The grid's integers for the parametrized tensor (the codes themselves, when they are what is stored)."""
+        return weight.float() if self.codes else self.round_to_codes(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
@@ -112,10 +114,7 @@ def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | N
         learned = _LearnedScales(args, scale, zero_point, codes=train == "scales")
         if train == "scales":
             with torch.no_grad():  # store the integer codes; the forward rebuilds the weight from them
-                columns = learned.columns(learned.scale, linear.in_features)
-                zero = learned.columns(learned.zero_point, linear.in_features)
-                codes = torch.clamp(torch.round(linear.weight.float() / columns) + zero, learned.qmin, learned.qmax)
-                linear.weight.copy_(codes.to(linear.weight.dtype))
+                linear.weight.copy_(learned.round_to_codes(linear.weight).to(linear.weight.dtype))
         parametrize.register_parametrization(linear, "weight", learned)
         linear.parametrizations.weight.original.requires_grad_(train != "scales")
         if hasattr(linear, QUANT_ATTR):
@@ -216,7 +215,7 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     model.train()
     kwargs = {} if config.kd is None else dict(trainer_class=_distillation_trainer(), teacher=teacher, kd=config.kd)
     train(model, config, train_data, seed=seed, show_progress=show_progress, callbacks=[callback], **kwargs)
-    return convert_qat(model, config).eval()  # (the callback converted already when training ended: a no-op)
+    return model.eval()  # the callback rounded the weights onto the grid when training ended
 
 
 def _distillation_trainer():
