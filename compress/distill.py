@@ -19,7 +19,7 @@ from compress.config.distill import Distill
 from compress.config.training import KD
 from compress.errors import CompressError
 from compress.modules import require_float
-from compress.training import LabelledPositionsTrainer, labelled_logits, merged, train, with_lora
+from compress.training import LabelledPositionsTrainer, labelled_logits, merged, token_count, train, with_lora
 
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """Distillation compares next-token distributions entry by entry: both models must score the same tokens."""
@@ -36,13 +36,16 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      kd: KD) -> torch.Tensor:
+                      kd: KD, tokens=None) -> torch.Tensor:
+    """The KD loss of the labelled positions given, summed and divided by `tokens` (default: their count; the
+    Trainer passes the whole batch's count over every process)."""
     t = kd.temperature
+    tokens = targets.numel() if tokens is None else tokens
     loss = F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
+                    log_target=True, reduction="sum") * t * t / tokens
     if kd.alpha == 1:
         return loss
-    return kd.alpha * loss + (1 - kd.alpha) * F.cross_entropy(student_logits.float(), targets)
+    return kd.alpha * loss + (1 - kd.alpha) * F.cross_entropy(student_logits.float(), targets, reduction="sum") / tokens
 
 
 def paired_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -89,12 +92,15 @@ class DistillationTrainer(LabelledPositionsTrainer):
         logits, targets, outputs = labelled_logits(model, ids, labels, output_hidden_states=hidden)
         with torch.no_grad():  # nothing of the teacher's forward is kept for backward
             teacher_logits, _, teacher_outputs = labelled_logits(self.teacher, ids, labels, output_hidden_states=hidden)
-        loss = distillation_loss(logits, teacher_logits, targets, self.kd)
+        tokens = token_count(num_items_in_batch, targets)
+        loss = distillation_loss(logits, teacher_logits, targets, self.kd, tokens)
         if hidden:
             trained = torch.zeros_like(labels, dtype=torch.bool)
             trained[:, :-1] = labels[:, 1:] != -100  # the positions whose next token is trained on
-            loss = loss + self.kd.hidden_mse * hidden_state_loss(outputs.hidden_states,
-                                                                      teacher_outputs.hidden_states, trained)
+            # a mean over this batch's positions, weighted by its share of the tokens (exact in one process)
+            share = targets.numel() / tokens
+            loss = loss + self.kd.hidden_mse * share * hidden_state_loss(outputs.hidden_states,
+                                                                          teacher_outputs.hidden_states, trained)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 from rich.progress import Progress
 
+from compress import distributed
 from compress.config.evals import TASKS, ChoiceEval, Perplexity
 from compress.data import source_of, token_stream
 from compress.errors import CompressError
@@ -45,11 +46,11 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
     # have no final softcap or scaling; a family that has one needs its own path here)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     nll, count = 0.0, 0
+    # batches of windows; under several processes each scores its share and the sums are added
+    batches = distributed.share([windows[i : i + config.batch_size] for i in range(0, len(windows), config.batch_size)])
     with Progress(transient=True, disable=not show_progress) as progress:
-        task = progress.add_task(f"perplexity on {config.dataset}", total=len(windows))
-        # batch windows of equal length; only the (ragged) final window runs alone
-        for i in range(0, len(windows), config.batch_size):
-            batch = windows[i : i + config.batch_size]
+        task = progress.add_task(f"perplexity on {config.dataset}", total=sum(map(len, batches)))
+        for batch in batches:  # windows of equal length run together; only the (ragged) final window runs alone
             groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[w] for w in batch]
             for group in groups:
                 ids = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
@@ -60,6 +61,7 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
                     nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
                     count += n_new
                 progress.advance(task, len(group))
+    nll, count = distributed.all_sum(nll), int(distributed.all_sum(count))
     return {
         "perplexity": math.exp(nll / count),
         "protocol": {

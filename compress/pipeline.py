@@ -2,7 +2,11 @@
 
 Step i's fingerprint hashes its config and step i-1's fingerprint, so changing a step invalidates it and every
 later step. A complete step (fingerprint matches, every file's sha256 verifies) is skipped on rerun. No algorithm
-code lives here: each step kind maps to one verb of the package."""
+code lives here: each step kind maps to one verb of the package.
+
+Under torchrun every rank runs this same loop on its own copy of the model (the verbs split their data between the
+ranks, compress.distributed); rank 0 alone decides what is complete, writes and reports, and every rank hears its
+decisions and failures."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from compress import __version__
+from compress import __version__, distributed
 from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
 from compress.config import HubPush, WeightOnlyConfig
 from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, step_folder_name
@@ -118,10 +122,45 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
                                     f"multiple: {config.group_size} (or a multiple of it)")
 
 
+def _remove_steps_from(out: Path, index: int) -> None:
+    for stale in sorted(out.iterdir()):
+        if stale.is_dir() and STEP_FOLDER.match(stale.name) and int(stale.name[:2]) >= index:
+            shutil.rmtree(stale)
+
+
+def _peak_memory(step_cost: dict, eval_cost: dict) -> dict:
+    """The step's peak memory: this process's, or under several processes the largest rank's and each rank's."""
+    peaks = {"peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"])}
+    if "peak_cuda_bytes" in step_cost:
+        peaks["peak_cuda_bytes"] = step_cost["peak_cuda_bytes"]
+    if distributed.active():
+        per_rank = distributed.gather(peaks)
+        peaks = {key: max(p[key] for p in per_rank) for key in peaks}
+        peaks.update({f"{key}_per_rank": [p[key] for p in per_rank] for key in peaks}, processes=len(per_rank))
+    return peaks
+
+
 def _sensitivity(model) -> dict:
     """Each quantized Linear's relative output error on the calibration inputs, where the quantizer measured it."""
     errors = {name: quant.output_error for name, _, quant in quantized_linears(model) if quant.output_error is not None}
     return {"sensitivity": errors} if errors else {}
+
+
+def _code_digest() -> str:
+    """A digest of this package's source files: ranks launched from different checkouts must not mix."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_ranks_agree(recipe: Recipe, out: Path) -> None:
+    import transformers
+
+    distributed.check_same_everywhere({
+        "recipe": resolved_yaml(recipe), "output_dir": str(out.resolve()), "compress code": _code_digest(),
+        "compress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    }, "the run")
 
 
 def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
@@ -175,15 +214,23 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     hub = _hub_settings(recipe, push_to_hub, dry_run)  # a bad repo id fails now, not after the run
     console = console or Console(stderr=True)
     out = Path(output_dir) if output_dir else recipe.resolved_output_dir
-    _prepare_output(out, recipe, overwrite)
-    (out / "recipe.yaml").write_text(resolved_yaml(recipe))
+    device = recipe.resolved_device
+    distributed.start(device)
+    _check_ranks_agree(recipe, out)
+    if not distributed.is_main():  # one voice: rank 0 prints and shows progress, every rank works
+        console, show_progress = Console(stderr=True, quiet=True), False
+
+    def prepare():
+        _prepare_output(out, recipe, overwrite)
+        (out / "recipe.yaml").write_text(resolved_yaml(recipe))
+
+    distributed.on_main(prepare, f"preparing {out}")
 
     steps = [("base", recipe.model_dump(mode="json", include={"model", "dtype"}))]
     steps += [(step.kind, step.config) for step in recipe.steps]
     eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
     data_dir = recipe.data.dir
     eval_fingerprint = _fingerprint("", {**recipe.eval.model_dump(mode="json"), "data_dir": data_dir})
-    device = recipe.resolved_device
     model_description = resolve_source(recipe.model).describe()
 
     def run_evals(model, tokenizer, index):
@@ -192,7 +239,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         return evaluate(model, tokenizer, recipe.eval.tasks, wikitext2=recipe.eval.wikitext2, choice=recipe.eval.choice,
                         data_dir=data_dir, show_progress=show_progress, seed=recipe.seed)
 
-    console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps on {device} -> {out}")
+    processes = f" x {distributed.world_size()} processes" if distributed.active() else ""
+    console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps on {device}{processes} -> {out}")
     model = tokenizer = None
     last_complete: Path | None = None
     records: list[dict] = []
@@ -207,14 +255,15 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         folder = out / step_folder_name(index, kind)
         label = f"[{index}/{len(steps) - 1}] {folder.name}"
         if not redo:
-            record, why = read_step(folder, fingerprint)
+            # rank 0 reads the folder and every rank follows its verdict: all agree on the first step to run
+            record, why = distributed.on_main(lambda: read_step(folder, fingerprint), f"checking {folder}")
             if record is not None:
                 if index in eval_at and record.get("eval_fingerprint") != eval_fingerprint:
                     console.print(f"{label}: complete; eval settings changed, re-evaluating")
                     step_model, step_tokenizer = load_model(str(folder), recipe.dtype, device)
                     record.update(metrics=run_evals(step_model, step_tokenizer, index),
                                   eval_fingerprint=eval_fingerprint)
-                    write_json(folder / STEP_FILE, record)
+                    distributed.on_main(lambda: write_json(folder / STEP_FILE, record), f"writing {folder}")
                     del step_model
                 else:
                     console.print(f"{label}: complete, skipped (sha256 verified)")
@@ -224,9 +273,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             redo = True
             if folder.exists():
                 console.print(f"{label}: {why}; redoing it and every later step")
-            for stale in sorted(out.iterdir()):
-                if stale.is_dir() and STEP_FOLDER.match(stale.name) and int(stale.name[:2]) >= index:
-                    shutil.rmtree(stale)
+            distributed.on_main(lambda: _remove_steps_from(out, index), f"removing stale step folders in {out}")
 
         torch.manual_seed(recipe.seed)
         if model is None and kind != "base":
@@ -254,26 +301,27 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "quantized": is_quantized(model), **_sensitivity(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
             **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
-            "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"],
-            "peak_rss_bytes": max(step_cost["peak_rss_bytes"], eval_cost["peak_rss_bytes"]),
-            **({"peak_cuda_bytes": step_cost["peak_cuda_bytes"]} if "peak_cuda_bytes" in step_cost else {}),
+            "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"], **_peak_memory(step_cost, eval_cost),
             "compress_version": __version__, "torch_version": torch.__version__,
         }
         with console.status(f"{label}: saving"):
             # a dense step's model is saved as is; a quantized one in its spec's format (the default when the step
             # itself is dense: a quantized input model passed through)
             save_format = "compressed-tensors" if record["save_format"] == "dense" else record["save_format"]
-            record = write_step(folder, lambda partial: save_model(model, tokenizer, partial, save_format), record)
+            record = distributed.on_main(
+                lambda: write_step(folder, lambda partial: save_model(model, tokenizer, partial, save_format), record),
+                f"writing {folder}")
         console.print(f"{label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
                       f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)
         last_complete = folder
 
-    report = write_report(out, recipe.name, model_description, records)
+    report = distributed.on_main(lambda: write_report(out, recipe.name, model_description, records),
+                                 f"writing the report in {out}")
     console.print(f"[bold green]done[/]: {out / 'report.md'}")
     if hub:
         with console.status(f"staging {hub.repo_id}" if dry_run else f"pushing to {hub.repo_id}"):
-            pushed = push(out, hub, dry_run=dry_run)
+            pushed = distributed.on_main(lambda: push(out, hub, dry_run=dry_run), f"pushing to {hub.repo_id}")
         if dry_run:
             console.print(f"dry run: {len(pushed['files'])} files for {hub.repo_id} (step {pushed['step']}) staged in "
                           f"{pushed['staging']}, the model card is its README.md; nothing was sent")

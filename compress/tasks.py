@@ -23,6 +23,7 @@ import torch
 import yaml
 from rich.progress import Progress
 
+from compress import distributed
 from compress.config.evals import ChoiceEval
 from compress.data import load_records, source_of
 from compress.errors import CompressError
@@ -128,14 +129,15 @@ def _scorer_class():
                     if longer is None:
                         kept.append(longer := seq)
                     inputs.setdefault(longer, []).append(index)
-            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            results: dict[int, tuple[float, bool]] = {}
             ordered = sorted(inputs, key=len, reverse=True)  # similar lengths together: little padding
             decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
             batch_size = override_bs or self.batch_size
+            # several processes: each scores its share of the batches, then all of them gather every answer
+            batches = distributed.share([ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)])
             with torch.inference_mode(), Progress(transient=True, disable=not self.show_progress) as progress:
-                bar = progress.add_task("scoring answers", total=len(requests))
-                for start in range(0, len(ordered), batch_size):
-                    batch = ordered[start : start + batch_size]
+                bar = progress.add_task("scoring answers", total=sum(len(inputs[seq]) for b in batches for seq in b))
+                for batch in batches:
                     width = len(batch[0])
                     ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
                     for row, seq in enumerate(batch):
@@ -153,7 +155,9 @@ def _scorer_class():
                             results[index] = answer
                             self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
                         progress.advance(bar, len(inputs[seq]))
-            return results
+            for share in distributed.gather(results) if distributed.active() else ():
+                results.update(share)
+            return [results[index] for index in range(len(requests))]
 
     return AnswerScorer
 
@@ -192,6 +196,12 @@ def _score(scorer, name: str, config: ChoiceEval, data_dir, seed: int) -> dict:
                                  num_fewshot=config.num_fewshot, limit=config.limit, log_samples=True,
                                  bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                  fewshot_random_seed=seed)
+    # under torchrun lm-eval returns its results on the process of LOCAL_RANK 0 only (every process scored its share
+    # of the answers in _loglikelihood_tokens and has every score): that process's reading is handed to the others
+    return distributed.broadcast(_result(name, output, config, data_dir, start) if distributed.is_main() else None)
+
+
+def _result(name: str, output: dict, config: ChoiceEval, data_dir, start: float) -> dict:
     samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
     golds = [int(s["target"]) for s in samples]
     predictions = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]

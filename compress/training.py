@@ -9,6 +9,7 @@ import tempfile
 import torch
 from transformers import Trainer, TrainingArguments
 
+from compress import distributed
 from compress.config.training import LoRA, TrainingBudget
 from compress.data import training_windows
 from compress.errors import CompressError
@@ -46,15 +47,23 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
 
 def labelled_logits(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                     output_hidden_states: bool = False):
-    """(logits at the positions that have a next-token label, those labels, decoder outputs). The decoder and the
-    head are called apart so the head (49k outputs for SmolLM2: most of a small model's step) runs only where a
-    label exists; prompt-masked data (-100 labels) then costs far less."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    outputs = base.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=output_hidden_states)
+    """(logits at the positions that have a next-token label, those labels, model outputs). The head (49k outputs
+    for SmolLM2: most of a small model's step) runs only at the sequence positions where some row has a label
+    (`logits_to_keep`), so prompt-masked data (-100 labels) costs far less. The model's own forward is called, so a
+    DDP or FSDP wrapper around it synchronises as it must."""
     targets = labels[:, 1:]
     scored = targets != -100
-    logits = base.get_output_embeddings()(outputs.last_hidden_state[:, :-1][scored])
-    return logits, targets[scored], outputs
+    positions = scored.any(0).nonzero().squeeze(1)  # input positions whose next token is a label in some row
+    outputs = model(input_ids=input_ids, use_cache=False, output_hidden_states=output_hidden_states,
+                    logits_to_keep=positions)
+    return outputs.logits[scored[:, positions]], targets[scored], outputs
+
+
+def token_count(num_items_in_batch, targets: torch.Tensor):
+    """What a summed per-token loss is divided by: the Trainer's count of labelled tokens in the whole batch (every
+    process's share, every accumulation step), or this batch's own count. Then several processes give the same
+    gradient as one."""
+    return targets.numel() if num_items_in_batch is None else num_items_in_batch
 
 
 class LabelledPositionsTrainer(Trainer):
@@ -62,7 +71,8 @@ class LabelledPositionsTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs["labels"])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = loss / token_count(num_items_in_batch, targets)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -101,6 +111,10 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
     if len(data) < budget.batch_size:
         raise CompressError(f"training data has {len(data)} examples, fewer than one batch of {budget.batch_size}; "
                             f"lower batch_size (or seq_len, for text windows) or use more data")
+    processes = distributed.world_size()
+    if budget.batch_size % processes:
+        raise CompressError(f"batch_size {budget.batch_size} is the global batch and must split evenly over "
+                            f"{processes} processes; use a multiple of {processes}")
     on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
         args = TrainingArguments(
@@ -108,6 +122,9 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             learning_rate=budget.lr, warmup_steps=budget.warmup_ratio,  # a float < 1 is a ratio of the steps
             lr_scheduler_type="cosine", logging_steps=max(1, budget.steps // 10), save_strategy="no",
             report_to="none", seed=seed, use_cpu=on_cpu, disable_tqdm=not show_progress, dataloader_num_workers=0,
-            remove_unused_columns=False, **_length_grouping(data))
+            remove_unused_columns=False, **_length_grouping(data),
+            # batch_size is the global batch: each of several processes takes its slice of every batch, so the
+            # batches (and their order) are those of one process
+            accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False)
         trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
                       callbacks=list(callbacks), **trainer_kwargs).train()

@@ -18,6 +18,9 @@ from typing import Callable
 import torch
 from rich.progress import track
 
+from compress import distributed
+from compress.errors import CompressError
+
 
 # channel_score(linear, dim): one score per channel of `linear`, channels along weight dimension `dim`
 # (0: output rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads)
@@ -29,11 +32,15 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
     """Mean gradient of the language-model loss over the calibration samples for each of `weights` (float32), and
     with `fisher` the mean squared per-sample gradient. One sample per backward pass: the per-sample squares need
     it, and it bounds activation memory. Gradients are folded into the sums as soon as each is produced (a
-    post-accumulate hook), so no full set of .grad tensors is ever held."""
+    post-accumulate hook), so no full set of .grad tensors is ever held. Under several processes each runs its share
+    of the samples and the sums are all-reduced."""
     device = weights[0].device
     mean = {p: torch.zeros_like(p, dtype=torch.float32) for p in weights}
     squares = {p: torch.zeros_like(p, dtype=torch.float32) for p in weights} if fisher else {}
     n = input_ids.shape[0]
+    if n < distributed.world_size():
+        raise CompressError(f"{n} calibration samples for {distributed.world_size()} processes: each process needs at "
+                            f"least one; raise calibration.samples or launch fewer processes")
 
     def fold(param: torch.nn.Parameter) -> None:
         grad = param.grad.float()
@@ -52,7 +59,7 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
             handles.append(p.register_post_accumulate_grad_hook(fold))
         was_training = model.training
         model.eval()  # no dropout: the gradient of the deployed function
-        for sample in track(input_ids, description="pruning: gradients", disable=not show_progress, transient=True):
+        for sample in track(distributed.share(input_ids), description="pruning: gradients", disable=not show_progress, transient=True):
             ids = sample[None].to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.train(was_training)
@@ -62,6 +69,8 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
         for p, flag in trainable.items():
             p.requires_grad_(flag)
             p.grad = None
+    for total in (*mean.values(), *squares.values()):
+        distributed.all_sum_(total)
     return mean, squares
 
 

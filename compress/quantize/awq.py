@@ -19,6 +19,8 @@ that read one input:
   5. round: round-to-nearest per layer, or GPTQ over the whole scaled model (`gptq:`).
 Decoder layers are visited in order; each is searched on the float outputs of the layers before it (as the
 reference implementation does). Groups, statistics and the search follow AutoAWQ (`awq/quantize/quantizer.py`).
+Under several processes each rank runs its share of the calibration samples; the statistics and the block output
+errors are summed over the ranks, and rank 0's result of each layer is broadcast.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
+from compress import distributed
 from compress.config.quantize import AWQ, GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
-from compress.quantize.gptq import add_gram, quantize_gptq, resolve_run
+from compress.quantize.gptq import calibration_share, add_gram, quantize_gptq, resolve_run
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -139,6 +142,10 @@ class LayerInputs:
         finally:
             for handle in handles:
                 handle.remove()
+        for name in self.grams:  # sums over every process's share of the calibration set
+            distributed.all_sum_(self.magnitude[name])
+            distributed.all_sum_(self.grams[name])
+        self.tokens = distributed.all_sum(self.tokens)
         for name, owner in self._share.items():
             self.magnitude[name], self.grams[name] = self.magnitude[owner], self.grams[owner]
 
@@ -189,7 +196,7 @@ class LayerInputs:
             output = output[0] if isinstance(output, tuple) else output
             total += (output.float() - reference.float()).pow(2).sum().item()
             count += reference.numel()
-        return total / count
+        return distributed.all_sum(total) / distributed.all_sum(count)
 
 
 # ---------------------------------------------------------------- the scale search
@@ -324,6 +331,20 @@ def _clip_and_round(linears: dict[str, torch.nn.Linear], inputs: LayerInputs, sc
             setattr(linear, QUANT_ATTR, WeightQuant(args, scale, zero, output_error=error))
 
 
+def _same_on_every_rank(layer: torch.nn.Module) -> None:
+    """Rank 0's scaled, clipped and rounded layer on every process (each computed it from the same sums)."""
+    if not distributed.active():
+        return
+    for tensor in layer.state_dict().values():
+        distributed.same_(tensor)
+    for _, linear in quantizable_linears(layer):
+        quant = getattr(linear, QUANT_ATTR, None)
+        if quant is not None:
+            distributed.same_(quant.scale)
+            if quant.zero_point is not None:
+                distributed.same_(quant.zero_point)
+
+
 @torch.no_grad()
 def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor, *,
                  show_progress: bool = True) -> torch.nn.Module:
@@ -333,7 +354,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     check_group_size(model, config.group_size)
     args = quantization_args(config)
     device = next(model.parameters()).device
-    layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens=calibration.numel())
+    share = calibration_share(calibration)
+    layerwise = LayerwiseCalibration(model, share, device, batch_tokens=share.numel())
     layers = layerwise.layers
     plan = [layer_groups(layer, index) for index, layer in enumerate(layers)]  # every layer checked before any work
     kept = kept_float(model, config.ignore)  # scaled with their group (exact), never rounded
@@ -351,6 +373,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
                 scales_of.update(dict.fromkeys(group.linears, scales))
             rounded = {name: m for name, m in linears.items() if id(m) not in kept}
             _clip_and_round(rounded, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
+            _same_on_every_rank(layer)
             del inputs
             progress.advance(task)
     del layerwise

@@ -8,6 +8,12 @@ the Hessian H = 2 X Xᵀ (the Optimal Brain Quantizer update). The paper's three
   2. lazy batch updates: a block of columns is solved, then its errors reach the rest of W in one matmul;
   3. the Cholesky factor of H⁻¹ replaces the per-column inverse updates (and is numerically stable).
 Decoder layers are calibrated in sequence on the outputs of the already-quantized layers (layerwise.py).
+
+Under several processes (compress.distributed) each rank runs its share of the calibration samples through the
+layers; the Hessians' sums are all-reduced, so every rank holds the Hessian of the whole set. Rows of a weight are
+quantized independently given H, so each rank solves its share of the rows and the quantized rows are gathered:
+every solve is split, including those of "true sequential" order, where the groups of one layer must wait for each
+other (an owner rank per group, as llm-compressor does, would leave the other ranks idle there).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from contextlib import nullcontext
 import torch
 from rich.progress import Progress
 
+from compress import distributed
 from compress.config.quantize import GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
@@ -94,7 +101,8 @@ class LayerHessians:
 
     def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
         self._run(calibration, layer)
-        return [(group, total.mul_(2 / self.tokens)) for group, total in zip(self.groups, self.sums)]
+        tokens = distributed.all_sum(self.tokens)
+        return [(group, distributed.all_sum_(total).mul_(2 / tokens)) for group, total in zip(self.groups, self.sums)]
 
 
 GRAM_BLOCK = 512  # CPU: xᵀx is symmetric, so only the blocks on and above the diagonal are multiplied
@@ -237,10 +245,12 @@ def _whole_set_fits(model: torch.nn.Module, input_ids: torch.Tensor, device: tor
 
 
 def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str) -> None:
-    """One GPTQ solve for all Linears sharing `hessian` (their rows stacked); weights replaced in place."""
+    """One GPTQ solve for all Linears sharing `hessian` (their rows stacked; under several processes each solves its
+    share of the rows and all gather them); weights replaced in place."""
     stacked = torch.cat([linears[n].weight for n in names])
-    quantized, scale, zero = gptq_solve(stacked, hessian, args, config.act_order, config.damp, config.block_size,
-                                        where)
+    solved = gptq_solve(distributed.share(stacked), hessian, args, config.act_order, config.damp, config.block_size,
+                        where)
+    quantized, scale, zero = (distributed.gather_rows(part, len(stacked)) for part in solved)
     row = 0
     for name in names:
         linear = linears[name]
@@ -278,7 +288,7 @@ def _group_hessian(calibration: LayerwiseCalibration, layer, first: torch.nn.Lin
         calibration.run(layer, stop=_SeenAllInputs)
     finally:
         handle.remove()
-    return state["sum"].mul_(2 / state["tokens"])
+    return distributed.all_sum_(state["sum"]).mul_(2 / distributed.all_sum(state["tokens"]))
 
 
 def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: int, linears: dict, args,
@@ -291,7 +301,7 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
     which the Hessians' sums are added differs."""
     where = lambda names: f"layer {index} ({', '.join(names)})"  # noqa: E731
     groups = LayerHessians(linears).probe(calibration, layer)
-    if len(calibration.hidden) > 1:
+    if not distributed.all_true(len(calibration.hidden) == 1):
         for names in groups:
             _solve_group(linears, names, _group_hessian(calibration, layer, linears[names[0]]), args, config,
                          where(names))
@@ -304,7 +314,8 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             hessian = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             add_gram(hessian, x)
-            _solve_group(linears, names, hessian.mul_(2 / x.shape[0]), args, config, where(names))
+            hessian = distributed.all_sum_(hessian).mul_(2 / distributed.all_sum(x.shape[0]))
+            _solve_group(linears, names, hessian, args, config, where(names))
 
         return hook
 
@@ -317,6 +328,14 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
             handle.remove()
 
 
+def calibration_share(calibration: torch.Tensor) -> torch.Tensor:
+    """This process's calibration samples (all of them in one process)."""
+    if len(calibration) < distributed.world_size():
+        raise CompressError(f"{len(calibration)} calibration samples for {distributed.world_size()} processes: each "
+                            f"process needs at least one; raise calibration.samples or launch fewer processes")
+    return distributed.share(calibration)
+
+
 def resolve_run(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, **_) -> GPTQ:
     """The config as it will run: `batch_tokens` decided by memory now (the whole set in one forward when it fits on
     the calibration device, unless offloading; else 16,384-token chunks). It changes only the order in which the
@@ -324,6 +343,7 @@ def resolve_run(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor,
     if config.batch_tokens is not None:
         return config
     fits = not config.offload and _whole_set_fits(model, calibration, _calibration_device(model, config.offload))
+    fits = distributed.all_true(fits)  # every process chunks alike
     return config.model_copy(update={"batch_tokens": calibration.numel() if fits else DEFAULT_BATCH_TOKENS})
 
 
@@ -343,6 +363,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     if config.offload and home.type != "cpu":
         model.to("cpu")  # offload: the weights wait on the CPU, one layer at a time visits the device
     batch_tokens = resolve_run(model, config, calibration).batch_tokens
+    calibration = calibration_share(calibration)
     quantize_layer = _quantize_layer_sequential if config.schedule == "sequential" else _quantize_layer_two_passes
     layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens)
     layers = layerwise.layers

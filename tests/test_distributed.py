@@ -1,0 +1,136 @@
+"""The same recipe under torchrun (2 processes over gloo, on the CPU) and in one process: the same step folders, the
+same metrics; a rerun under torchrun skips every complete step; ranks that disagree stop before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress import distributed
+
+STEPS = ["00-base", "01-prune", "02-finetune", "03-quantize"]
+
+
+def _recipe(tmp_path: Path, model_dir: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""name: {name}
+model: {model_dir}
+seed: 3
+steps:
+  - prune: {{importance: element1, ratio: 0.5, multiple: 16, uniform: true, calibration: {{samples: 6, seq_len: 48}}}}
+  - finetune: {{steps: 3, batch_size: 4, seq_len: 48, lr: 1.0e-3, lora: {{r: 4, dropout: 0.0}}}}
+  - quantize: {{method: gptq, bits: 4, group_size: 16, calibration: {{samples: 6, seq_len: 48}}}}
+eval:
+  tasks: [wikitext2, rte]
+  wikitext2: {{seq_len: 64, stride: 64, max_tokens: 2048, batch_size: 4}}
+  choice: {{limit: 24, batch_size: 4}}
+output_dir: {tmp_path / "runs" / name}
+""")
+    return path
+
+
+def _run(recipe: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = (launcher if processes > 1 else [sys.executable]) + ["-m", "compress", "run", str(recipe), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_DIST_TIMEOUT": "300"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of compressed-tensors' pack-quantized int32 words (eight per word)."""
+    return torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], -1)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_two_processes_give_the_one_process_results_and_resume(tmp_path, tiny_model_dir):
+    one = _recipe(tmp_path, tiny_model_dir, "one")
+    two = _recipe(tmp_path, tiny_model_dir, "two")
+    _run(one, 1)
+    launched = _run(two, 2)
+    out_one, out_two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    assert sorted(p.name for p in out_two.iterdir()) == sorted(p.name for p in out_one.iterdir())
+    assert not list(out_two.glob("*.partial"))
+    assert "x 2 processes" in launched.stderr and launched.stderr.count("compress run") == 1  # rank 0 alone prints
+
+    for step in STEPS:
+        a, b = _weights(out_one / step), _weights(out_two / step)
+        assert a.keys() == b.keys(), step
+        for name in a:
+            if step == "03-quantize" and name.endswith("weight_packed"):
+                # a Hessian summed in another order may move a value across a rounding boundary: a few codes (and
+                # GPTQ spreads each such change over the row's later columns, and the next layer sees it)
+                assert (_codes(a[name]) == _codes(b[name])).float().mean() > 0.99, (step, name)
+            else:
+                torch.testing.assert_close(a[name].float(), b[name].float(), rtol=2e-3, atol=2e-4, msg=f"{step} {name}")
+        config_one = json.loads((out_one / step / "config.json").read_text())
+        config_two = json.loads((out_two / step / "config.json").read_text())
+        assert config_one == config_two, step
+
+    report_one = json.loads((out_one / "report.json").read_text())
+    report_two = json.loads((out_two / "report.json").read_text())
+    for row_one, row_two in zip(report_one["steps"], report_two["steps"], strict=True):
+        assert row_one["params"] == row_two["params"]
+        assert row_two["wikitext2_perplexity"] == pytest.approx(row_one["wikitext2_perplexity"], rel=2e-3)
+    for step in STEPS:
+        one_record = json.loads((out_one / step / "step.json").read_text())
+        two_record = json.loads((out_two / step / "step.json").read_text())
+        assert one_record["fingerprint"] == two_record["fingerprint"]  # the process count is not part of a step
+        assert two_record["processes"] == 2 and len(two_record["peak_rss_bytes_per_rank"]) == 2
+        assert one_record["metrics"]["wikitext2"]["protocol"] == two_record["metrics"]["wikitext2"]["protocol"]
+        rte_one, rte_two = one_record["metrics"]["rte"], two_record["metrics"]["rte"]
+        assert rte_one["n"] == rte_two["n"] == 24
+        if step != "03-quantize":  # the quantized weights may differ by a code or two
+            assert rte_one["correct"] == rte_two["correct"], step
+
+    # a rerun under torchrun: rank 0 finds every step complete and every rank skips it
+    stamps = {step: (out_two / step / "step.json").stat().st_mtime_ns for step in STEPS}
+    again = _run(two, 2)
+    assert again.stderr.count("complete, skipped") == len(STEPS)
+    assert {step: (out_two / step / "step.json").stat().st_mtime_ns for step in STEPS} == stamps
+
+
+def test_ranks_with_different_recipes_stop_before_any_work(tmp_path, tiny_model_dir):
+    recipe = _recipe(tmp_path, tiny_model_dir, "mixed")
+    script = tmp_path / "launch.py"
+    # rank 1 reads a recipe with another learning rate: the check must name it before any step folder exists
+    script.write_text(f"""import os, sys
+from pathlib import Path
+recipe = Path({str(recipe)!r})
+if os.environ["RANK"] == "1":
+    other = recipe.with_name("other.yaml")
+    other.write_text(recipe.read_text().replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    recipe = other
+from compress.cli import app
+sys.argv = ["compress", "run", str(recipe)]
+app()
+""")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_DIST_TIMEOUT": "120"})
+    assert done.returncode != 0
+    assert "the processes disagree on the run: rank 1 (recipe) differ from rank 0" in done.stderr
+    assert not (tmp_path / "runs" / "mixed").exists()
+
+
+def test_share_and_gather_rows_cover_every_row_once(monkeypatch):
+    rows = torch.arange(11 * 3).reshape(11, 3)
+    shares = []
+    for me in range(4):  # as rank `me` of 4 would see them
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "rank", lambda me=me: me)
+        monkeypatch.setattr(distributed, "world_size", lambda: 4)
+        shares.append(distributed.share(rows))
+    assert [len(s) for s in shares] == [3, 3, 3, 2]
+    torch.testing.assert_close(torch.cat(shares), rows)
