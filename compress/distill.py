@@ -113,7 +113,7 @@ def distill(model: torch.nn.Module, config: Distill, train_data: torch.Tensor | 
                                     "student, use quantize: {method: qat, kd: {teacher: base}})")
     check_same_vocabulary(model, teacher)
     student = with_lora(model, config.lora) if config.lora else model.train().requires_grad_(True)
-    train(student, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
+    student = train(student, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
           teacher=teacher, kd=config.kd)
     return merged(student)
 

@@ -4,6 +4,7 @@ prompted task examples (loss on the answer tokens only)."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
 
 import torch
@@ -13,6 +14,7 @@ from compress import distributed
 from compress.config.training import LoRA, TrainingBudget
 from compress.data import training_windows
 from compress.errors import CompressError
+from compress.modules import decoder_layers
 from compress.tasks import prompted_examples, task_for_split
 
 
@@ -99,12 +101,48 @@ def _length_grouping(examples: list[dict]) -> dict:
     return {"group_by_length": True}
 
 
+def _meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` (wrappers, adapters and all) whose parameters are on the meta device: no memory, the same
+    names and structure, ready for the trained weights."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _fsdp_arguments(model: torch.nn.Module, sharding: str) -> dict:
+    """TrainingArguments for accelerate's FSDP2: each decoder layer a shard unit, full state dicts."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer = type(decoder_layers(base)[0]).__name__
+    config = {"version": 2, "transformer_layer_cls_to_wrap": [layer], "reshard_after_forward": True,
+              "cpu_offload": sharding == "fsdp_offload", "state_dict_type": "FULL_STATE_DICT",
+              "cpu_ram_efficient_loading": False}
+    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):  # transformers >= 5.18: fsdp=True, the rest here
+        return {"fsdp": True, "fsdp_config": config}
+    return {"fsdp": "full_shard auto_wrap" + (" offload" if sharding == "fsdp_offload" else ""), "fsdp_config": config}
+
+
+def _unsharded(trained: torch.nn.Module, skeleton: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The FSDP2-trained model as a plain module on every process: the full weights gathered into the skeleton."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in trained.parameters()):  # accelerate fell back to something else
+        raise CompressError("sharding: fsdp was asked for but the Trainer did not shard the model with FSDP2; check "
+                            "the accelerate and transformers versions, or use sharding: replicate")
+    state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    skeleton.load_state_dict(state, assign=True)
+    base = skeleton.get_base_model() if hasattr(skeleton, "get_base_model") else skeleton
+    base.tie_weights()
+    return skeleton.to(device)
+
+
 def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | list[dict], seed: int = 0,
           show_progress: bool = True, trainer_class: type[Trainer] = LabelledPositionsTrainer, callbacks=(),
-          **trainer_kwargs) -> None:
-    """Train `model` in place for `budget.steps` steps through a transformers Trainer (`trainer_class`, e.g.
-    DistillationTrainer), with cosine decay after a linear warm-up. `data`: token windows [windows, seq_len]
-    (`compress.data.training_windows`, every token trained on) or examples with their own labels
+          **trainer_kwargs) -> torch.nn.Module:
+    """Train `model` for `budget.steps` steps through a transformers Trainer (`trainer_class`, e.g.
+    DistillationTrainer), with cosine decay after a linear warm-up; returns the trained model (`model` itself,
+    trained in place, unless FSDP2 sharded it: then a plain copy with the trained weights). `data`: token windows
+    [windows, seq_len] (`compress.data.training_windows`, every token trained on) or examples with their own labels
     (`training_examples`)."""
     if isinstance(data, torch.Tensor):
         data = [{"input_ids": row, "labels": row} for row in data]
@@ -115,7 +153,13 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
     if budget.batch_size % processes:
         raise CompressError(f"batch_size {budget.batch_size} is the global batch and must split evenly over "
                             f"{processes} processes; use a multiple of {processes}")
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    device = next(model.parameters()).device
+    on_cpu = device.type == "cpu"
+    sharded = processes > 1 and budget.sharding != "replicate"
+    if sharded and on_cpu:
+        raise CompressError(f"sharding: {budget.sharding} runs on GPUs only (accelerate's FSDP2 has no CPU backend); "
+                            f"on the CPU use sharding: replicate")
+    skeleton = _meta_skeleton(model) if sharded else None
     with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
@@ -125,6 +169,9 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             remove_unused_columns=False, **_length_grouping(data),
             # batch_size is the global batch: each of several processes takes its slice of every batch, so the
             # batches (and their order) are those of one process
-            accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False)
-        trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
-                      callbacks=list(callbacks), **trainer_kwargs).train()
+            accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False,
+            **(_fsdp_arguments(model, budget.sharding) if sharded else {}))
+        trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
+                                callbacks=list(callbacks), **trainer_kwargs)
+        trainer.train()
+    return _unsharded(trainer.model, skeleton, device) if sharded else model

@@ -27,6 +27,11 @@ class TrainingBudget(Strict):
                     "task's train split (rte-train, politeness-train) becomes prompted examples, trained on the "
                     "answer tokens only")
 
+    sharding: Literal["replicate", "fsdp", "fsdp_offload"] = Field(
+        "replicate", description="under several processes: every process holds the whole model (DDP), or FSDP2 shards "
+                                 "weights, gradients and optimizer states over them (fsdp_offload: the shards wait on "
+                                 "the CPU) for a model that does not fit one GPU; one process: no effect")
+
     @field_validator("data", mode="before")
     @classmethod
     def _one_or_more(cls, value):

@@ -18,7 +18,8 @@ from compress.errors import CompressError
 from compress.modules import DEFAULT_IGNORE, QUANT_ATTR, WeightQuant, quantizable_linears, quantized_linears
 
 __all__ = ["DEFAULT_IGNORE", "QUANT_ATTR", "WeightQuant", "check_group_size", "fake_quantize", "minmax_qparams",
-           "quantizable_linears", "quantization_args", "quantized_linears", "relative_output_error", "weight_args"]
+           "quantizable_linears", "quantization_args", "quantized_linears", "relative_output_error", "weight_args",
+           "output_energy_per_row", "error_ratio"]
 
 
 
@@ -75,11 +76,20 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return _ct_fake_quantize(weight.float(), scale, zero_point, args).to(weight.dtype)
 
 
+def output_energy_per_row(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row: ||(Q − W) X||² and ||W X||² over calibration inputs X, from their XᵀX."""
+    weight = weight.float()
+    difference = quantized.float() - weight
+    return ((difference @ gram) * difference).sum(1), ((weight @ gram) * weight).sum(1)
+
+
+def error_ratio(changed: torch.Tensor, kept: torch.Tensor) -> float:
+    total = kept.sum()
+    return (changed.sum() / total).item() if total > 0 else 0.0
+
+
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
     """||(Q − W) X||² / ||W X||² over calibration inputs X, from their XᵀX (any positive multiple of it): how much of
     the Linear's output the rounding changes. Columns no input reached count for nothing."""
-    weight = weight.float()
-    difference = quantized.float() - weight
-    changed = ((difference @ gram) * difference).sum()
-    kept = ((weight @ gram) * weight).sum()
-    return (changed / kept).item() if kept > 0 else 0.0
+    return error_ratio(*output_energy_per_row(weight, quantized, gram))

@@ -209,6 +209,9 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     if is_quantized(model) and config.train == "weights":
         raise CompressError("QAT train: weights recomputes each group's scale from min/max, so it cannot start from "
                             "a quantized model's scales; use train: scales or weights_and_scales after a PTQ step")
+    if config.sharding != "replicate":
+        raise CompressError(f"QAT with sharding: {config.sharding} is not built: the grid conversion when training "
+                            f"ends needs whole weights on each process; use sharding: replicate")
     callback = QATCallback(config)
     model.requires_grad_(True)  # every weight may train (e.g. a copy of a frozen teacher); prepare freezes codes
     callback.prepare(model)
