@@ -21,8 +21,11 @@ def _error(line: str) -> None:
 
 
 def _fail(error: CompressError) -> None:
+    from compress import distributed
+
+    prefix = f"rank {distributed.rank()}: " if distributed.active() and not distributed.is_main() else ""
     for line in str(error).splitlines():
-        _error(line)
+        _error(prefix + line)
     raise typer.Exit(2)
 
 
@@ -72,6 +75,14 @@ def run(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: completed steps are kept; rerun the same command to continue")
         raise typer.Exit(130)
+    except Exception as error:  # under torchrun: a collective that timed out or lost a rank, named as such
+        from compress.distributed import describe_failure
+
+        line = describe_failure(error)
+        if line is None:
+            raise
+        _error(line)
+        raise typer.Exit(1)
 
 
 @app.command("eval")

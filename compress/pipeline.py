@@ -163,6 +163,14 @@ def _check_ranks_agree(recipe: Recipe, out: Path) -> None:
     }, "the run")
 
 
+def _silence_library_progress() -> None:
+    """The libraries' own progress bars (transformers' loading, lm-eval's tokenizing) off on ranks other than 0."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar created from now on
+
+
 def _prepare_output(out: Path, recipe: Recipe, overwrite: bool) -> None:
     source = resolve_source(recipe.model)
     if source.kind == "dir":
@@ -219,6 +227,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     _check_ranks_agree(recipe, out)
     if not distributed.is_main():  # one voice: rank 0 prints and shows progress, every rank works
         console, show_progress = Console(stderr=True, quiet=True), False
+        _silence_library_progress()
 
     def prepare():
         _prepare_output(out, recipe, overwrite)
