@@ -7,6 +7,7 @@ GPUs, in one invocation (random weights: speed and memory do not depend on their
 Parts (each launched with torchrun at 1 and at --gpus processes; a worker prints one JSON line from rank 0):
   gptq     Llama-2-7B shape bf16, GPTQ W4 g128 act-order, 128 x 2048 random tokens: seconds, peak memory per GPU, and
            whether the quantized weights agree with the 1-process run's
+  gptq-offload  the same with `offload: true` (weights on the CPU, one decoder layer at a time on each GPU)
   lora     Llama-2-7B shape bf16, LoRA r 16 on every Linear, global batch 16 x 512: tokens/s (median step after 3)
   distill  Llama-2-13B shape: bf16 teacher + bf16 full student + AdamW, global batch 8 x 512: one process (does it
            fit one GPU?) and N processes with FSDP2 (`sharding: fsdp`): seconds per step, peak memory per GPU
@@ -125,14 +126,16 @@ def worker(part: str, args) -> dict:
     big = args.shape != "tiny"
     processes = distributed.world_size()
     row: dict = {"part": part, "processes": processes}
-    if part == "gptq":
+    if part in ("gptq", "gptq-offload"):
         timings = _time_parts() if args.breakdown else {}
-        model = random_llama(LLAMA2_7B if big else TINY, dtype, args.device)
+        offload = part == "gptq-offload"  # the weights wait on the CPU (a copy per process), a layer at a time on GPU
+        model = random_llama(LLAMA2_7B if big else TINY, dtype, "cpu" if offload else args.device)
         ids = random_tokens(args.samples, args.seq_len, model.config.vocab_size)
-        config = compress.GPTQ(bits=4, group_size=128 if big else 32, act_order=True)
+        config = compress.GPTQ(bits=4, group_size=128 if big else 32, act_order=True, offload=offload)
         _, seconds = _timed_region(distributed, lambda: compress.quantize(model, config, ids, show_progress=False))
         row.update(seconds=round(seconds, 2), peak_cuda_bytes_per_rank=_peaks(distributed),
-                   settings=f"W4 g{config.group_size} act-order, {args.samples} x {args.seq_len} tokens",
+                   settings=f"W4 g{config.group_size} act-order{', offload' if offload else ''}, {args.samples} x "
+                            f"{args.seq_len} tokens",
                    mean_relative_output_error=statistics.mean(
                        quant.output_error for _, _, quant in quantized_linears(model)),
                    **({"seconds_in": {k: round(v, 2) for k, v in timings.items()}} if timings else {}))
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--train-seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save")
+    parser.add_argument("--counts", help="process counts to run (default: 1 and --gpus)")
     parser.add_argument("--breakdown", action="store_true", help="gptq: time its pieces (synchronised)")
     parser.add_argument("--peer-pythonpath", help="PYTHONPATH with llmcompressor 0.14 and compressed-tensors 0.19")
     parser.add_argument("--out")
@@ -233,7 +237,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     for part in args.parts.split(","):
         rows = []
-        for processes in sorted({1, args.gpus}):
+        for processes in sorted({int(n) for n in args.counts.split(",")} if args.counts else {1, args.gpus}):
             extra = ["--batch", str(8 if part == "distill" else args.batch),
                      "--steps", str(4 if part == "distill" else args.steps)]
             if part == "gptq":

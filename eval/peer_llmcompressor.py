@@ -22,6 +22,23 @@ def _word_level_tokenizer():
     return Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
 
 
+def save_weights(model, path: str) -> None:
+    """Every tensor (AWQ also rescales the norms), each quantized Linear's weight as its grid holds it."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from safetensors.torch import save_file
+
+    weights = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()
+               if not name.rsplit(".", 1)[-1].startswith(("weight_", "input_", "output_"))}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
+                zero = getattr(module, "weight_zero_point", None)
+                weights[name + ".weight"] = fake_quantize(module.weight, module.weight_scale, zero,
+                                                          scheme.weights).float().cpu().contiguous()
+    save_file(weights, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="llama2-7b-shape, or a folder/GGUF path")
@@ -74,20 +91,8 @@ def main() -> None:
                   QuantizationModifier(targets="Linear", ignore=["lm_head"], config_groups=grid)]
     _, seconds, peak = timed(lambda: oneshot(model=model, dataset=loader, recipe=recipe, processor=processor,
                                              num_calibration_samples=len(ids), max_seq_length=ids.shape[1]))
-    if args.save_weights:  # every tensor (AWQ also rescales the norms), each Linear's weight as its grid holds it
-        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-        from safetensors.torch import save_file
-
-        weights = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()
-                   if not name.rsplit(".", 1)[-1].startswith(("weight_", "input_", "output_"))}
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                scheme = getattr(module, "quantization_scheme", None)
-                if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
-                    zero = getattr(module, "weight_zero_point", None)
-                    weights[name + ".weight"] = fake_quantize(module.weight, module.weight_scale, zero,
-                                                              scheme.weights).float().cpu().contiguous()
-        save_file(weights, args.save_weights)
+    if args.save_weights:
+        save_weights(model, args.save_weights)
     import llmcompressor
 
     print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__} {args.method}", "seconds": seconds, "peak_cuda_bytes": peak}))

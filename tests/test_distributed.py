@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,37 @@ app()
     again = _run(recipe, 2)
     assert again.stderr.count("complete, skipped") == 2
     assert (out / "03-quantize" / "step.json").is_file() and (out / "report.md").is_file()
+
+
+def test_a_rank_that_hangs_is_named_as_a_timeout_not_waited_on_forever(tmp_path, tiny_model_dir):
+    recipe = _recipe(tmp_path, tiny_model_dir, "hang")
+    script = tmp_path / "launch.py"
+    # rank 1 hangs where the prune step gathers gradients; rank 0 waits in the all-reduce for at most 5 s
+    script.write_text(f"""import os, sys, time
+import compress.prune
+if os.environ["RANK"] == "1":
+    sys.modules["compress.prune"].gradient_statistics = lambda *args, **kwargs: time.sleep(120)
+from compress.cli import app
+sys.argv = ["compress", "run", {str(recipe)!r}]
+app()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_DIST_TIMEOUT": "5"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0 and time.monotonic() - start < 110  # not the hung rank's 120 s
+    assert "rank 0: waiting for the other processes failed" in done.stderr
+    assert "another rank failed or is stuck" in done.stderr and "COMPRESS_DIST_TIMEOUT" in done.stderr
+    out = tmp_path / "runs" / "hang"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00-base"]
+
+
+def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
+    from compress.errors import CompressError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(CompressError, match=r"4 processes on this machine but 2 GPU\(s\).*--nproc-per-node 2"):
+        distributed.start("cuda")

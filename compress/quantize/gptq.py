@@ -387,7 +387,8 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
             if config.offload:
                 for linear in linears.values():
                     quant = getattr(linear, QUANT_ATTR)
-                    setattr(linear, QUANT_ATTR, WeightQuant(args, quant.scale.cpu(), quant.zero_point.cpu()))
+                    setattr(linear, QUANT_ATTR, WeightQuant(args, quant.scale.cpu(), quant.zero_point.cpu(),
+                                                            output_error=quant.output_error))
             progress.advance(task)
     del layerwise
     if model.device != home:
