@@ -14,7 +14,7 @@ from typing import Callable
 
 from compress.errors import CompressError
 from compress.config.quantize import SAVE_FORMATS
-from compress.modules import is_quantized
+from compress.modules import is_packed, is_quantized
 from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict
 
 STEP_FILE = "step.json"
@@ -43,6 +43,9 @@ def save_model(model, tokenizer, folder: str | Path, format: str = "compressed-t
     if format not in SAVE_FORMATS:
         raise CompressError(f"unknown format '{format}'; allowed: {', '.join(SAVE_FORMATS)}")
     folder = Path(folder)
+    if is_packed(model):
+        raise CompressError("this model runs packed kernels (runtime='packed') and is for inference only; load the "
+                            "folder with the default runtime to save or change it")
     if not is_quantized(model):
         model.save_pretrained(folder)
     elif format == "gptq":

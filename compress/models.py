@@ -267,7 +267,24 @@ def _quantized_hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:
     return ModelSource("dir", folder)
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """Load a step folder (or any model source) back: `model, tokenizer = compress.load("runs/x/01-quantize")`."""
-    return load_model(str(path), dtype=dtype, device=device)
+RUNTIMES = ("dequantized", "packed")
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu", runtime: str = "dequantized"):
+    """Load a step folder (or any model source) back: `model, tokenizer = compress.load("runs/x/01-quantize")`.
+
+    runtime="dequantized": quantized weights as ordinary tensors on their grid (every verb works on the model; as
+    much memory as a float model). runtime="packed": quantized Linears kept packed and run with low-bit kernels
+    (compress.quantize.packed; inference only); settings without a kernel stay dequantized, with a warning."""
+    if runtime not in RUNTIMES:
+        raise CompressError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
+    model, tokenizer = load_model(str(path), dtype=dtype, device=device)
+    if runtime == "packed":
+        import warnings
+
+        from compress.quantize.packed import pack_model
+
+        for note in pack_model(model):
+            warnings.warn(note, stacklevel=2)
+    return model, tokenizer
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs
 
 QUANT_ATTR = "weight_quant"
+PACKED_ATTR = "packed_kernel"  # on every module of the packed runtime (compress.quantize.packed): its kernel
 # The output head stays in full precision: it is tied to the embedding in most small models, and quantizing it
 # costs far more quality per byte saved than any decoder Linear.
 DEFAULT_IGNORE = ("lm_head",)
@@ -80,8 +81,13 @@ def grids_to_weights(model: torch.nn.Module) -> None:
         quant.zero_point = None if quant.zero_point is None else quant.zero_point.to(device)
 
 
+def is_packed(model: torch.nn.Module) -> bool:
+    """Whether the model runs packed low-bit kernels (compress.load(..., runtime="packed")): for inference only."""
+    return any(hasattr(module, PACKED_ATTR) for module in model.modules())
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
-    return next(quantized_linears(model), None) is not None
+    return next(quantized_linears(model), None) is not None or is_packed(model)
 
 
 def require_float(model: torch.nn.Module, step: str, why: str) -> None:
