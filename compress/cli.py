@@ -120,6 +120,44 @@ def eval_(
         write_json(json_out, results)
 
 
+@app.command("bench")
+def bench_(
+    path: Path = typer.Argument(..., help="a model folder, or a run folder (every complete step folder in it)"),
+    batch: str = typer.Option("1", "--batch", help="comma-separated batch sizes for decoding, e.g. 1,16"),
+    prompt: int = typer.Option(128, "--prompt", min=1, help="prompt tokens before decoding"),
+    new: int = typer.Option(128, "--new", min=2, help="tokens decoded greedily"),
+    prefill: int = typer.Option(2048, "--prefill", min=1, help="tokens of the one-sequence prefill timed"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per figure (median), after a warm-up"),
+    compile: bool = typer.Option(False, "--compile", help="static KV cache and a compiled decode step"),
+    runtime: str = typer.Option("packed", "--runtime", help="packed (low-bit kernels) or dequantized"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("auto", "--device", help="auto = cuda when available"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this file"),
+) -> None:
+    """Speed and memory when the model runs: decode tokens/s, prefill, first token, weight bytes, peak memory."""
+    from rich.markdown import Markdown
+
+    from compress.bench import bench, render_bench
+    from compress.checkpoint import write_json
+
+    try:
+        batches = tuple(int(b) for b in batch.split(",") if b.strip())
+        if not batches or min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(CompressError(f"--batch: expected comma-separated positive integers, got '{batch}'"))
+    try:
+        result = bench(path, batches, prompt, new, prefill, repeats, compile, runtime, dtype, device)
+    except CompressError as error:
+        _fail(error)
+    Console().print(Markdown(render_bench(result)))
+    for row in result["steps"]:
+        for note in row["notes"]:
+            console.print(f"[yellow]note[/] {row['step']}: {note}")
+    if json_out:
+        write_json(json_out, result)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Named datasets: where each comes from, and fetching them ahead.")
 app.add_typer(data_app, name="data")
 

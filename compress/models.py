@@ -166,6 +166,10 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
         raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
     model.tie_weights()
+    if (folder / "generation_config.json").is_file():  # as from_pretrained does: the folder's decoding defaults
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     modules = dict(model.named_modules())
     for name, grid in grids.items():  # the model is known as quantized, on exactly the saved grid
         setattr(modules[name], QUANT_ATTR, grid)

@@ -122,6 +122,21 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
                                     f"multiple: {config.group_size} (or a multiple of it)")
 
 
+def _timed_running(folder: Path, record: dict, recipe: Recipe, device: str, console: Console, label: str) -> dict:
+    """The step folder loaded with the packed runtime and timed (`eval.speed`); the result goes into its step.json."""
+    from compress.bench import bench_folder
+
+    with console.status(f"{label}: timing the saved model (packed runtime)"):
+        speed = bench_folder(folder, recipe.eval.speed, recipe.dtype, device)
+    for note in speed["notes"]:
+        console.print(f"{label}: note: {note}")
+    console.print(f"{label}: {speed['weight_bytes'] / 2**20:,.1f} MiB of weights in memory, "
+                  f"{speed['decode_tokens_per_s']} tokens/s decoding at batch {recipe.eval.speed.batches[0]}")
+    record = {**record, "speed": speed}
+    write_json(folder / STEP_FILE, record)
+    return record
+
+
 def _remove_steps_from(out: Path, index: int) -> None:
     for stale in sorted(out.iterdir()):
         if stale.is_dir() and STEP_FOLDER.match(stale.name) and int(stale.name[:2]) >= index:
@@ -272,8 +287,11 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                     step_model, step_tokenizer = load_model(str(folder), recipe.dtype, device)
                     record.update(metrics=run_evals(step_model, step_tokenizer, index),
                                   eval_fingerprint=eval_fingerprint)
-                    distributed.on_main(lambda: write_json(folder / STEP_FILE, record), f"writing {folder}")
                     del step_model
+                    distributed.on_main(lambda: write_json(folder / STEP_FILE, record), f"writing {folder}")
+                    if recipe.eval.speed is not None:
+                        record = distributed.on_main(
+                            lambda: _timed_running(folder, record, recipe, device, console, label), f"timing {folder}")
                 else:
                     console.print(f"{label}: complete, skipped (sha256 verified)")
                 records.append(record)
@@ -320,6 +338,9 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             record = distributed.on_main(
                 lambda: write_step(folder, lambda partial: save_model(model, tokenizer, partial, save_format), record),
                 f"writing {folder}")
+        if recipe.eval.speed is not None and index in eval_at:
+            record = distributed.on_main(lambda: _timed_running(folder, record, recipe, device, console, label),
+                                         f"timing {folder}")
         console.print(f"{label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
                       f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
         records.append(record)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from compress.bench import render_bench
 from compress.checkpoint import write_json
 from compress.stats import mcnemar
 from compress.tasks import task_for_split
@@ -56,6 +57,7 @@ def _row(record: dict, changes: dict) -> dict:
         "peak_rss_bytes": record["peak_rss_bytes"],
         **({"peak_cuda_bytes": record["peak_cuda_bytes"]} if "peak_cuda_bytes" in record else {}),
         **({"most_sensitive": _most_sensitive(record["sensitivity"])} if record.get("sensitivity") else {}),
+        **({"speed": record["speed"]} if record.get("speed") else {}),
     }
 
 
@@ -190,6 +192,11 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s "
             f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |"
             + (f" {row.get('peak_cuda_bytes', 0) / 2**30:,.1f} GiB |" if gpu else ""))
+    timed = [{"step": row["step"], **row["speed"]} for row in report["steps"] if row.get("speed")]
+    if timed:
+        lines += ["", "## When it runs", "", "Each step folder loaded with the packed runtime (low-bit kernels where "
+                  "the grid has one) and timed on the run's device.", "",
+                  render_bench({"steps": timed, "protocol": timed[-1]["protocol"]}).rstrip()]
     if politeness:
         lines += ["", "## Politeness per label", "",
                   "| step | polite P | polite R | polite F1 | impolite P | impolite R | impolite F1 |",

@@ -171,7 +171,16 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             # batches (and their order) are those of one process
             accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False,
             **(_fsdp_arguments(model, budget.sharding) if sharded else {}))
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        use_cache = config.use_cache
         trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
                                 callbacks=list(callbacks), **trainer_kwargs)
-        trainer.train()
-    return _unsharded(trainer.model, skeleton, device) if sharded else model
+        try:
+            trainer.train()
+        finally:  # training turns the KV cache off in the config; a saved step would then decode without it
+            config.use_cache = use_cache
+    if sharded:
+        trained = _unsharded(trainer.model, skeleton, device)
+        (trained.get_base_model() if hasattr(trained, "get_base_model") else trained).config.use_cache = use_cache
+        return trained
+    return model

@@ -310,3 +310,25 @@ def test_recipe_qat_after_gptq_distils_from_the_model_before_quantization(tiny_r
     worst = max(sensitivity, key=sensitivity.get)
     assert list(report["steps"][2]["most_sensitive"])[0] == worst
     assert f"`{worst}` {sensitivity[worst]:.4f}" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("verb", ["finetune", "distill"])
+def test_training_leaves_the_kv_cache_on_in_what_it_saves(tiny_model_dir, tmp_path, verb):
+    # the Trainer turns config.use_cache off; a saved step would then decode without a KV cache (2.6x slower
+    # generation of the SmolLM2 demo's pruned step on CPU, found by compress bench)
+    import json
+
+    from compress.checkpoint import save_model
+    from compress.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    windows = torch.randint(0, model.config.vocab_size, (8, 16))
+    if verb == "finetune":
+        trained = compress.finetune(model, compress.LoRARecovery(steps=1, batch_size=4, seq_len=16), windows,
+                                    show_progress=False)
+    else:
+        teacher, _ = load_model(str(tiny_model_dir))
+        trained = compress.distill(model, compress.Distill(steps=1, batch_size=4, seq_len=16), windows, teacher,
+                                   show_progress=False)
+    save_model(trained, tokenizer, tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["use_cache"] is True

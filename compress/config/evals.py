@@ -35,8 +35,28 @@ class ChoiceEval(Strict):
     batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="sequences per forward pass")
 
 
+class SpeedBench(Strict):
+    """Recipe: `eval: {speed: {batches: [1], prompt: 128, new: 64, prefill: 512}}`: each step folder, loaded with the
+    packed runtime (low-bit kernels), timed on the run's device (`compress bench`'s protocol)."""
+
+    batches: list[int] = Field([1], min_length=1, description="batch sizes decoded")
+    prompt: int = Field(128, ge=1, le=MAX_SEQ_LEN, description="prompt tokens before decoding")
+    new: int = Field(64, ge=2, le=MAX_SEQ_LEN, description="tokens decoded greedily")
+    prefill: int = Field(512, ge=1, le=MAX_SEQ_LEN, description="tokens of the one-sequence prefill timed")
+    repeats: int = Field(3, ge=1, le=100, description="timed runs per figure (median), after a warm-up")
+    compile: bool = Field(False, description="static KV cache and a compiled decode step")
+
+    @model_validator(mode="after")
+    def _batches_positive(self):
+        if min(self.batches) < 1 or max(self.batches) > MAX_BATCH:
+            raise ValueError(f"batches must be between 1 and {MAX_BATCH}; got {self.batches}")
+        return self
+
+
 class EvalConfig(Strict):
     tasks: list[Literal[TASKS]] = ["wikitext2"]  # type: ignore[valid-type]
     after: Literal["every_step", "last", "none"] = "every_step"
     wikitext2: Perplexity = Perplexity()
     choice: ChoiceEval = Field(ChoiceEval(), description="how the choice tasks (rte, politeness) are scored")
+    speed: SpeedBench | None = Field(None, description="also time each step folder as it runs (decode tokens/s, "
+                                                       "prefill, weights in memory); off by default")

@@ -1,0 +1,165 @@
+"""`compress bench`: how fast and how big a model is when it runs — decode tokens/s, prefill time, time to first token,
+weight bytes in memory and peak memory — for one model folder or every step folder of a run, side by side.
+
+Protocol (written into the result): random token ids (speed does not depend on them); greedy decoding of `new`
+tokens after a `prompt`-token prompt at each batch size, through transformers' `generate` (a static KV cache and a
+compiled decode step with `compile=True`, the path that measures the weights rather than Python); decode tokens/s =
+batch × (new − 1) / (time of the whole generation − time to first token); prefill = one forward of a `prefill`-token
+sequence. Each timing is the median of `repeats` runs after one warm-up. Quantized folders load with the packed
+runtime (compress.quantize.packed) unless told otherwise."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from compress.checkpoint import STEP_FILE
+from compress.config.sources import STEP_FOLDER
+from compress.errors import CompressError
+from compress.measure import measure
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(work, device: torch.device, repeats: int) -> float:
+    work()  # warm-up: kernels chosen, caches allocated (and, compiled, the graph built)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        work()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _generate(model, ids: torch.Tensor, new: int, compile: bool):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if compile:  # transformers compiles the decode step itself for a static cache
+        kwargs["cache_implementation"] = "static"
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill: int = 2048, repeats: int = 3,
+                compile: bool = False, seed: int = 0) -> dict:
+    """Speed and memory of a loaded model (see the module's protocol); a batch size that runs out of memory gives a
+    row saying so and the others still run."""
+    from compress.quantize.packed import packed_kernels, weight_bytes
+
+    if new < 2:
+        raise CompressError("--new must be at least 2: decoding speed is measured after the first token")
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0}}
+    with measure() as cost:
+        long = torch.randint(0, vocab, (1, prefill), generator=generator).to(device)
+        with torch.inference_mode():
+            row["prefill_ms"] = round(1000 * _median_seconds(lambda: model(input_ids=long, use_cache=False), device,
+                                                             repeats), 2)
+        decode = []
+        for batch in batches:
+            ids = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
+            try:
+                first = _median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats)
+                whole = _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats)
+            except torch.OutOfMemoryError:
+                decode.append({"batch": batch, "error": "out of memory"})
+                torch.cuda.empty_cache()
+                continue
+            decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
+                           "decode_tokens_per_s": round(batch * (new - 1) / max(whole - first, 1e-9), 2)})
+    row["decode"] = decode
+    first_row = next((d for d in decode if "decode_tokens_per_s" in d), {})
+    row["decode_tokens_per_s"] = first_row.get("decode_tokens_per_s")
+    row["time_to_first_token_ms"] = first_row.get("time_to_first_token_ms")
+    row["peak_bytes"] = cost.get("peak_cuda_bytes", cost["peak_rss_bytes"])
+    return row
+
+
+def _loaded(folder: Path, dtype: str, device: str, runtime: str):
+    """(model, the packed runtime's notes about settings it runs dequantized)."""
+    import warnings
+
+    from compress.models import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load(folder, dtype=dtype, device=device, runtime=runtime)
+    return model, [str(note.message) for note in caught if "packed kernel" in str(note.message)]
+
+
+def bench_folder(folder: Path, speed, dtype: str, device: str) -> dict:
+    """A step folder loaded with the packed runtime and timed as `speed` (a SpeedBench) says: the pipeline's bench."""
+    model, notes = _loaded(folder, dtype, device, "packed")
+    row = bench_model(model, tuple(speed.batches), speed.prompt, speed.new, speed.prefill, speed.repeats,
+                      speed.compile)
+    return {**row, "notes": notes, "protocol": _protocol(speed.batches, speed.prompt, speed.new, speed.prefill,
+                                                         speed.repeats, speed.compile, "packed", dtype, device)}
+
+
+def _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype, device) -> dict:
+    return {"device": torch.cuda.get_device_name() if str(device).startswith("cuda")
+            else f"cpu ({torch.get_num_threads()} threads)", "dtype": dtype, "runtime": runtime,
+            "batches": list(batches), "prompt_tokens": prompt, "new_tokens": new, "prefill_tokens": prefill,
+            "repeats": repeats, "static_cache_compiled": compile, "torch": torch.__version__}
+
+
+def step_folders(path: Path) -> list[Path]:
+    """A run folder's complete step folders in order, or the model folder itself."""
+    if (path / "config.json").is_file():
+        return [path]
+    steps = sorted(p for p in path.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)
+                   and not p.name.endswith(".partial") and (p / STEP_FILE).is_file()) if path.is_dir() else []
+    if not steps:
+        raise CompressError(f"{path} is neither a model folder (config.json) nor a run folder with complete step "
+                            f"folders (00-base, 01-...)")
+    return steps
+
+
+def bench(path: str | Path, batches=(1,), prompt: int = 128, new: int = 128, prefill: int = 2048, repeats: int = 3,
+          compile: bool = False, runtime: str = "packed", dtype: str = "float32", device: str = "auto",
+          show_progress: bool = True) -> dict:
+    """`compress bench`: every step folder of a run (or one model folder), loaded with `runtime`, measured alike."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folders = step_folders(Path(path))
+    rows = []
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("bench", total=len(folders))
+        for folder in folders:
+            progress.update(task, description=f"bench {folder.name}")
+            model, notes = _loaded(folder, dtype, device, runtime)
+            rows.append({"step": folder.name, **bench_model(model, batches, prompt, new, prefill, repeats, compile),
+                         "notes": notes})
+            del model
+            progress.advance(task)
+    return {"steps": rows, "protocol": _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype,
+                                                 device)}
+
+
+def render_bench(result: dict) -> str:
+    """A markdown table of a bench result ({"steps": [...], "protocol": {...}}), for the CLI and the report."""
+    protocol = result["protocol"]
+    lines = [f"Decode: batch {', '.join(map(str, protocol['batches']))}, {protocol['prompt_tokens']}-token prompt, "
+             f"{protocol['new_tokens']} new tokens, greedy; prefill: {protocol['prefill_tokens']} tokens; "
+             f"{protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
+             f"{', static cache + compiled' if protocol['static_cache_compiled'] else ''}.", "",
+             "| step | kernels | weights in memory | peak memory | prefill ms | first token ms | decode tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["steps"]:
+        kernels = ", ".join(f"{name} ×{count}" if count else name for name, count in row["kernels"].items())
+        decode = " / ".join(str(d.get("decode_tokens_per_s", d.get("error"))) for d in row["decode"])
+        first = row["time_to_first_token_ms"]
+        lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | "
+                     f"{row['peak_bytes'] / 2**20:,.1f} MiB | {row['prefill_ms']:,.1f} | "
+                     f"{'' if first is None else f'{first:,.1f}'} | {decode} |")
+    return "\n".join(lines) + "\n"
