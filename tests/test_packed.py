@@ -108,14 +108,15 @@ def test_bench_measures_every_step_of_a_run(tiny_model_dir, tmp_path):
 
 def test_a_recipe_with_eval_speed_times_each_step_folder_packed(tiny_recipe):
     import json
+    import os
 
-    from tests.test_pipeline import quiet_run
+    from rich.console import Console
 
     recipe = tiny_recipe("  - quantize: {method: rtn, bits: 4, group_size: 32}")
     text = recipe.read_text().replace("eval:\n", "eval:\n  speed: {batches: [1, 2], prompt: 8, new: 4, prefill: 16, "
                                                 "repeats: 1}\n")
     recipe.write_text(text)
-    report = quiet_run(recipe)
+    report = compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False)
     out = recipe.parent / "runs" / "tiny"
     base, quant = (json.loads((out / step / "step.json").read_text())["speed"] for step in ("00-base", "01-quantize"))
     assert base["kernels"] == {"dense": 0} and quant["kernels"] == {"int4 tinygemm": 14}
