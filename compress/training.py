@@ -101,6 +101,11 @@ def _length_grouping(examples: list[dict]) -> dict:
     return {"group_by_length": True}
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` (wrappers, adapters and all) whose parameters are on the meta device: no memory, the same
     names and structure, ready for the trained weights."""
@@ -111,8 +116,7 @@ def _meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
 
 def _fsdp_arguments(model: torch.nn.Module, sharding: str) -> dict:
     """TrainingArguments for accelerate's FSDP2: each decoder layer a shard unit, full state dicts."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer = type(decoder_layers(base)[0]).__name__
+    layer = type(decoder_layers(_base(model))[0]).__name__
     config = {"version": 2, "transformer_layer_cls_to_wrap": [layer], "reshard_after_forward": True,
               "cpu_offload": sharding == "fsdp_offload", "state_dict_type": "FULL_STATE_DICT",
               "cpu_ram_efficient_loading": False}
@@ -131,8 +135,7 @@ def _unsharded(trained: torch.nn.Module, skeleton: torch.nn.Module, device: torc
                             "the accelerate and transformers versions, or use sharding: replicate")
     state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
     skeleton.load_state_dict(state, assign=True)
-    base = skeleton.get_base_model() if hasattr(skeleton, "get_base_model") else skeleton
-    base.tie_weights()
+    _base(skeleton).tie_weights()
     return skeleton.to(device)
 
 
@@ -171,7 +174,7 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             # batches (and their order) are those of one process
             accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False,
             **(_fsdp_arguments(model, budget.sharding) if sharded else {}))
-        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        config = _base(model).config
         use_cache = config.use_cache
         trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
                                 callbacks=list(callbacks), **trainer_kwargs)
@@ -179,8 +182,5 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             trainer.train()
         finally:  # training turns the KV cache off in the config; a saved step would then decode without it
             config.use_cache = use_cache
-    if sharded:
-        trained = _unsharded(trainer.model, skeleton, device)
-        (trained.get_base_model() if hasattr(trained, "get_base_model") else trained).config.use_cache = use_cache
-        return trained
-    return model
+    # the skeleton was copied before the Trainer touched the config: it keeps use_cache as it was
+    return _unsharded(trainer.model, skeleton, device) if sharded else model

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import LLAMA2_7B, random_llama, random_tokens  # noqa: E402
@@ -60,26 +61,21 @@ def _timed_region(distributed, work):
     return result, time.perf_counter() - start
 
 
-class StepTimer:
+class StepTimer(TrainerCallback):
     """Trainer callback: wall time of every optimizer step."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    def __init__(self):
+        self.times: list[float] = []
 
-        class _Timer(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.start = time.perf_counter()
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.times.append(time.perf_counter() - self.start)
-
-        timer = _Timer()
-        timer.times = []
-        return timer
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
 
 
 def _time_parts() -> dict:
