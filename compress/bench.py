@@ -2,8 +2,10 @@
 weight bytes in memory and peak memory — for one model folder or every step folder of a run, side by side.
 
 Protocol (written into the result): random token ids (speed does not depend on them); greedy decoding of `new`
-tokens after a `prompt`-token prompt at each batch size, through transformers' `generate` (a static KV cache and a
-compiled decode step with `compile=True`, the path that measures the weights rather than Python); decode tokens/s =
+tokens after a `prompt`-token prompt at each batch size, through transformers' `generate`, or with `compile=True` the
+path that measures the weights rather than Python: a static KV cache, the prompt in one forward and every later token
+by one compiled step (a CUDA graph on a GPU; gpt-fast's loop: generate's own per-token Python costs ~2 ms, as much as
+a 4-bit 7B model's weights take to stream); decode tokens/s =
 batch × (new − 1) / (time of the whole generation − time to first token); prefill = one forward of a `prefill`-token
 sequence. Each timing is the median of `repeats` runs after one warm-up. Quantized folders load with the packed
 runtime (compress.quantize.packed) unless told otherwise."""
@@ -41,11 +43,44 @@ def _median_seconds(work, device: torch.device, repeats: int) -> float:
 
 
 def _generate(model, ids: torch.Tensor, new: int, compile: bool):
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    if compile:  # transformers compiles the decode step itself for a static cache
-        kwargs["cache_implementation"] = "static"
+    if compile:
+        return _static_greedy(model, ids, new)
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def _cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.24; the old name warns on every call)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decode_one(model, token: torch.Tensor, cache, position: torch.Tensor, cache_argument: str) -> torch.Tensor:
+    logits = model(input_ids=token, cache_position=position, use_cache=True, **{cache_argument: cache}).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+_compiled_decode_one = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding of `new` tokens: static KV cache, one forward over the prompt, then the compiled step."""
+    from transformers import StaticCache
+
+    prompt = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+    cache_argument = _cache_argument(model)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument: cache},
+                       cache_position=torch.arange(prompt, device=ids.device)).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        position = torch.tensor([prompt], device=ids.device)
+        for _ in range(new - 1):
+            token = _compiled_decode_one(model, token, cache, position, cache_argument).clone()  # the graph reuses its output
+            position += 1
+    return token
 
 
 def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill: int = 2048, repeats: int = 3,
@@ -58,6 +93,8 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill:
         raise CompressError("--new must be at least 2: decoding speed is measured after the first token")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    if compile:  # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
+        torch._dynamo.reset()
     generator = torch.Generator().manual_seed(seed)
     row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0}}
     with measure() as cost:
