@@ -6,13 +6,13 @@ depend on their values) through the same harness (compress.bench.bench_model) in
 
 Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Llama-2's 4096 hidden size, so LlamaConfig
 refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN)
-on our Triton int4 kernel and on tinygemm; pruned + W4 on both; FP8 W8A8; and W4 run dequantized (what transformers'
+on tinygemm; pruned + W4; FP8 W8A8; and W4 run dequantized (what transformers'
 from_pretrained gives today), for the memory comparison. Each is built in memory, packed with compress.quantize.packed,
 measured, and freed before the next. The physical limit is reported beside each: bytes of weights in memory / GPU
 memory bandwidth = the fastest batch-1 decode step.
 
 `--kernels` times the Linears alone first (each shape of the base and the pruned model, at 1 and 16 rows; bf16
-F.linear, tinygemm, ours; CUDA-graph replays, so launch costs are out) and reports the bandwidth each reaches."""
+F.linear and tinygemm; CUDA-graph replays, so launch costs are out) and reports the bandwidth each reaches."""
 
 from __future__ import annotations
 
@@ -46,16 +46,16 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         compress.quantize(model, compress.RTN(bits=4, group_size=group), show_progress=False)
     if "FP8" in name:
         compress.quantize(model, compress.FP8(), show_progress=False)
-    notes = [] if "dequantized" in name else pack_model(model, "tinygemm" if "tinygemm" in name else "auto")
+    notes = [] if "dequantized" in name else pack_model(model)
     return model, notes
 
 
 def kernel_rows(group: int = 128) -> list[dict]:
-    """Microseconds per Linear (CUDA-graph replays) and the bandwidth that is: bf16, tinygemm, ours."""
+    """Microseconds per Linear (CUDA-graph replays) and the bandwidth that is: bf16 and tinygemm."""
     import triton.testing
 
     from compress.quantize.grid import WeightQuant, fake_quantize, minmax_qparams, weight_args
-    from compress.quantize.packed import Int4Linear, Int4TritonLinear
+    from compress.quantize.packed import Int4Linear
 
     shapes = {"q/k/v/o": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096),
               "pruned q/k/v": (4096, 3072), "pruned o": (3072, 4096), "pruned gate/up": (4096, 8320),
@@ -68,8 +68,7 @@ def kernel_rows(group: int = 128) -> list[dict]:
             scale, zero_point = minmax_qparams(linear.weight, args)
             linear.weight.copy_(fake_quantize(linear.weight, scale, zero_point, args))
             quant = WeightQuant(args, scale, zero_point)
-            kernels = {"bf16": linear, "tinygemm": Int4Linear(linear, quant),
-                       "triton": Int4TritonLinear(linear, quant)}
+            kernels = {"bf16": linear, "tinygemm": Int4Linear(linear, quant)}
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"linear": name, "in": k, "out": n, "rows": m}
@@ -89,8 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", choices=["llama2-7b", "smollm2"], default="llama2-7b")
-    parser.add_argument("--variants", default="base bf16,pruned 25%,W4 g128,W4 g128 tinygemm,pruned 25% + W4 g128,"
-                                              "pruned 25% + W4 g128 tinygemm,FP8 W8A8,W4 g128 dequantized")
+    parser.add_argument("--variants", default="base bf16,pruned 25%,W4 g128,pruned 25% + W4 g128,FP8 W8A8,"
+                                              "W4 g128 dequantized")
     parser.add_argument("--kernels", action="store_true", help="time the Linears alone first")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompt", type=int, default=128)

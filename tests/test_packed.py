@@ -1,4 +1,4 @@
-"""The packed runtime: int4 (Triton on CUDA, tinygemm), int8 and FP8 Linears built from a saved checkpoint compute what the
+"""The packed runtime: int4 (tinygemm), int8 and FP8 Linears built from a saved checkpoint compute what the
 dequantized checkpoint computes, hold their weights in fewer bytes, and settings without a kernel say so."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import compress
 from compress.checkpoint import save_model
 from compress.errors import CompressError
 from compress.models import load_model
-from compress.quantize.packed import pack_model, packed_kernels, weight_bytes
+from compress.quantize.packed import packed_kernels, weight_bytes
 
 
 def _saved(tiny_model_dir, tmp_path, config):
@@ -65,35 +65,15 @@ def test_a_packed_model_is_for_inference_only(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("int4_kernel,kernel", [("auto", "int4 triton"), ("tinygemm", "int4 tinygemm")])
-def test_packed_int4_on_gpu_equals_dequantized(tiny_model_dir, tmp_path, int4_kernel, kernel):
+def test_packed_int4_on_gpu_equals_dequantized(tiny_model_dir, tmp_path):
     folder = _saved(tiny_model_dir, tmp_path, compress.RTN(bits=4, group_size=32, sym=False))
     dense, _ = compress.load(folder, dtype="bfloat16", device="cuda")
-    packed, _ = compress.load(folder, dtype="bfloat16", device="cuda")
-    assert pack_model(packed, int4_kernel) == []
-    assert packed_kernels(packed) == {kernel: 14}
-    for shape in ((2, 24), (1, 1)):  # a prompt (the many-rows tiles) and a decode step (split K)
+    packed, _ = compress.load(folder, dtype="bfloat16", device="cuda", runtime="packed")
+    assert packed_kernels(packed) == {"int4 tinygemm": 14}
+    for shape in ((2, 24), (1, 1)):  # a prompt and a decode step
         ids = torch.randint(0, dense.config.vocab_size, shape, device="cuda")
         expected, got = _logits(dense, ids).float(), _logits(packed, ids).float()
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()  # bf16 accumulation order
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 300])
-def test_triton_int4_matmul_equals_a_float_reference(rows):
-    from compress.quantize.int4_triton import int4_matmul, pack_int4
-
-    out_features, in_features, group = 1000, 1024, 128  # 1000 outputs: the last column tile is partly masked
-    generator = torch.Generator().manual_seed(rows)
-    codes = torch.randint(0, 16, (out_features, in_features), generator=generator)
-    scales = torch.rand(in_features // group, out_features, generator=generator).bfloat16() / 10
-    zeros = torch.randint(0, 16, (in_features // group, out_features), generator=generator).bfloat16()
-    weight = (codes - zeros.float().T.repeat_interleave(group, 1)) * scales.float().T.repeat_interleave(group, 1)
-    x = torch.randn(rows, in_features, generator=generator).bfloat16()
-    expected = x.float() @ weight.T
-    got = int4_matmul(x.cuda(), pack_int4(codes).cuda(), scales.cuda(), zeros.cuda(), group).float().cpu()
-    assert got.shape == (rows, out_features)
-    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
 def test_bench_measures_every_step_of_a_run(tiny_model_dir, tmp_path):

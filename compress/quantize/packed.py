@@ -2,10 +2,10 @@
 model is 4 bits when it runs, not only on disk. Built from the checkpoint's saved scales and zero points (the values
 are exactly the checkpoint's); pruned layers keep their widths.
 
-    int4, groups of 32/64/128/256   on CUDA with Triton: our W4A16 matmul (compress/quantize/int4_triton.py, faster
-                                    than tinygemm at batch 1); otherwise tinygemm: aten._weight_int4pack_mm (CUDA) and
-                                    _weight_int4pack_mm_for_cpu, the kernels gpt-fast and torchao's int4 weight-only
-                                    path call (bf16 compute)
+    int4, groups of 32/64/128/256   tinygemm: aten._weight_int4pack_mm (CUDA) and _weight_int4pack_mm_for_cpu, the
+                                    kernels gpt-fast and torchao's int4 weight-only path call (bf16 compute). A Triton
+                                    W4A16 kernel of ours was 1.6-4.3x slower than tinygemm at 1 and 16 rows on the
+                                    H200 (eval/results/bench_int4_kernels_h200.json), so it is not here
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
     FP8 e4m3 (W8A8 or weight-only)  the e4m3 weight alone is kept (1 byte); W8A8 runs torch._scaled_mm on GPUs with
                                     FP8 tensor cores, elsewhere the same rounding simulated
@@ -17,11 +17,11 @@ is w = (c − z)·s with c in [−8, 7]; so q = c + 8 and m = −z·s, exactly."
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import torch
 
-from compress.errors import CompressError
 from compress.modules import PACKED_ATTR, QUANT_ATTR, WeightQuant
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -98,40 +98,6 @@ class Int4Linear(_PackedLinear):
         return self._finish(out.to(x.dtype), shape)
 
 
-class Int4TritonLinear(_PackedLinear):
-    """4-bit weights in compress.quantize.int4_triton's layout (half a byte per weight), one scale and one unsigned
-    zero point (z + 8, an integer) per group, run by its Triton kernel."""
-
-    kernel = "int4 triton"
-
-    def __init__(self, linear: torch.nn.Linear, quant: WeightQuant):
-        super().__init__(linear, quant)
-        from compress.quantize.int4_triton import pack_int4
-
-        self.group_size = quant.args.group_size
-        self.register_buffer("packed", pack_int4(integer_codes(linear.weight.detach(), quant) + 8))
-        zero = torch.zeros_like(quant.scale) if quant.zero_point is None else quant.zero_point
-        self.register_buffer("scales", quant.scale.T.contiguous().to(KERNEL_DTYPE))  # [groups, out]
-        self.register_buffer("zeros", (zero.float() + 8).T.contiguous().to(KERNEL_DTYPE))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = torch.ops.compress.int4_matmul(x.reshape(-1, shape[-1]).to(KERNEL_DTYPE), self.packed, self.scales,
-                                             self.zeros, self.group_size)
-        return self._finish(out.to(x.dtype), shape)
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether our Triton int4 kernel can run on `device` (a CUDA GPU, with triton importable)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import compress.quantize.int4_triton  # noqa: F401  (registers torch.ops.compress.int4_matmul)
-    except ImportError:
-        return False
-    return True
-
-
 class Int8Linear(_PackedLinear):
     """8-bit weights (one byte each) with one scale per output row."""
 
@@ -185,13 +151,8 @@ class FP8Linear(_PackedLinear):
         return self._finish(out, shape)
 
 
-INT4_KERNELS = ("auto", "triton", "tinygemm")
-
-
-def packed_kind(linear: torch.nn.Linear, quant: WeightQuant,
-                int4_kernel: str = "auto") -> tuple[type[_PackedLinear] | None, str]:
-    """Which packed module runs this Linear's grid, or (None, why it stays dequantized). `int4_kernel`: "auto" takes
-    the Triton kernel where it runs (CUDA, triton importable, whole groups), else tinygemm."""
+def packed_kind(linear: torch.nn.Linear, quant: WeightQuant) -> tuple[type[_PackedLinear] | None, str]:
+    """Which packed module runs this Linear's grid, or (None, why it stays dequantized)."""
     args = quant.args
     strategy = str(getattr(args.strategy, "value", args.strategy))
     kind = str(getattr(args.type, "value", args.type))
@@ -201,11 +162,6 @@ def packed_kind(linear: torch.nn.Linear, quant: WeightQuant,
         if linear.out_features % 8 or linear.in_features % 32:
             return None, f"int4 with {linear.in_features} inputs x {linear.out_features} outputs (tinygemm needs " \
                          f"outputs in multiples of 8 and inputs in multiples of 32)"
-        whole_groups = linear.in_features % args.group_size == 0
-        if int4_kernel != "tinygemm" and whole_groups and triton_available(linear.weight.device):
-            return Int4TritonLinear, ""
-        if int4_kernel == "triton":
-            return None, "int4 on the Triton kernel (it needs a CUDA GPU, triton and whole groups)"
         return Int4Linear, ""
     symmetric = quant.zero_point is None or not quant.zero_point.any()
     if kind == "int" and args.num_bits == 8 and strategy == "channel" and symmetric:
@@ -215,21 +171,20 @@ def packed_kind(linear: torch.nn.Linear, quant: WeightQuant,
 
 
 @torch.no_grad()
-def pack_model(model: torch.nn.Module, int4_kernel: str = "auto") -> list[str]:
+def pack_model(model: torch.nn.Module) -> list[str]:
     """Replace every quantized Linear of `model` by its packed module, in place; returns one note per setting that has
-    no kernel here (those Linears stay dequantized). `int4_kernel`: auto, triton or tinygemm (see packed_kind)."""
+    no kernel here (those Linears stay dequantized)."""
     from compress.modules import quantized_linears
 
-    if int4_kernel not in INT4_KERNELS:
-        raise CompressError(f"int4_kernel '{int4_kernel}' is not one of {', '.join(INT4_KERNELS)}")
     missing: Counter = Counter()
     for name, linear, quant in list(quantized_linears(model)):
-        packed_class, why = packed_kind(linear, quant, int4_kernel)
+        packed_class, why = packed_kind(linear, quant)
         if packed_class is None:
             missing[why] += 1
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, packed_class(linear, quant))
+    gc.collect()  # the replaced Linears sit in reference cycles: free their float weights now (7B FP8: 13 GB)
     return [f"no packed kernel for {why}: {count} Linear(s) run dequantized" for why, count in missing.items()]
 
 
