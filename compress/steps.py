@@ -73,19 +73,22 @@ def _load(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
+_QUANTIZABLE = "compress.architectures:check_quantizable"
 SPECS = (
     StepSpec("prune", TaylorPrune, "compress.prune:prune", calibrates=True, prunes=True,
              check="compress.prune:check_prunable"),
     StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
     StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
-    StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format),
+    StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format,
+             check=_QUANTIZABLE),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
-             save_format=_config_format, resolve_run="compress.quantize.gptq:resolve_run"),
+             save_format=_config_format, resolve_run="compress.quantize.gptq:resolve_run", check=_QUANTIZABLE),
     StepSpec("quantize", AWQ, "compress.quantize.awq:quantize_awq", calibrates=True, quantizes=True,
-             save_format=_config_format),
-    StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors),
+             save_format=_config_format, check=_QUANTIZABLE),
+    StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors,
+             check=_QUANTIZABLE),
     StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
-             accepts_quantized=True, save_format=_config_format),
+             accepts_quantized=True, save_format=_config_format, check=_QUANTIZABLE),
 )
 
 KINDS: dict[str, tuple[StepSpec, ...]] = {}

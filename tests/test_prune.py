@@ -224,7 +224,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(CompressError, match="supports the architectures llama, mistral, qwen2.*'gpt2'"):
+    with pytest.raises(CompressError, match="knows the model families llama, mistral, qwen2, qwen3.*'gpt2'"):
         check_prunable(model, TaylorPrune())
 
 

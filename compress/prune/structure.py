@@ -21,12 +21,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from compress.architectures import check_step
 from compress.errors import CompressError
 from compress.modules import decoder_layers
 
-# model_type -> why it is supported: same decoder layer layout (q/k/v/o_proj, gate/up/down_proj); qwen2 adds q/k/v
-# biases, which are sliced with their rows
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LAYER_WIDTHS_KEY = "compress_layer_widths"
 
 
@@ -38,10 +36,8 @@ class LayerWidths:
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CompressError(f"pruning supports the architectures {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
-                            f"decoder layers); this model is '{model_type}'")
+    """The family must be one pruning handles (compress.architectures), with the Llama layer layout in every layer."""
+    check_step(model, "prune")
     for index, layer in enumerate(decoder_layers(model)):
         for owner, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                              ("mlp", ("gate_proj", "up_proj", "down_proj"))):

@@ -20,6 +20,7 @@ def quantize(model: torch.nn.Module, config: RTN | GPTQ | AWQ | FP8 | QAT, calib
     spec = spec_of(config)
     if spec.kind != "quantize":
         raise TypeError(f"{type(config).__name__} is a {spec.kind} config; quantize takes RTN, GPTQ, AWQ, FP8 or QAT")
+    spec.check_model(model, config)  # the family, before any work
     inputs: dict = {}
     if spec.calibrates:
         if calibration is None:

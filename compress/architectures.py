@@ -1,0 +1,82 @@
+"""The model families compress knows, found by `config.model_type`, and what each step can do with them.
+
+Each family names the coupled groups the algorithms work on: the attention projections (separate q/k/v/o, or Phi-3's
+fused `qkv_proj`), per-head q/k norms (Qwen3, Gemma 3: an RMSNorm over head_dim, shared by every head, so removing a
+head leaves them as they are), the MLP (gate/up/down, or a fused `gate_up_proj`), and Mixture-of-Experts blocks (a
+router and, in transformers 5, the experts as fused 3-D parameters — `gate_up_proj` [E, 2I, H], `down_proj`
+[E, H, I] — that no `nn.Linear` hook sees). Whatever else a family has that depends on neither head nor channel
+counts (Gemma's pre/post feed-forward norms over the hidden size, scaled embeddings, logit soft-capping,
+sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms.
+
+An unknown family, or a step a family does not support yet, stops before any work with the list of what is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    attention: str  # "q/k/v/o" or "qkv/o" (fused)
+    mlp: str  # "gate/up/down", "gate_up/down" (fused) or "experts" (MoE)
+    head_norms: bool = False  # q_norm / k_norm over head_dim
+    prune: bool = True  # Taylor structured pruning of heads and MLP channels
+    quantize: bool = True  # weight quantization of every decoder Linear (RTN, GPTQ, AWQ where it can fold, FP8, QAT)
+    why_not: str = ""  # what is missing where a step is not supported
+
+
+_MOE = ("its experts are fused 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) in transformers 5, "
+        "not Linear modules: expert pruning and per-expert calibration are not built yet")
+_FUSED = "its fused qkv_proj and gate_up_proj need row-range surgery, not built yet"
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama 2 / 3.x, SmolLM2", "q/k/v/o", "gate/up/down"),
+    "mistral": Family("Mistral", "q/k/v/o", "gate/up/down"),
+    "qwen2": Family("Qwen2 / 2.5", "q/k/v/o", "gate/up/down"),
+    "qwen3": Family("Qwen3", "q/k/v/o", "gate/up/down", head_norms=True),
+    "gemma": Family("Gemma", "q/k/v/o", "gate/up/down"),
+    "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down"),
+    "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True),
+    "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down", prune=False, why_not=_FUSED),
+    "mixtral": Family("Mixtral", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
+    "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
+    "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
+}
+
+
+def model_type(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) or type(model_or_config).__name__
+
+
+def family(model_or_config) -> Family:
+    """The family of a model (or config); an unknown one is an error that lists the known ones."""
+    kind = model_type(model_or_config)
+    if kind not in FAMILIES:
+        raise CompressError(f"compress knows the model families {', '.join(FAMILIES)} (config.model_type); this "
+                            f"model is '{kind}'")
+    return FAMILIES[kind]
+
+
+def supported_for(step: str) -> list[str]:
+    return [kind for kind, known in FAMILIES.items() if getattr(known, step)]
+
+
+def check_step(model: torch.nn.Module, step: str) -> Family:
+    """Stop before any work if `step` ("prune" or "quantize") does not support the model's family, naming the
+    families it supports and what is missing."""
+    known = family(model)
+    if not getattr(known, step):
+        raise CompressError(f"{step} supports the families {', '.join(supported_for(step))}; "
+                            f"'{model_type(model)}' ({known.name}) is not supported yet: {known.why_not}")
+    return known
+
+
+def check_quantizable(model: torch.nn.Module, config=None) -> None:
+    """The quantize steps' shape check (compress.steps): the family must be one they handle."""
+    check_step(model, "quantize")

@@ -1,0 +1,134 @@
+"""Model families beyond Llama (compress.architectures): Qwen3 and Gemma 3 prune, recover, quantize and reload like
+Llama; Phi-3's fused projections quantize; MoE models and unknown families stop before any work with the list of
+what is supported. Tiny random models whose configs have each family's features (q/k norms, sliding-window layers,
+soft-capping, fused projections, experts); only mechanics matter here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import compress
+from compress.architectures import FAMILIES, family
+from compress.errors import CompressError
+from compress.prune import TaylorPrune, prune
+from compress.prune.structure import LayerWidths, layer_widths, shrink_attention, shrink_mlp
+
+IDS = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+FEATURES = {
+    "qwen3": dict(),  # q_norm / k_norm over head_dim
+    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                        final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=1),  # fused qkv_proj and gate_up_proj
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+}
+DENSE = ["qwen3", "gemma3_text"]
+
+
+def tiny(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(kind, **COMMON, **FEATURES[kind])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_the_tiny_models_have_the_features_they_stand_for():
+    qwen3, gemma3, phi3 = tiny("qwen3"), tiny("gemma3_text"), tiny("phi3")
+    assert qwen3.model.layers[0].self_attn.q_norm.weight.numel() == 16  # one norm over head_dim, shared by heads
+    assert gemma3.model.layers[0].self_attn.sliding_window == 8 and gemma3.model.layers[1].self_attn.sliding_window is None
+    assert hasattr(gemma3.model.layers[0], "pre_feedforward_layernorm") and family(gemma3).head_norms
+    assert hasattr(phi3.model.layers[0].self_attn, "qkv_proj") and hasattr(phi3.model.layers[0].mlp, "gate_up_proj")
+    assert tiny("qwen2_moe").model.layers[0].mlp.shared_expert is not None
+    assert tiny("mixtral").model.layers[0].mlp.experts.gate_up_proj.dim() == 3  # fused experts: not Linear modules
+
+
+@pytest.mark.parametrize("kind", DENSE)
+def test_surgery_keeps_the_function_of_what_it_keeps(kind):
+    """Silence the heads and channels to be removed (zero their o_proj / down_proj columns): removing them must then
+    leave the logits unchanged, with the q/k norms untouched."""
+    model = tiny(kind)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    query, kv = torch.tensor([1, 2]), torch.tensor([0, 1])  # one query head kept in each KV group
+    with torch.no_grad():
+        for head in (0, 3):
+            attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
+        mlp.down_proj.weight[:, 1::2] = 0
+    before = logits(model)
+    shrink_attention(attn, query, kv)
+    shrink_mlp(mlp, torch.arange(0, 128, 2))
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+    assert layer_widths(model.model.layers[1]) == LayerWidths(2, 2, 64)
+
+
+@pytest.mark.parametrize("kind", DENSE)
+def test_uniform_pruning_loads_in_stock_transformers_without_compress(tmp_path, kind):
+    model = tiny(kind)
+    prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
+    assert layer_widths(model.model.layers[0]) == LayerWidths(2, 2, 64)
+    model.save_pretrained(tmp_path)
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = ("import sys, torch\n"
+              "sys.modules['compress'] = None  # any import of compress now fails\n"
+              "from transformers import AutoModelForCausalLM\n"
+              f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()\n"
+              f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+              "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stock.pt")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [*DENSE, "phi3"])
+def test_prune_recover_quantize_and_reload(tmp_path, tiny_model_dir, kind):
+    """Each family through the steps (Phi-3 without pruning: its fused projections are quantized as they are)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny(kind)
+    if family(model).prune:
+        prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
+    before = logits(model)
+    compress.finetune(model, compress.LoRARecovery(steps=2, batch_size=2, lr=1e-3), IDS, show_progress=False)
+    assert not torch.equal(logits(model), before)  # the LoRA update was merged back
+    compress.quantize(model, compress.GPTQ(bits=4, group_size=16), IDS, show_progress=False)
+    compress.save_model(model, tokenizer, tmp_path / "q")
+    loaded, _ = compress.load(tmp_path / "q")
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_moe_models_stop_before_any_work_and_say_why(kind):
+    model = tiny(kind)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompressError, match=rf"prune supports the families llama, .*'{kind}'.*fused 3-D parameters"):
+        prune(model, TaylorPrune(importance="l2", multiple=16), show_progress=False)
+    with pytest.raises(CompressError, match=rf"quantize supports the families .*phi3.*'{kind}'.*not Linear modules"):
+        compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing was touched
+
+
+def test_phi3_pruning_and_unknown_families_are_clear_errors():
+    with pytest.raises(CompressError, match="'phi3' .*fused qkv_proj and gate_up_proj"):
+        prune(tiny("phi3"), TaylorPrune(importance="l2", multiple=16), show_progress=False)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(CompressError, match=f"knows the model families {', '.join(FAMILIES)}.*'gpt2'"):
+        compress.quantize(gpt2, compress.RTN(bits=4, group_size=16), show_progress=False)
