@@ -85,14 +85,6 @@ def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return words.to(torch.int32).movedim(0, dim).contiguous()
 
 
-def _unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    per_word = 32 // bits
-    words = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits, device=words.device).view(1, per_word, *([1] * (words.dim() - 1)))
-    values = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return values.reshape(-1, *words.shape[1:]).movedim(0, dim)
-
-
 def gptq_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """The model's state dict with every quantized Linear in the GPTQ v1 layout, and its quantization_config."""
     state = model.state_dict()
@@ -131,45 +123,37 @@ def is_gptq(config: dict) -> bool:
     return quant.get("quant_method") == "gptq"
 
 
-def _gptq_decompressed(state: dict[str, torch.Tensor], quant: dict
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
-    """Dense weights from a GPTQ v1 state dict: weight = scales[g_idx] · (q − (qzeros + 1)) (AutoGPTQ's reference),
-    and each module's grid on compressed-tensors' signed scale (zero points shifted back by 2^(bits-1))."""
-    bits = quant["bits"]
-    if bits not in GPTQ_PACKABLE_BITS:
-        raise ValueError(f"GPTQ checkpoints with {bits} bits are not supported; supported: {GPTQ_PACKABLE_BITS}")
-    args = weight_args(bits, quant.get("group_size", -1), quant.get("sym", True),
-                       "weight" if quant.get("static_groups") else None, torch.float16)
-    offset = 2 ** (bits - 1)
-    dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("qweight", "qzeros", "scales", "g_idx")}
-    grids = {}
-    for key in [k for k in state if k.endswith(".qweight")]:
-        module = key.removesuffix(".qweight")
-        q = _unpack_int32(state[key], bits, dim=0).float()  # [in, out]
-        zeros = (_unpack_int32(state[f"{module}.qzeros"], bits, dim=1) + 1).float()  # [groups, out]
-        g_idx = state[f"{module}.g_idx"].long()
-        scales = state[f"{module}.scales"].float()
-        dense[f"{module}.weight"] = (scales[g_idx] * (q - zeros[g_idx])).T.contiguous()
-        grids[module] = WeightQuant(args, scales.T.contiguous(), (zeros - offset).T.to(torch.int8).contiguous())
-    return dense, grids
-
-
 # ---------------------------------------------------------------- reading either format back
 
 
+READABLE_CT_FORMATS = ("pack-quantized", "float-quantized")
+READABLE = "compressed-tensors (pack-quantized, float-quantized), GPTQ v1/v2 (2/3/4/8 bits), AWQ GEMM (4 bits)"
+
+
 def is_quantized_checkpoint(config: dict) -> bool:
-    """config.json (as a dict) of a checkpoint this module can decompress."""
-    quant = config.get("quantization_config") or {}
-    return is_gptq(config) or (quant.get("quant_method") == "compressed-tensors"
-                                and quant.get("format") in ("pack-quantized", "float-quantized"))
+    """config.json (as a dict) of a quantized checkpoint this module can decompress; a quantization_config in a
+    layout it cannot read is an error that names it and what is readable."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return False
+    method = quant.get("quant_method")
+    if method in ("gptq", "awq") or (method == "compressed-tensors" and quant.get("format") in READABLE_CT_FORMATS):
+        return True
+    layout = f"{method}" + (f" ({quant.get('format')})" if quant.get("format") else "")
+    raise CompressError(f"this checkpoint is quantized as {layout}, which compress cannot read; readable: {READABLE}. "
+                        f"Start from the float model, or convert it with its tool to one of these")
 
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                             ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
-    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors or GPTQ), and the grid of
+    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors, GPTQ, AWQ), and the grid of
     every quantized module (its scales and zero points as saved), so the loaded model is known as quantized."""
+    from compress.quantize.foreign import awq_weights, gptq_weights
+
     if is_gptq(config):
-        return _gptq_decompressed(state, config["quantization_config"])
+        return gptq_weights(state, config["quantization_config"])
+    if config["quantization_config"].get("quant_method") == "awq":
+        return awq_weights(state, config["quantization_config"])
     quant = QuantizationConfig.model_validate(config["quantization_config"])
     ignore = set(quant.ignore or [])
     schemes = list(quant.config_groups.values())
