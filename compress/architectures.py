@@ -28,10 +28,12 @@ class Family:
     prune: bool = True  # Taylor structured pruning of heads and MLP channels
     quantize: bool = True  # weight quantization of every decoder Linear (RTN, GPTQ, AWQ where it can fold, FP8, QAT)
     why_not: str = ""  # what is missing where a step is not supported
+    experts_field: str = ""  # MoE: the config fields of the expert count and each expert's width
+    expert_width_field: str = ""
 
 
 _MOE = ("its experts are fused 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) in transformers 5, "
-        "not Linear modules: expert pruning and per-expert calibration are not built yet")
+        "not Linear modules: per-expert calibration is not built yet")
 _FUSED = "its fused qkv_proj and gate_up_proj need row-range surgery, not built yet"
 
 FAMILIES: dict[str, Family] = {
@@ -43,9 +45,13 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down"),
     "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True),
     "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down", prune=False, why_not=_FUSED),
-    "mixtral": Family("Mixtral", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
-    "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
-    "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", prune=False, quantize=False, why_not=_MOE),
+    "mixtral": Family("Mixtral", "q/k/v/o", "experts", quantize=False, why_not=_MOE,
+                      experts_field="num_local_experts", expert_width_field="intermediate_size"),
+    # the shared expert (a dense MLP beside the routed ones) is left as it is
+    "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", quantize=False, why_not=_MOE,
+                        experts_field="num_experts", expert_width_field="moe_intermediate_size"),
+    "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", head_norms=True, quantize=False, why_not=_MOE,
+                        experts_field="num_experts", expert_width_field="moe_intermediate_size"),
 }
 
 

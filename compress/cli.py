@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from compress.config.sources import ARCHITECTURES
 from compress.errors import CompressError, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -208,7 +209,7 @@ def data_fetch(
 @app.command()
 def estimate(
     source: str = typer.Argument(..., help="hub id, registry name, folder, .gguf file, or a named architecture "
-                                           "(llama2-7b, llama2-13b, llama3.1-8b, smollm2-135m)"),
+                                           "(" + ", ".join(ARCHITECTURES) + ")"),
     context: int = typer.Option(2048, "--context", min=1, help="tokens per sequence at inference"),
     batch: int = typer.Option(1, "--batch", min=1, help="sequences decoded together"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="precision of what is not quantized, and of training"),

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from compress.architectures import check_step, family
 from compress.errors import CompressError
 from compress.config.prune import TaylorPrune
 from compress.config.sources import ARCHITECTURES, RandomInit
@@ -23,9 +24,9 @@ from compress.models import architecture_config, random_init_config, resolve_sou
 from compress.prune.structure import (
     build_layers_at_recorded_widths,
     layer_widths,
+    planned_experts,
     planned_widths,
-    shrink_attention,
-    shrink_mlp,
+    shrink_layer_to,
 )
 from compress.modules import decoder_layers, quantizable_linears
 
@@ -88,30 +89,57 @@ def source_config(source: str | RandomInit):
 def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
     """Build the model a transformers config describes on the meta device (no memory), prune its shapes as
     `prune` would, and count."""
+    known = family(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         build_layers_at_recorded_widths(model)  # a pruned model's per-layer widths (no-op for stock configs)
     layers = decoder_layers(model)
     if prune is not None:
+        check_step(model, "prune")
         start, end = prune.layers or (0, len(layers))
         for index in range(start, end):
             layer = layers[index]
             widths = planned_widths(layer_widths(layer), prune.ratio, prune.heads, prune.targets, prune.multiple,
                                     layer.self_attn.head_dim, f"decoder layer {index}")
-            shrink_attention(layer.self_attn, torch.arange(widths.num_attention_heads),
-                             torch.arange(widths.num_key_value_heads))
-            shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
-    linears = [module for _, module in quantizable_linears(model)]
+            if widths.num_experts and prune.experts:
+                widths = planned_experts(widths, prune.experts, config.num_experts_per_tok, f"decoder layer {index}")
+            shrink_layer_to(layer, widths)
+    linears = [module for name, module in quantizable_linears(model) if not _is_router(name)]
+    experts = [p for name, p in model.named_parameters() if ".experts." in name and p.dim() == 3]
     count = len(layers)
     return Shapes(
         params=sum(p.numel() for p in model.parameters()),
-        quantizable=sum(m.weight.numel() for m in linears),
+        # MoE experts count as quantizable: what a 4-bit MoE would weigh (compress does not quantize them yet)
+        quantizable=sum(m.weight.numel() for m in linears) + sum(p.numel() for p in experts),
         lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
         layers=count, hidden=config.hidden_size,
-        intermediate=sum(layer.mlp.down_proj.in_features for layer in layers) // count,
-        kv_width=sum(layer.self_attn.k_proj.out_features for layer in layers) // count,
+        intermediate=sum(_active_mlp_width(layer, config, known) for layer in layers) // count,
+        kv_width=sum(_kv_width(layer.self_attn, config) for layer in layers) // count,
         vocab=model.get_output_embeddings().out_features,
     )
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith((".mlp.gate", ".block_sparse_moe.gate", ".shared_expert_gate"))
+
+
+def _kv_width(attn, config) -> int:
+    """KV heads x head_dim of one layer (Phi-3's fused qkv_proj: from the config)."""
+    if hasattr(attn, "k_proj"):
+        return attn.k_proj.out_features
+    return config.num_key_value_heads * (getattr(config, "head_dim", None)
+                                         or config.hidden_size // config.num_attention_heads)
+
+
+def _active_mlp_width(layer, config, known) -> int:
+    """The MLP width a token passes through: the dense MLP's, or (MoE) the experts it is routed to plus any shared
+    expert."""
+    mlp = layer.mlp
+    if known.mlp != "experts":
+        return mlp.down_proj.in_features
+    width = config.num_experts_per_tok * mlp.experts.down_proj.shape[-1]
+    shared = getattr(mlp, "shared_expert", None)
+    return width + (shared.down_proj.in_features if shared is not None else 0)
 
 
 def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int) -> int:
@@ -186,7 +214,10 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
     for precision in PRECISIONS:
         result["precisions"][precision] = {"disk": disk_bytes(base, precision, dtype_bytes, config.group_size),
                                            "inference": inference_bytes(base, precision, config)}
-    for ratio in config.ratios:
+    known = family(model_config)
+    if config.ratios and not known.prune:  # the table would describe models compress cannot make
+        result["pruned_note"] = f"no pruning rows: {known.name}: {known.why_not}"
+    for ratio in config.ratios if known.prune else ():
         pruned = shapes(model_config, TaylorPrune(ratio=ratio))
         result["pruned"][str(ratio)] = {
             "params": pruned.params,
@@ -212,7 +243,7 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
 
     lines = [f"# Estimate: {result['source']}", "",
              f"{result['params'] / 1e6:,.0f} M parameters, {result['quantizable_params'] / 1e6:,.0f} M of them in the "
-             f"decoder's Linear layers (what quantization shrinks); what is not quantized stays {config['dtype']}; int "
+             f"decoder's Linear layers and experts (what quantization shrinks); what is not quantized stays {config['dtype']}; int "
              f"formats have one scale per {config['group_size']} weights."
              + (f" ✓ / ✗: fits in {budget_gib:g} GiB or not." if budget_gib else ""), "",
              f"## Inference: {config['context']:,} tokens x batch {config['batch']}", "",
@@ -229,6 +260,8 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
             cells = [f"{v['inference'] / 2**30:.1f}{mark(v['inference'])} / {v['disk'] / 2**30:.1f}"
                      for v in row["precisions"].values()]
             lines.append(f"| {float(ratio):.0%} | {row['params'] / 1e6:,.0f} M | " + " | ".join(cells) + " |")
+    if result.get("pruned_note"):
+        lines += ["", result["pruned_note"] + "."]
     lines += ["", f"## Training: one step of {config['train_batch']} x {config['train_seq_len']} tokens, "
                   f"{config['dtype']}, no gradient checkpointing", "",
               "| step | weights | gradients | optimizer | activations + logits | total |",

@@ -79,6 +79,12 @@ def test_uniform_pruning_loads_in_stock_transformers_without_compress(tmp_path, 
     model = tiny(kind)
     prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
     assert layer_widths(model.model.layers[0]) == LayerWidths(2, 2, 64)
+    _assert_stock_transformers_reproduces(model, tmp_path)
+
+
+def _assert_stock_transformers_reproduces(model, tmp_path):
+    """Saved with save_pretrained, the model loads in a process where compress cannot be imported, with the same
+    logits."""
     model.save_pretrained(tmp_path)
     torch.save(IDS, tmp_path / "ids.pt")
     script = ("import sys, torch\n"
@@ -113,15 +119,99 @@ def test_prune_recover_quantize_and_reload(tmp_path, tiny_model_dir, kind):
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe"])
-def test_moe_models_stop_before_any_work_and_say_why(kind):
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
+
+
+def _moe_blocks(model):
+    return [layer.mlp for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_expert_pruning_keeps_routing_valid_and_loads_in_stock_transformers(tmp_path, kind):
+    model = tiny(kind)
+    width = model.model.layers[0].mlp.experts.down_proj.shape[-1] // 2  # ratio 0.5 of each expert's channels
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1] = 0  # expert 1 of layer 0 contributes nothing: REAP 0
+    prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True, experts=0.5), IDS, show_progress=False)
+    known = family(model)
+    for block in _moe_blocks(model):
+        assert block.gate.weight.shape[0] == block.experts.gate_up_proj.shape[0] == 2  # router size == experts
+        assert block.experts.gate_up_proj.shape[1] == 2 * width and block.experts.down_proj.shape[-1] == width
+    assert getattr(model.config, known.experts_field) == 2
+    assert getattr(model.config, known.expert_width_field) == width
+    assert model.config.num_attention_heads == 2
+    _assert_stock_transformers_reproduces(model, tmp_path)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_the_least_salient_expert_goes_first(kind):
+    from compress.prune.experts import expert_saliency
+
+    model = tiny(kind)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[2] = 0
+    saliency = expert_saliency(model, _moe_blocks(model), IDS, show_progress=False)
+    assert saliency[0][2] == 0 and (saliency[0][[0, 1, 3]] > 0).all()
+    kept = []
+    original = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    prune(model, TaylorPrune(importance="l2", ratio=0.01, targets=("attention",), multiple=16, uniform=True,
+                             experts=0.25), IDS, show_progress=False)
+    for expert in model.model.layers[0].mlp.experts.down_proj:
+        kept += [next(e for e in range(4) if torch.equal(original[e], expert))]
+    assert kept == [0, 1, 3]  # expert 2 removed, the others in their order
+
+
+@pytest.mark.parametrize("kind", MOE[:2])
+def test_reap_saliency_equals_a_token_by_token_computation(kind):
+    """S_j = mean over the tokens routed to j of g_j(x)·‖f_j(x)‖, computed here one token at a time."""
+    from compress.prune.experts import expert_saliency
+
+    model = tiny(kind)
+    block = model.model.layers[1].mlp
+    inputs = {}
+    handle = block.register_forward_pre_hook(lambda module, args: inputs.setdefault("x", []).append(args[0]))
+    got = expert_saliency(model, [block], IDS, show_progress=False)[0]
+    handle.remove()
+    totals, counts = torch.zeros(4), torch.zeros(4)
+    with torch.no_grad():
+        for hidden in inputs["x"]:
+            for x in hidden.reshape(-1, hidden.shape[-1]):
+                _, weights, experts = block.gate(x[None])
+                for weight, expert in zip(weights[0].tolist(), experts[0].tolist()):
+                    w_gate, w_up = block.experts.gate_up_proj[expert].chunk(2, dim=0)
+                    out = block.experts.down_proj[expert] @ (block.experts.act_fn(w_gate @ x) * (w_up @ x))
+                    totals[expert] += weight * out.norm()
+                    counts[expert] += 1
+    torch.testing.assert_close(got, totals / counts.clamp(min=1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_expert_channel_surgery_keeps_the_function_of_what_it_keeps(kind):
+    from compress.prune.structure import shrink_experts
+
+    model = tiny(kind)
+    block = model.model.layers[1].mlp
+    with torch.no_grad():
+        block.experts.down_proj[:, :, 1::2] = 0  # the odd channels of every expert are silent
+    before = logits(model)
+    width = block.experts.down_proj.shape[-1]
+    shrink_experts(block, torch.arange(4), torch.arange(0, width, 2).expand(4, -1))
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_moe_models_refuse_quantization_and_non_uniform_pruning_before_any_work(kind):
     model = tiny(kind)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CompressError, match=rf"prune supports the families llama, .*'{kind}'.*fused 3-D parameters"):
+    with pytest.raises(CompressError, match="prune it with uniform: true"):
         prune(model, TaylorPrune(importance="l2", multiple=16), show_progress=False)
+    with pytest.raises(CompressError, match="keeps 1 of 4 experts .*fewer than the 2"):
+        prune(model, TaylorPrune(importance="l2", multiple=16, uniform=True, experts=0.75), IDS, show_progress=False)
     with pytest.raises(CompressError, match=rf"quantize supports the families .*phi3.*'{kind}'.*not Linear modules"):
         compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing was touched
+    with pytest.raises(CompressError, match="has none; remove `experts`"):
+        prune(tiny("qwen3"), TaylorPrune(importance="l2", multiple=16, uniform=True, experts=0.5), IDS)
 
 
 def test_phi3_pruning_and_unknown_families_are_clear_errors():

@@ -31,6 +31,8 @@ class TaylorPrune(Strict):
         "layer", description="layer: every pruned layer loses `ratio`; global: one ranking across the pruned layers")
     multiple: int = Field(64, ge=1, le=MAX_WIDTH, description="kept widths are rounded to multiples of this")
     uniform: bool = Field(False, description="prune every layer to the same widths: a stock transformers config")
+    experts: float = Field(0.0, ge=0, lt=1, description="MoE models: fraction of each layer's experts removed, the "
+                                                         "least salient by REAP on the calibration samples")
     calibration: CalibrationData = CalibrationData(samples=10, seq_len=128)
 
     @model_validator(mode="after")
@@ -47,5 +49,6 @@ class TaylorPrune(Strict):
 
     def describe(self) -> str:
         where = f"layers [{self.layers[0]}, {self.layers[1]})" if self.layers else "all layers"
-        return (f"prune {'/'.join(self.targets)} {self.ratio:.0%} by {self.importance} importance, {where}, "
+        experts = f", {self.experts:.0%} of the experts by REAP" if self.experts else ""
+        return (f"prune {'/'.join(self.targets)} {self.ratio:.0%} by {self.importance} importance{experts}, {where}, "
                 f"{self.scope} ranking, widths multiple of {self.multiple}")

@@ -54,6 +54,22 @@ ARCHITECTURES = {  # shapes only: `compress estimate` and random-weight dry runs
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
         rope_theta=500000.0, tie_word_embeddings=False)),
+    "qwen3-8b": Architecture("Qwen/Qwen3-8B", "apache-2.0", dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)),
+    "gemma3-1b": Architecture("google/gemma-3-1b-pt", "gemma", dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "phi3-mini": Architecture("microsoft/Phi-3-mini-4k-instruct", "mit", dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000)),
+    "mixtral-8x7b": Architecture("mistralai/Mixtral-8x7B-v0.1", "apache-2.0", dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False)),
     "smollm2-135m": Architecture("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", dict(
         model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,

@@ -23,13 +23,16 @@ from compress.prune.structure import (
     heads_mode,
     kv_group_scores,
     layer_widths,
+    planned_experts,
     planned_widths,
     record_widths,
     select_channels,
     select_heads,
     shrink_attention,
+    shrink_experts,
     shrink_mlp,
 )
+from compress.prune.experts import expert_saliency, select_experts
 
 
 def _layer_range(model: torch.nn.Module, config: TaylorPrune) -> range:
@@ -48,11 +51,21 @@ def check_prunable(model: torch.nn.Module, config: TaylorPrune) -> None:
     """Every check that needs only the model's shapes: run before any work (the pipeline does, right after load)."""
     check_supported(model)
     layers = decoder_layers(model)
+    moe = layer_widths(layers[0]).num_experts > 0
+    if config.experts and not moe:
+        raise CompressError(f"experts: {config.experts} prunes the experts of Mixture-of-Experts layers, and this "
+                            f"model has none; remove `experts`")
+    if moe and (not config.uniform or _layer_range(model, config) != range(len(layers))):
+        raise CompressError("an MoE model's config holds one expert count and width for all layers: prune it with "
+                            "uniform: true and no `layers` range")
     planned = {}
     for index in _layer_range(model, config):
         widths = layer_widths(layers[index])
         planned[index] = planned_widths(widths, config.ratio, config.heads, config.targets, config.multiple,
                                         layers[index].self_attn.head_dim, f"decoder layer {index}")
+        if moe and config.experts:
+            planned[index] = planned_experts(planned[index], config.experts, model.config.num_experts_per_tok,
+                                             f"decoder layer {index}")
     if config.uniform:  # every layer gets these widths: they become the stock config's fields
         check_stock_config(model, config, planned[0])
 
@@ -96,6 +109,13 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
     score = channel_scorer(config.importance, gradient, fisher)
     scores = [layer_group_scores(layer, score, config.targets) for layer in layers]
     del gradient, fisher, score
+    if config.experts:  # MoE: whole experts by REAP saliency (a forward pass; uniform and all layers, checked above)
+        if calibration is None:
+            raise CompressError("experts: pruning ranks experts by REAP on calibration token ids [samples, seq_len]: "
+                                "compress.data.calibration_batches(tokenizer, 'wikitext2-valid', 10, 128)")
+        saliency = expert_saliency(model, [layer.mlp for layer in layers], calibration, show_progress)
+        for layer_scores, layer_saliency in zip(scores, saliency):
+            layer_scores["experts"] = layer_saliency
 
     # 2. how much each layer loses: `ratio` everywhere, or its share of one global ranking
     if config.scope == "global":
@@ -114,7 +134,19 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
                 query, kv = select_heads(layer_scores["query"], layer_scores["kv"], target,
                                          heads_mode(widths, config.heads))
                 shrink_attention(layer.self_attn, query, kv)
-            if "mlp" in config.targets:
+            if widths.num_experts:  # every expert keeps its own best channels, the best experts are kept
+                target = planned_widths(widths, layer_ratios.get("mlp", 0.0), config.heads,
+                                        ("mlp",) if "mlp" in config.targets else (), config.multiple, dim,
+                                        "a decoder layer")
+                kept = torch.arange(widths.num_experts)
+                if config.experts:
+                    count = planned_experts(target, config.experts, model.config.num_experts_per_tok,
+                                            "a decoder layer").num_experts
+                    kept = select_experts(layer_scores["experts"], count)
+                channel_scores = layer_scores.get("mlp", torch.zeros(widths.num_experts, widths.intermediate_size))
+                channels = torch.stack([select_channels(channel_scores[e], target) for e in kept.tolist()])
+                shrink_experts(layer.mlp, kept, channels)
+            elif "mlp" in config.targets:
                 target = planned_widths(widths, layer_ratios["mlp"], config.heads, ("mlp",), config.multiple, dim,
                                         "a decoder layer", keep_one=config.scope == "global")
                 shrink_mlp(layer.mlp, select_channels(layer_scores["mlp"], target))

@@ -20,11 +20,13 @@ from rich.progress import track
 
 from compress import distributed
 from compress.errors import CompressError
+from compress.prune.structure import is_moe
 
 
-# channel_score(linear, dim): one score per channel of `linear`, channels along weight dimension `dim`
-# (0: output rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads)
-ChannelScore = Callable[[torch.nn.Linear, int], torch.Tensor]
+# channel_score(linear or weight, keep): one score per channel, channels along weight dimension(s) `keep` (0: output
+# rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads; (0, 1) of an MoE block's [experts, 2I, H] gate_up_proj:
+# per expert and row), every other dimension summed
+ChannelScore = Callable[[torch.nn.Module | torch.Tensor, int | tuple[int, ...]], torch.Tensor]
 
 
 def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter], input_ids: torch.Tensor,
@@ -77,21 +79,23 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
 def channel_scorer(kind: str, gradient: dict, fisher: dict) -> ChannelScore:
     """The per-channel score function for an importance kind, given gradient_statistics' outputs."""
 
-    def score(linear: torch.nn.Linear, dim: int) -> torch.Tensor:
-        other = 1 - dim
-        w = linear.weight.detach().float()
+    def score(linear_or_weight, keep) -> torch.Tensor:
+        weight = getattr(linear_or_weight, "weight", linear_or_weight)
+        keep = (keep,) if isinstance(keep, int) else tuple(keep)
+        w = weight.detach().float()
+        other = tuple(d for d in range(w.dim()) if d not in keep)
         if kind == "random":
-            return torch.rand(w.shape[dim], device=w.device)
+            return torch.rand([w.shape[d] for d in keep], device=w.device)
         if kind == "l1":
             return w.abs().sum(other)
         if kind == "l2":
             return w.square().sum(other)
-        g = gradient[linear.weight]
+        g = gradient[weight]
         if kind == "vector":
             return (w * g).sum(other).abs()
         if kind == "element1":
             return (w * g).abs().sum(other)
-        second = 0.5 * w.square() * fisher[linear.weight]
+        second = 0.5 * w.square() * fisher[weight]
         if kind == "element2":
             return second.abs().sum(other)
         return (second - w * g).abs().sum(other)  # mix
@@ -108,7 +112,11 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
     if "attention" in targets:
         scores["query"] = (score(attn.q_proj, 0) + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
         scores["kv"] = (score(attn.k_proj, 0) + score(attn.v_proj, 0)).view(-1, attn.head_dim).sum(1).cpu()
-    if "mlp" in targets:
+    if "mlp" in targets and is_moe(mlp):  # [experts, channels]: each expert's gate and up rows, down columns
+        width = mlp.experts.down_proj.shape[-1]
+        gate_up = score(mlp.experts.gate_up_proj, (0, 1))
+        scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
+    elif "mlp" in targets:
         scores["mlp"] = (score(mlp.gate_proj, 0) + score(mlp.up_proj, 0) + score(mlp.down_proj, 1)).cpu()
     return scores
 
@@ -119,7 +127,9 @@ def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.
     for layer in layers:
         if "attention" in targets:
             weights += [getattr(layer.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if "mlp" in targets:
+        if "mlp" in targets and is_moe(layer.mlp):
+            weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
+        elif "mlp" in targets:
             weights += [getattr(layer.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")]
     return weights
 

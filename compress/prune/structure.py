@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compress.architectures import check_step
+from compress.architectures import check_step, family
 from compress.errors import CompressError
 from compress.modules import decoder_layers
 
@@ -32,19 +32,36 @@ LAYER_WIDTHS_KEY = "compress_layer_widths"
 class LayerWidths:
     num_attention_heads: int
     num_key_value_heads: int
-    intermediate_size: int
+    intermediate_size: int  # the MLP's channels; in an MoE layer, each expert's
+    num_experts: int = 0  # MoE layers only
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    """The family must be one pruning handles (compress.architectures), with the Llama layer layout in every layer."""
-    check_step(model, "prune")
+    """The family must be one pruning handles (compress.architectures), with its layer layout in every layer: the
+    Llama layout, or for MoE families Llama attention and an MLP of a router (`gate`) and fused `experts`."""
+    known = check_step(model, "prune")
     for index, layer in enumerate(decoder_layers(model)):
-        for owner, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-            block = getattr(layer, owner, None)
-            if block is None or not all(isinstance(getattr(block, n, None), torch.nn.Linear) for n in names):
-                raise CompressError(f"decoder layer {index} lacks {owner}.{{{', '.join(names)}}} as Linear modules; "
-                                    f"pruning needs the Llama layer layout")
+        attn = getattr(layer, "self_attn", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or not all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in names):
+            raise CompressError(f"decoder layer {index} lacks self_attn.{{{', '.join(names)}}} as Linear modules; "
+                                f"pruning needs the Llama attention layout")
+        if known.mlp == "experts":
+            if not is_moe(layer.mlp):
+                raise CompressError(f"decoder layer {index} of this {known.name} model has no mlp.gate (router) and "
+                                    f"mlp.experts (gate_up_proj, down_proj): pruning needs transformers 5's MoE layout")
+            continue
+        mlp = getattr(layer, "mlp", None)
+        names = ("gate_proj", "up_proj", "down_proj")
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in names):
+            raise CompressError(f"decoder layer {index} lacks mlp.{{{', '.join(names)}}} as Linear modules; "
+                                f"pruning needs the Llama layer layout")
+
+
+def is_moe(mlp: torch.nn.Module) -> bool:
+    experts = getattr(mlp, "experts", None)
+    return (hasattr(getattr(mlp, "gate", None), "weight") and experts is not None
+            and getattr(experts, "gate_up_proj", None) is not None and getattr(experts, "down_proj", None) is not None)
 
 
 def head_dim(model: torch.nn.Module) -> int:
@@ -53,8 +70,11 @@ def head_dim(model: torch.nn.Module) -> int:
 
 def layer_widths(layer: torch.nn.Module) -> LayerWidths:
     attn = layer.self_attn
-    return LayerWidths(attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
-                       layer.mlp.gate_proj.out_features)
+    heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    if is_moe(layer.mlp):
+        experts = layer.mlp.experts
+        return LayerWidths(*heads, experts.down_proj.shape[-1], experts.down_proj.shape[0])
+    return LayerWidths(*heads, layer.mlp.gate_proj.out_features)
 
 
 # ---------------------------------------------------------------- how many to keep
@@ -108,7 +128,17 @@ def planned_widths(widths: LayerWidths, ratio: float, heads: str, targets, multi
         if inter == 0:
             raise CompressError(f"ratio {ratio} leaves no MLP channel in {where} ({widths.intermediate_size} "
                                 f"channels rounded to multiples of {multiple}); lower the ratio or the multiple")
-    return LayerWidths(q, kv, inter)
+    return LayerWidths(q, kv, inter, widths.num_experts)
+
+
+def planned_experts(widths: LayerWidths, ratio: float, top_k: int, where: str) -> LayerWidths:
+    """The widths after removing `ratio` of an MoE layer's experts; the router must still find top_k of them."""
+    keep = widths.num_experts - round(widths.num_experts * ratio)
+    if keep < top_k:
+        raise CompressError(f"experts: {ratio} keeps {keep} of {widths.num_experts} experts in {where}, fewer than "
+                            f"the {top_k} each token is routed to; lower experts to at most "
+                            f"{(widths.num_experts - top_k) / widths.num_experts:.2f}")
+    return LayerWidths(widths.num_attention_heads, widths.num_key_value_heads, widths.intermediate_size, keep)
 
 
 def stock_config_problem(config, widths: LayerWidths, dim: int) -> str | None:
@@ -117,10 +147,7 @@ def stock_config_problem(config, widths: LayerWidths, dim: int) -> str | None:
     hidden_size % num_attention_heads == 0 even with an explicit head_dim; Mistral and Qwen2 check nothing of the
     kind), so the rule is always the installed transformers' rule."""
     candidate = copy.deepcopy(config)
-    candidate.num_attention_heads = widths.num_attention_heads
-    candidate.num_key_value_heads = widths.num_key_value_heads
-    candidate.intermediate_size = widths.intermediate_size
-    candidate.head_dim = dim
+    _write_widths(candidate, widths, dim)
     validate = getattr(candidate, "validate", None)
     if validate is None:  # transformers before config validation: every config is accepted
         return None
@@ -231,6 +258,40 @@ def shrink_mlp(mlp: torch.nn.Module, channels: torch.Tensor) -> None:
         mlp.intermediate_size = channels.numel()
 
 
+def shrink_experts(mlp: torch.nn.Module, experts: torch.Tensor, channels: torch.Tensor) -> None:
+    """Keep the given experts of an MoE block (router rows with them) and, in each kept expert, its own channels:
+    channels [kept experts, kept channels], indices into that expert's intermediate width."""
+    block, router = mlp.experts, mlp.gate
+    device = block.gate_up_proj.device
+    experts, channels = experts.to(device), channels.to(device)
+    width = block.down_proj.shape[-1]
+    gate_up = block.gate_up_proj.data[experts]  # [kept, 2I, H]: gate rows then up rows
+    rows = torch.cat([channels, channels + width], 1)  # each expert's gate and up rows of its kept channels
+    gate_up = gate_up.gather(1, rows[:, :, None].expand(-1, -1, gate_up.shape[-1]))
+    down = block.down_proj.data[experts]  # [kept, H, I]
+    down = down.gather(2, channels[:, None, :].expand(-1, down.shape[1], -1))
+    block.gate_up_proj = torch.nn.Parameter(gate_up.contiguous(), block.gate_up_proj.requires_grad)
+    block.down_proj = torch.nn.Parameter(down.contiguous(), block.down_proj.requires_grad)
+    router.weight = torch.nn.Parameter(router.weight.data[experts].contiguous(), router.weight.requires_grad)
+    if getattr(router, "bias", None) is not None:  # e.g. expert score-correction biases
+        router.bias = torch.nn.Parameter(router.bias.data[experts].contiguous(), router.bias.requires_grad)
+    for module, name in ((block, "num_experts"), (router, "num_experts")):
+        if hasattr(module, name):
+            setattr(module, name, experts.numel())
+    if hasattr(block, "intermediate_dim"):
+        block.intermediate_dim = channels.shape[1]
+
+
+def shrink_layer_to(layer: torch.nn.Module, widths: LayerWidths) -> None:
+    """Resize a layer to `widths` keeping the first heads, channels and experts (shapes only: meta-device models)."""
+    shrink_attention(layer.self_attn, torch.arange(widths.num_attention_heads), torch.arange(widths.num_key_value_heads))
+    if widths.num_experts:
+        shrink_experts(layer.mlp, torch.arange(widths.num_experts),
+                       torch.arange(widths.intermediate_size).expand(widths.num_experts, -1))
+    else:
+        shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -242,13 +303,13 @@ def record_widths(model: torch.nn.Module) -> None:
     widths = [layer_widths(layer) for layer in decoder_layers(model)]
     dim = head_dim(model)
     if len(set(widths)) == 1 and stock_config_problem(config, widths[0], dim) is None:
-        config.head_dim = dim  # no longer hidden_size // num_attention_heads
-        config.num_attention_heads = widths[0].num_attention_heads
-        config.num_key_value_heads = widths[0].num_key_value_heads
-        config.intermediate_size = widths[0].intermediate_size
+        _write_widths(config, widths[0], dim)  # head_dim: no longer hidden_size // num_attention_heads
         if hasattr(config, LAYER_WIDTHS_KEY):
             delattr(config, LAYER_WIDTHS_KEY)
         return
+    if widths[0].num_experts:
+        raise CompressError("an MoE model's config holds one expert count and width for every layer, and these "
+                            "layers differ; prune MoE models with uniform: true")
     widest = LayerWidths(max(w.num_attention_heads for w in widths), max(w.num_key_value_heads for w in widths),
                          max(w.intermediate_size for w in widths))
     if stock_config_problem(config, widest, dim) is None:  # else keep the fields the model was built with
@@ -257,6 +318,19 @@ def record_widths(model: torch.nn.Module) -> None:
         config.intermediate_size = widest.intermediate_size
     config.head_dim = dim
     setattr(config, LAYER_WIDTHS_KEY, [asdict(w) for w in widths])
+
+
+def _write_widths(config, widths: LayerWidths, dim: int) -> None:
+    """A config's width fields at `widths` (MoE families name their expert fields in compress.architectures)."""
+    config.num_attention_heads = widths.num_attention_heads
+    config.num_key_value_heads = widths.num_key_value_heads
+    config.head_dim = dim
+    if widths.num_experts:
+        known = family(config)
+        setattr(config, known.experts_field, widths.num_experts)
+        setattr(config, known.expert_width_field, widths.intermediate_size)
+    else:
+        config.intermediate_size = widths.intermediate_size
 
 
 def build_layers_at_recorded_widths(model: torch.nn.Module) -> None:
@@ -269,7 +343,4 @@ def build_layers_at_recorded_widths(model: torch.nn.Module) -> None:
     if len(recorded) != len(layers):
         raise CompressError(f"config lists widths for {len(recorded)} layers but the model has {len(layers)}")
     for layer, widths in zip(layers, recorded):
-        widths = LayerWidths(**widths)
-        shrink_attention(layer.self_attn, torch.arange(widths.num_attention_heads),
-                         torch.arange(widths.num_key_value_heads))
-        shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
+        shrink_layer_to(layer, LayerWidths(**widths))
