@@ -4,7 +4,7 @@ Each family names the coupled groups the algorithms work on: the attention proje
 fused `qkv_proj`), per-head q/k norms (Qwen3, Gemma 3: an RMSNorm over head_dim, shared by every head, so removing a
 head leaves them as they are), the MLP (gate/up/down, or a fused `gate_up_proj`), and Mixture-of-Experts blocks (a
 router and, in transformers 5, the experts as fused 3-D parameters — `gate_up_proj` [E, 2I, H], `down_proj`
-[E, H, I] — that no `nn.Linear` hook sees). Whatever else a family has that depends on neither head nor channel
+[E, H, I] — that no `nn.Linear` hook sees; quantization turns them into per-expert Linears: compress.moe). Whatever else a family has that depends on neither head nor channel
 counts (Gemma's pre/post feed-forward norms over the hidden size, scaled embeddings, logit soft-capping,
 sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms.
 
@@ -30,10 +30,11 @@ class Family:
     why_not: str = ""  # what is missing where a step is not supported
     experts_field: str = ""  # MoE: the config fields of the expert count and each expert's width
     expert_width_field: str = ""
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert Linears (checkpoints)
+    # (in checkpoint files, in transformers 5 modules): transformers renames on load and back on save
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
-_MOE = ("its experts are fused 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) in transformers 5, "
-        "not Linear modules: per-expert calibration is not built yet")
 _FUSED = "its fused qkv_proj and gate_up_proj need row-range surgery, not built yet"
 
 FAMILIES: dict[str, Family] = {
@@ -45,17 +46,21 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down"),
     "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True),
     "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down", prune=False, why_not=_FUSED),
-    "mixtral": Family("Mixtral", "q/k/v/o", "experts", quantize=False, why_not=_MOE,
-                      experts_field="num_local_experts", expert_width_field="intermediate_size"),
-    # the shared expert (a dense MLP beside the routed ones) is left as it is
-    "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", quantize=False, why_not=_MOE,
-                        experts_field="num_experts", expert_width_field="moe_intermediate_size"),
-    "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", head_norms=True, quantize=False, why_not=_MOE,
-                        experts_field="num_experts", expert_width_field="moe_intermediate_size"),
+    "mixtral": Family("Mixtral", "q/k/v/o", "experts", experts_field="num_local_experts",
+                      expert_width_field="intermediate_size", expert_names=("w1", "w3", "w2"),
+                      checkpoint_renames=((".block_sparse_moe.", ".mlp."),)),
+    # pruning leaves the shared expert (a dense MLP beside the routed ones) as it is
+    "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", experts_field="num_experts",
+                        expert_width_field="moe_intermediate_size"),
+    "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", head_norms=True, experts_field="num_experts",
+                        expert_width_field="moe_intermediate_size"),
 }
 
 
 def model_type(model_or_config) -> str:
+    """config.model_type of a model, a config, or a config.json read as a dict."""
+    if isinstance(model_or_config, dict):
+        return model_or_config.get("model_type", "")
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "model_type", None) or type(model_or_config).__name__
 
@@ -81,6 +86,22 @@ def check_step(model: torch.nn.Module, step: str) -> Family:
         raise CompressError(f"{step} supports the families {', '.join(supported_for(step))}; "
                             f"'{model_type(model)}' ({known.name}) is not supported yet: {known.why_not}")
     return known
+
+
+def checkpoint_name(model_or_config, name: str) -> str:
+    """A module name as the family's checkpoint files spell it (transformers' save renames it so)."""
+    known = FAMILIES.get(model_type(model_or_config))
+    for in_files, in_modules in known.checkpoint_renames if known else ():
+        name = name.replace(in_modules, in_files)
+    return name
+
+
+def module_name(model_or_config, name: str) -> str:
+    """A checkpoint file's key as transformers 5's modules spell it."""
+    known = FAMILIES.get(model_type(model_or_config))
+    for in_files, in_modules in known.checkpoint_renames if known else ():
+        name = name.replace(in_files, in_modules)
+    return name
 
 
 def check_quantizable(model: torch.nn.Module, config=None) -> None:

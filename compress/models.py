@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from compress.config.data import cache_root
 from compress.config.sources import (
@@ -26,6 +32,8 @@ from compress.config.sources import (
 )
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, grids_to_weights
+from compress.architectures import module_name
+from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
 
@@ -161,6 +169,9 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
     if hasattr(model_config, "quantization_config"):
         del model_config.quantization_config
     model = build_architecture(model_config, dtype)
+    dense = {module_name(config, key): value for key, value in dense.items()}  # e.g. Mixtral's block_sparse_moe
+    if has_unfused_experts(dense):  # an MoE checkpoint in per-expert files (compress.moe)
+        unfuse_experts(model)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CompressError(f"{folder}: weights do not match the architecture (missing {missing[:3]}, "
@@ -170,6 +181,8 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    if not grids:
+        fuse_experts(model)  # a float MoE: transformers 5's own fused experts (what pruning works on)
     modules = dict(model.named_modules())
     for name, grid in grids.items():  # the model is known as quantized, on exactly the saved grid
         setattr(modules[name], QUANT_ATTR, grid)

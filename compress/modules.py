@@ -22,7 +22,8 @@ QUANT_ATTR = "weight_quant"
 PACKED_ATTR = "packed_kernel"  # on every module of the packed runtime (compress.quantize.packed): its kernel
 # The output head stays in full precision: it is tied to the embedding in most small models, and quantizing it
 # costs far more quality per byte saved than any decoder Linear.
-DEFAULT_IGNORE = ("lm_head",)
+# MoE routers stay float too (a Linear named gate or shared_expert_gate in some families; compress.moe).
+DEFAULT_IGNORE = ("lm_head", "gate", "shared_expert_gate")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

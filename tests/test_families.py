@@ -5,6 +5,7 @@ soft-capping, fused projections, experts); only mechanics matter here."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,11 @@ def _assert_stock_transformers_reproduces(model, tmp_path):
     """Saved with save_pretrained, the model loads in a process where compress cannot be imported, with the same
     logits."""
     model.save_pretrained(tmp_path)
+    _assert_stock_transformers_loads(tmp_path, logits(model))
+
+
+def _assert_stock_transformers_loads(tmp_path, expected):
+    """The folder loads in a process where compress cannot be imported, and computes `expected` on IDS."""
     torch.save(IDS, tmp_path / "ids.pt")
     script = ("import sys, torch\n"
               "sys.modules['compress'] = None  # any import of compress now fails\n"
@@ -97,7 +103,7 @@ def _assert_stock_transformers_reproduces(model, tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stock.pt")], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), logits(model), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", [*DENSE, "phi3"])
@@ -200,15 +206,15 @@ def test_expert_channel_surgery_keeps_the_function_of_what_it_keeps(kind):
 
 
 @pytest.mark.parametrize("kind", MOE)
-def test_moe_models_refuse_quantization_and_non_uniform_pruning_before_any_work(kind):
+def test_moe_models_refuse_awq_and_non_uniform_pruning_before_any_work(kind):
     model = tiny(kind)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CompressError, match="prune it with uniform: true"):
         prune(model, TaylorPrune(importance="l2", multiple=16), show_progress=False)
     with pytest.raises(CompressError, match="keeps 1 of 4 experts .*fewer than the 2"):
         prune(model, TaylorPrune(importance="l2", multiple=16, uniform=True, experts=0.75), IDS, show_progress=False)
-    with pytest.raises(CompressError, match=rf"quantize supports the families .*phi3.*'{kind}'.*not Linear modules"):
-        compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False)
+    with pytest.raises(CompressError, match="norm feeds the router and every expert; AWQ for .* use method: gptq"):
+        compress.quantize(model, compress.AWQ(bits=4, group_size=16), IDS, show_progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # nothing was touched
     with pytest.raises(CompressError, match="has none; remove `experts`"):
         prune(tiny("qwen3"), TaylorPrune(importance="l2", multiple=16, uniform=True, experts=0.5), IDS)
@@ -222,3 +228,50 @@ def test_phi3_pruning_and_unknown_families_are_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(CompressError, match=f"knows the model families {', '.join(FAMILIES)}.*'gpt2'"):
         compress.quantize(gpt2, compress.RTN(bits=4, group_size=16), show_progress=False)
+
+
+def _count_quantized(model):
+    from compress.modules import quantized_linears
+
+    return sum(1 for _ in quantized_linears(model))
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_experts_as_linears_compute_what_the_fused_block_computes(kind):
+    from compress.moe import calibrating_all_experts, unfuse_experts
+
+    model = tiny(kind)
+    before = logits(model)
+    assert unfuse_experts(model) == 2
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+    with calibrating_all_experts(model):  # every token through every expert, mixed with weight 0 where not routed
+        torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_moe_gptq_quantizes_every_expert_keeps_routers_float_and_reloads(tmp_path, tiny_model_dir, kind):
+    """GPTQ on per-expert Linears, each calibrated on every token; saved in the family's per-expert layout, which
+    compress.load and stock transformers both read back."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny(kind)
+    before = logits(model)
+    compress.quantize(model, compress.GPTQ(bits=4, group_size=16), IDS, show_progress=False)
+    shared = 3 if kind == "qwen2_moe" else 0  # Qwen2-MoE's shared expert is a dense MLP: quantized too
+    assert _count_quantized(model) == 2 * (4 + 4 * 3 + shared)  # 2 layers: attention + 4 experts x 3 (+ shared)
+    after = logits(model)
+    assert (after - before).abs().mean() < 0.1 * before.abs().mean()  # a 4-bit model, not a broken one
+    compress.save_model(model, tokenizer, tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"  # the family's own checkpoint spelling (vLLM reads it)
+    assert {f"model.layers.0.{block}.experts.3.{name}.weight_packed" for name in family(model).expert_names} <= keys
+    assert f"model.layers.0.{block}.gate.weight" in keys  # the router: float, as it was
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert r"re:.*\.gate$" in config["ignore"]  # vLLM builds routers as Linears: they must be named
+    loaded, _ = compress.load(tmp_path / "q")
+    assert _count_quantized(loaded) == _count_quantized(model)
+    torch.testing.assert_close(logits(loaded), after, atol=1e-4, rtol=1e-4)
+    _assert_stock_transformers_loads(tmp_path / "q", after)  # transformers (+ compressed-tensors) fuses them back

@@ -31,10 +31,16 @@ import torch
 from rich.progress import Progress
 
 from compress import distributed
+from compress.architectures import family
 from compress.config.quantize import AWQ, GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
-from compress.quantize.gptq import calibration_share, add_gram, quantize_gptq, resolve_run
+from compress.quantize.gptq import (
+    add_gram,
+    calibration_share,
+    quantize_gptq,
+    resolve_run,
+)
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -351,6 +357,10 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     """Scale (and clip) every decoder layer's Linears by AWQ on `calibration` token ids [samples, seq_len], then
     round them: round-to-nearest, or GPTQ on the scaled weights when `config.gptq` is set."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
+    if family(model).mlp == "experts":
+        raise CompressError(f"AWQ folds its scales into the norm before each group of Linears, and an MoE block's "
+                            f"norm feeds the router and every expert; AWQ for {family(model).name} is not built: "
+                            f"use method: gptq or rtn")
     check_group_size(model, config.group_size)
     args = quantization_args(config)
     device = next(model.parameters()).device

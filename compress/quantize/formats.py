@@ -17,8 +17,10 @@ from compressed_tensors.compressors.naive_quantized.base import FloatQuantizatio
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
+from compress.architectures import checkpoint_name, module_name
 from compress.errors import CompressError
 from compress.modules import WeightQuant, quantized_linears
+from compress.moe import moe_blocks
 from compress.quantize.grid import weight_args
 
 
@@ -29,15 +31,19 @@ def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], lis
     for name, _, quant in quantized_linears(model):
         key = quant.args.model_dump_json() + (quant.input_args.model_dump_json() if quant.input_args else "")
         by_args.setdefault(key, (quant, []))[1].append(name)
+    # MoE routers are Linear modules in vLLM (not in transformers 5): name them, or it would expect them quantized
+    routers = [r"re:.*\.gate$"] if moe_blocks(model) else []
     if len(by_args) == 1:
         ((quant, names),) = by_args.values()
         quantized = set(names)
-        ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+        ignore = [checkpoint_name(model, n) for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n not in quantized]
         scheme = QuantizationScheme(targets=["Linear"], weights=quant.args, input_activations=quant.input_args)
-        return {"group_0": scheme}, ignore
-    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=quant.args, input_activations=quant.input_args)
+        return {"group_0": scheme}, ignore + routers
+    groups = {f"group_{i}": QuantizationScheme(targets=[checkpoint_name(model, n) for n in names], weights=quant.args,
+                                               input_activations=quant.input_args)
               for i, (quant, names) in enumerate(by_args.values())}
-    return groups, []
+    return groups, routers
 
 
 def _compressor(args):
@@ -150,13 +156,16 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
     every quantized module (its scales and zero points as saved), so the loaded model is known as quantized."""
     from compress.quantize.foreign import awq_weights, gptq_weights
 
+    state = {module_name(config, key): value for key, value in state.items()}  # e.g. Mixtral's block_sparse_moe
     if is_gptq(config):
         return gptq_weights(state, config["quantization_config"])
     if config["quantization_config"].get("quant_method") == "awq":
         return awq_weights(state, config["quantization_config"])
     quant = QuantizationConfig.model_validate(config["quantization_config"])
-    ignore = set(quant.ignore or [])
+    ignore = {module_name(config, name) for name in quant.ignore or []}
     schemes = list(quant.config_groups.values())
+    for scheme in schemes:
+        scheme.targets = [module_name(config, name) for name in scheme.targets]
     modules = {k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")}
     dense = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in modules
              or not k.rsplit(".", 1)[-1].startswith("weight")}

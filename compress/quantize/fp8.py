@@ -17,7 +17,14 @@ from rich.progress import track
 
 from compress.config.quantize import FP8
 from compress.modules import require_float
-from compress.quantize.grid import QUANT_ATTR, WeightQuant, fake_quantize, minmax_qparams, quantizable_linears
+from compress.moe import unfuse_experts
+from compress.quantize.grid import (
+    QUANT_ATTR,
+    WeightQuant,
+    fake_quantize,
+    minmax_qparams,
+    quantizable_linears,
+)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -66,6 +73,7 @@ def quantize_fp8(model: torch.nn.Module, config: FP8, *, show_progress: bool = T
     """Round every decoder Linear's weight onto the e4m3 grid (per-channel scale) and, for W8A8, switch its
     forward to dynamic per-token FP8 activations."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
+    unfuse_experts(model)  # MoE: one Linear per expert projection (compress.moe)
     input_args = ACTIVATION_ARGS if config.activations == "dynamic" else None
     for _, linear in track(list(quantizable_linears(model)), description="FP8", disable=not show_progress,
                            transient=True):

@@ -27,6 +27,7 @@ from compress import distributed
 from compress.config.quantize import GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
+from compress.moe import calibrating_all_experts, unfuse_experts
 from compress.quantize import kernels
 from compress.quantize.grid import (
     QUANT_ATTR,
@@ -365,6 +366,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     the calibration forwards; `batch_tokens` (`resolve_run`) changes only how those forwards are chunked, so only the
     order of additions. `schedule` is the one setting that changes the algorithm."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
+    unfuse_experts(model)  # MoE: one Linear per expert projection, each calibrated on every token (compress.moe)
     check_group_size(model, config.group_size)
     args = quantization_args(config, "weight" if config.act_order else None)
     home = next(model.parameters()).device
@@ -377,7 +379,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     layerwise = LayerwiseCalibration(model, calibration, device, batch_tokens)
     layers = layerwise.layers
     kept = kept_float(model, config.ignore)
-    with Progress(disable=not show_progress, transient=True) as progress:
+    with Progress(disable=not show_progress, transient=True) as progress, calibrating_all_experts(model):
         task = progress.add_task("GPTQ", total=len(layers))
         for index, layer in enumerate(layers):
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")

@@ -28,7 +28,14 @@ from transformers import TrainerCallback
 from compress.config.quantize import QAT, RTN, WeightOnlyConfig
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, WeightQuant, is_quantized
-from compress.quantize.grid import check_group_size, fake_quantize, minmax_qparams, quantizable_linears, quantization_args
+from compress.moe import unfuse_experts
+from compress.quantize.grid import (
+    check_group_size,
+    fake_quantize,
+    minmax_qparams,
+    quantizable_linears,
+    quantization_args,
+)
 from compress.quantize.rtn import quantize_rtn
 
 
@@ -212,6 +219,7 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     if config.sharding != "replicate":
         raise CompressError(f"QAT with sharding: {config.sharding} is not built: the grid conversion when training "
                             f"ends needs whole weights on each process; use sharding: replicate")
+    unfuse_experts(model)  # MoE: one Linear per expert projection (compress.moe)
     callback = QATCallback(config)
     model.requires_grad_(True)  # every weight may train (e.g. a copy of a frozen teacher); prepare freezes codes
     callback.prepare(model)

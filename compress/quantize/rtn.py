@@ -8,6 +8,7 @@ from rich.progress import track
 
 from compress.config.quantize import RTN, WeightOnlyConfig
 from compress.modules import require_float
+from compress.moe import unfuse_experts
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -24,6 +25,7 @@ def quantize_rtn(model: torch.nn.Module, config: RTN | WeightOnlyConfig, *, show
                  ) -> torch.nn.Module:
     """Round every decoder Linear onto the grid in place; the grid is recorded on the module for saving."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
+    unfuse_experts(model)  # MoE: one Linear per expert projection (compress.moe)
     check_group_size(model, config.group_size)
     args = quantization_args(config)
     linears = list(quantizable_linears(model, keep_float=config.ignore))
