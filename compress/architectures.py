@@ -35,7 +35,6 @@ class Family:
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
-_FUSED = "its fused qkv_proj and gate_up_proj need row-range surgery, not built yet"
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama 2 / 3.x, SmolLM2", "q/k/v/o", "gate/up/down"),
@@ -45,7 +44,7 @@ FAMILIES: dict[str, Family] = {
     "gemma": Family("Gemma", "q/k/v/o", "gate/up/down"),
     "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down"),
     "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True),
-    "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down", prune=False, why_not=_FUSED),
+    "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down"),
     "mixtral": Family("Mixtral", "q/k/v/o", "experts", experts_field="num_local_experts",
                       expert_width_field="intermediate_size", expert_names=("w1", "w3", "w2"),
                       checkpoint_renames=((".block_sparse_moe.", ".mlp."),)),

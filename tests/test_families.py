@@ -1,6 +1,6 @@
-"""Model families beyond Llama (compress.architectures): Qwen3 and Gemma 3 prune, recover, quantize and reload like
-Llama; Phi-3's fused projections quantize; MoE models and unknown families stop before any work with the list of
-what is supported. Tiny random models whose configs have each family's features (q/k norms, sliding-window layers,
+"""Model families beyond Llama (compress.architectures): Qwen3, Gemma 3 and Phi-3 (fused projections) prune, recover,
+quantize and reload like Llama; MoE models (Mixtral, Qwen3-MoE, Qwen2-MoE) prune whole experts and channels inside
+them, quantize every expert, and reload; unknown families stop before any work with the list of what is supported. Tiny random models whose configs have each family's features (q/k norms, sliding-window layers,
 soft-capping, fused projections, experts); only mechanics matter here."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FEATURES = {
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64),
 }
-DENSE = ["qwen3", "gemma3_text"]
+DENSE = ["qwen3", "gemma3_text", "phi3"]
 
 
 def tiny(kind: str, seed: int = 0):
@@ -60,17 +60,21 @@ def test_the_tiny_models_have_the_features_they_stand_for():
 @pytest.mark.parametrize("kind", DENSE)
 def test_surgery_keeps_the_function_of_what_it_keeps(kind):
     """Silence the heads and channels to be removed (zero their o_proj / down_proj columns): removing them must then
-    leave the logits unchanged, with the q/k norms untouched."""
+    leave the logits unchanged, with the q/k norms untouched (Phi-3: rows cut out of its fused projections)."""
+    from compress.prune.structure import record_widths
+
     model = tiny(kind)
-    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     query, kv = torch.tensor([1, 2]), torch.tensor([0, 1])  # one query head kept in each KV group
     with torch.no_grad():
-        for head in (0, 3):
-            attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
-        mlp.down_proj.weight[:, 1::2] = 0
+        for layer in model.model.layers:
+            for head in (0, 3):
+                layer.self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
+            layer.mlp.down_proj.weight[:, 1::2] = 0
     before = logits(model)
-    shrink_attention(attn, query, kv)
-    shrink_mlp(mlp, torch.arange(0, 128, 2))
+    for layer in model.model.layers:
+        shrink_attention(layer.self_attn, query, kv)
+        shrink_mlp(layer.mlp, torch.arange(0, 128, 2))
+    record_widths(model)  # Phi-3 reads its head count from the config
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
     assert layer_widths(model.model.layers[1]) == LayerWidths(2, 2, 64)
 
@@ -106,15 +110,14 @@ def _assert_stock_transformers_loads(tmp_path, expected):
     torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [*DENSE, "phi3"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_prune_recover_quantize_and_reload(tmp_path, tiny_model_dir, kind):
-    """Each family through the steps (Phi-3 without pruning: its fused projections are quantized as they are)."""
+    """Each family through the steps (Phi-3's fused projections pruned by row ranges and quantized whole)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = tiny(kind)
-    if family(model).prune:
-        prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
+    prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
     before = logits(model)
     compress.finetune(model, compress.LoRARecovery(steps=2, batch_size=2, lr=1e-3), IDS, show_progress=False)
     assert not torch.equal(logits(model), before)  # the LoRA update was merged back
@@ -220,8 +223,8 @@ def test_moe_models_refuse_awq_and_non_uniform_pruning_before_any_work(kind):
         prune(tiny("qwen3"), TaylorPrune(importance="l2", multiple=16, uniform=True, experts=0.5), IDS)
 
 
-def test_phi3_pruning_and_unknown_families_are_clear_errors():
-    with pytest.raises(CompressError, match="'phi3' .*fused qkv_proj and gate_up_proj"):
+def test_phi3_pruning_is_uniform_and_unknown_families_are_clear_errors():
+    with pytest.raises(CompressError, match="splits its fused qkv_proj by the config's head count.*uniform: true"):
         prune(tiny("phi3"), TaylorPrune(importance="l2", multiple=16), show_progress=False)
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -275,3 +278,23 @@ def test_moe_gptq_quantizes_every_expert_keeps_routers_float_and_reloads(tmp_pat
     assert _count_quantized(loaded) == _count_quantized(model)
     torch.testing.assert_close(logits(loaded), after, atol=1e-4, rtol=1e-4)
     _assert_stock_transformers_loads(tmp_path / "q", after)  # transformers (+ compressed-tensors) fuses them back
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text", "qwen3_moe"])
+def test_distillation_and_qat_train_each_family(kind):
+    """A pruned student distilled from its teacher, then QAT with the teacher: both steps move the weights, and the
+    QAT result lies on its grid (every expert Linear too)."""
+    import copy
+
+    teacher = tiny(kind)
+    student = copy.deepcopy(teacher)
+    experts = 0.25 if family(student).mlp == "experts" else 0.0
+    prune(student, TaylorPrune(ratio=0.5, multiple=16, uniform=True, experts=experts), IDS, show_progress=False)
+    before = logits(student)
+    compress.distill(student, compress.Distill(steps=2, batch_size=2, lr=1e-3), IDS, teacher, show_progress=False)
+    assert not torch.equal(logits(student), before)
+    compress.quantize(student, compress.QAT(bits=4, group_size=16, steps=2, batch_size=2, kd=compress.KD()),
+                      train_data=IDS, teacher=teacher, show_progress=False)
+    expected = sum(1 for name, m in student.named_modules() if isinstance(m, torch.nn.Linear)
+                   and name.split(".")[-1] not in ("lm_head", "gate", "shared_expert_gate"))
+    assert _count_quantized(student) == expected > 0

@@ -55,9 +55,11 @@ def check_prunable(model: torch.nn.Module, config: TaylorPrune) -> None:
     if config.experts and not moe:
         raise CompressError(f"experts: {config.experts} prunes the experts of Mixture-of-Experts layers, and this "
                             f"model has none; remove `experts`")
-    if moe and (not config.uniform or _layer_range(model, config) != range(len(layers))):
-        raise CompressError("an MoE model's config holds one expert count and width for all layers: prune it with "
-                            "uniform: true and no `layers` range")
+    why_uniform = ("an MoE model's config holds one expert count and width for all layers" if moe else
+                   "Phi-3's attention splits its fused qkv_proj by the config's head count, shared by all layers"
+                   if hasattr(layers[0].self_attn, "qkv_proj") else None)
+    if why_uniform and (not config.uniform or _layer_range(model, config) != range(len(layers))):
+        raise CompressError(f"{why_uniform}: prune it with uniform: true and no `layers` range")
     planned = {}
     for index in _layer_range(model, config):
         widths = layer_widths(layers[index])

@@ -20,7 +20,7 @@ from rich.progress import track
 
 from compress import distributed
 from compress.errors import CompressError
-from compress.prune.structure import is_moe
+from compress.prune.structure import fused_rows, is_moe
 
 
 # channel_score(linear or weight, keep): one score per channel, channels along weight dimension(s) `keep` (0: output
@@ -109,13 +109,21 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
     rows only; select_heads adds a KV group's query heads to it) and `mlp` [channels]."""
     attn, mlp = layer.self_attn, layer.mlp
     scores = {}
-    if "attention" in targets:
+    if "attention" in targets and hasattr(attn, "qkv_proj"):  # fused: the q, k and v rows of one Linear
+        rows = score(attn.qkv_proj, 0)
+        q, k, v = fused_rows(attn)
+        scores["query"] = (rows[q] + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
+        scores["kv"] = (rows[k] + rows[v]).view(-1, attn.head_dim).sum(1).cpu()
+    elif "attention" in targets:
         scores["query"] = (score(attn.q_proj, 0) + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
         scores["kv"] = (score(attn.k_proj, 0) + score(attn.v_proj, 0)).view(-1, attn.head_dim).sum(1).cpu()
     if "mlp" in targets and is_moe(mlp):  # [experts, channels]: each expert's gate and up rows, down columns
         width = mlp.experts.down_proj.shape[-1]
         gate_up = score(mlp.experts.gate_up_proj, (0, 1))
         scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
+    elif "mlp" in targets and hasattr(mlp, "gate_up_proj"):  # fused: gate rows then up rows
+        rows, width = score(mlp.gate_up_proj, 0), mlp.down_proj.in_features
+        scores["mlp"] = (rows[:width] + rows[width:] + score(mlp.down_proj, 1)).cpu()
     elif "mlp" in targets:
         scores["mlp"] = (score(mlp.gate_proj, 0) + score(mlp.up_proj, 0) + score(mlp.down_proj, 1)).cpu()
     return scores
@@ -126,10 +134,10 @@ def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.
     weights = []
     for layer in layers:
         if "attention" in targets:
-            weights += [getattr(layer.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            weights += [m.weight for n, m in layer.self_attn.named_children() if isinstance(m, torch.nn.Linear)]
         if "mlp" in targets and is_moe(layer.mlp):
             weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
         elif "mlp" in targets:
-            weights += [getattr(layer.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")]
+            weights += [m.weight for n, m in layer.mlp.named_children() if isinstance(m, torch.nn.Linear)]
     return weights
 

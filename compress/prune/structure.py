@@ -42,17 +42,17 @@ def check_supported(model: torch.nn.Module) -> None:
     known = check_step(model, "prune")
     for index, layer in enumerate(decoder_layers(model)):
         attn = getattr(layer, "self_attn", None)
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        names = ("qkv_proj", "o_proj") if known.attention == "qkv/o" else ("q_proj", "k_proj", "v_proj", "o_proj")
         if attn is None or not all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in names):
             raise CompressError(f"decoder layer {index} lacks self_attn.{{{', '.join(names)}}} as Linear modules; "
-                                f"pruning needs the Llama attention layout")
+                                f"pruning needs the {known.name} attention layout")
         if known.mlp == "experts":
             if not is_moe(layer.mlp):
                 raise CompressError(f"decoder layer {index} of this {known.name} model has no mlp.gate (router) and "
                                     f"mlp.experts (gate_up_proj, down_proj): pruning needs transformers 5's MoE layout")
             continue
         mlp = getattr(layer, "mlp", None)
-        names = ("gate_proj", "up_proj", "down_proj")
+        names = ("gate_up_proj", "down_proj") if known.mlp == "gate_up/down" else ("gate_proj", "up_proj", "down_proj")
         if mlp is None or not all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in names):
             raise CompressError(f"decoder layer {index} lacks mlp.{{{', '.join(names)}}} as Linear modules; "
                                 f"pruning needs the Llama layer layout")
@@ -70,11 +70,22 @@ def head_dim(model: torch.nn.Module) -> int:
 
 def layer_widths(layer: torch.nn.Module) -> LayerWidths:
     attn = layer.self_attn
-    heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    if hasattr(attn, "qkv_proj"):  # Phi-3: [q rows | k rows | v rows] in one Linear
+        kv = attn.num_key_value_heads
+        heads = attn.qkv_proj.out_features // attn.head_dim - 2 * kv, kv
+    else:
+        heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
     if is_moe(layer.mlp):
         experts = layer.mlp.experts
         return LayerWidths(*heads, experts.down_proj.shape[-1], experts.down_proj.shape[0])
-    return LayerWidths(*heads, layer.mlp.gate_proj.out_features)
+    return LayerWidths(*heads, layer.mlp.down_proj.in_features)
+
+
+def fused_rows(attn: torch.nn.Module) -> tuple[slice, slice, slice]:
+    """The q, k and v rows of a fused qkv_proj."""
+    q = attn.qkv_proj.out_features - 2 * attn.num_key_value_heads * attn.head_dim
+    kv = attn.num_key_value_heads * attn.head_dim
+    return slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
 
 
 # ---------------------------------------------------------------- how many to keep
@@ -243,16 +254,26 @@ def _keep_inputs(linear: torch.nn.Linear, index: torch.Tensor) -> None:
 def shrink_attention(attn: torch.nn.Module, query: torch.Tensor, kv: torch.Tensor) -> None:
     """Keep only the given query heads and KV heads (weights sliced, module sizes updated)."""
     dim = attn.head_dim
-    _keep_outputs(attn.q_proj, _rows(query, dim))
-    _keep_outputs(attn.k_proj, _rows(kv, dim))
-    _keep_outputs(attn.v_proj, _rows(kv, dim))
+    if hasattr(attn, "qkv_proj"):  # fused: the kept rows of each part, in q | k | v order
+        q, k, v = fused_rows(attn)
+        _keep_outputs(attn.qkv_proj, torch.cat([q.start + _rows(query, dim), k.start + _rows(kv, dim),
+                                                v.start + _rows(kv, dim)]))
+        attn.num_key_value_heads = kv.numel()  # Phi-3 splits qkv with it (and the q width with its config's heads)
+    else:
+        _keep_outputs(attn.q_proj, _rows(query, dim))
+        _keep_outputs(attn.k_proj, _rows(kv, dim))
+        _keep_outputs(attn.v_proj, _rows(kv, dim))
     _keep_inputs(attn.o_proj, _rows(query, dim))
     attn.num_key_value_groups = query.numel() // kv.numel()  # read by repeat_kv / SDPA's GQA path
 
 
 def shrink_mlp(mlp: torch.nn.Module, channels: torch.Tensor) -> None:
-    _keep_outputs(mlp.gate_proj, channels)
-    _keep_outputs(mlp.up_proj, channels)
+    if hasattr(mlp, "gate_up_proj"):  # fused: [gate rows | up rows]
+        width = mlp.down_proj.in_features
+        _keep_outputs(mlp.gate_up_proj, torch.cat([channels, width + channels]))
+    else:
+        _keep_outputs(mlp.gate_proj, channels)
+        _keep_outputs(mlp.up_proj, channels)
     _keep_inputs(mlp.down_proj, channels)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = channels.numel()
