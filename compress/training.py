@@ -33,9 +33,19 @@ def training_examples(tokenizer, datasets: str | tuple[str, ...], seq_len: int, 
 
 def with_lora(model: torch.nn.Module, adapter: LoRA) -> torch.nn.Module:
     """The model wrapped with peft LoRA adapters as the LoRA block describes (every field is a LoraConfig field)."""
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(**adapter.peft_kwargs()))
+    from compress.moe import moe_blocks
+
+    kwargs = adapter.peft_kwargs()
+    fused_experts = any(hasattr(block.experts, "gate_up_proj") for block in moe_blocks(model))
+    if fused_experts and kwargs.get("lora_dropout"):  # peft adapts fused expert weights only without dropout
+        warnings.warn(f"LoRA dropout {kwargs['lora_dropout']} is not applied: peft's adapters on fused MoE expert "
+                      f"weights take no dropout, so this model trains with dropout 0", stacklevel=2)
+        kwargs["lora_dropout"] = 0.0
+    return get_peft_model(model, LoraConfig(**kwargs))
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:
