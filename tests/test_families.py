@@ -346,3 +346,33 @@ def test_named_shapes_of_the_new_families_have_their_published_sizes(name, param
     from compress.models import architecture_config
 
     assert shapes(architecture_config(name)).params == pytest.approx(params, rel=0.01)
+
+
+@pytest.mark.parametrize("save_format", ["compressed-tensors", "gptq"])
+def test_a_quantized_moe_folder_runs_packed_and_reloads_from_either_format(tmp_path, tiny_model_dir, save_format):
+    from transformers import AutoTokenizer
+
+    from compress.quantize.packed import packed_kernels
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny("mixtral")
+    compress.quantize(model, compress.GPTQ(bits=4, group_size=32, format=save_format), IDS, show_progress=False)
+    expected = logits(model)
+    compress.save_model(model, tokenizer, tmp_path / "q", format=save_format)
+    loaded, _ = compress.load(tmp_path / "q")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=1e-4)
+    packed, _ = compress.load(tmp_path / "q", dtype="bfloat16", runtime="packed")
+    assert packed_kernels(packed) == {"int4 tinygemm": 2 * (4 + 4 * 3)}  # every expert Linear runs packed
+    got = logits(packed).float()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # bf16 kernels
+
+
+def test_moe_gptq_offload_and_chunked_calibration_give_the_resident_result():
+    """The MoE path through the layer-by-layer modes (what Mixtral-8x7B needs on one GPU): the same grid points."""
+    resident, offloaded = tiny("qwen3_moe"), tiny("qwen3_moe")
+    compress.quantize(resident, compress.GPTQ(bits=4, group_size=16), IDS, show_progress=False)
+    compress.quantize(offloaded, compress.GPTQ(bits=4, group_size=16, offload=True, batch_tokens=32), IDS,
+                      show_progress=False)
+    for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
+        same = (a == b).float().mean().item()
+        assert same > 0.99, f"{name}: {same:.3f} of the weights on the same grid point"
