@@ -25,6 +25,7 @@ _EXPORTS = {  # name -> module that defines it
     "run": "compress.pipeline",
     "prune": "compress.prune",
     "QATCallback": "compress.quantize", "quantize": "compress.quantize",
+    "Dequantize": "compress.config", "dequantize": "compress.quantize.dequantize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -94,5 +94,6 @@ def is_quantized(model: torch.nn.Module) -> bool:
 def require_float(model: torch.nn.Module, step: str, why: str) -> None:
     """Refuse to run `step` on a quantized model (one quantized in memory or loaded from a quantized folder)."""
     if is_quantized(model):
-        raise CompressError(f"{step} on a quantized model: {why}; put the {step} step before quantize, or start "
-                            f"from a step folder written before quantization")
+        raise CompressError(f"{step} on a quantized model: {why}; put the {step} step before quantize, start "
+                            f"from a step folder written before quantization, or dequantize first "
+                            f"(`- dequantize: {{}}`, compress.dequantize: the weights keep their values)")

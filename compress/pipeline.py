@@ -101,10 +101,16 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     calibration and training data are long enough, the first prune step fits the model, and group sizes divide the
     widths each quantize step will see (the base model's, and after a prune step also its width multiple)."""
     if is_quantized(model):
-        needs_float = [step.spec.name for step in recipe.steps if not step.spec.accepts_quantized]
+        needs_float = []
+        for step in recipe.steps:  # until a dequantize step
+            if step.spec.dequantizes:
+                break
+            if not step.spec.accepts_quantized:
+                needs_float.append(step.spec.name)
         if needs_float:
             raise CompressError(f"{recipe.model} is a quantized checkpoint, and {', '.join(needs_float)} need a float "
-                                f"model; start from the unquantized model")
+                                f"model; start from the unquantized model, or put a `- dequantize: {{}}` step first "
+                                f"(the weights keep their values, the grid is dropped)")
     for step in recipe.steps:  # enough data for each (cached: the step itself gets the same tensors)
         _data_inputs(step.config, tokenizer, recipe)
     pruned_to = None

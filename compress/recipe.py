@@ -72,9 +72,12 @@ def order_problems(recipe: "Recipe") -> list[tuple[tuple, str]]:
             earlier_index, earlier = quantized_by
             problems.append((("steps", index, step.kind), (
                 f"{spec.name} cannot follow steps[{earlier_index}] ({earlier.name}): it needs a float model and would "
-                f"move the weights off the quantization grid; put it before the quantize step")))
+                f"move the weights off the quantization grid; put it before the quantize step (or after a "
+                f"`- dequantize: {{}}` step)")))
         if spec.quantizes and quantized_by is None:
             quantized_by = (index, spec)
+        if spec.dequantizes:
+            quantized_by = None
         teacher = teacher_name(step.config)
         match = STEP_FOLDER_NAME.match(teacher or "")
         if match and int(match[1]) > index:

@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Distill, LoRARecovery, TaylorPrune
+from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, TaylorPrune
 
 
 def _dense(config) -> str:
@@ -39,6 +39,7 @@ class StepSpec:
     teacher: Literal["never", "optional", "always"] = "never"  # `config.kd.teacher`, loaded by the pipeline
     accepts_quantized: bool = False  # may its input already lie on a quantization grid?
     quantizes: bool = False  # its output lies on a quantization grid (and is saved compressed)
+    dequantizes: bool = False  # its output is a float model, whatever its input
     prunes: bool = False  # its output has narrower layers than its input
     save_format: Callable = _dense  # config -> "dense" | "compressed-tensors" | "gptq"
     # module:function (model, config, **inputs) -> the config as it will run, where a setting is decided at run time
@@ -89,6 +90,8 @@ SPECS = (
              check=_QUANTIZABLE),
     StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
              accepts_quantized=True, save_format=_config_format, check=_QUANTIZABLE),
+    StepSpec("dequantize", Dequantize, "compress.quantize.dequantize:dequantize", accepts_quantized=True,
+             dequantizes=True),
 )
 
 KINDS: dict[str, tuple[StepSpec, ...]] = {}

@@ -213,3 +213,50 @@ def test_layouts_compress_cannot_read_are_named(tmp_path, tokenizer_files, quant
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
     with pytest.raises(CompressError, match=fragment):
         compress.load(tmp_path)
+
+
+def test_a_pre_quantized_folder_is_the_start_of_float_steps_after_dequantize(tmp_path, tokenizer_files):
+    """A GPTQ folder another tool wrote: evaluated as it is, then dequantized (same weights, no grid), pruned and
+    quantized again, through `compress run`; without the dequantize step the recipe is refused with that fix."""
+    import os
+
+    from rich.console import Console
+
+    def pack(linear, seed):
+        weight, scales, zeros, g_idx = _grid(linear, 4, act_order=False, seed=seed)
+        return weight, _autogptq_pack(weight, scales, zeros, g_idx, 4)
+
+    folder, expected = _folder(tmp_path, {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": False},
+                               pack, tokenizer_files)
+
+    def run(steps: str):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"name: foreign\nmodel: {folder}\nsteps:\n{steps}\n"
+                          f"eval:\n  tasks: [wikitext2]\n  wikitext2: {{seq_len: 64, stride: 64, max_tokens: 512}}\n"
+                          f"output_dir: {tmp_path / 'runs'}\n")
+        return compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False)  # noqa: SIM115
+
+    prune = "  - prune: {importance: l2, ratio: 0.5, multiple: 16, uniform: true}"
+    with pytest.raises(CompressError, match=r"quantized checkpoint, and prune \(taylor\) need a float model.*- dequantize: \{\}"):
+        run(prune)
+    report = run(f"  - dequantize: {{}}\n{prune}\n  - quantize: {{method: rtn, bits: 4, group_size: 16}}")
+    base, dequantized, pruned, quantized = report["steps"]
+    assert dequantized["wikitext2_perplexity"] == pytest.approx(base["wikitext2_perplexity"], rel=1e-5)
+    assert pruned["params"] < dequantized["params"]
+    model, _ = compress.load(tmp_path / "runs" / "01-dequantize")
+    assert not is_quantized(model)
+    modules = dict(model.named_modules())
+    for name, weight in expected.items():  # the checkpoint's values, now a float model
+        torch.testing.assert_close(modules[name].weight, weight, atol=1e-6, rtol=1e-6)
+
+
+def test_dequantize_lets_float_steps_follow_a_quantize_step(tmp_path):
+    from pydantic import ValidationError
+
+    from compress.recipe import Recipe
+
+    steps = [{"quantize": {"method": "rtn"}}, {"finetune": {}}]
+    with pytest.raises(ValidationError, match=r"cannot follow steps.0. .quantize .rtn..*- dequantize: \{\}"):
+        Recipe(name="x", model="smollm2-135m", steps=steps)
+    recipe = Recipe(name="x", model="smollm2-135m", steps=[steps[0], {"dequantize": {}}, steps[1]])
+    assert [step.kind for step in recipe.steps] == ["quantize", "dequantize", "finetune"]

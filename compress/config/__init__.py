@@ -8,11 +8,21 @@ from compress.config.evals import TASKS, ChoiceEval, EvalConfig, Perplexity
 from compress.config.finetune import LoRARecovery
 from compress.config.hub import HubPush
 from compress.config.prune import TaylorPrune
-from compress.config.quantize import AWQ, FP8, GPTQ, QAT, RTN, GPTQSolver, QuantizeConfig, WeightOnlyConfig
+from compress.config.quantize import (
+    AWQ,
+    FP8,
+    GPTQ,
+    QAT,
+    RTN,
+    Dequantize,
+    GPTQSolver,
+    QuantizeConfig,
+    WeightOnlyConfig,
+)
 from compress.config.sources import ARCHITECTURES, REGISTRY, RandomInit
 from compress.config.training import KD, LoRA, TrainingBudget
 
-__all__ = ["ARCHITECTURES", "AWQ", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY", "RTN", "TASKS", "CalibrationData",
+__all__ = ["ARCHITECTURES", "AWQ", "Dequantize", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY", "RTN", "TASKS", "CalibrationData",
            "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig", "HubPush", "LoRA", "LoRARecovery",
            "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Strict", "TaylorPrune", "TrainingBudget",
            "WeightOnlyConfig"]

@@ -152,3 +152,12 @@ class QAT(WeightOnlyConfig, TrainingBudget):
 
 
 QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, QAT], Field(discriminator="method")]
+
+
+class Dequantize(Strict):
+    """Recipe: `- dequantize: {}`. Forget the quantization grid of a quantized model — a pre-quantized checkpoint
+    (GPTQ, AWQ, compressed-tensors) or an earlier quantize step — keeping every weight's value: later steps see a
+    float model (prune, LoRA recovery, distillation, another quantization)."""
+
+    def describe(self) -> str:
+        return "dequantize: the weights keep their values, the grid is dropped"
