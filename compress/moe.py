@@ -33,7 +33,7 @@ class ExpertLinears(torch.nn.ModuleList):
     def __init__(self, experts: list[torch.nn.Module], names: tuple[str, str, str], act_fn, fused_class=None):
         super().__init__(experts)
         self.names = names  # gate, up, down
-        self.act_fn = act_fn
+        self.__dict__["act_fn"] = act_fn  # not a child module: the list holds exactly the experts
         self.num_experts = len(experts)
         self.calibrate_all = False
         self.fused_class = fused_class  # the family's fused experts module, for fuse_experts

@@ -376,3 +376,15 @@ def test_moe_gptq_offload_and_chunked_calibration_give_the_resident_result():
     for (name, a), b in zip(resident.named_parameters(), offloaded.parameters()):
         same = (a == b).float().mean().item()
         assert same > 0.99, f"{name}: {same:.3f} of the weights on the same grid point"
+
+
+def test_a_quantized_moe_dequantizes_to_fused_experts_that_prune():
+    model = tiny("mixtral")
+    compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False)
+    expected = logits(model)
+    compress.dequantize(model, compress.Dequantize())
+    assert _count_quantized(model) == 0 and model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
+    prune(model, TaylorPrune(importance="l2", ratio=0.5, multiple=16, uniform=True, experts=0.5), IDS,
+          show_progress=False)
+    assert model.model.layers[0].mlp.gate.weight.shape[0] == 2

@@ -9,6 +9,7 @@ import torch
 from compress.config.quantize import Dequantize
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, is_packed, quantized_linears
+from compress.moe import fuse_experts
 
 
 def dequantize(model: torch.nn.Module, config: Dequantize, *, show_progress: bool = True) -> torch.nn.Module:
@@ -19,4 +20,5 @@ def dequantize(model: torch.nn.Module, config: Dequantize, *, show_progress: boo
         delattr(linear, QUANT_ATTR)
         if "forward" in vars(linear):  # FP8 W8A8: the per-token input rounding (compress.quantize.fp8)
             del linear.forward
+    fuse_experts(model)  # MoE: transformers' own fused experts again (what pruning works on)
     return model
