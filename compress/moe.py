@@ -40,7 +40,7 @@ class ExpertLinears(torch.nn.ModuleList):
 
     @classmethod
     def from_fused(cls, fused: torch.nn.Module, names: tuple[str, str, str]) -> "ExpertLinears":
-        count, double_width, hidden = fused.gate_up_proj.shape
+        count, double_width, _ = fused.gate_up_proj.shape
         width = double_width // 2
         experts = []
         for index in range(count):
