@@ -8,7 +8,8 @@ router and, in transformers 5, the experts as fused 3-D parameters — `gate_up_
 counts (Gemma's pre/post feed-forward norms over the hidden size, scaled embeddings, logit soft-capping,
 sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms.
 
-An unknown family, or a step a family does not support yet, stops before any work with the list of what is."""
+An unknown family stops before any work (prune, every quantize method, `compress estimate`) with the list of the
+known ones."""
 
 from __future__ import annotations
 
@@ -25,15 +26,11 @@ class Family:
     attention: str  # "q/k/v/o" or "qkv/o" (fused)
     mlp: str  # "gate/up/down", "gate_up/down" (fused) or "experts" (MoE)
     head_norms: bool = False  # q_norm / k_norm over head_dim
-    prune: bool = True  # Taylor structured pruning of heads and MLP channels
-    quantize: bool = True  # weight quantization of every decoder Linear (RTN, GPTQ, AWQ where it can fold, FP8, QAT)
-    why_not: str = ""  # what is missing where a step is not supported
     experts_field: str = ""  # MoE: the config fields of the expert count and each expert's width
     expert_width_field: str = ""
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert Linears (checkpoints)
     # (in checkpoint files, in transformers 5 modules): transformers renames on load and back on save
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
-
 
 
 FAMILIES: dict[str, Family] = {
@@ -73,20 +70,6 @@ def family(model_or_config) -> Family:
     return FAMILIES[kind]
 
 
-def supported_for(step: str) -> list[str]:
-    return [kind for kind, known in FAMILIES.items() if getattr(known, step)]
-
-
-def check_step(model: torch.nn.Module, step: str) -> Family:
-    """Stop before any work if `step` ("prune" or "quantize") does not support the model's family, naming the
-    families it supports and what is missing."""
-    known = family(model)
-    if not getattr(known, step):
-        raise CompressError(f"{step} supports the families {', '.join(supported_for(step))}; "
-                            f"'{model_type(model)}' ({known.name}) is not supported yet: {known.why_not}")
-    return known
-
-
 def checkpoint_name(model_or_config, name: str) -> str:
     """A module name as the family's checkpoint files spell it (transformers' save renames it so)."""
     known = FAMILIES.get(model_type(model_or_config))
@@ -104,5 +87,5 @@ def module_name(model_or_config, name: str) -> str:
 
 
 def check_quantizable(model: torch.nn.Module, config=None) -> None:
-    """The quantize steps' shape check (compress.steps): the family must be one they handle."""
-    check_step(model, "quantize")
+    """The quantize steps' shape check (compress.steps): the family must be a known one."""
+    family(model)

@@ -12,6 +12,7 @@ runtime (compress.quantize.packed) unless told otherwise."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -62,7 +63,10 @@ def _decode_one(model, token: torch.Tensor, cache, position: torch.Tensor, cache
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
-_compiled_decode_one = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+@functools.cache
+def _compiled_decode_one():
+    """The decode step compiled (built on first use: torch.compile imports dynamo, ~2 s, which a report needs not)."""
+    return torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -78,7 +82,7 @@ def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
         token = logits[:, -1].argmax(-1, keepdim=True)
         position = torch.tensor([prompt], device=ids.device)
         for _ in range(new - 1):
-            token = _compiled_decode_one(model, token, cache, position, cache_argument).clone()  # the graph reuses its output
+            token = _compiled_decode_one()(model, token, cache, position, cache_argument).clone()  # the graph reuses its output
             position += 1
     return token
 

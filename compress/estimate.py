@@ -16,11 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compress.architectures import check_step, family
-from compress.errors import CompressError
+from compress.architectures import family
 from compress.config.prune import TaylorPrune
 from compress.config.sources import ARCHITECTURES, RandomInit
+from compress.errors import CompressError
 from compress.models import architecture_config, random_init_config, resolve_source
+from compress.modules import decoder_layers, quantizable_linears
 from compress.prune.structure import (
     build_layers_at_recorded_widths,
     layer_widths,
@@ -28,7 +29,6 @@ from compress.prune.structure import (
     planned_widths,
     shrink_layer_to,
 )
-from compress.modules import decoder_layers, quantizable_linears
 
 # bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word)
 PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10}
@@ -95,7 +95,6 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
         build_layers_at_recorded_widths(model)  # a pruned model's per-layer widths (no-op for stock configs)
     layers = decoder_layers(model)
     if prune is not None:
-        check_step(model, "prune")
         start, end = prune.layers or (0, len(layers))
         for index in range(start, end):
             layer = layers[index]
@@ -104,12 +103,12 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
             if widths.num_experts and prune.experts:
                 widths = planned_experts(widths, prune.experts, config.num_experts_per_tok, f"decoder layer {index}")
             shrink_layer_to(layer, widths)
-    linears = [module for name, module in quantizable_linears(model) if not _is_router(name)]
+    linears = [module for _, module in quantizable_linears(model)]  # routers are in DEFAULT_IGNORE
     experts = [p for name, p in model.named_parameters() if ".experts." in name and p.dim() == 3]
     count = len(layers)
     return Shapes(
         params=sum(p.numel() for p in model.parameters()),
-        # MoE experts count as quantizable: what a 4-bit MoE would weigh (compress does not quantize them yet)
+        # MoE experts (fused 3-D parameters until quantization makes them Linears: compress.moe) count too
         quantizable=sum(m.weight.numel() for m in linears) + sum(p.numel() for p in experts),
         lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
         layers=count, hidden=config.hidden_size,
@@ -117,10 +116,6 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
         kv_width=sum(_kv_width(layer.self_attn, config) for layer in layers) // count,
         vocab=model.get_output_embeddings().out_features,
     )
-
-
-def _is_router(name: str) -> bool:
-    return name.endswith((".mlp.gate", ".block_sparse_moe.gate", ".shared_expert_gate"))
 
 
 def _kv_width(attn, config) -> int:
@@ -214,10 +209,7 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
     for precision in PRECISIONS:
         result["precisions"][precision] = {"disk": disk_bytes(base, precision, dtype_bytes, config.group_size),
                                            "inference": inference_bytes(base, precision, config)}
-    known = family(model_config)
-    if config.ratios and not known.prune:  # the table would describe models compress cannot make
-        result["pruned_note"] = f"no pruning rows: {known.name}: {known.why_not}"
-    for ratio in config.ratios if known.prune else ():
+    for ratio in config.ratios:
         pruned = shapes(model_config, TaylorPrune(ratio=ratio))
         result["pruned"][str(ratio)] = {
             "params": pruned.params,
@@ -260,8 +252,6 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
             cells = [f"{v['inference'] / 2**30:.1f}{mark(v['inference'])} / {v['disk'] / 2**30:.1f}"
                      for v in row["precisions"].values()]
             lines.append(f"| {float(ratio):.0%} | {row['params'] / 1e6:,.0f} M | " + " | ".join(cells) + " |")
-    if result.get("pruned_note"):
-        lines += ["", result["pruned_note"] + "."]
     lines += ["", f"## Training: one step of {config['train_batch']} x {config['train_seq_len']} tokens, "
                   f"{config['dtype']}, no gradient checkpointing", "",
               "| step | weights | gradients | optimizer | activations + logits | total |",

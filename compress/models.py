@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from compress.architectures import module_name
 from compress.config.data import cache_root
 from compress.config.sources import (
     ARCHITECTURES,
@@ -32,7 +33,6 @@ from compress.config.sources import (
 )
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, grids_to_weights
-from compress.architectures import module_name
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
@@ -164,12 +164,12 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
     state: dict = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
+    state = {module_name(config, key): value for key, value in state.items()}  # e.g. Mixtral's block_sparse_moe
     dense, grids = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else (state, {})
     model_config = AutoConfig.from_pretrained(folder)
     if hasattr(model_config, "quantization_config"):
         del model_config.quantization_config
     model = build_architecture(model_config, dtype)
-    dense = {module_name(config, key): value for key, value in dense.items()}  # e.g. Mixtral's block_sparse_moe
     if has_unfused_experts(dense):  # an MoE checkpoint in per-expert files (compress.moe)
         unfuse_experts(model)
     missing, unexpected = model.load_state_dict(dense, strict=False)
@@ -181,8 +181,6 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    if not grids:
-        fuse_experts(model)  # a float MoE: transformers 5's own fused experts (what pruning works on)
     modules = dict(model.named_modules())
     for name, grid in grids.items():  # the model is known as quantized, on exactly the saved grid
         setattr(modules[name], QUANT_ATTR, grid)
@@ -190,6 +188,7 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
             from compress.quantize.fp8 import enable_fp8_activations
 
             enable_fp8_activations(modules[name])
+    fuse_experts(model)  # float MoE experts: transformers 5's own fused module again (what pruning works on)
     return model
 
 

@@ -22,9 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from compress.architectures import family
-from compress.modules import decoder_layers
-
-ROUTER_NAMES = ("gate", "shared_expert_gate")  # Linear names kept float in MoE blocks (routers)
+from compress.modules import QUANT_ATTR, decoder_layers
 
 
 class ExpertLinears(torch.nn.ModuleList):
@@ -92,8 +90,6 @@ def unfuse_experts(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def fuse_experts(model: torch.nn.Module) -> int:
     """The inverse of unfuse_experts for float experts (quantized ones stay Linears: their grids are per Linear)."""
-    from compress.modules import QUANT_ATTR
-
     fused_count = 0
     for block in moe_blocks(model):
         experts = block.experts

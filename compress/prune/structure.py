@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from compress.architectures import check_step, family
+from compress.architectures import family
 from compress.errors import CompressError
 from compress.modules import decoder_layers
 
@@ -39,7 +39,7 @@ class LayerWidths:
 def check_supported(model: torch.nn.Module) -> None:
     """The family must be one pruning handles (compress.architectures), with its layer layout in every layer: the
     Llama layout, or for MoE families Llama attention and an MLP of a router (`gate`) and fused `experts`."""
-    known = check_step(model, "prune")
+    known = family(model)
     for index, layer in enumerate(decoder_layers(model)):
         attn = getattr(layer, "self_attn", None)
         names = ("qkv_proj", "o_proj") if known.attention == "qkv/o" else ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -21,7 +21,6 @@ from compress.architectures import checkpoint_name, module_name
 from compress.errors import CompressError
 from compress.modules import WeightQuant, quantized_linears
 from compress.moe import moe_blocks
-from compress.quantize.grid import weight_args
 
 
 def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], list[str]]:
@@ -152,11 +151,11 @@ def is_quantized_checkpoint(config: dict) -> bool:
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                             ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
-    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors, GPTQ, AWQ), and the grid of
-    every quantized module (its scales and zero points as saved), so the loaded model is known as quantized."""
+    """Dense float weights from a quantized checkpoint's state dict (compressed-tensors, GPTQ, AWQ; keys already in
+    transformers' module names: compress.architectures.module_name), and the grid of every quantized module (its
+    scales and zero points as saved), so the loaded model is known as quantized."""
     from compress.quantize.foreign import awq_weights, gptq_weights
 
-    state = {module_name(config, key): value for key, value in state.items()}  # e.g. Mixtral's block_sparse_moe
     if is_gptq(config):
         return gptq_weights(state, config["quantization_config"])
     if config["quantization_config"].get("quant_method") == "awq":
