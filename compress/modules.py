@@ -35,6 +35,19 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device` (the CPU: MemAvailable), 0 where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class WeightQuant:
     """The grid a Linear's (already rounded) weight lies on; kept on the module until it is saved."""

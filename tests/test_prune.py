@@ -4,6 +4,7 @@ before any work. Tiny random models: only mechanics matter here (quality is test
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -232,6 +233,25 @@ def test_taylor_importance_without_calibration_says_what_to_pass():
     with pytest.raises(CompressError, match="needs calibration token ids"):
         prune(tiny_llama(), TaylorPrune(multiple=16))
     prune(tiny_llama(), TaylorPrune(importance="l2", multiple=16))  # data-free baselines need none
+
+
+@pytest.mark.parametrize("importance,copies", [("element1", 1), ("mix", 2)])
+def test_gradient_sums_that_do_not_fit_are_refused_before_any_work(monkeypatch, importance, copies):
+    """float32 sums (and, with a Fisher term, squares) of every scored weight, against 90 % of the free memory."""
+    importance_module = importlib.import_module("compress.prune.importance")  # compress.prune is also the verb
+
+    model = tiny_llama()
+    scored = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear))
+    need = scored * 4 * copies
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    monkeypatch.setattr(importance_module, "available_memory", lambda device: int(need / 0.9) - 8)
+    with pytest.raises(CompressError, match=rf"{need / 2**30:.1f} GiB.*importance l1 or l2"):
+        prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2])
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())  # untouched
+    monkeypatch.setattr(importance_module, "available_memory", lambda device: int(need / 0.9) + 8)
+    prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2], show_progress=False)
+    assert model.model.layers[0].mlp.down_proj.in_features < 128
 
 
 @pytest.mark.parametrize("kind,expected", [("element1", 1.5), ("element2", 4.0), ("mix", 4.5), ("vector", 0.5),
