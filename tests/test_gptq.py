@@ -100,6 +100,24 @@ def test_gptq_model_is_closer_to_the_float_model_than_rtn(tiny_model_dir, batch_
     assert len(list(quantized_linears(model))) == 14  # 7 per layer, lm_head left in full precision
 
 
+def test_rows_solved_in_slices_give_the_same_codes(tiny_model_dir, monkeypatch):
+    """Rows are independent given the Hessian: slicing each Linear's rows (as a Mixtral gate/up group needs) changes
+    no code, scale or recorded sensitivity."""
+    from compress.quantize import gptq
+
+    whole, _, ids = _tiny(tiny_model_dir)
+    compress.quantize(whole, GPTQ(bits=4, group_size=16), ids, show_progress=False)
+    monkeypatch.setattr(gptq, "SOLVE_SLICE", 5 * 64)  # 5 rows of a 64-wide input per solve: uneven slices
+    sliced, _, _ = _tiny(tiny_model_dir)
+    compress.quantize(sliced, GPTQ(bits=4, group_size=16), ids, show_progress=False)
+    pairs = list(zip(quantized_linears(whole), quantized_linears(sliced)))
+    assert len(pairs) == 14
+    for (name, a, quant_a), (_, b, quant_b) in pairs:
+        assert torch.equal(a.weight, b.weight), name
+        assert torch.equal(quant_a.scale, quant_b.scale), name
+        assert quant_a.output_error == pytest.approx(quant_b.output_error, rel=1e-5), name
+
+
 @pytest.mark.parametrize("format", ["compressed-tensors", "gptq"])
 def test_gptq_checkpoint_round_trips_to_the_same_logits(tiny_model_dir, tmp_path, format):
     model, tokenizer, ids = _tiny(tiny_model_dir)
