@@ -43,6 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="llama2-7b-shape, or a folder/GGUF path")
     parser.add_argument("--gguf-file")
+    parser.add_argument("--random", action="store_true", help="--model is a folder with only a config.json: random "
+                                                              "weights of that shape (MoE experts are linearized "
+                                                              "and all calibrated by oneshot itself)")
     parser.add_argument("--ids", required=True, help="calibration token ids saved with torch.save")
     parser.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--bits", type=int, default=4)
@@ -65,6 +68,14 @@ def main() -> None:
         folder = tempfile.mkdtemp(prefix="peer-config-")
         model.config.save_pretrained(folder)
         model.config.name_or_path = folder
+    elif args.random:
+        from transformers import AutoConfig
+
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype).eval()
+        model.config.name_or_path = args.model
+        processor = PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer())
     else:
         from transformers import AutoTokenizer
 
