@@ -35,7 +35,11 @@ from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, grids_to_weights
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
-from compress.quantize.formats import decompressed_state_dict, is_quantized_checkpoint
+from compress.quantize.formats import (
+    decompressed_state_dict,
+    describe_quantized_checkpoint,
+    is_quantized_checkpoint,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -265,6 +269,15 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
         _strip_gguf_quantizer(model)
     tokenizer = load_tokenizer(source)
     return model.to(device).eval(), tokenizer
+
+
+def quantized_input(source: str | RandomInit) -> str | None:
+    """How a local model folder was quantized by the tool that wrote it (None: a float model, or not a folder)."""
+    resolved = resolve_source(source)
+    config = Path(resolved.location) / "config.json"
+    if resolved.kind != "dir" or not config.is_file():
+        return None
+    return describe_quantized_checkpoint(json.loads(config.read_text()))
 
 
 def _quantized_hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:

@@ -30,13 +30,19 @@ from compress.errors import CompressError
 from compress.evaluate import evaluate, headline
 from compress.hub import STAGING, push
 from compress.measure import measure
-from compress.models import load_model, resolve_source
+from compress.models import load_model, quantized_input, resolve_source
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import write_report
 from compress.steps import spec_of, teacher_name
 from compress.training import training_examples
+
+
+def _base_summary(recipe: Recipe) -> str:
+    """The base row of the report; a checkpoint another tool quantized says so (it loads as its float values)."""
+    quantized = quantized_input(recipe.model)
+    return f"base ({recipe.dtype})" + (f", from a quantized checkpoint: {quantized}" if quantized else "")
 
 
 def _fingerprint(previous: str, payload: dict) -> str:
@@ -329,7 +335,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             console.print(f"{label}: {headline(task, result)}")
         record = {
             "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
-            "summary": f"base ({recipe.dtype})" if kind == "base" else config.describe(),
+            "summary": _base_summary(recipe) if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
             "quantized": is_quantized(model), **_sensitivity(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),

@@ -215,6 +215,20 @@ def test_layouts_compress_cannot_read_are_named(tmp_path, tokenizer_files, quant
         compress.load(tmp_path)
 
 
+@pytest.mark.parametrize("quantization_config,described", [
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": True, "checkpoint_format": "gptq_v2"},
+     "GPTQ v2, 3-bit, group 128, act-order (grids not kept)"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": -1}, "GPTQ v1, 8-bit, per channel"),
+    ({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "gemm"}, "AWQ GEMM, 4-bit, group 64"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors pack-quantized"),
+    (None, None),
+])
+def test_the_report_names_how_an_input_checkpoint_was_quantized(quantization_config, described):
+    from compress.quantize.formats import describe_quantized_checkpoint
+
+    assert describe_quantized_checkpoint({"quantization_config": quantization_config}) == described
+
+
 def test_a_pre_quantized_folder_is_the_start_of_float_steps_after_dequantize(tmp_path, tokenizer_files):
     """A GPTQ folder another tool wrote: evaluated as it is, then dequantized (same weights, no grid), pruned and
     quantized again, through `compress run`; without the dequantize step the recipe is refused with that fix."""
@@ -241,6 +255,8 @@ def test_a_pre_quantized_folder_is_the_start_of_float_steps_after_dequantize(tmp
         run(prune)
     report = run(f"  - dequantize: {{}}\n{prune}\n  - quantize: {{method: rtn, bits: 4, group_size: 16}}")
     base, dequantized, pruned, quantized = report["steps"]
+    assert base["summary"] == f"base (float32), from a quantized checkpoint: GPTQ v1, 4-bit, group {GROUP}"
+    assert dequantized["summary"].startswith("dequantize")
     assert dequantized["wikitext2_perplexity"] == pytest.approx(base["wikitext2_perplexity"], rel=1e-5)
     assert pruned["params"] < dequantized["params"]
     model, _ = compress.load(tmp_path / "runs" / "01-dequantize")

@@ -149,6 +149,23 @@ def is_quantized_checkpoint(config: dict) -> bool:
                         f"Start from the float model, or convert it with its tool to one of these")
 
 
+def describe_quantized_checkpoint(config: dict) -> str | None:
+    """How a checkpoint's config.json says it was quantized, in a few words for the report (None: not quantized)."""
+    if not is_quantized_checkpoint(config):
+        return None
+    quant = config["quantization_config"]
+    method = quant.get("quant_method")
+    if method == "gptq":
+        version = "v2" if quant.get("checkpoint_format") == "gptq_v2" else "v1"
+        group = quant.get("group_size", -1)
+        return (f"GPTQ {version}, {quant.get('bits')}-bit, " + ("per channel" if group == -1 else f"group {group}")
+                + (", act-order (grids not kept)" if quant.get("desc_act") else ""))
+    if method == "awq":
+        return (f"AWQ GEMM, {quant.get('bits', quant.get('w_bit', 4))}-bit, "
+                f"group {quant.get('group_size', quant.get('q_group_size', 128))}")
+    return f"compressed-tensors {quant.get('format')}"
+
+
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                             ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
     """Dense float weights from a quantized checkpoint's state dict (compressed-tensors, GPTQ, AWQ; keys already in
