@@ -28,6 +28,7 @@ class Family:
     head_norms: bool = False  # q_norm / k_norm over head_dim
     experts_field: str = ""  # MoE: the config fields of the expert count and each expert's width
     expert_width_field: str = ""
+    shared_expert_width_field: str = ""  # a dense MLP beside the routed experts (Qwen2-MoE), pruned like an MLP
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert Linears (checkpoints)
     # (in checkpoint files, in transformers 5 modules): transformers renames on load and back on save
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
@@ -45,9 +46,9 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("Mixtral", "q/k/v/o", "experts", experts_field="num_local_experts",
                       expert_width_field="intermediate_size", expert_names=("w1", "w3", "w2"),
                       checkpoint_renames=((".block_sparse_moe.", ".mlp."),)),
-    # pruning leaves the shared expert (a dense MLP beside the routed ones) as it is
     "qwen2_moe": Family("Qwen2-MoE", "q/k/v/o", "experts", experts_field="num_experts",
-                        expert_width_field="moe_intermediate_size"),
+                        expert_width_field="moe_intermediate_size",
+                        shared_expert_width_field="shared_expert_intermediate_size"),
     "qwen3_moe": Family("Qwen3-MoE", "q/k/v/o", "experts", head_norms=True, experts_field="num_experts",
                         expert_width_field="moe_intermediate_size"),
 }

@@ -149,6 +149,9 @@ def test_expert_pruning_keeps_routing_valid_and_loads_in_stock_transformers(tmp_
     assert getattr(model.config, known.experts_field) == 2
     assert getattr(model.config, known.expert_width_field) == width
     assert model.config.num_attention_heads == 2
+    if kind == "qwen2_moe":  # the shared expert (64 channels) loses the same share, into its own config field
+        assert all(block.shared_expert.down_proj.in_features == 32 for block in _moe_blocks(model))
+        assert model.config.shared_expert_intermediate_size == 32
     _assert_stock_transformers_reproduces(model, tmp_path)
 
 
@@ -206,6 +209,44 @@ def test_expert_channel_surgery_keeps_the_function_of_what_it_keeps(kind):
     width = block.experts.down_proj.shape[-1]
     shrink_experts(block, torch.arange(4), torch.arange(0, width, 2).expand(4, -1))
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_pruning_the_silent_channels_of_experts_and_shared_expert_keeps_the_logits(kind):
+    """Every expert's odd channels (and the shared expert's) have zero weights: l2 importance scores them 0, so
+    pruning half the channels removes exactly them, through prune() itself, and the function is unchanged."""
+    model = tiny(kind)
+    with torch.no_grad():
+        for block in _moe_blocks(model):
+            width = block.experts.down_proj.shape[-1]
+            block.experts.gate_up_proj[:, 1:width:2] = 0
+            block.experts.gate_up_proj[:, width + 1::2] = 0
+            block.experts.down_proj[:, :, 1::2] = 0
+            if kind == "qwen2_moe":
+                for linear in (block.shared_expert.gate_proj, block.shared_expert.up_proj):
+                    linear.weight[1::2] = 0
+                block.shared_expert.down_proj.weight[:, 1::2] = 0
+    before = logits(model)
+    prune(model, TaylorPrune(importance="l2", ratio=0.5, targets=("mlp",), multiple=8, uniform=True),
+          show_progress=False)
+    assert all(block.experts.down_proj.shape[-1] == width // 2 for block in _moe_blocks(model))
+    if kind == "qwen2_moe":
+        assert all(block.shared_expert.down_proj.in_features == 32 for block in _moe_blocks(model))
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_estimate_counts_what_moe_pruning_keeps(kind):
+    """compress estimate plans the pruned shapes (experts, their channels, a shared expert) without weights: its
+    parameter count is the pruned model's."""
+    from compress.estimate import shapes
+
+    model = tiny(kind)
+    pruning = TaylorPrune(importance="l2", ratio=0.5, multiple=16, uniform=True, experts=0.5)
+    planned = shapes(model.config, pruning).params
+    prune(model, pruning, IDS, show_progress=False)
+    assert planned == sum(p.numel() for p in model.parameters())
+    assert shapes(model.config).params == planned  # and the pruned model's own (stock) config counts the same
 
 
 @pytest.mark.parametrize("kind", MOE)

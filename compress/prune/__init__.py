@@ -28,6 +28,7 @@ from compress.prune.structure import (
     record_widths,
     select_channels,
     select_heads,
+    select_shared_channels,
     shrink_attention,
     shrink_experts,
     shrink_mlp,
@@ -148,6 +149,8 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
                 channel_scores = layer_scores.get("mlp", torch.zeros(widths.num_experts, widths.intermediate_size))
                 channels = torch.stack([select_channels(channel_scores[e], target) for e in kept.tolist()])
                 shrink_experts(layer.mlp, kept, channels)
+                if "shared" in layer_scores:  # the shared expert loses the experts' share of its channels
+                    shrink_mlp(layer.mlp.shared_expert, select_shared_channels(layer_scores["shared"], target))
             elif "mlp" in config.targets:
                 target = planned_widths(widths, layer_ratios["mlp"], config.heads, ("mlp",), config.multiple, dim,
                                         "a decoder layer", keep_one=config.scope == "global")

@@ -140,6 +140,9 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
         width = mlp.experts.down_proj.shape[-1]
         gate_up = score(mlp.experts.gate_up_proj, (0, 1))
         scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
+        shared = getattr(mlp, "shared_expert", None)
+        if shared is not None:  # a dense MLP beside the experts (Qwen2-MoE)
+            scores["shared"] = (score(shared.gate_proj, 0) + score(shared.up_proj, 0) + score(shared.down_proj, 1)).cpu()
     elif "mlp" in targets and hasattr(mlp, "gate_up_proj"):  # fused: gate rows then up rows
         rows, width = score(mlp.gate_up_proj, 0), mlp.down_proj.in_features
         scores["mlp"] = (rows[:width] + rows[width:] + score(mlp.down_proj, 1)).cpu()
@@ -156,6 +159,8 @@ def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.
             weights += [m.weight for n, m in layer.self_attn.named_children() if isinstance(m, torch.nn.Linear)]
         if "mlp" in targets and is_moe(layer.mlp):
             weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
+            shared = getattr(layer.mlp, "shared_expert", None)
+            weights += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight] if shared else []
         elif "mlp" in targets:
             weights += [m.weight for n, m in layer.mlp.named_children() if isinstance(m, torch.nn.Linear)]
     return weights

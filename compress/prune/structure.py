@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -34,6 +34,7 @@ class LayerWidths:
     num_key_value_heads: int
     intermediate_size: int  # the MLP's channels; in an MoE layer, each expert's
     num_experts: int = 0  # MoE layers only
+    shared_expert_size: int = 0  # MoE layers with a shared expert (Qwen2-MoE): its channels
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -76,8 +77,9 @@ def layer_widths(layer: torch.nn.Module) -> LayerWidths:
     else:
         heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
     if is_moe(layer.mlp):
-        experts = layer.mlp.experts
-        return LayerWidths(*heads, experts.down_proj.shape[-1], experts.down_proj.shape[0])
+        experts, shared = layer.mlp.experts, getattr(layer.mlp, "shared_expert", None)
+        return LayerWidths(*heads, experts.down_proj.shape[-1], experts.down_proj.shape[0],
+                           shared.down_proj.in_features if shared is not None else 0)
     return LayerWidths(*heads, layer.mlp.down_proj.in_features)
 
 
@@ -134,12 +136,16 @@ def planned_widths(widths: LayerWidths, ratio: float, heads: str, targets, multi
                                     f"heads, head_dim {dim}, widths rounded to multiples of {multiple}); lower the "
                                     f"ratio or the multiple")
             q, kv = keep * per_group, keep
+    shared = widths.shared_expert_size
     if "mlp" in targets:
         inter = kept_count(inter, ratio, 1, multiple, keep_one)
-        if inter == 0:
-            raise CompressError(f"ratio {ratio} leaves no MLP channel in {where} ({widths.intermediate_size} "
-                                f"channels rounded to multiples of {multiple}); lower the ratio or the multiple")
-    return LayerWidths(q, kv, inter, widths.num_experts)
+        shared = kept_count(shared, ratio, 1, multiple, keep_one) if shared else 0
+        if inter == 0 or (widths.shared_expert_size and shared == 0):
+            sizes = f"{widths.intermediate_size} channels" + (
+                f", a shared expert of {widths.shared_expert_size}" if widths.shared_expert_size else "")
+            raise CompressError(f"ratio {ratio} leaves no MLP channel in {where} ({sizes} rounded to multiples of "
+                                f"{multiple}); lower the ratio or the multiple")
+    return LayerWidths(q, kv, inter, widths.num_experts, shared)
 
 
 def planned_experts(widths: LayerWidths, ratio: float, top_k: int, where: str) -> LayerWidths:
@@ -149,7 +155,7 @@ def planned_experts(widths: LayerWidths, ratio: float, top_k: int, where: str) -
         raise CompressError(f"experts: {ratio} keeps {keep} of {widths.num_experts} experts in {where}, fewer than "
                             f"the {top_k} each token is routed to; lower experts to at most "
                             f"{(widths.num_experts - top_k) / widths.num_experts:.2f}")
-    return LayerWidths(widths.num_attention_heads, widths.num_key_value_heads, widths.intermediate_size, keep)
+    return replace(widths, num_experts=keep)
 
 
 def stock_config_problem(config, widths: LayerWidths, dim: int) -> str | None:
@@ -228,6 +234,10 @@ def select_heads(query_scores: torch.Tensor, kv_scores: torch.Tensor, target: La
 
 def select_channels(channel_scores: torch.Tensor, target: LayerWidths) -> torch.Tensor:
     return _top(channel_scores, target.intermediate_size)
+
+
+def select_shared_channels(channel_scores: torch.Tensor, target: LayerWidths) -> torch.Tensor:
+    return _top(channel_scores, target.shared_expert_size)
 
 
 # ---------------------------------------------------------------- surgery
@@ -309,6 +319,8 @@ def shrink_layer_to(layer: torch.nn.Module, widths: LayerWidths) -> None:
     if widths.num_experts:
         shrink_experts(layer.mlp, torch.arange(widths.num_experts),
                        torch.arange(widths.intermediate_size).expand(widths.num_experts, -1))
+        if widths.shared_expert_size:
+            shrink_mlp(layer.mlp.shared_expert, torch.arange(widths.shared_expert_size))
     else:
         shrink_mlp(layer.mlp, torch.arange(widths.intermediate_size))
 
@@ -350,6 +362,8 @@ def _write_widths(config, widths: LayerWidths, dim: int) -> None:
         known = family(config)
         setattr(config, known.experts_field, widths.num_experts)
         setattr(config, known.expert_width_field, widths.intermediate_size)
+        if widths.shared_expert_size:
+            setattr(config, known.shared_expert_width_field, widths.shared_expert_size)
     else:
         config.intermediate_size = widths.intermediate_size
 
