@@ -66,8 +66,14 @@ def family(model_or_config) -> Family:
     """The family of a model (or config); an unknown one is an error that lists the known ones."""
     kind = model_type(model_or_config)
     if kind not in FAMILIES:
+        config = getattr(model_or_config, "config", model_or_config)
+        text = (config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)) or {}
+        text_kind = model_type(text) if isinstance(text, dict) else getattr(text, "model_type", "")
+        hint = (f"; it is a multimodal checkpoint whose language model is '{text_kind}', which compress knows, but "
+                f"compress works on text-only checkpoints: start from the text-only release of the model, or save "
+                f"its language model alone" if text_kind in FAMILIES else "")
         raise CompressError(f"compress knows the model families {', '.join(FAMILIES)} (config.model_type); this "
-                            f"model is '{kind}'")
+                            f"model is '{kind}'{hint}")
     return FAMILIES[kind]
 
 

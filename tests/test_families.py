@@ -272,6 +272,12 @@ def test_phi3_pruning_is_uniform_and_unknown_families_are_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(CompressError, match=f"knows the model families {', '.join(FAMILIES)}.*'gpt2'"):
         compress.quantize(gpt2, compress.RTN(bits=4, group_size=16), show_progress=False)
+    # a multimodal wrapper around a known language model says so (Gemma 3 4B and up ship as `gemma3`)
+    multimodal = AutoConfig.for_model("gemma3", text_config=dict(COMMON, **FEATURES["gemma3_text"]))
+    for config in (multimodal, multimodal.to_dict()):
+        with pytest.raises(CompressError, match="'gemma3'; it is a multimodal checkpoint whose language model is "
+                                                "'gemma3_text'.*text-only"):
+            family(config)
 
 
 def _count_quantized(model):
