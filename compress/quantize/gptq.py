@@ -268,8 +268,8 @@ def _stacked_rows(weights: list[torch.Tensor], begin: int, end: int) -> torch.Te
 
 
 def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str) -> None:
-    """GPTQ for all Linears sharing `hessian`: one factorisation, and their rows stacked into one column sweep (the
-    sweep is launch-bound: one sweep over 28,672 rows costs about what one over 14,336 does). Rows are independent
+    """GPTQ for all Linears sharing `hessian`: one factorisation, and their rows stacked into one column sweep (its
+    per-column kernel launches are paid once for the group, not once per Linear). Rows are independent
     given the Hessian, so the stack is solved in slices of at most SOLVE_SLICE elements, which bounds the solver's
     memory whatever the group (an MoE layer's gate/up group is 16 Linears, 229,376 rows at Mixtral-8x7B). Under
     several processes each solves its share of the stack's rows and all gather them. Weights replaced in place."""
