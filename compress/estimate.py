@@ -27,6 +27,7 @@ from compress.prune.structure import (
     layer_widths,
     planned_experts,
     planned_widths,
+    shared_expert,
     shrink_layer_to,
 )
 
@@ -133,7 +134,7 @@ def _active_mlp_width(layer, config, known) -> int:
     if known.mlp != "experts":
         return mlp.down_proj.in_features
     width = config.num_experts_per_tok * mlp.experts.down_proj.shape[-1]
-    shared = getattr(mlp, "shared_expert", None)
+    shared = shared_expert(mlp)
     return width + (shared.down_proj.in_features if shared is not None else 0)
 
 

@@ -272,12 +272,20 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
 
 
 def quantized_input(source: str | RandomInit) -> str | None:
-    """How a local model folder was quantized by the tool that wrote it (None: a float model, or not a folder)."""
+    """How a model folder or hub checkpoint was quantized by the tool that wrote it (None: a float model, or neither).
+    A hub checkpoint's config.json is read from the local cache, where loading it put it."""
     resolved = resolve_source(source)
     config = Path(resolved.location) / "config.json"
-    if resolved.kind != "dir" or not config.is_file():
+    if resolved.kind == "hub":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config = Path(hf_hub_download(resolved.location, "config.json", local_files_only=True))
+        except Exception:  # noqa: BLE001 -- not in the cache: nothing to say
+            return None
+    elif resolved.kind != "dir":
         return None
-    return describe_quantized_checkpoint(json.loads(config.read_text()))
+    return describe_quantized_checkpoint(json.loads(config.read_text())) if config.is_file() else None
 
 
 def _quantized_hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:

@@ -40,7 +40,7 @@ from compress.training import training_examples
 
 
 def _base_summary(recipe: Recipe) -> str:
-    """The base row of the report; a checkpoint another tool quantized says so (it loads as its float values)."""
+    """The base row of the report; a checkpoint another tool quantized says how (compress.models.quantized_input)."""
     quantized = quantized_input(recipe.model)
     return f"base ({recipe.dtype})" + (f", from a quantized checkpoint: {quantized}" if quantized else "")
 

@@ -3,7 +3,7 @@ memory do not depend on the values), one GPU, each (shape, part) in its own proc
 
     python eval/bench_families.py --shapes llama3.1-8b,qwen3-8b,mixtral-8x7b --parts prune,gptq \\
         --out eval/results/bench_families_h200.json
-    python eval/bench_families.py --shapes mixtral-8x7b --layers 4 --parts gptq-resident,gptq-offload,peer \\
+    python eval/bench_families.py --shapes mixtral-8x7b --layers 2 --parts gptq-resident,gptq-offload,peer \\
         --peer-python python3 --peer-pythonpath /tmp/peer:/tmp/site --out eval/results/bench_families_peer_h200.json
 
 prune: Taylor element1 on 10 x 128 calibration tokens, 25 % of heads and MLP channels in every layer (MoE: also 25 %
@@ -48,7 +48,8 @@ def shape_config(shape: str, layers: int | None):
 
 def random_model(config, device: str):
     """bf16 random weights. On a GPU transformers' own init is fast; on the CPU (a 47B offload model) it would take
-    minutes, so the weights are left uninitialised and filled from one random pool (memory speed) instead; norms 1."""
+    minutes, so the weights are left uninitialised and filled from one random pool (memory speed) instead; norm
+    weights 1, biases 0."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -63,10 +64,10 @@ def random_model(config, device: str):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     pool = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             flat = param.view(-1)
             if param.dim() == 1:
-                flat.fill_(1.0)
+                flat.fill_(0.0 if name.endswith("bias") else 1.0)
                 continue
             for start in range(0, flat.numel(), pool.numel()):
                 part = flat[start:start + pool.numel()]
@@ -133,7 +134,8 @@ def run_peer(shape: str, layers: int | None, args) -> dict:
         return {"shape": shape, "part": "peer", "error": done.stderr.strip().splitlines()[-3:]}
     row = json.loads(lines[-1])
     return {"shape": shape, "part": "peer", "tool": row["tool"], "seconds": round(row["seconds"], 1),
-            "peak_gib": round(row["peak_cuda_bytes"] / GIB, 2), "setting": "GPTQ W4 g128, 128 x 2048 tokens"}
+            "peak_gib": row["peak_cuda_bytes"] and round(row["peak_cuda_bytes"] / GIB, 2),
+            "setting": "GPTQ W4 g128, 128 x 2048 tokens"}
 
 
 def main() -> None:

@@ -217,7 +217,7 @@ def test_layouts_compress_cannot_read_are_named(tmp_path, tokenizer_files, quant
 
 @pytest.mark.parametrize("quantization_config,described", [
     ({"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": True, "checkpoint_format": "gptq_v2"},
-     "GPTQ v2, 3-bit, group 128, act-order (grids not kept)"),
+     "GPTQ v2, 3-bit, group 128, act-order"),
     ({"quant_method": "gptq", "bits": 8, "group_size": -1}, "GPTQ v1, 8-bit, per channel"),
     ({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "gemm"}, "AWQ GEMM, 4-bit, group 64"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors pack-quantized"),

@@ -45,6 +45,40 @@ def test_gptq_solve_beats_rtn_and_lies_on_the_grid(bits, group_size, sym, act_or
     assert scale.shape == (48, 1 if group_size == -1 else 128 // group_size)
 
 
+def test_a_process_with_no_rows_of_a_group_still_joins_the_gather(monkeypatch):
+    """Under several processes a group with fewer rows than processes leaves some with an empty share: they must
+    still send an empty part of each result to the gather (else the others wait there forever)."""
+    from compress.quantize import gptq
+
+    torch.manual_seed(0)
+    X = _correlated_inputs(512, 32)
+    hessian = 2 * X.T @ X / X.shape[0]
+    config = GPTQ(bits=4, group_size=16)
+    args = gptq.quantization_args(config, "weight")
+    make = lambda: {"a": torch.nn.Linear(32, 3, bias=False), "b": torch.nn.Linear(32, 2, bias=False)}  # noqa: E731
+    torch.manual_seed(1)
+    alone = make()
+    torch.manual_seed(1)
+    empty = make()
+    with torch.no_grad():
+        gptq._solve_group(alone, ["a", "b"], hessian, args, config, "test")  # one process: every row
+    others = [torch.cat([alone["a"].weight, alone["b"].weight]).detach()]
+    others += [torch.cat([alone[n].weight_quant.scale for n in "ab"]), torch.cat([alone[n].weight_quant.zero_point for n in "ab"])]
+    sent = []
+
+    def gather(rows, total):  # this process sends nothing; the other processes' rows come back
+        sent.append(rows.shape[0])
+        return others[len(sent) - 1] if len(sent) <= 3 else torch.ones(total)
+
+    monkeypatch.setattr(gptq.distributed, "share", lambda items: items[:0])
+    monkeypatch.setattr(gptq.distributed, "gather_rows", gather)
+    with torch.no_grad():
+        gptq._solve_group(empty, ["a", "b"], hessian, args, config, "test")
+    assert sent == [0, 0, 0, 0, 0]  # quantized rows, scales, zero points, changed and kept energies
+    for name in "ab":
+        assert torch.equal(empty[name].weight, alone[name].weight)
+
+
 def test_gptq_zero_columns_and_non_positive_definite_hessian():
     X = _correlated_inputs(512, 64)
     X[:, 5] = 0  # a column no input ever reaches

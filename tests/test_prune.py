@@ -246,8 +246,9 @@ def test_gradient_sums_that_do_not_fit_are_refused_before_any_work(monkeypatch, 
     need = scored * 4 * copies
     before = {name: p.clone() for name, p in model.state_dict().items()}
     monkeypatch.setattr(importance_module, "available_memory", lambda device: int(need / 0.9) - 8)
-    with pytest.raises(CompressError, match=rf"{need / 2**30:.1f} GiB.*importance l1 or l2"):
-        prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2])
+    with pytest.raises(CompressError, match=rf" {need / 2**20:,.1f} MiB, and cpu has {(int(need / 0.9) - 8) / 2**20:,.1f} "
+                                            rf"MiB free.*importance l1 or l2"):
+        prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2], show_progress=False)
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())  # untouched
     monkeypatch.setattr(importance_module, "available_memory", lambda device: int(need / 0.9) + 8)
     prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2], show_progress=False)

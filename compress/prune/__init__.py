@@ -28,7 +28,6 @@ from compress.prune.structure import (
     record_widths,
     select_channels,
     select_heads,
-    select_shared_channels,
     shrink_attention,
     shrink_experts,
     shrink_mlp,
@@ -150,7 +149,7 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
                 channels = torch.stack([select_channels(channel_scores[e], target) for e in kept.tolist()])
                 shrink_experts(layer.mlp, kept, channels)
                 if "shared" in layer_scores:  # the shared expert loses the experts' share of its channels
-                    shrink_mlp(layer.mlp.shared_expert, select_shared_channels(layer_scores["shared"], target))
+                    shrink_mlp(layer.mlp.shared_expert, select_channels(layer_scores["shared"], target, shared=True))
             elif "mlp" in config.targets:
                 target = planned_widths(widths, layer_ratios["mlp"], config.heads, ("mlp",), config.multiple, dim,
                                         "a decoder layer", keep_one=config.scope == "global")

@@ -21,7 +21,7 @@ from rich.progress import track
 from compress import distributed
 from compress.errors import CompressError
 from compress.modules import available_memory
-from compress.prune.structure import fused_rows, is_moe
+from compress.prune.structure import fused_rows, is_moe, shared_expert
 
 
 # channel_score(linear or weight, keep): one score per channel, channels along weight dimension(s) `keep` (0: output
@@ -81,7 +81,7 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
 def check_gradient_memory(weights: list[torch.nn.Parameter], fisher: bool) -> None:
     """Refuse, before any backward pass, when the float32 sums (and squares) of the scored weights' gradients do
     not fit beside the model: a clear error now rather than an out-of-memory error after minutes (Mixtral-8x7B's
-    element1 sums are 184 GB)."""
+    element1 sums are 173 GiB)."""
     need = sum(p.numel() for p in weights) * 4 * (2 if fisher else 1)
     device = weights[0].device
     free = available_memory(device)
@@ -90,9 +90,9 @@ def check_gradient_memory(weights: list[torch.nn.Parameter], fisher: bool) -> No
         return
     what = "sums and squares" if fisher else "sums"
     raise CompressError(f"gradient importance keeps float32 gradient {what} of every scored weight: "
-                        f"{need / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free beside the model; "
-                        f"score with importance l1 or l2 (no gradients; MoE experts are still ranked by REAP), prune "
-                        f"fewer layers per step (`layers`, not with uniform), or run on a device with more memory")
+                        f"{need / 2**20:,.1f} MiB, and {device} has {free / 2**20:,.1f} MiB free beside the model; "
+                        f"score with importance l1 or l2 (no gradients; MoE experts are still ranked by REAP), or "
+                        f"run on a device with more memory")
 
 
 def channel_scorer(kind: str, gradient: dict, fisher: dict) -> ChannelScore:
@@ -140,7 +140,7 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
         width = mlp.experts.down_proj.shape[-1]
         gate_up = score(mlp.experts.gate_up_proj, (0, 1))
         scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
-        shared = getattr(mlp, "shared_expert", None)
+        shared = shared_expert(mlp)
         if shared is not None:  # a dense MLP beside the experts (Qwen2-MoE)
             scores["shared"] = (score(shared.gate_proj, 0) + score(shared.up_proj, 0) + score(shared.down_proj, 1)).cpu()
     elif "mlp" in targets and hasattr(mlp, "gate_up_proj"):  # fused: gate rows then up rows
@@ -159,8 +159,8 @@ def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.
             weights += [m.weight for n, m in layer.self_attn.named_children() if isinstance(m, torch.nn.Linear)]
         if "mlp" in targets and is_moe(layer.mlp):
             weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
-            shared = getattr(layer.mlp, "shared_expert", None)
-            weights += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight] if shared else []
+            shared = shared_expert(layer.mlp)
+            weights += [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
         elif "mlp" in targets:
             weights += [m.weight for n, m in layer.mlp.named_children() if isinstance(m, torch.nn.Linear)]
     return weights

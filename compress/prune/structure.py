@@ -65,6 +65,11 @@ def is_moe(mlp: torch.nn.Module) -> bool:
             and getattr(experts, "gate_up_proj", None) is not None and getattr(experts, "down_proj", None) is not None)
 
 
+def shared_expert(mlp: torch.nn.Module) -> torch.nn.Module | None:
+    """An MoE block's shared expert (Qwen2-MoE: a dense gate/up/down MLP beside the routed experts), or None."""
+    return getattr(mlp, "shared_expert", None)
+
+
 def head_dim(model: torch.nn.Module) -> int:
     return decoder_layers(model)[0].self_attn.head_dim
 
@@ -77,7 +82,7 @@ def layer_widths(layer: torch.nn.Module) -> LayerWidths:
     else:
         heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
     if is_moe(layer.mlp):
-        experts, shared = layer.mlp.experts, getattr(layer.mlp, "shared_expert", None)
+        experts, shared = layer.mlp.experts, shared_expert(layer.mlp)
         return LayerWidths(*heads, experts.down_proj.shape[-1], experts.down_proj.shape[0],
                            shared.down_proj.in_features if shared is not None else 0)
     return LayerWidths(*heads, layer.mlp.down_proj.in_features)
@@ -232,12 +237,9 @@ def select_heads(query_scores: torch.Tensor, kv_scores: torch.Tensor, target: La
     return query, groups
 
 
-def select_channels(channel_scores: torch.Tensor, target: LayerWidths) -> torch.Tensor:
-    return _top(channel_scores, target.intermediate_size)
-
-
-def select_shared_channels(channel_scores: torch.Tensor, target: LayerWidths) -> torch.Tensor:
-    return _top(channel_scores, target.shared_expert_size)
+def select_channels(channel_scores: torch.Tensor, target: LayerWidths, shared: bool = False) -> torch.Tensor:
+    """The channels to keep: of an MLP or one expert, or with `shared` of the MoE block's shared expert."""
+    return _top(channel_scores, target.shared_expert_size if shared else target.intermediate_size)
 
 
 # ---------------------------------------------------------------- surgery

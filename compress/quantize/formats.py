@@ -159,7 +159,7 @@ def describe_quantized_checkpoint(config: dict) -> str | None:
         version = "v2" if quant.get("checkpoint_format") == "gptq_v2" else "v1"
         group = quant.get("group_size", -1)
         return (f"GPTQ {version}, {quant.get('bits')}-bit, " + ("per channel" if group == -1 else f"group {group}")
-                + (", act-order (grids not kept)" if quant.get("desc_act") else ""))
+                + (", act-order" if quant.get("desc_act") else ""))
     if method == "awq":
         return (f"AWQ GEMM, {quant.get('bits', quant.get('w_bit', 4))}-bit, "
                 f"group {quant.get('group_size', quant.get('q_group_size', 128))}")

@@ -264,7 +264,7 @@ def _stacked_rows(weights: list[torch.Tensor], begin: int, end: int) -> torch.Te
         if low < high:
             pieces.append(weight[low - offset:high - offset])
         offset += len(weight)
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else weights[0][:0]
 
 
 def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str) -> None:
@@ -280,7 +280,8 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
     quantized = weights[0].new_empty(len(mine), cols)
     step = max(1, SOLVE_SLICE // cols)
     scale, zero, changed, kept = [], [], [], []
-    for begin in range(mine.start, mine.stop, step):
+    # at least one (perhaps empty) slice: a process whose share is empty still sends its part to the gather
+    for begin in range(mine.start, mine.stop, step) or [mine.start]:
         end = min(begin + step, mine.stop)
         rows = _stacked_rows(weights, begin, end)
         solved, slice_scale, slice_zero = gptq_solve(rows, hessian, args, config.act_order, config.damp,
