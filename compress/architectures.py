@@ -54,6 +54,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Multimodal checkpoints whose language model compress loads alone (the vision tower is not loaded; steps save
+# text-only checkpoints of the language model's family): model_type -> the prefixes of the language model's keys in
+# their files (transformers 5 saves Gemma 3 with the first, its modules are named with the second).
+LANGUAGE_MODEL_KEYS = {"gemma3": ("language_model.model.", "model.language_model.")}
+
+
 def model_type(model_or_config) -> str:
     """config.model_type of a model, a config, or a config.json read as a dict."""
     if isinstance(model_or_config, dict):
@@ -69,9 +75,14 @@ def family(model_or_config) -> Family:
         config = getattr(model_or_config, "config", model_or_config)
         text = (config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)) or {}
         text_kind = model_type(text) if isinstance(text, dict) else getattr(text, "model_type", "")
-        hint = (f"; it is a multimodal checkpoint whose language model is '{text_kind}', which compress knows, but "
-                f"compress works on text-only checkpoints: start from the text-only release of the model, or save "
-                f"its language model alone" if text_kind in FAMILIES else "")
+        hint = ""
+        if kind in LANGUAGE_MODEL_KEYS:
+            hint = (f"; it is a multimodal checkpoint whose language model is '{text_kind}': load its folder through "
+                    f"compress (`model: FOLDER`, compress.load_model), which takes the language model alone")
+        elif text_kind in FAMILIES:
+            hint = (f"; it is a multimodal checkpoint whose language model is '{text_kind}', which compress knows, "
+                    f"but compress works on text-only checkpoints: start from the text-only release of the model, "
+                    f"or save its language model alone")
         raise CompressError(f"compress knows the model families {', '.join(FAMILIES)} (config.model_type); this "
                             f"model is '{kind}'{hint}")
     return FAMILIES[kind]

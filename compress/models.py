@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from compress.architectures import module_name
+from compress.architectures import LANGUAGE_MODEL_KEYS, module_name
 from compress.config.data import cache_root
 from compress.config.sources import (
     ARCHITECTURES,
@@ -169,8 +170,13 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
     state = {module_name(config, key): value for key, value in state.items()}  # e.g. Mixtral's block_sparse_moe
+    multimodal = config.get("model_type") in LANGUAGE_MODEL_KEYS
+    if multimodal:
+        state = _language_model_state(state, config["model_type"])
     dense, grids = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else (state, {})
     model_config = AutoConfig.from_pretrained(folder)
+    if multimodal:
+        model_config = model_config.text_config
     if hasattr(model_config, "quantization_config"):
         del model_config.quantization_config
     model = build_architecture(model_config, dtype)
@@ -194,6 +200,24 @@ def _load_state(folder: Path, config: dict, dtype: torch.dtype) -> PreTrainedMod
             enable_fp8_activations(modules[name])
     fuse_experts(model)  # float MoE experts: transformers 5's own fused module again (what pruning works on)
     return model
+
+
+def _language_model_state(state: dict, kind: str) -> dict:
+    """The language model's tensors of a multimodal checkpoint, named as its text-only model names them."""
+    language = {}
+    for key, value in state.items():
+        for prefix in LANGUAGE_MODEL_KEYS[kind]:
+            if key.startswith(prefix):
+                language["model." + key.removeprefix(prefix)] = value
+        if key.startswith(("lm_head.", "language_model.lm_head.")):  # untied heads
+            language["lm_head." + key.rsplit("lm_head.", 1)[1]] = value
+    if not language:
+        raise CompressError(f"this {kind} checkpoint holds no language-model tensors under "
+                            f"{' or '.join(LANGUAGE_MODEL_KEYS[kind])}; its layout is not one compress reads")
+    warnings.warn(f"{kind} is multimodal: compress loads its language model alone ({len(state) - len(language)} "
+                  f"tensors of the vision tower and projector are not loaded), and its steps save text-only "
+                  f"checkpoints", stacklevel=3)
+    return language
 
 
 def random_init_config(spec: RandomInit):
@@ -251,10 +275,10 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
     if source.kind == "gguf":
         source = gguf_as_folder(source)
     if source.kind == "hub":
-        source = _quantized_hub_checkpoint_as_folder(source)
+        source = _hub_checkpoint_as_folder(source)
     if source.kind == "dir":
         config = json.loads((Path(source.location) / "config.json").read_text())
-        if is_quantized_checkpoint(config) or LAYER_WIDTHS_KEY in config:
+        if _needs_own_loader(config):
             model = _load_state(Path(source.location), config, DTYPES[dtype]).to(device).eval()
             grids_to_weights(model)  # the restored grids follow the weights to the device
             return model, load_tokenizer(source)
@@ -288,14 +312,21 @@ def quantized_input(source: str | RandomInit) -> str | None:
     return describe_quantized_checkpoint(json.loads(config.read_text())) if config.is_file() else None
 
 
-def _quantized_hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:
-    """A hub model whose config.json declares a quantization we read comes down as a folder and loads through
-    _load_state, so it is known as quantized (as a step folder is); any other hub model is left to from_pretrained."""
+def _needs_own_loader(config: dict) -> bool:
+    """Checkpoints that _load_state reads and from_pretrained does not read as compress needs them: quantized ones
+    (kept known as quantized), per-layer widths, and multimodal ones (their language model alone)."""
+    return (is_quantized_checkpoint(config) or LAYER_WIDTHS_KEY in config
+            or config.get("model_type") in LANGUAGE_MODEL_KEYS)
+
+
+def _hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:
+    """A hub model that _load_state must read (`_needs_own_loader`: quantized, multimodal) comes down as a folder;
+    any other hub model is left to from_pretrained."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
         config = json.loads(Path(hf_hub_download(source.location, "config.json")).read_text())
-        if not is_quantized_checkpoint(config):
+        if not _needs_own_loader(config):
             return source
         folder = snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                     "*.tiktoken"])

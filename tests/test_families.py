@@ -273,11 +273,46 @@ def test_phi3_pruning_is_uniform_and_unknown_families_are_clear_errors():
     with pytest.raises(CompressError, match=f"knows the model families {', '.join(FAMILIES)}.*'gpt2'"):
         compress.quantize(gpt2, compress.RTN(bits=4, group_size=16), show_progress=False)
     # a multimodal wrapper around a known language model says so (Gemma 3 4B and up ship as `gemma3`)
-    multimodal = AutoConfig.for_model("gemma3", text_config=dict(COMMON, **FEATURES["gemma3_text"]))
-    for config in (multimodal, multimodal.to_dict()):
+    for config in (_gemma3_multimodal_config(), _gemma3_multimodal_config().to_dict()):
         with pytest.raises(CompressError, match="'gemma3'; it is a multimodal checkpoint whose language model is "
-                                                "'gemma3_text'.*text-only"):
+                                                "'gemma3_text': load its folder through compress"):
             family(config)
+
+
+def _gemma3_multimodal_config():
+    return AutoConfig.for_model("gemma3", text_config=dict(COMMON, **FEATURES["gemma3_text"]), mm_tokens_per_image=4,
+                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=28, patch_size=14),
+                                image_token_index=511, boi_token_index=509, eoi_token_index=510)
+
+
+@pytest.mark.parametrize("layout", ["language_model.model.", "model.language_model."])
+def test_a_multimodal_gemma3_folder_loads_its_language_model_which_prunes_to_a_stock_text_model(
+        tmp_path, tiny_model_dir, layout):
+    """Gemma 3 4B and up ship as `gemma3` (vision tower + language model). compress loads the language model alone:
+    on text its logits are the multimodal model's own; it prunes and saves as a stock gemma3_text checkpoint. Both
+    key layouts: transformers 5's files (the first) and its module names (the second)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    multimodal = AutoModelForCausalLM.from_config(_gemma3_multimodal_config()).eval()
+    folder = tmp_path / "gemma3"
+    multimodal.save_pretrained(folder)
+    for file in tiny_model_dir.iterdir():
+        if "token" in file.name:
+            (folder / file.name).write_bytes(file.read_bytes())
+    state = load_file(folder / "model.safetensors")
+    save_file({key.replace("language_model.model.", layout): value for key, value in state.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="gemma3 is multimodal: compress loads its language model alone"):
+        model, _ = compress.load_model(str(folder))
+    assert type(model).__name__ == "Gemma3ForCausalLM" and family(model).name == "Gemma 3 (text)"
+    # 1e-3: the multimodal model builds its attention mask itself (a different SDPA path), so the sums differ in
+    # the last bits; any wrong tensor would differ by the size of the logits
+    torch.testing.assert_close(logits(model), logits(multimodal), atol=1e-3, rtol=1e-3)
+    prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
+    assert model.config.model_type == "gemma3_text" and model.config.num_attention_heads == 2
+    _assert_stock_transformers_reproduces(model, tmp_path / "pruned")
 
 
 def _count_quantized(model):
