@@ -24,11 +24,23 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow (real-weights) tests")
 
 
+# Seconds of one core the longest slow tests took (`pytest --slow -m slow --durations=40`, 2 cores, 2026-11-30): a
+# scheduling hint only. Longest first, handed out round-robin by `--dist load`, the two workers get about equal shares.
+SLOW_SECONDS = {
+    "test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2": 300, "test_task_adaptation_on_smollm2": 208,
+    "test_distill_and_qat_recipe_on_smollm2": 203, "test_shipped_recipe_runs_end_to_end": 161,
+    "test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers": 145,
+    "test_prune_and_recover_recipe_on_smollm2": 124, "test_the_main_job_runs_with_no_data_directory": 121,
+    "test_quantize_then_push_example_pushes_to_the_hub": 81, "test_examples_run": 60,
+    "test_taylor_pruning_beats_the_baselines_on_smollm2": 60, "test_fp8_on_smollm2_costs_little": 42,
+}
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"):
-        # the long real-weights tests first: under xdist the workers start on them and the short tests fill the gaps,
-        # instead of one worker finishing a long test alone at the end
-        items.sort(key=lambda item: "slow" not in item.keywords)
+        # the long real-weights tests first, longest first: under xdist the workers start on them and the short tests
+        # fill the gaps, instead of one worker finishing a long test alone at the end
+        items.sort(key=lambda item: ("slow" not in item.keywords, -SLOW_SECONDS.get(item.originalname, 0)))
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
