@@ -74,7 +74,7 @@ def family(model_or_config) -> Family:
     if kind not in FAMILIES:
         config = getattr(model_or_config, "config", model_or_config)
         text = (config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)) or {}
-        text_kind = model_type(text) if isinstance(text, dict) else getattr(text, "model_type", "")
+        text_kind = model_type(text)
         hint = ""
         if kind in LANGUAGE_MODEL_KEYS:
             hint = (f"; it is a multimodal checkpoint whose language model is '{text_kind}': load its folder through "

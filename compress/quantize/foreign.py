@@ -86,15 +86,19 @@ def gptq_weights(state: dict[str, torch.Tensor], quant: dict
     return dense, grids
 
 
+def awq_bits_and_group(quant: dict) -> tuple[int, int]:
+    """An AWQ quantization_config's bits and group size (transformers' names, else AutoAWQ's own)."""
+    return quant.get("bits", quant.get("w_bit", 4)), quant.get("group_size", quant.get("q_group_size", 128))
+
+
 def awq_weights(state: dict[str, torch.Tensor], quant: dict
                 ) -> tuple[dict[str, torch.Tensor], dict[str, WeightQuant]]:
     """Dense weights of an AutoAWQ GEMM state dict, and each module's grid (asymmetric 4-bit, contiguous groups)."""
     version = str(quant.get("version", "gemm")).lower()
-    bits = quant.get("bits", quant.get("w_bit", 4))
+    bits, group_size = awq_bits_and_group(quant)
     if version != "gemm" or bits != 4:
         raise CompressError(f"AWQ checkpoints in the '{version}' layout with {bits} bits cannot be read; readable: "
                             f"the GEMM layout, 4 bits (AutoAWQ's default)")
-    group_size = quant.get("group_size", quant.get("q_group_size", 128))
     args = weight_args(4, group_size, False, None, torch.float16)
     order = torch.tensor(AWQ_ORDER)
 

@@ -161,8 +161,10 @@ def describe_quantized_checkpoint(config: dict) -> str | None:
         return (f"GPTQ {version}, {quant.get('bits')}-bit, " + ("per channel" if group == -1 else f"group {group}")
                 + (", act-order" if quant.get("desc_act") else ""))
     if method == "awq":
-        return (f"AWQ GEMM, {quant.get('bits', quant.get('w_bit', 4))}-bit, "
-                f"group {quant.get('group_size', quant.get('q_group_size', 128))}")
+        from compress.quantize.foreign import awq_bits_and_group
+
+        bits, group = awq_bits_and_group(quant)
+        return f"AWQ GEMM, {bits}-bit, group {group}"
     return f"compressed-tensors {quant.get('format')}"
 
 
