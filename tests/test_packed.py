@@ -65,15 +65,60 @@ def test_a_packed_model_is_for_inference_only(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_packed_int4_on_gpu_equals_dequantized(tiny_model_dir, tmp_path):
-    folder = _saved(tiny_model_dir, tmp_path, compress.RTN(bits=4, group_size=32, sym=False))
+@pytest.mark.parametrize("config", [compress.RTN(bits=4, group_size=32, sym=False), compress.RTN(bits=4, group_size=64),
+                                    compress.FP8()])
+def test_packed_on_gpu_equals_dequantized(tiny_model_dir, tmp_path, config):
+    from compress.quantize.packed import DEQUANTIZE_ABOVE_ROWS, gemlite_module
+
+    folder = _saved(tiny_model_dir, tmp_path, config)
     dense, _ = compress.load(folder, dtype="bfloat16", device="cuda")
     packed, _ = compress.load(folder, dtype="bfloat16", device="cuda", runtime="packed")
-    assert packed_kernels(packed) == {"int4 tinygemm": 14}
-    for shape in ((2, 24), (1, 1)):  # a prompt and a decode step
+    fast = "int4 gemlite" if gemlite_module() else "int4 tinygemm"
+    if isinstance(config, compress.FP8):
+        fast = "fp8 _scaled_mm"
+    assert packed_kernels(packed) == {fast: 14}
+    # a decode step, a short prompt (the low-bit kernels) and a long one (dequantize-then-GEMM / _scaled_mm)
+    for shape in ((1, 1), (2, 24), (1, DEQUANTIZE_ABOVE_ROWS + 72)):
         ids = torch.randint(0, dense.config.vocab_size, shape, device="cuda")
         expected, got = _logits(dense, ids).float(), _logits(packed, ids).float()
-        assert (got - expected).abs().max() <= 0.02 * expected.abs().max()  # bf16 accumulation order
+        assert (got - expected).abs().max() <= 0.03 * expected.abs().max()  # bf16 accumulation order
+
+
+@pytest.mark.parametrize("out_features,in_features", [(64, 32), (128, 96), (96, 64), (1536, 576), (80, 128), (16, 32)])
+def test_tinygemm_cpu_layout_unpacks_to_the_exact_codes(out_features, in_features):
+    from compress.quantize.packed import unpack_tinygemm_cpu
+
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(unpack_tinygemm_cpu(packed, out_features, in_features), codes.to(torch.uint8))
+
+
+def test_gemlite_layout_is_compressed_tensors_packing_transposed():
+    """The dequantize kernel of the CUDA path reads gemlite's words ([in/8, out] int32, code i at bits 4i): packed here
+    by compressed-tensors' own packer, it gives back the grid's weights exactly."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from compress.quantize.packed import dequantize_gemlite_reference
+
+    signed = torch.randint(-8, 8, (48, 128), dtype=torch.int8)
+    scale, zero = torch.rand(48, 4) + 0.1, torch.randint(-8, 8, (48, 4))
+    words = pack_to_int32(signed, num_bits=4)  # [out, in/8], signed codes offset by 8 as compressed-tensors stores
+    weight = dequantize_gemlite_reference(words.T.contiguous(), scale.T.contiguous(), (zero + 8).float().T.contiguous(), 32).T
+    expected = (signed.float() - zero.float().repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
+    assert torch.equal(weight, expected)
+
+
+def test_long_inputs_on_cpu_dequantize_and_equal_the_short_path(tiny_model_dir, tmp_path):
+    from compress.quantize.packed import CPU_DEQUANTIZE_ABOVE_ROWS
+
+    folder = _saved(tiny_model_dir, tmp_path, compress.RTN(bits=4, group_size=32, sym=False))
+    packed, _ = compress.load(folder, dtype="bfloat16", runtime="packed")
+    linear = packed.model.layers[0].mlp.down_proj
+    assert linear.cpu_dequantize  # the unpacking rule holds on this CPU
+    x = torch.randn(CPU_DEQUANTIZE_ABOVE_ROWS + 1, linear.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        long, short = linear(x), torch.cat([linear(x[i:i + 64]) for i in range(0, len(x), 64)])
+    assert (long.float() - short.float()).abs().max() <= 0.02 * short.float().abs().max()
 
 
 def test_bench_measures_every_step_of_a_run(tiny_model_dir, tmp_path):

@@ -1,4 +1,7 @@
-"""A fused GPU kernel for GPTQ's inner loop (gptq.quantize_block), in Triton.
+"""Our Triton kernels: GPTQ's inner loop (gptq.quantize_block), and the int4 dequantization of the packed runtime's
+long inputs (dequantize_int4).
+
+GPTQ's inner loop.
 
 Why ours: the inner loop quantizes one column at a time, and in eager PyTorch each column costs about ten tiny
 kernel launches. At Llama-2-7B shape that is ~750k columns and most of the run (eval/bench_gptq.py on an H100: 147 s
@@ -68,3 +71,43 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
     _quantize_block_kernel[grid](block, upper, scale, zero, quantized, errors, rows, columns, block.stride(0),
                                  upper.stride(0), float(qmin), float(qmax), ROWS=ROWS_PER_PROGRAM, BLOCK=width)
     return quantized, errors
+
+
+# The packed runtime's long inputs (compress.quantize.packed): the int4 weight dequantized to bf16 by one kernel, then
+# cuBLAS. Why ours: torch.compile's kernel for the same expression reached 1.3 TB/s on an H200 (eval/results/
+# bench_kernels_h200.json), a quarter of the memory bandwidth that this element-wise pass should run at, and gemlite's
+# own GEMM was 3x slower than cuBLAS at 2048 rows. Each program writes a tile of the [in, out] weight; the word holding
+# input k is row k // 8 of gemlite's (= compressed-tensors' transposed) layout, its code at bits 4·(k % 8).
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_int4_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, K, N, group, zero_constant,
+                                HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = (k[:, None] < K) & (n[None, :] < N)
+        words = tl.load(packed_ptr + (k[:, None] // 8) * N + n[None, :], mask=tile, other=0)
+        codes = ((words >> ((k[:, None] % 8) * 4)) & 15).to(tl.float32)
+        meta = (k[:, None] // group) * N + n[None, :]
+        scale = tl.load(scale_ptr + meta, mask=tile, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + meta, mask=tile, other=0.0).to(tl.float32)
+        else:
+            zero = zero_constant
+        tl.store(out_ptr + k[:, None] * N + n[None, :], ((codes - zero) * scale).to(out_ptr.dtype.element_ty),
+                 mask=tile)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int, group: int
+                    ) -> torch.Tensor:
+    """[in, out] weight (scales' dtype) from gemlite's int4 words [in/8, out] (int32) and per-group [in/group, out]
+    scales and zero points (a tensor, or one integer for every group)."""
+    words, columns = packed.shape
+    rows = words * 8
+    out = torch.empty(rows, columns, dtype=scales.dtype, device=packed.device)
+    has_zero = isinstance(zeros, torch.Tensor)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(columns, 256))
+    _dequantize_int4_kernel[grid](packed, scales, zeros if has_zero else scales, out, rows, columns, group,
+                                  0.0 if has_zero else float(zeros), HAS_ZERO=has_zero, BLOCK_K=32, BLOCK_N=256,
+                                  num_warps=4)
+    return out

@@ -1,26 +1,39 @@
-"""The packed runtime: quantized Linears kept packed in memory and run with PyTorch's own low-bit kernels, so a 4-bit
-model is 4 bits when it runs, not only on disk. Built from the checkpoint's saved scales and zero points (the values
-are exactly the checkpoint's); pruned layers keep their widths.
+"""The packed runtime: quantized Linears kept packed in memory and run with low-bit kernels, so a 4-bit model is 4 bits
+when it runs, not only on disk, and faster than its source. Built from the grid's integer codes, scales and zero points
+(the values are exactly the checkpoint's); pruned layers keep their widths.
 
-    int4, groups of 32/64/128/256   tinygemm: aten._weight_int4pack_mm (CUDA) and _weight_int4pack_mm_for_cpu, the
-                                    kernels gpt-fast and torchao's int4 weight-only path call (bf16 compute). A Triton
-                                    W4A16 kernel of ours was 1.6-4.3x slower than tinygemm at 1 and 16 rows on the
-                                    H200 (eval/results/bench_int4_kernels_h200.json), so it is not here
+Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernels_h200.json, 7B shapes on an H200):
+
+    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress[cuda]`): its GEMV / split-K kernels
+                                    for a few rows (decode), and above DEQUANTIZE_ABOVE_ROWS rows the weight dequantized
+                                    by one fused kernel and multiplied by cuBLAS (vLLM's rule for Marlin: a large
+                                    input is compute-bound, and cuBLAS is the fastest GEMM there). Without gemlite:
+                                    tinygemm (aten._weight_int4pack_mm, what torchao's int4 weight-only path calls),
+                                    with one warning naming the extra; tinygemm is 3-16x slower than bf16 on long
+                                    prompts and has no dequantize path, since its tile layout is private.
+    int4, CPU                       tinygemm's CPU kernel for few rows; above CPU_DEQUANTIZE_ABOVE_ROWS its layout is
+                                    unpacked (a rule checked exactly at pack time) and oneDNN's bf16 GEMM runs.
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
-    FP8 e4m3 (W8A8 or weight-only)  the e4m3 weight alone is kept (1 byte); W8A8 runs torch._scaled_mm on GPUs with
-                                    FP8 tensor cores, elsewhere the same rounding simulated
+    FP8 e4m3 (W8A8 or weight-only)  the e4m3 weight alone is kept (1 byte); W8A8 runs torch._scaled_mm with per-token x
+                                    per-row scales and fast accumulation on GPUs with FP8 tensor cores, its activation
+                                    quantization one compiled kernel; elsewhere the same rounding simulated
 Anything else (3 or 2 bits, int8 in groups, asymmetric int8) has no kernel here: it stays dequantized, and
 `pack_model` says so once per setting.
 
-tinygemm's grid is unsigned: w = (q − 8)·s + m with q in [0, 15] and one (s, m) per group. Ours (compressed-tensors)
-is w = (c − z)·s with c in [−8, 7]; so q = c + 8 and m = −z·s, exactly."""
+Grids: ours (compressed-tensors) is w = (c − z)·s with c in [−8, 7]. The kernels take unsigned codes q = c + 8 in
+[0, 15]: gemlite as w = (q − (z + 8))·s, tinygemm as w = (q − 8)·s + m with m = −z·s, exactly."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import warnings
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from compress.modules import PACKED_ATTR, QUANT_ATTR, WeightQuant
 
@@ -29,6 +42,11 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # float32 paths are reference loops (2 cores, a 576 x 1536 Linear, batch 64: int4 95 ms in float32, 2 ms in bf16; a
 # float32 matmul 3-7 ms). So a packed model computes these Linears in bf16 whatever its dtype.
 KERNEL_DTYPE = torch.bfloat16
+# Rows above which a 4-bit Linear dequantizes its weight and calls the dense GEMM: where the low-bit kernel's time
+# crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
+DEQUANTIZE_ABOVE_ROWS = 128
+CPU_DEQUANTIZE_ABOVE_ROWS = 128
+CUDA_EXTRA = 'pip install "compress[cuda]"'
 
 
 def integer_codes(weight: torch.Tensor, quant: WeightQuant) -> torch.Tensor:
@@ -40,16 +58,30 @@ def integer_codes(weight: torch.Tensor, quant: WeightQuant) -> torch.Tensor:
     return torch.clamp(torch.round(weight.float() / scale) + zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).int()
 
 
+@functools.cache
+def gemlite_module():
+    """gemlite, imported on first use (its import reads the GPU's properties), or None where it is not installed."""
+    try:
+        import gemlite
+    except ImportError:
+        return None
+    return gemlite
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 class _PackedLinear(torch.nn.Module):
     """What every packed Linear shares: its widths, its bias and the grid it came from (for `is_quantized`)."""
 
     kernel = ""
 
-    def __init__(self, linear: torch.nn.Linear, quant: WeightQuant):
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, quant: WeightQuant):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-        setattr(self, PACKED_ATTR, self.kernel)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
         setattr(self, QUANT_ATTR, quant)
 
     def _finish(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -65,33 +97,125 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
 
 
+# tinygemm's CPU layout (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel): rows in blocks of 64,
+# each block stored as [in, 32] bytes whose low nibbles are the block's rows 0-31 and high nibbles rows 32-63; a last
+# block of fewer rows pairs rows (2i, 2i+1) in a byte. The block width depends on the CPU's vector width, so the rule is
+# checked against the codes at pack time and the dequantize path is used only where it holds.
+CPU_BLOCK_ROWS = 64
+
+
+def unpack_tinygemm_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The unsigned codes [out, in] (uint8) of a weight packed by aten._convert_weight_to_int4pack_for_cpu; written
+    straight into place (one byte per weight; no float temporaries: this runs on every long input)."""
+    flat = packed.reshape(-1)
+    full = out_features // CPU_BLOCK_ROWS * CPU_BLOCK_ROWS
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=packed.device)
+    blocks = flat[:full * in_features // 2].view(-1, in_features, CPU_BLOCK_ROWS // 2)
+    halves = codes[:full].view(-1, 2, CPU_BLOCK_ROWS // 2, in_features)
+    torch.bitwise_and(blocks, 15, out=halves[:, 0].transpose(1, 2))
+    torch.bitwise_right_shift(blocks, 4, out=halves[:, 1].transpose(1, 2))
+    if out_features > full:
+        tail = flat[full * in_features // 2:].view(in_features, (out_features - full) // 2)
+        codes[full:] = torch.stack([tail & 15, tail >> 4], 2).reshape(in_features, -1).T
+    return codes
+
+
+def _dequantize_columns(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int, group: int
+                        ) -> torch.Tensor:
+    """[in, out] weight from unsigned codes [in, out] and per-group [in/group, out] scales and zero points."""
+    columns, rows = codes.shape
+    grouped = codes.view(columns // group, group, rows).to(scales.dtype)
+    zero = zeros[:, None, :] if isinstance(zeros, torch.Tensor) else zeros
+    return ((grouped - zero) * scales[:, None, :]).view(columns, rows)
+
+
+def dequantize_gemlite_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int, group: int
+                        ) -> torch.Tensor:
+    """gemlite's int4 layout back to the [in, out] weight: `packed` is [in/8, out] int32, code i of a word at bits
+    4i..4i+3 (compressed-tensors' packing, transposed). The CUDA path runs kernels.dequantize_int4, this in one kernel."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    codes = ((packed[:, None, :] >> shifts[None, :, None]) & 15).view(-1, packed.shape[1])
+    return _dequantize_columns(codes, scales, zeros, group)
+
+
+@functools.cache
+def _compiled(function):
+    """One fused kernel for an element-wise function (eager it is ~6 passes over the weight); shapes vary by Linear."""
+    return torch.compile(function, dynamic=True, fullgraph=True)
+
+
 class Int4Linear(_PackedLinear):
-    """4-bit weights in tinygemm's layout (half a byte per weight) and one (scale, offset) pair per group."""
+    """4-bit weights (half a byte each) with one scale and zero point per group: gemlite on CUDA where installed, else
+    tinygemm; long inputs dequantize and call the dense GEMM (see the module's table)."""
 
-    kernel = "int4 tinygemm"
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int,
+                 bias: torch.Tensor | None, quant: WeightQuant, backend: str):
+        """codes: the grid's signed integers [out, in] (c in [−8, 7]); scale, zero_point: [out, in/group]."""
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, quant)
+        self.group_size, self.backend = group_size, backend
+        unsigned = (codes.int() + 8)
+        symmetric = zero_point is None or not zero_point.any()
+        if backend == "gemlite":
+            self._pack_gemlite(unsigned, scale, zero_point, symmetric)
+        else:
+            self._pack_tinygemm(unsigned, scale, zero_point)
+        setattr(self, PACKED_ATTR, self.kernel)
 
-    def __init__(self, linear: torch.nn.Linear, quant: WeightQuant):
-        super().__init__(linear, quant)
-        weight = linear.weight.detach()
-        self.group_size = quant.args.group_size
-        unsigned = integer_codes(weight, quant) + 8  # [out, in] in 0..15
+    def _pack_gemlite(self, unsigned, scale, zero_point, symmetric: bool) -> None:
+        gemlite = gemlite_module()
+        self.gemlite = gemlite.GemLiteLinearTriton(4, group_size=self.group_size, in_features=self.in_features,
+                                                   out_features=self.out_features, input_dtype=gemlite.DType.BF16,
+                                                   output_dtype=gemlite.DType.BF16)
+        zero = 8 if symmetric else (zero_point.float() + 8).to(KERNEL_DTYPE)
+        # fma_mode=False: w = (q − z)·s exactly as the checkpoint defines it (the fma form rounds −z·s to bf16)
+        self.gemlite.pack(unsigned.to(torch.uint8), scale.to(KERNEL_DTYPE), zero, bias=None, fma_mode=False)
+        self.kernel = "int4 gemlite"
+
+    def _pack_tinygemm(self, unsigned, scale, zero_point) -> None:
         tiles = _inner_k_tiles(self.in_features)
-        if weight.is_cuda:  # the CUDA packer takes two codes per byte, high nibble first
+        if unsigned.is_cuda:  # the CUDA packer takes two codes per byte, high nibble first
             pairs = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, tiles)
-        scale = quant.scale.float()
-        offset = torch.zeros_like(scale) if quant.zero_point is None else -quant.zero_point.float() * scale
+        scale = scale.float()
+        offset = torch.zeros_like(scale) if zero_point is None else -zero_point.float() * scale
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_offsets", torch.stack([scale, offset], -1).transpose(0, 1).contiguous()
                              .to(KERNEL_DTYPE))  # [groups, out, 2]
+        # the CPU layout is unpacked for long inputs only where the unpacking rule gives back these exact codes
+        self.cpu_dequantize = (not packed.is_cuda and torch.equal(
+            unpack_tinygemm_cpu(packed, self.out_features, self.in_features), unsigned.to(torch.uint8)))
+        self.kernel = "int4 tinygemm"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The [out, in] bf16 weight (for long inputs, and for tests)."""
+        if self.backend == "gemlite":
+            from compress.quantize.kernels import dequantize_int4
+
+            gemlite = self.gemlite
+            zeros = gemlite.zeros if gemlite.zeros.numel() > 1 else 8
+            return dequantize_int4(gemlite.W_q, gemlite.scales, zeros, self.group_size).T
+        groups = self.in_features // self.group_size
+        scales, offsets = self.scales_and_offsets.transpose(0, 1).unbind(-1)  # [out, groups]: w = (q − 8)·s + m
+        weight = torch.empty(self.out_features, groups, self.group_size, dtype=KERNEL_DTYPE)
+        weight.copy_(unpack_tinygemm_cpu(self.packed, self.out_features, self.in_features).view_as(weight))
+        return weight.mul_(scales[:, :, None]).add_((offsets - 8 * scales)[:, :, None]).view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(self.scales_and_offsets.dtype)
-        if self.packed.is_cuda:
+        flat = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
+        rows = flat.shape[0]
+        if self.backend == "gemlite":
+            if rows > DEQUANTIZE_ABOVE_ROWS:
+                out = flat @ self.dequantized_weight().T
+            else:
+                out = self.gemlite(flat)
+        elif self.packed.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_offsets)
+        elif rows > CPU_DEQUANTIZE_ABOVE_ROWS and self.cpu_dequantize:
+            out = F.linear(flat, self.dequantized_weight())
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
                                                              self.scales_and_offsets)
@@ -103,10 +227,11 @@ class Int8Linear(_PackedLinear):
 
     kernel = "int8 weight-only"
 
-    def __init__(self, linear: torch.nn.Linear, quant: WeightQuant):
-        super().__init__(linear, quant)
-        self.register_buffer("codes", integer_codes(linear.weight.detach(), quant).to(torch.int8))
-        self.register_buffer("scales", quant.scale.reshape(-1).to(KERNEL_DTYPE))
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, quant: WeightQuant):
+        super().__init__(codes.shape[1], codes.shape[0], bias, quant)
+        setattr(self, PACKED_ATTR, self.kernel)
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scales", scale.reshape(-1).to(KERNEL_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -115,59 +240,202 @@ class Int8Linear(_PackedLinear):
         return self._finish(out.to(x.dtype), shape)
 
 
+def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from compress.quantize.fp8 import quantize_activation
+
+    return quantize_activation(x)
+
+
 class FP8Linear(_PackedLinear):
     """e4m3 weights (one byte each) with one scale per output row; W8A8 also rounds its input to e4m3 per token."""
 
-    kernel = "fp8"
+    def __init__(self, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, quant: WeightQuant,
+                 dtype: torch.dtype):
+        super().__init__(weight_fp8.shape[1], weight_fp8.shape[0], bias, quant)
+        from compress.quantize.fp8 import _has_fp8_tensor_cores
 
-    def __init__(self, linear: torch.nn.Linear, quant: WeightQuant):
-        super().__init__(linear, quant)
-        from compress.quantize.fp8 import E4M3, _has_fp8_tensor_cores
-
-        weight = linear.weight.detach()
-        self.register_buffer("weight_fp8", (weight.float() / quant.scale.float()).to(E4M3))
-        self.register_buffer("scales", quant.scale.float())  # [out, 1]
+        self.register_buffer("weight_fp8", weight_fp8)  # [out, in] e4m3
+        self.register_buffer("scales", scale.float().reshape(-1, 1))  # [out, 1]
         self.dynamic_inputs = quant.input_args is not None
-        self.tensor_cores = (self.dynamic_inputs and _has_fp8_tensor_cores(weight.device)
-                             and weight.dtype == torch.bfloat16 and self.in_features % 16 == 0
+        self.tensor_cores = (self.dynamic_inputs and _has_fp8_tensor_cores(weight_fp8.device)
+                             and dtype == torch.bfloat16 and self.in_features % 16 == 0
                              and self.out_features % 16 == 0)
         self.kernel = "fp8 _scaled_mm" if self.tensor_cores else "fp8 (simulated matmul)"
         setattr(self, PACKED_ATTR, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from compress.quantize.fp8 import quantize_activation
-
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.tensor_cores:
-            x_fp8, x_scale = quantize_activation(flat)
+            # one fused kernel for the per-token scales and the rounding; then FP8 tensor cores with fast accumulation
+            # (gemlite's FP8 GEMV was slower than this at every row count measured)
+            x_fp8, x_scale = _compiled(_quantize_activation)(flat)
             out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale, scale_b=self.scales.T,
-                                   out_dtype=x.dtype)
+                                   out_dtype=x.dtype, use_fast_accum=True)
         else:
             if self.dynamic_inputs:
-                x_fp8, x_scale = quantize_activation(flat)
+                x_fp8, x_scale = _quantize_activation(flat)
                 flat = x_fp8.float() * x_scale
             out = (flat.float() @ (self.weight_fp8.float() * self.scales).T).to(x.dtype)
         return self._finish(out, shape)
 
 
-def packed_kind(linear: torch.nn.Linear, quant: WeightQuant) -> tuple[type[_PackedLinear] | None, str]:
-    """Which packed module runs this Linear's grid, or (None, why it stays dequantized)."""
+def int4_backend(device: torch.device) -> str:
+    """gemlite on CUDA where it is installed, else tinygemm (with one warning naming the extra on CUDA)."""
+    if device.type != "cuda":
+        return "tinygemm"
+    if gemlite_module() is None:
+        _warn_once(f"gemlite is not installed: 4-bit Linears run on tinygemm, 3-16x slower than bf16 on long prompts; "
+                   f"{CUDA_EXTRA} for the fast kernels")
+        return "tinygemm"
+    return "gemlite"
+
+
+def packed_kind(in_features: int, out_features: int, quant: WeightQuant) -> tuple[str | None, str]:
+    """Which packed kernel family runs this grid ("int4", "int8", "fp8"), or (None, why it stays dequantized)."""
     args = quant.args
     strategy = str(getattr(args.strategy, "value", args.strategy))
     kind = str(getattr(args.type, "value", args.type))
     if kind == "float" and args.num_bits == 8 and strategy == "channel":
-        return FP8Linear, ""
+        return "fp8", ""
     if kind == "int" and args.num_bits == 4 and strategy == "group" and args.group_size in INT4_GROUP_SIZES:
-        if linear.out_features % 8 or linear.in_features % 32:
-            return None, f"int4 with {linear.in_features} inputs x {linear.out_features} outputs (tinygemm needs " \
-                         f"outputs in multiples of 8 and inputs in multiples of 32)"
-        return Int4Linear, ""
+        if out_features % 8 or in_features % 32 or in_features % args.group_size:
+            return None, f"int4 with {in_features} inputs x {out_features} outputs (the int4 kernels need outputs " \
+                         f"in multiples of 8 and inputs in multiples of 32 and of the group size)"
+        return "int4", ""
     symmetric = quant.zero_point is None or not quant.zero_point.any()
     if kind == "int" and args.num_bits == 8 and strategy == "channel" and symmetric:
-        return Int8Linear, ""
+        return "int8", ""
     group = f" g{args.group_size}" if strategy == "group" else f" per {strategy}"
     return None, f"{kind}{args.num_bits}{group}{'' if args.symmetric else ' asymmetric'}"
+
+
+def linear_codes(linear: torch.nn.Linear, kind: str, quant: WeightQuant) -> torch.Tensor:
+    """A dequantized Linear's grid values in the form the packed modules take."""
+    weight = linear.weight.detach()
+    if kind == "fp8":
+        from compress.quantize.fp8 import E4M3
+
+        return (weight.float() / quant.scale.float()).to(E4M3)
+    return integer_codes(weight, quant)
+
+
+@dataclass
+class Grid:
+    """One quantized Linear as its grid values, from a dense model or straight from a checkpoint's packed tensors:
+    `codes()` gives its integer codes [out, in] (for FP8 the e4m3 weight), `release()` frees the source."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    quant: WeightQuant
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+    codes: Callable[[], torch.Tensor]
+    release: Callable[[], None] = lambda: None
+
+
+def packed_linear(grid: Grid) -> _PackedLinear:
+    """The packed module of one grid."""
+    codes, quant = grid.codes(), grid.quant
+    grid.release()
+    if grid.kind == "fp8":
+        return FP8Linear(codes, quant.scale, grid.bias, quant, grid.dtype)
+    if grid.kind == "int8":
+        return Int8Linear(codes, quant.scale, grid.bias, quant)
+    return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant,
+                      int4_backend(codes.device))
+
+
+# Linears that read the same input, run as one packed Linear where their grids agree: one launch instead of three or
+# two, and a wider GEMV (k/v of GQA models are narrow).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _grid_signature(grid: Grid) -> tuple:
+    args = grid.quant.args
+    return (grid.kind, grid.in_features, args.num_bits, str(args.type), str(args.strategy), args.group_size,
+            args.symmetric, grid.quant.input_args is not None, grid.dtype)
+
+
+def _concatenated(grids: list[Grid]) -> Grid:
+    """The grids of Linears with one input as one grid over their outputs stacked."""
+    def cat(tensors, like):
+        if all(t is None for t in tensors):
+            return None
+        return torch.cat([torch.zeros_like(like(g)) if t is None else t for t, g in zip(tensors, grids)])
+
+    first = grids[0].quant
+    quant = WeightQuant(first.args, torch.cat([g.quant.scale for g in grids]),
+                        cat([g.quant.zero_point for g in grids], lambda g: g.quant.scale.to(torch.int8)),
+                        first.input_args)
+    bias = cat([g.bias for g in grids], lambda g: torch.empty(g.out_features, device=g.quant.scale.device,
+                                                              dtype=g.dtype))
+
+    def codes():
+        parts = []
+        for grid in grids:
+            parts.append(grid.codes())
+            grid.release()
+        return torch.cat(parts)
+
+    return Grid(grids[0].kind, grids[0].in_features, sum(g.out_features for g in grids), quant, bias,
+                grids[0].dtype, codes)
+
+
+class FusedLinears(torch.nn.Module):
+    """One packed Linear standing for several that read the same input (q/k/v, gate/up). The family's own forward still
+    calls each projection (a FusedPart): the first call computes every output, the others take their slice, and the
+    last one drops the outputs (so nothing outlives the layer's forward, compiled or not)."""
+
+    def __init__(self, linear: _PackedLinear, widths: list[int]):
+        super().__init__()
+        self.linear, self.widths = linear, widths
+        self._input, self._outputs, self._taken = None, None, 0
+
+    def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._outputs is None or self._input is not x:
+            self._input, self._outputs, self._taken = x, self.linear(x).split(self.widths, -1), 0
+        out = self._outputs[index]
+        self._taken += 1
+        if self._taken == len(self.widths):
+            self._input, self._outputs = None, None
+        return out
+
+
+class FusedPart(torch.nn.Module):
+    """Where one of a fused group's Linears was: its slice of the group's output."""
+
+    def __init__(self, fused: FusedLinears, index: int):
+        super().__init__()
+        self.fused, self.index = fused, index
+        self.in_features, self.out_features = fused.linear.in_features, fused.widths[index]
+        setattr(self, PACKED_ATTR, fused.linear.kernel)
+        setattr(self, QUANT_ATTR, getattr(fused.linear, QUANT_ATTR))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.take(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {len(self.fused.widths)}, out_features={self.out_features}"
+
+
+def install_packed(model: torch.nn.Module, grids: dict[str, Grid]) -> None:
+    """Put the packed module of each grid (by module name) in its place in `model`, fusing the groups of
+    FUSED_GROUPS whose grids agree. Each module is built and its source released before the next."""
+    for parent_name, parent in list(model.named_modules()):
+        prefix = f"{parent_name}." if parent_name else ""
+        for group in FUSED_GROUPS:
+            members = [grids.get(prefix + child) for child in group]
+            if None in members or len({_grid_signature(g) for g in members}) != 1:
+                continue
+            fused = FusedLinears(packed_linear(_concatenated(members)), [g.out_features for g in members])
+            for index, child in enumerate(group):
+                setattr(parent, child, FusedPart(fused, index))
+                del grids[prefix + child]
+    for name, grid in grids.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, packed_linear(grid))
 
 
 @torch.no_grad()
@@ -177,27 +445,36 @@ def pack_model(model: torch.nn.Module) -> list[str]:
     from compress.modules import quantized_linears
 
     missing: Counter = Counter()
+    grids = {}
     for name, linear, quant in list(quantized_linears(model)):
-        packed_class, why = packed_kind(linear, quant)
-        if packed_class is None:
+        kind, why = packed_kind(linear.in_features, linear.out_features, quant)
+        if kind is None:
             missing[why] += 1
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, packed_class(linear, quant))
-    gc.collect()  # the replaced Linears sit in reference cycles: free their float weights now (7B FP8: 13 GB)
+
+        def release(linear=linear):
+            linear.weight = None  # free the float weight at once: a 7B model must not hold both
+
+        grids[name] = Grid(kind, linear.in_features, linear.out_features, quant, linear.bias, linear.weight.dtype,
+                           functools.partial(linear_codes, linear, kind, quant), release)
+    install_packed(model, grids)
+    gc.collect()  # the replaced Linears sit in reference cycles: free what is left of them now
     return [f"no packed kernel for {why}: {count} Linear(s) run dequantized" for why, count in missing.items()]
 
 
 def packed_kernels(model: torch.nn.Module) -> dict[str, int]:
-    """How many Linears each packed kernel runs."""
-    return dict(Counter(getattr(m, PACKED_ATTR) for m in model.modules() if hasattr(m, PACKED_ATTR)))
+    """How many Linears each packed kernel runs (a fused group counts as the Linears it stands for)."""
+    inside_fused = {id(m.linear) for m in model.modules() if isinstance(m, FusedLinears)}
+    return dict(Counter(getattr(m, PACKED_ATTR) for m in model.modules()
+                        if hasattr(m, PACKED_ATTR) and id(m) not in inside_fused))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer in memory (tied tensors once)."""
+    """Bytes of every parameter and buffer in memory (tied tensors and views of one tensor once)."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
