@@ -64,11 +64,13 @@ def run(
     """Run a recipe; a rerun skips the steps that are complete and unchanged."""
     from pydantic import ValidationError
 
+    from compress.distributed import failures_reach_every_rank
     from compress.pipeline import run as run_recipe
 
     try:
-        run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console, push_to_hub=push_to_hub,
-                   dry_run=dry_run, data_dir=data_dir)
+        with failures_reach_every_rank():  # under torchrun the other ranks stop at once, with this rank's error
+            run_recipe(recipe, output_dir=output_dir, overwrite=overwrite, console=console, push_to_hub=push_to_hub,
+                       dry_run=dry_run, data_dir=data_dir)
     except ValidationError as error:  # --push-to-hub's repo id
         _fail(CompressError(f"--push-to-hub: {error.errors()[0]['msg'].removeprefix('Value error, ')}"))
     except CompressError as error:

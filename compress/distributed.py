@@ -7,13 +7,22 @@ training batches (transformers' Trainer under accelerate). Results that must be 
 weights, pruning decisions) are computed once and broadcast, or computed from all-reduced sums. Rank 0 alone writes
 step folders, reports and Hub uploads; `on_main` runs such work and hands its result, or its failure, to every rank.
 
-Transport is torch.distributed: NCCL between GPUs (with gloo beside it for CPU tensors), gloo on the CPU."""
+Transport is torch.distributed: NCCL between GPUs (with gloo beside it for CPU tensors), gloo on the CPU.
+
+A failure on any rank stops every rank within seconds, with that rank's error: the failing rank writes its error into
+the launcher's key-value store (`failures_reach_every_rank`), and a watcher thread on every rank reads it there. A rank
+blocked in a collective that its failed peer will never join (NCCL waits for its timeout; gloo too while the peer's
+process lingers) cannot raise by itself, so the watcher ends the process, as torchrun would once it noticed."""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +31,12 @@ from compress.errors import CompressError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "COMPRESS_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 30 min)
+FAILURE_KEY = "compress/failure"  # in the process group's store: "rank N: error" of the first rank that failed
+WATCH_SECONDS = 0.5  # how often each rank looks for a failure of another
+# how long a watcher lets its own rank report a failure it also meets (a collective that broke when the failed peer
+# exited; an error every rank raises alike) before ending the process with the other rank's error
+GRACE_SECONDS = 5.0
+_reporting = threading.Event()  # set once this process is reporting a failure of its own
 
 
 def launched() -> bool:
@@ -62,6 +77,80 @@ def start(device: str) -> None:
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
     else:
         dist.init_process_group("gloo", timeout=timeout)
+    store = _store()
+    if store is not None:
+        threading.Thread(target=_watch_for_failures, args=(store, rank()), name="compress-failure-watcher",
+                         daemon=True).start()
+
+
+def _store():
+    """The process group's key-value store (the launcher's), or None where this torch keeps it out of reach."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _error_line(error: BaseException) -> str:
+    text = "; ".join(line for line in str(error).splitlines() if line.strip())
+    return text if isinstance(error, CompressError) else f"{type(error).__name__}: {text}"
+
+
+def announce_failure(error: BaseException) -> None:
+    """Tell every rank that this one failed, and with what. The first failure announced is kept: it is the cause, and
+    later ones (peers whose collectives broke) its consequences."""
+    _reporting.set()
+    store = _store() if active() else None
+    if store is None:
+        return
+    try:
+        store.compare_set(FAILURE_KEY, "", f"rank {rank()}: {_error_line(error)}")
+    except Exception:  # noqa: BLE001 - the store is gone: the launcher is already stopping every rank
+        pass
+
+
+def announced_failure() -> str | None:
+    """The first failure any rank announced ("rank N: error"), or None."""
+    store = _store() if active() else None
+    try:
+        return store.get(FAILURE_KEY).decode() if store is not None and store.check([FAILURE_KEY]) else None
+    except Exception:  # noqa: BLE001 - the store is gone with the launcher
+        return None
+
+
+@contextmanager
+def failures_reach_every_rank() -> Iterator[None]:
+    """Any exception raised inside is announced to the other ranks (then re-raised here), so that they stop at once
+    with it instead of waiting in a collective this rank will never join. Wrap a whole run in it."""
+    try:
+        yield
+    except Exception as error:
+        announce_failure(error)
+        raise
+
+
+def _watch_for_failures(store, me: int) -> None:
+    """Watcher thread: once another rank announces a failure, give this rank GRACE_SECONDS to report a failure of
+    its own, then print the other rank's error and end the process (it may be blocked in a collective forever)."""
+    while True:
+        time.sleep(WATCH_SECONDS)
+        try:
+            if not store.check([FAILURE_KEY]):
+                continue
+            failure = store.get(FAILURE_KEY).decode()
+        except Exception:  # noqa: BLE001 - the store closed: the run or its launcher is ending
+            return
+        if failure.startswith(f"rank {me}:") or _reporting.wait(GRACE_SECONDS):
+            return  # this rank reports its own failure
+        sys.stderr.write(f"error: rank {me}: stopped because {_failure_sentence(failure)}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _failure_sentence(failure: str) -> str:
+    failed, _, error = failure.partition(": ")
+    return (f"{failed} failed: {error} (see its output); rerun the same command to resume from the last complete "
+            f"step")
 
 
 def barrier() -> None:
@@ -186,6 +275,11 @@ def describe_failure(error: BaseException) -> str | None:
     text = str(error)
     if isinstance(error, getattr(dist, "DistBackendError", ())) or "timed out" in text.lower() or \
             "connection closed by peer" in text.lower() or "connection reset" in text.lower():
+        _reporting.set()
+        me = os.environ.get("RANK", "?")
+        failure = announced_failure()
+        if failure is not None and not failure.startswith(f"rank {me}:"):
+            return f"rank {me}: stopped because {_failure_sentence(failure)}"
         limit = os.environ.get(TIMEOUT_ENV, "1800")
         return (f"rank {os.environ.get('RANK', '?')}: waiting for the other processes failed ({text.splitlines()[0]}); "
                 f"another rank failed or is stuck (see its output; collectives wait {limit} s, "
