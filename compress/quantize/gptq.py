@@ -18,6 +18,7 @@ other (an owner rank per group, as llm-compressor does, would leave the other ra
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -44,6 +45,9 @@ from compress.quantize.grid import (
 from compress.quantize.layerwise import LayerwiseCalibration
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
+# on the model after quantize_gptq: {Linear name: the damp its solve used}, for every Linear whose Hessian needed more
+# than the configured damp (the pipeline records it in step.json; `raised_damping`)
+RAISED_DAMP_ATTR = "gptq_raised_damp"
 DEFAULT_BATCH_TOKENS = 16384
 
 
@@ -137,9 +141,9 @@ def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
 # ---------------------------------------------------------------- the solver
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H) (paper §4, "Cholesky reformulation").
-    If H + λI is not positive definite, λ is raised tenfold and retried, then the error names the layer.
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H) (paper §4, "Cholesky reformulation"), and the
+    damp used. If H + λI is not positive definite, λ is raised tenfold and retried, then the error names the layer.
 
     With J the reversal permutation and J(H + λI)J = L Lᵀ, (H + λI)⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper
     triangular with a positive diagonal: it is U (the factor is unique). One factorisation and one triangular solve,
@@ -149,13 +153,15 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> to
     mean_diag = hessian.diagonal().mean()
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        factor, info = torch.linalg.cholesky_ex((hessian + damp * 10**attempt * mean_diag * eye).flip(0, 1))
+        used = damp * 10**attempt
+        factor, info = torch.linalg.cholesky_ex((hessian + used * mean_diag * eye).flip(0, 1))
         if info == 0:
             upper = torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1)
             if torch.isfinite(upper).all():
-                return upper
-    raise CompressError(f"{where}: the Hessian is not positive definite even with damp {damp * 10**MAX_DAMP_RETRIES:g}"
-                        f" (inputs are degenerate or not finite); use more calibration samples or a larger damp")
+                return upper, used
+    raise CompressError(f"quantize (GPTQ), {where}: the Hessian is not positive definite even with damp "
+                        f"{damp * 10**MAX_DAMP_RETRIES:g} (the inputs are degenerate); use more calibration samples "
+                        f"or a larger damp")
 
 
 def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -175,19 +181,33 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
 
 
 class HessianFactor(NamedTuple):
-    """What every row of a solve shares, computed once per Hessian: the dead columns, the column order and U."""
+    """What every row of a solve shares, computed once per Hessian: the dead columns, the column order, U, and the
+    damp U was computed with (the configured one, or more where H needed it)."""
     dead: torch.Tensor
     order: torch.Tensor
     upper: torch.Tensor
+    damp: float
+
+
+def check_finite_hessian(hessian: torch.Tensor, where: str) -> None:
+    """Stop, naming the layer, when calibration inputs were NaN or inf: no damping makes such a Hessian usable, and
+    the quantized weights would be NaN. Called on the all-reduced Hessian, which every rank holds alike, so every
+    rank stops here together (a check of one rank's own sum could leave the others waiting in the all-reduce)."""
+    bad = ~torch.isfinite(hessian)
+    if bad.any():
+        raise CompressError(f"quantize (GPTQ), {where}: the Hessian of the calibration inputs has {int(bad.sum())} "
+                            f"NaN or inf entries: the model before this step computes non-finite values on the "
+                            f"calibration data (check its weights for NaN/inf; in float16, try dtype bfloat16)")
 
 
 def hessian_factor(hessian: torch.Tensor, act_order: bool, damp: float, where: str) -> HessianFactor:
+    check_finite_hessian(hessian, where)
     H = hessian.clone()
     # columns no calibration token ever reached: any value is exact, so quantize them as zeros (in gptq_solve)
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(len(H), device=H.device)
-    return HessianFactor(dead, order, inverse_hessian_factor(H[order][:, order], damp, where))
+    return HessianFactor(dead, order, *inverse_hessian_factor(H[order][:, order], damp, where))
 
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: bool, damp: float,
@@ -196,7 +216,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
     """Quantize `weight` [rows, cols] against `hessian` [cols, cols]; returns (quantized weight, scale, zero point)
     on compressed-tensors' grid. Rows are independent given the Hessian: any set of rows that share it (several
     Linears, a slice of one) can be solved together or apart with the same `factor`."""
-    dead, order, U = factor or hessian_factor(hessian, act_order, damp, where)
+    dead, order, U, _ = factor or hessian_factor(hessian, act_order, damp, where)
     W = weight.float().clone()
     W[:, dead] = 0
     cols = W.shape[1]
@@ -272,8 +292,16 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
     per-column kernel launches are paid once for the group, not once per Linear). Rows are independent
     given the Hessian, so the stack is solved in slices of at most SOLVE_SLICE elements, which bounds the solver's
     memory whatever the group (an MoE layer's gate/up group is 16 Linears, 229,376 rows at Mixtral-8x7B). Under
-    several processes each solves its share of the stack's rows and all gather them. Weights replaced in place."""
+    several processes each solves its share of the stack's rows and all gather them. Weights replaced in place; a
+    damp raised above the configured one is warned about and noted on each Linear (RAISED_DAMP_ATTR)."""
     factor = hessian_factor(hessian, config.act_order, config.damp, where)
+    if factor.damp != config.damp:
+        if distributed.is_main():  # every rank factorises the same Hessian: one warning
+            warnings.warn(f"GPTQ {where}: the Hessian is not positive definite with damp {config.damp:g}; it was "
+                          f"quantized with damp {factor.damp:g} (recorded with the step). More calibration samples "
+                          f"usually avoid this", stacklevel=2)
+        for name in names:
+            setattr(linears[name], RAISED_DAMP_ATTR, factor.damp)
     weights = [linears[name].weight for name in names]
     total, cols = sum(len(w) for w in weights), weights[0].shape[1]
     mine = distributed.share(range(total))
@@ -426,4 +454,14 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     del layerwise
     if model.device != home:
         model.to(home)
+    raised = {name: module.__dict__.pop(RAISED_DAMP_ATTR) for name, module in model.named_modules()
+              if module is not model and RAISED_DAMP_ATTR in module.__dict__}
+    if raised:
+        setattr(model, RAISED_DAMP_ATTR, raised)
     return model
+
+
+def raised_damping(model: torch.nn.Module) -> dict[str, float]:
+    """{Linear name: damp used} for every Linear that quantize_gptq solved with more than the configured damp (its
+    Hessian was not positive definite with it), else {}. For the step's record."""
+    return dict(getattr(model, RAISED_DAMP_ATTR, {}))
