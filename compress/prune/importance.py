@@ -75,7 +75,22 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
             p.grad = None
     for total in (*mean.values(), *squares.values()):
         distributed.all_sum_(total)
+    check_finite_gradients(model, mean, squares)
     return mean, squares
+
+
+def check_finite_gradients(model: torch.nn.Module, mean: dict, squares: dict) -> None:
+    """Stop, naming the weight, when a gradient sum is NaN or inf: every score from it would be too, and pruning would
+    keep or drop channels at random. Checked on the all-reduced sums, alike on every rank, so all stop together."""
+    names = {param: name for name, param in model.named_parameters()}
+    for sums, what in ((mean, "gradients"), (squares, "squared gradients")):
+        for param, total in sums.items():
+            bad = ~torch.isfinite(total)
+            if bad.any():
+                raise CompressError(f"prune (Taylor importance): the {what} of {names.get(param, 'a scored weight')} "
+                                    f"have {int(bad.sum())} NaN or inf entries, so its importance scores are not "
+                                    f"finite: the model's loss on the calibration data is not finite (check its "
+                                    f"weights for NaN/inf; in float16, try dtype bfloat16 or float32)")
 
 
 def check_gradient_memory(weights: list[torch.nn.Parameter], fisher: bool) -> None:
