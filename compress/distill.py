@@ -101,6 +101,7 @@ class DistillationTrainer(LabelledPositionsTrainer):
             share = targets.numel() / tokens
             loss = loss + self.kd.hidden_mse * share * hidden_state_loss(outputs.hidden_states,
                                                                           teacher_outputs.hidden_states, trained)
+        self.check_finite_loss(loss, model)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -113,8 +114,8 @@ def distill(model: torch.nn.Module, config: Distill, train_data: torch.Tensor | 
                                     "student, use quantize: {method: qat, kd: {teacher: base}})")
     check_same_vocabulary(model, teacher)
     student = with_lora(model, config.lora) if config.lora else model.train().requires_grad_(True)
-    student = train(student, config, train_data, seed=seed, show_progress=show_progress, trainer_class=DistillationTrainer,
-          teacher=teacher, kd=config.kd)
+    student = train(student, config, train_data, seed=seed, show_progress=show_progress,
+                    trainer_class=DistillationTrainer, step="distill", teacher=teacher, kd=config.kd)
     return merged(student)
 
 

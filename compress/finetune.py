@@ -18,7 +18,7 @@ def finetune(model: torch.nn.Module, config: LoRARecovery, train_data: torch.Ten
     `config.steps` steps, merge them, and return the plain model."""
     require_float(model, "finetune", "merged adapters would move the weights off the quantization grid")
     adapted = with_lora(model, config.lora)
-    adapted = train(adapted, config, train_data, seed=seed, show_progress=show_progress)
+    adapted = train(adapted, config, train_data, seed=seed, show_progress=show_progress, step="finetune (LoRA)")
     return merged(adapted)
 
 

@@ -78,14 +78,91 @@ def token_count(num_items_in_batch, targets: torch.Tensor):
     return targets.numel() if num_items_in_batch is None else num_items_in_batch
 
 
+def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return name
+    return None
+
+
 class LabelledPositionsTrainer(Trainer):
-    """Trainer with the next-token loss computed from `labelled_logits`."""
+    """Trainer with the next-token loss computed from `labelled_logits`; a loss that is NaN or inf on any process
+    stops training on every process, with one error naming the step (`step_name`, set by `train`)."""
+
+    step_name = "training"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs["labels"])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         loss = loss / token_count(num_items_in_batch, targets)
+        self.check_finite_loss(loss, model)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def check_finite_loss(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
+        """Stop before the backward pass of a non-finite loss: its gradients would turn every weight NaN. The ranks
+        agree first (every one reaches this point once per batch), so none is left waiting in a gradient all-reduce
+        that a rank which stopped alone would never join."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if distributed.all_true(finite):
+            return
+        where = first_non_finite_parameter(model)
+        cause = (f"the weight {where} is already NaN or inf" if where is not None else
+                 "the weights are finite, so the forward overflowed (in float16, try dtype bfloat16)")
+        value = "finite here" if finite else f"{loss.item()}"
+        raise CompressError(f"{self.step_name}: the training loss is not finite (this process: {value}) at training "
+                            f"step {self.state.global_step + 1} of {self.state.max_steps}: {cause}; lower lr, or check "
+                            f"the model before this step")
+
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeightsAdamW(torch.optim.AdamW):
+    """AdamW that keeps a float32 master copy of every bfloat16/float16 parameter: each update is applied to the
+    master, and the parameter becomes the master's rounding. Applied to a half-precision weight itself, an update
+    below half the weight's spacing rounds back to the same value (lr 2e-5 against a weight near 0.02, whose bfloat16
+    spacing is 1.2e-4): the weight would never move. The forward pass still runs in the model's dtype."""
+
+    def __init__(self, params, **kwargs):
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.halves: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (the model's parameter, its master)
+        with_masters = []
+        for group in groups:
+            params_or_masters = []
+            for param in group["params"]:
+                if param.dtype in HALF_PRECISION:
+                    master = param.detach().float().requires_grad_(True)
+                    self.halves.append((param, master))
+                    param = master
+                params_or_masters.append(param)
+            with_masters.append({**group, "params": params_or_masters})
+        super().__init__(with_masters, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for param, master in self.halves:
+            master.grad = None if param.grad is None else param.grad.float()
+        super().step()
+        for param, master in self.halves:
+            param.copy_(master)
+            master.grad = None
+        return loss
+
+
+def _optimizer(model: torch.nn.Module, args: TrainingArguments) -> dict:
+    """Trainer keyword arguments for float32 master weights where some trained parameter is in half precision (the
+    Trainer's own AdamW otherwise, as before)."""
+    if not any(p.requires_grad and p.dtype in HALF_PRECISION for p in model.parameters()):
+        return {}
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return {"optimizer_cls_and_kwargs": (MasterWeightsAdamW, kwargs)}
 
 
 def pad_right(examples: list[dict]) -> dict:
@@ -151,12 +228,13 @@ def _unsharded(trained: torch.nn.Module, skeleton: torch.nn.Module, device: torc
 
 def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | list[dict], seed: int = 0,
           show_progress: bool = True, trainer_class: type[Trainer] = LabelledPositionsTrainer, callbacks=(),
-          **trainer_kwargs) -> torch.nn.Module:
+          step: str = "training", **trainer_kwargs) -> torch.nn.Module:
     """Train `model` for `budget.steps` steps through a transformers Trainer (`trainer_class`, e.g.
     DistillationTrainer), with cosine decay after a linear warm-up; returns the trained model (`model` itself,
     trained in place, unless FSDP2 sharded it: then a plain copy with the trained weights). `data`: token windows
     [windows, seq_len] (`compress.data.training_windows`, every token trained on) or examples with their own labels
-    (`training_examples`)."""
+    (`training_examples`). `step` names the recipe step in errors (a non-finite loss). A model in bfloat16 or
+    float16 trains with float32 master weights (MasterWeightsAdamW) and is returned in its own dtype."""
     if isinstance(data, torch.Tensor):
         data = [{"input_ids": row, "labels": row} for row in data]
     if len(data) < budget.batch_size:
@@ -187,7 +265,8 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
         config = _base(model).config
         use_cache = config.use_cache
         trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
-                                callbacks=list(callbacks), **trainer_kwargs)
+                                callbacks=list(callbacks), **_optimizer(model, args), **trainer_kwargs)
+        trainer.step_name = step
         try:
             trainer.train()
         finally:  # training turns the KV cache off in the config; a saved step would then decode without it

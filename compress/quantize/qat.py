@@ -225,7 +225,8 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     callback.prepare(model)
     model.train()
     kwargs = {} if config.kd is None else dict(trainer_class=_distillation_trainer(), teacher=teacher, kd=config.kd)
-    train(model, config, train_data, seed=seed, show_progress=show_progress, callbacks=[callback], **kwargs)
+    train(model, config, train_data, seed=seed, show_progress=show_progress, callbacks=[callback],
+          step=f"quantize (QAT, train: {config.train})", **kwargs)
     return model.eval()  # the callback rounded the weights onto the grid when training ended
 
 
