@@ -179,7 +179,14 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
         return gptq_weights(state, config["quantization_config"])
     if config["quantization_config"].get("quant_method") == "awq":
         return awq_weights(state, config["quantization_config"])
-    quant = QuantizationConfig.model_validate(config["quantization_config"])
+    try:
+        quant = QuantizationConfig.model_validate(config["quantization_config"])
+    except ValueError as error:  # pydantic's ValidationError: the first problem, in one line
+        problem = error.errors()[0] if hasattr(error, "errors") else {"loc": (), "msg": str(error)}
+        field = ".".join(str(part) for part in problem["loc"])
+        raise CompressError(f"config.json: quantization_config is not a valid compressed-tensors config "
+                            f"({field + ': ' if field else ''}{problem['msg']}); the checkpoint is damaged or was "
+                            f"written by an incompatible tool")
     ignore = {module_name(config, name) for name in quant.ignore or []}
     schemes = list(quant.config_groups.values())
     for scheme in schemes:
@@ -191,7 +198,12 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
     for module in modules:
         if module in ignore:
             continue
-        scheme = next(s for s in schemes if module in s.targets or "Linear" in s.targets)
+        scheme = next((s for s in schemes if module in s.targets or "Linear" in s.targets), None)
+        if scheme is None:
+            raise CompressError(f"config.json: {module} has quantized weights (weight_scale) but no "
+                                f"quantization_config.config_groups entry targets it (targets: "
+                                f"{sorted({t for s in schemes for t in s.targets})}); the checkpoint is damaged or "
+                                f"its config does not belong to its weights")
         compressor, _ = _compressor(scheme.weights)
         local = {name.removeprefix(module + "."): value for name, value in state.items()
                  if name.startswith(module + ".weight")}
