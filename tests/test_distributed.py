@@ -1,5 +1,6 @@
 """The same recipe under torchrun (2 processes over gloo, on the CPU) and in one process: the same step folders, the
-same metrics; a rerun under torchrun skips every complete step; ranks that disagree stop before any work."""
+same metrics; a rerun under torchrun skips every complete step; ranks that disagree stop before any work; a rank that
+fails stops every rank with its error."""
 
 from __future__ import annotations
 
@@ -249,3 +250,38 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(CompressError, match=r"4 processes on this machine but 2 GPU\(s\).*--nproc-per-node 2"):
         distributed.start("cuda")
+
+
+def test_a_failure_on_rank_1_inside_gptq_stops_every_rank_with_its_error(tmp_path, tiny_model_dir):
+    recipe = tmp_path / "failing.yaml"
+    recipe.write_text(f"""name: failing
+model: {tiny_model_dir}
+steps:
+  - quantize: {{method: gptq, bits: 4, group_size: 16, calibration: {{samples: 6, seq_len: 48}}}}
+eval: {{tasks: [], after: none}}
+output_dir: {tmp_path / "runs" / "failing"}
+""")
+    script = tmp_path / "launch.py"
+    # rank 1 fails inside GPTQ's solve, and its process then lingers on its way out (as one with NCCL work in flight
+    # can): rank 0, waiting in the gather of the solved rows, would see no closed connection and wait for its timeout
+    script.write_text(f"""import atexit, os, sys, time
+import compress.quantize.gptq
+if os.environ["RANK"] == "1":
+    def failing_solve(*args, **kwargs):
+        raise RuntimeError("the solve failed on this rank")
+    sys.modules["compress.quantize.gptq"].gptq_solve = failing_solve
+    atexit.register(time.sleep, 120)
+from compress.cli import app
+sys.argv = ["compress", "run", {str(recipe)!r}]
+app()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_DIST_TIMEOUT": "300"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env)
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0 and elapsed < 60, (elapsed, done.stderr[-3000:])
+    # rank 0 stops with rank 1's error, not with a timeout of its own
+    assert ("error: rank 0: stopped because rank 1 failed: RuntimeError: the solve failed on this rank (see its "
+            "output); rerun the same command to resume from the last complete step") in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "failing").iterdir() if p.is_dir()) == ["00-base"]
