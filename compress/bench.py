@@ -87,25 +87,37 @@ def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return token
 
 
-def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill: int = 2048, repeats: int = 3,
-                compile: bool = False, seed: int = 0) -> dict:
-    """Speed and memory of a loaded model (see the module's protocol); a batch size that runs out of memory gives a
-    row saying so and the others still run."""
+def _lengths(value) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=2048, repeats: int = 3,
+                compile: bool = False, seed: int = 0, reset: bool = True) -> dict:
+    """Speed and memory of a loaded model (see the module's protocol); `prefill` is one length or several. A batch size
+    or prefill length that runs out of memory gives a row saying so and the others still run. reset=False keeps the
+    compiled decode steps of an earlier call on the same model (a warm-up pass)."""
     from compress.quantize.packed import packed_kernels, weight_bytes
 
     if new < 2:
         raise CompressError("--new must be at least 2: decoding speed is measured after the first token")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    if compile:  # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
+    if compile and reset:  # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
         torch._dynamo.reset()
     generator = torch.Generator().manual_seed(seed)
     row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0}}
     with measure() as cost:
-        long = torch.randint(0, vocab, (1, prefill), generator=generator).to(device)
-        with torch.inference_mode():
-            row["prefill_ms"] = round(1000 * _median_seconds(lambda: model(input_ids=long, use_cache=False), device,
-                                                             repeats), 2)
+        prefills = []
+        for length in _lengths(prefill):
+            long = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+            try:
+                with torch.inference_mode():
+                    seconds = _median_seconds(lambda: model(input_ids=long, use_cache=False, logits_to_keep=1),
+                                              device, repeats)
+                prefills.append({"tokens": length, "ms": round(1000 * seconds, 2)})
+            except torch.OutOfMemoryError:
+                prefills.append({"tokens": length, "error": "out of memory"})
+                torch.cuda.empty_cache()
         decode = []
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
@@ -116,8 +128,14 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill:
                 decode.append({"batch": batch, "error": "out of memory"})
                 torch.cuda.empty_cache()
                 continue
+            if whole <= first:  # timing noise larger than the decoding itself: no figure rather than a wrong one
+                decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
+                               "error": f"decoding {new} tokens timed no longer than the first token; raise --new"})
+                continue
             decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
-                           "decode_tokens_per_s": round(batch * (new - 1) / max(whole - first, 1e-9), 2)})
+                           "decode_tokens_per_s": round(batch * (new - 1) / (whole - first), 2)})
+    row["prefill"] = prefills
+    row["prefill_ms"] = next((p["ms"] for p in prefills if "ms" in p), None)
     row["decode"] = decode
     first_row = next((d for d in decode if "decode_tokens_per_s" in d), {})
     row["decode_tokens_per_s"] = first_row.get("decode_tokens_per_s")
@@ -150,7 +168,8 @@ def bench_folder(folder: Path, speed, dtype: str, device: str) -> dict:
 def _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype, device) -> dict:
     return {"device": torch.cuda.get_device_name() if str(device).startswith("cuda")
             else f"cpu ({torch.get_num_threads()} threads)", "dtype": dtype, "runtime": runtime,
-            "batches": list(batches), "prompt_tokens": prompt, "new_tokens": new, "prefill_tokens": prefill,
+            "batches": list(batches), "prompt_tokens": prompt, "new_tokens": new, "prefill_tokens": prefill
+            if isinstance(prefill, int) else list(prefill),
             "repeats": repeats, "static_cache_compiled": compile, "torch": torch.__version__}
 
 
@@ -166,12 +185,32 @@ def step_folders(path: Path) -> list[Path]:
     return steps
 
 
-def bench(path: str | Path, batches=(1,), prompt: int = 128, new: int = 128, prefill: int = 2048, repeats: int = 3,
-          compile: bool = False, runtime: str = "packed", dtype: str = "float32", device: str = "auto",
-          show_progress: bool = True) -> dict:
-    """`compress bench`: every step folder of a run (or one model folder), loaded with `runtime`, measured alike."""
+DTYPE_NAMES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# `compress bench`'s defaults where the command line gives none: the issue-26 matrix on a GPU, a lighter one on a CPU
+DEFAULT_MATRIX = {"cuda": ((1, 16, 64), (512, 2048, 8192)), "cpu": ((1, 16), (512,))}
+
+
+def bench_settings(device: str, dtype: str, batches, prefill) -> tuple[str, str, tuple, tuple]:
+    """(device, dtype, batches, prefill lengths) with "auto" and missing values resolved; a clear error for a dtype
+    that is not one."""
+    from compress.models import DTYPES
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":  # the kernels compute in bf16 on a GPU; float32 is the CPU's fast float path
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = DTYPE_NAMES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise CompressError(f"unknown dtype '{dtype}'; allowed: auto, {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+    default_batches, default_prefill = DEFAULT_MATRIX["cuda" if device.startswith("cuda") else "cpu"]
+    return device, dtype, tuple(batches or default_batches), _lengths(prefill or default_prefill)
+
+
+def bench(path: str | Path, batches=None, prompt: int = 128, new: int = 128, prefill=None, repeats: int = 3,
+          compile: bool = False, runtime: str = "packed", dtype: str = "auto", device: str = "auto",
+          show_progress: bool = True) -> dict:
+    """`compress bench`: every step folder of a run (or one model folder), loaded with `runtime`, measured alike."""
+    device, dtype, batches, prefill = bench_settings(device, dtype, batches, prefill)
     folders = step_folders(Path(path))
     rows = []
     with Progress(transient=True, disable=not show_progress) as progress:
@@ -188,19 +227,29 @@ def bench(path: str | Path, batches=(1,), prompt: int = 128, new: int = 128, pre
 
 
 def render_bench(result: dict) -> str:
-    """A markdown table of a bench result ({"steps": [...], "protocol": {...}}), for the CLI and the report."""
+    """A markdown table of a bench result ({"steps": [...], "protocol": {...}}), for the CLI and the report: one row
+    per step, one column per prefill length and per decode batch size."""
     protocol = result["protocol"]
-    lines = [f"Decode: batch {', '.join(map(str, protocol['batches']))}, {protocol['prompt_tokens']}-token prompt, "
-             f"{protocol['new_tokens']} new tokens, greedy; prefill: {protocol['prefill_tokens']} tokens; "
-             f"{protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
-             f"{', static cache + compiled' if protocol['static_cache_compiled'] else ''}.", "",
-             "| step | kernels | weights in memory | peak memory | prefill ms | first token ms | decode tokens/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lengths = _lengths(protocol["prefill_tokens"])
+    lines = [f"Decode: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} new tokens, greedy; "
+             f"prefill: one sequence; {protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
+             f"{', static cache + compiled decode step' if protocol['static_cache_compiled'] else ''}.", "",
+             "| step | kernels | weights in memory | peak memory | "
+             + " | ".join(f"prefill {n} ms" for n in lengths) + " | first token ms | "
+             + " | ".join(f"decode b{b} tok/s" for b in protocol["batches"]) + " |",
+             "|---|---|---:|---:|" + "---:|" * (len(lengths) + 1 + len(protocol["batches"]))]
     for row in result["steps"]:
         kernels = ", ".join(f"{name} ×{count}" if count else name for name, count in row["kernels"].items())
-        decode = " / ".join(str(d.get("decode_tokens_per_s", d.get("error"))) for d in row["decode"])
+        prefills = {p["tokens"]: p.get("ms", p.get("error")) for p in row.get("prefill", [])} or \
+            {lengths[0]: row["prefill_ms"]}
+        decode = {d["batch"]: d.get("decode_tokens_per_s", d.get("error")) for d in row["decode"]}
         first = row["time_to_first_token_ms"]
+        cells = [_cell(prefills.get(n)) for n in lengths] + ["" if first is None else f"{first:,.1f}"] + \
+            [_cell(decode.get(b)) for b in protocol["batches"]]
         lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | "
-                     f"{row['peak_bytes'] / 2**20:,.1f} MiB | {row['prefill_ms']:,.1f} | "
-                     f"{'' if first is None else f'{first:,.1f}'} | {decode} |")
+                     f"{row['peak_bytes'] / 2**20:,.1f} MiB | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return "" if value is None else value if isinstance(value, str) else f"{value:,.1f}"

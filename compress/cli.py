@@ -97,7 +97,8 @@ def eval_(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
     max_tokens: Optional[int] = typer.Option(None, "--wikitext2-max-tokens", min=2,
                                              help="score only the first N WikiText-2 test tokens (default: all)"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, "
+                              "bfloat16 or float16"),
     device: str = typer.Option("auto", "--device", help="auto = cuda when available"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="default: $COMPRESS_DATA_DIR, ../shared/data"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write every result (per-row correctness "
@@ -126,14 +127,17 @@ def eval_(
 @app.command("bench")
 def bench_(
     path: Path = typer.Argument(..., help="a model folder, or a run folder (every complete step folder in it)"),
-    batch: str = typer.Option("1", "--batch", help="comma-separated batch sizes for decoding, e.g. 1,16"),
+    batch: Optional[str] = typer.Option(None, "--batch", help="comma-separated batch sizes for decoding "
+                                         "[default: 1,16,64 on a GPU, 1,16 on a CPU]"),
     prompt: int = typer.Option(128, "--prompt", min=1, help="prompt tokens before decoding"),
     new: int = typer.Option(128, "--new", min=2, help="tokens decoded greedily"),
-    prefill: int = typer.Option(2048, "--prefill", min=1, help="tokens of the one-sequence prefill timed"),
+    prefill: Optional[str] = typer.Option(None, "--prefill", help="comma-separated lengths of the one-sequence "
+                                          "prefills timed [default: 512,2048,8192 on a GPU, 512 on a CPU]"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per figure (median), after a warm-up"),
     compile: bool = typer.Option(False, "--compile", help="static KV cache and a compiled decode step"),
     runtime: str = typer.Option("packed", "--runtime", help="packed (low-bit kernels) or dequantized"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, "
+                              "bfloat16 or float16"),
     device: str = typer.Option("auto", "--device", help="auto = cuda when available"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this file"),
 ) -> None:
@@ -143,14 +147,18 @@ def bench_(
     from compress.bench import bench, render_bench
     from compress.checkpoint import write_json
 
+    def positive_integers(option: str, text: Optional[str]) -> tuple[int, ...]:
+        try:
+            values = tuple(int(b) for b in (text or "").split(",") if b.strip())
+            if text is not None and (not values or min(values) < 1):
+                raise ValueError
+        except ValueError:
+            _fail(CompressError(f"{option}: expected comma-separated positive integers, got '{text}'"))
+        return values
+
+    batches, prefills = positive_integers("--batch", batch), positive_integers("--prefill", prefill)
     try:
-        batches = tuple(int(b) for b in batch.split(",") if b.strip())
-        if not batches or min(batches) < 1:
-            raise ValueError
-    except ValueError:
-        _fail(CompressError(f"--batch: expected comma-separated positive integers, got '{batch}'"))
-    try:
-        result = bench(path, batches, prompt, new, prefill, repeats, compile, runtime, dtype, device)
+        result = bench(path, batches, prompt, new, prefills, repeats, compile, runtime, dtype, device)
     except CompressError as error:
         _fail(error)
     Console().print(Markdown(render_bench(result)))

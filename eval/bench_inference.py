@@ -1,25 +1,32 @@
 """Compressed models run compressed: every variant of a Llama-2-7B-shape model (random weights: speed and memory do not
 depend on their values) through the same harness (compress.bench.bench_model) in one invocation.
 
-    python eval/bench_inference.py --device cuda --out eval/results/bench_inference_7b_h200.json [--compile]
+    python eval/bench_inference.py --device cuda --compile --out eval/results/bench_inference_7b_h200.json
     python eval/bench_inference.py --device cpu --shape smollm2 --out ...      # the CPU smoke test
 
 Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Llama-2's 4096 hidden size, so LlamaConfig
-refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN)
-on tinygemm; pruned + W4; FP8 W8A8; and W4 run dequantized (what transformers'
-from_pretrained gives today), for the memory comparison. Each is built in memory, packed with compress.quantize.packed,
-measured, and freed before the next. The physical limit is reported beside each: bytes of weights in memory / GPU
-memory bandwidth = the fastest batch-1 decode step.
+refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
+W4 g64 asymmetric (the demo's grid), pruned + W4 g128 and FP8 W8A8 in the packed runtime (compress.quantize.packed);
+and W4 run dequantized (what transformers' from_pretrained gives today), for the memory comparison. The physical limit
+is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
-`--kernels` times the Linears alone first (each shape of the base and the pruned model, at 1 and 16 rows; bf16
-F.linear and tinygemm; CUDA-graph replays, so launch costs are out) and reports the bandwidth each reaches."""
+With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
+(compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
+no timing overlaps another variant's work. The measured matrix: decode at each --batches, prefill (one sequence,
+logits of the last token only, as a server computes them) at each --prefill length, time to first token, weight bytes,
+GPU memory after load, peak GPU memory."""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +50,9 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         compress.prune(model, compress.TaylorPrune(importance="l2", ratio=0.25, uniform=False,
                                                    multiple=128 if shape is LLAMA2_7B else 64), show_progress=False)
     if "W4" in name:
-        compress.quantize(model, compress.RTN(bits=4, group_size=group), show_progress=False)
+        sym = "asym" not in name
+        group = 64 if "g64" in name else group
+        compress.quantize(model, compress.RTN(bits=4, group_size=group, sym=sym), show_progress=False)
     if "FP8" in name:
         compress.quantize(model, compress.FP8(), show_progress=False)
     notes = [] if "dequantized" in name else pack_model(model)
@@ -84,54 +93,140 @@ def kernel_rows(group: int = 128) -> list[dict]:
     return rows
 
 
+def measure_variant(name: str, args, shape, dtype, batches, prefills, barrier: dict | None = None) -> dict:
+    """One variant built, packed and measured; with a barrier ({"ready": folder, "count": n, "lock": file}), compiled
+    first, then timed only once every variant is compiled and while holding the GPU lock."""
+    model, notes = variant(name, shape, dtype, args.device)
+    memory_after_load = None
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        memory_after_load = torch.cuda.memory_allocated()
+    if barrier is not None:  # warm-up pass: every kernel autotuned and every decode step compiled, untimed
+        bench_model(model, batches, args.prompt, 3, prefills, 1, args.compile)
+        Path(barrier["ready"], name.replace(" ", "_").replace("%", "pc")).touch()
+        while len(os.listdir(barrier["ready"])) < barrier["count"]:
+            time.sleep(1)
+        lock = open(barrier["lock"], "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+    row = {"variant": name, **bench_model(model, batches, args.prompt, args.new, prefills, args.repeats,
+                                          args.compile, reset=barrier is None), "notes": notes}
+    if barrier is not None:
+        lock.close()
+    if args.device == "cuda":
+        row["gpu_memory_after_load_bytes"] = memory_after_load
+        row["bandwidth_limit_tokens_per_s"] = round(H200_BANDWIDTH / row["weight_bytes"], 1)
+    return row
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """The command line less its --out (the children write their rows elsewhere; results name no local path)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
+    """Each variant in a child process of this script (`--variant-only`), at most `jobs` at once."""
+    ready = tempfile.mkdtemp(prefix="bench-ready-")
+    lock = os.path.join(ready, "..", os.path.basename(ready) + ".lock")
+    rows, running, pending = {}, [], list(names)
+    count = len(names)
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            out = os.path.join(tempfile.mkdtemp(), "row.json")
+            command = [sys.executable, __file__, *argv, "--variant-only", name, "--row-out", out, "--barrier",
+                       f"{ready}:{min(jobs, count)}:{lock}"]
+            running.append((name, out, subprocess.Popen(command)))
+        for item in list(running):
+            name, out, process = item
+            if process.poll() is not None:
+                running.remove(item)
+                rows[name] = json.loads(Path(out).read_text()) if process.returncode == 0 and Path(out).is_file() \
+                    else {"variant": name, "error": f"exit {process.returncode}"}
+                count -= 1
+                for done in os.listdir(ready):  # the next wave waits for its own members only
+                    os.remove(os.path.join(ready, done))
+        time.sleep(1)
+    return [rows[name] for name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", choices=["llama2-7b", "smollm2"], default="llama2-7b")
-    parser.add_argument("--variants", default="base bf16,pruned 25%,W4 g128,pruned 25% + W4 g128,FP8 W8A8,"
-                                              "W4 g128 dequantized")
+    parser.add_argument("--variants", default="base bf16,pruned 25%,W4 g128,W4 g64 asym,pruned 25% + W4 g128,"
+                                              "FP8 W8A8,W4 g128 dequantized")
     parser.add_argument("--kernels", action="store_true", help="time the Linears alone first")
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--prefill", default="512,2048,8192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="static KV cache + compiled decode step")
+    parser.add_argument("--jobs", type=int, default=4, help="variants compiled at once (with --compile)")
     parser.add_argument("--out")
+    parser.add_argument("--variant-only", help=argparse.SUPPRESS)
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     shape = LLAMA2_7B if args.shape == "llama2-7b" else SMOLLM2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     batches = tuple(int(b) for b in args.batches.split(","))
-    kernels = kernel_rows() if args.kernels else []
-    rows = []
-    for name in filter(None, args.variants.split(",")):
-        model, notes = variant(name, shape, dtype, args.device)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            memory_after_load = torch.cuda.memory_allocated()
-        row = {"variant": name, **bench_model(model, batches, args.prompt, args.new, args.prefill, args.repeats,
-                                              args.compile), "notes": notes}
-        if args.device == "cuda":
-            row["gpu_memory_after_load_bytes"] = memory_after_load
-            row["bandwidth_limit_tokens_per_s"] = round(H200_BANDWIDTH / row["weight_bytes"], 1)
-        rows.append(row)
+    prefills = tuple(int(n) for n in args.prefill.split(","))
+    if args.variant_only:
+        ready, count, lock = args.barrier.split(":")
+        row = measure_variant(args.variant_only, args, shape, dtype, batches, prefills,
+                              {"ready": ready, "count": int(count), "lock": lock})
         print(json.dumps(row), flush=True)
-        del model
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        Path(args.row_out).write_text(json.dumps(row))
+        return
+    kernels = kernel_rows() if args.kernels else []
+    names = [n for n in args.variants.split(",") if n]
+    if args.compile:
+        rows = _in_processes(names, _without_out(sys.argv[1:]), args.jobs)
+    else:
+        rows = []
+        for name in names:
+            rows.append(measure_variant(name, args, shape, dtype, batches, prefills))
+            print(json.dumps(rows[-1]), flush=True)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     base = rows[0] if rows else {}
     for row in rows:
+        if "error" in row:
+            continue
         if row.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
             row["decode_vs_base"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+            row["decode_vs_base_by_batch"] = {
+                d["batch"]: round(d["decode_tokens_per_s"] / b["decode_tokens_per_s"], 3)
+                for d, b in zip(row["decode"], base["decode"]) if "decode_tokens_per_s" in d and "decode_tokens_per_s" in b}
         row["weight_bytes_vs_base"] = round(row["weight_bytes"] / base["weight_bytes"], 3)
-        row["prefill_vs_base"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
+        row["prefill_time_vs_base_by_tokens"] = {
+            p["tokens"]: round(p["ms"] / b["ms"], 3) for p, b in zip(row["prefill"], base["prefill"])
+            if "ms" in p and "ms" in b}
+        if row.get("gpu_memory_after_load_bytes") and base.get("gpu_memory_after_load_bytes"):
+            row["memory_after_load_vs_base"] = round(row["gpu_memory_after_load_bytes"]
+                                                     / base["gpu_memory_after_load_bytes"], 3)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "shape": args.shape, "compile": args.compile, "batches": list(batches),
-              "prompt": args.prompt, "new": args.new, "prefill": args.prefill, "kernels": kernels, "variants": rows}
-    print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_tokens_per_s", "decode_vs_base",
-                                                             "weight_bytes_vs_base", "prefill_vs_base")}
+              "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
+              "command": "python eval/bench_inference.py " + " ".join(_without_out(sys.argv[1:])),
+              "kernels": kernels, "variants": rows}
+    print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
+                                                             "weight_bytes_vs_base", "memory_after_load_vs_base",
+                                                             "error")}
                       for r in rows}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
