@@ -1,5 +1,6 @@
 """Recipe validation: every malformed recipe gives one line per problem naming file:line and the field, through
-the real CLI, with no traceback; the shipped recipes validate."""
+the real CLI, with no traceback; the shipped recipes validate. Malformed command lines (flags, paths, dtypes, folders
+that are not models, half-written step folders, damaged checkpoints) give one error line each, no traceback."""
 
 from __future__ import annotations
 
@@ -189,3 +190,106 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {path}:4: steps[0].quantize.bits: got 7; allowed: 2, 3, 4 or 8"]
+
+
+@pytest.fixture(scope="module")
+def malformed_inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Folders that are not models, half-written step folders, damaged quantized checkpoints, and bad recipe files."""
+    import json
+    import shutil
+
+    import compress
+
+    base = tmp_path_factory.mktemp("malformed")
+    paths = {"tiny": tiny_model_dir, "missing": base / "nope", "empty": base / "empty", "file": base / "a-file"}
+    paths["empty"].mkdir()
+    paths["file"].write_text("x")
+    paths["config-only"] = base / "config-only"
+    paths["config-only"].mkdir()
+    shutil.copy(tiny_model_dir / "config.json", paths["config-only"])
+    paths["bad-json"] = base / "bad-json"
+    shutil.copytree(tiny_model_dir, paths["bad-json"])
+    (paths["bad-json"] / "config.json").write_text("{ not json")
+    paths["truncated"] = base / "truncated"  # a save cut short: half the safetensors bytes
+    shutil.copytree(tiny_model_dir, paths["truncated"])
+    weights = (paths["truncated"] / "model.safetensors").read_bytes()
+    (paths["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    model, tokenizer = compress.load(tiny_model_dir)
+    paths["quantized"] = base / "01-quantize"
+    compress.save_model(compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False), tokenizer,
+                        paths["quantized"])
+    for name, damage in (("untargeted", lambda q: [g.update(targets=["Embedding"]) for g in q["config_groups"].values()]),
+                         ("invalid-quant", lambda q: q.update(config_groups="nope"))):
+        paths[name] = base / name
+        shutil.copytree(paths["quantized"], paths[name])
+        config = json.loads((paths[name] / "config.json").read_text())
+        damage(config["quantization_config"])
+        (paths[name] / "config.json").write_text(json.dumps(config))
+    paths["partial"] = base / "runs" / "r" / "01-quantize.partial"  # killed before its weights were written
+    paths["partial"].mkdir(parents=True)
+    shutil.copy(paths["quantized"] / "config.json", paths["partial"])
+    paths["no-weights"] = base / "runs" / "r" / "02-prune"  # a step folder whose weights were deleted
+    shutil.copytree(tiny_model_dir, paths["no-weights"])
+    (paths["no-weights"] / "model.safetensors").unlink()
+    paths["not-gguf"] = base / "model.gguf"
+    paths["not-gguf"].write_bytes(b"not a gguf file at all")
+    for name, text in (("empty.yaml", ""), ("list.yaml", "- a\n- b\n")):
+        (base / name).write_text(text)
+        paths[name] = base / name
+    paths["binary.yaml"] = base / "binary.yaml"
+    paths["binary.yaml"].write_bytes(bytes(range(256)))
+    paths["recipe"] = base / "r.yaml"
+    paths["recipe"].write_text(f"name: r\nmodel: {tiny_model_dir}\nsteps:\n  - quantize: {{method: rtn, bits: 4, "
+                               f"group_size: 16}}\neval: {{tasks: [wikitext2], after: none}}\noutput_dir: {base / 'out'}\n")
+    for name in ("empty", "partial", "no-weights", "not-gguf", "truncated"):  # a recipe whose model is this folder
+        paths[f"recipe:{name}"] = base / f"recipe-{name}.yaml"
+        paths[f"recipe:{name}"].write_text(paths["recipe"].read_text().replace(f"model: {tiny_model_dir}",
+                                                                               f"model: {paths[name]}"))
+    return paths
+
+
+# command lines with {name} standing for a path of malformed_inputs; each must end in ONE line "error: ..."
+MALFORMED_COMMANDS = [
+    "run {missing}", "run {empty}", "run {empty.yaml}", "run {binary.yaml}", "run {list.yaml}",
+    "run {recipe} --output-dir {file}", "run {recipe} --output-dir {tiny}", "run {recipe} --push-to-hub not/a/repo!!",
+    "run {recipe} --dry-run", "run {recipe:empty}", "run {recipe:partial}", "run {recipe:no-weights}",
+    "run {recipe:not-gguf}", "run {recipe:truncated}",
+    "validate {empty.yaml}", "validate {empty}",
+    "eval {missing}", "eval {empty}", "eval {config-only}", "eval {bad-json}", "eval {truncated}", "eval {partial}",
+    "eval {no-weights}", "eval {untargeted}", "eval {invalid-quant}", "eval {not-gguf}",
+    "eval {tiny} --tasks nosuchtask", "eval {tiny} --tasks ,", "eval {tiny} --dtype int3", "eval {tiny} --device tpu",
+    "eval {tiny} --device cuda:7",
+    "bench {tiny} --batch 0", "bench {tiny} --batch a,b", "bench {tiny} --prefill ,", "bench {tiny} --runtime turbo",
+    "bench {tiny} --dtype float8", "bench {missing}", "bench {empty}", "bench {untargeted}",
+    "estimate {tiny} --dtype int3", "estimate {tiny} --ratios 2.0", "estimate {tiny} --ratios abc",
+    "estimate {missing}", "estimate {empty}", "estimate {bad-json}",
+    "data fetch nosuchdataset", "data fetch --recipe {missing}", "data fetch --recipe {binary.yaml}",
+]
+# what the command-line parser itself refuses: its usage and one error, in a box (typer's format), no traceback
+MALFORMED_FLAGS = ["run", "eval {tiny} --batch-size 0", "eval {tiny} --limit 0", "estimate {tiny} --context abc",
+                   "bench {tiny} --repeats 0", "nosuchcommand"]
+
+
+def _invoke(command: str, paths: dict[str, Path]):
+    import re
+
+    args = [re.sub(r"\{([^}]+)\}", lambda match: str(paths[match.group(1)]), word) for word in command.split()]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("command", MALFORMED_COMMANDS)
+def test_malformed_command_line_gives_one_line_error(malformed_inputs, command):
+    result = _invoke(command, malformed_inputs)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exception, result.output)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert not list((malformed_inputs["recipe"].parent / "out").glob("0*"))  # no run wrote a step folder
+
+
+@pytest.mark.parametrize("command", MALFORMED_FLAGS)
+def test_malformed_flag_gives_a_usage_error(malformed_inputs, command):
+    result = _invoke(command, malformed_inputs)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exception, result.output)
+    assert "Traceback" not in result.output
+    assert result.output.startswith("Usage: ") and "Error" in result.output, result.output
