@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from compress.architectures import LANGUAGE_MODEL_KEYS, module_name
+from compress.checkpoint import STEP_FILE, sha256_cached
 from compress.config.data import cache_root
 from compress.config.sources import (
     ARCHITECTURES,
@@ -45,7 +46,7 @@ from compress.quantize.formats import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = ["ARCHITECTURES", "DTYPES", "REGISTRY", "ModelSource", "RandomInit", "architecture_config",
-           "check_source_name", "load", "load_model", "resolve_source"]
+           "check_source_name", "load", "load_model", "public_name", "resolve_source", "source_identity"]
 
 
 def architecture_config(name: str):
@@ -107,6 +108,60 @@ def resolve_source(source: str | RandomInit) -> ModelSource:
     )
 
 
+def public_name(source: str | RandomInit) -> str:
+    """A model source as a report or a model card may name it: the registry name (and which files it resolved to),
+    the hub id, the folder's or file's own name; never a path of this machine."""
+    resolved = resolve_source(source)
+    if resolved.random:
+        spec = resolved.random
+        shape = spec.config if spec.config in ARCHITECTURES else Path(spec.config).name
+        return f"{shape} architecture, random weights (seed {spec.seed})"
+    if isinstance(source, str) and source in REGISTRY:
+        return f"{source} ({resolved.gguf_file or resolved.location})"
+    if resolved.kind == "hub":
+        return resolved.location
+    return resolved.gguf_file or Path(resolved.location).resolve().name
+
+
+def _hub_commit(source: ModelSource) -> str:
+    """The commit of a hub model that loading it reads now: the Hub's answer, or offline (or unreachable) the one in
+    the local cache, as from_pretrained falls back to it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = Path(hf_hub_download(source.location, "config.json"))
+    except Exception as error:  # noqa: BLE001 -- one line: the network's failure, or what was wrong
+        raise _load_error(source, error) from error
+    return config.parent.name  # the hub cache: snapshots/<commit>/config.json
+
+
+def _folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each top-level file of a model folder (weights, config, tokenizer: what a loader may read), but
+    step.json, which changes when a step is re-evaluated, and hidden files."""
+    return {path.name: sha256_cached(path) for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != STEP_FILE and not path.name.startswith(".")}
+
+
+def source_identity(source: str | RandomInit) -> dict:
+    """What a model source's weights are, for step fingerprints and reports (names and hashes only, no local path):
+    a folder's files' sha256s, a GGUF file's sha256, a hub model's commit, or a random draw's shape, seed and
+    tokenizer. A registry name is identified by what it resolves to (the embedded GGUF file or the hub)."""
+    resolved = resolve_source(source)
+    if resolved.random:
+        spec = resolved.random
+        shape = spec.config if spec.config in ARCHITECTURES else {
+            "folder": Path(spec.config).resolve().name,
+            "config.json": sha256_cached(Path(spec.config).expanduser() / "config.json")}
+        return {"source": "random", "config": shape, "seed": spec.seed, "tokenizer": source_identity(spec.tokenizer)}
+    if resolved.kind == "gguf":
+        return {"source": "gguf", "file": resolved.gguf_file,
+                "sha256": sha256_cached(Path(resolved.location) / resolved.gguf_file)}
+    if resolved.kind == "hub":
+        return {"source": "hub", "id": resolved.location, "commit": _hub_commit(resolved)}
+    folder = Path(resolved.location)
+    return {"source": "folder", "name": folder.resolve().name, "files": _folder_digests(folder)}
+
+
 def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """transformers dequantizes GGUF weights on load but keeps its quantizer attached, and then refuses
     save_pretrained ("quantized with gguf and is not serializable"). The weights are plain floats by now, so
@@ -119,25 +174,65 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _hub_error(source: ModelSource, error: Exception) -> CompressError:
+def _one_line(error: BaseException) -> str:
+    """An error's first line; its type where the message alone would not say what it is (KeyError('x') is 'x')."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not isinstance(error, OSError) or not text:
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _hub_refused(error: BaseException) -> BaseException | None:
+    """The error in the chain (the error, or one it was raised from) that is the Hub or the network failing: host
+    unreachable, offline mode with nothing cached, no such repo or no access, the Hub's own error; None when every
+    file was had and the failure is in what was read (a missing file in the repo is not the network's fault)."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+    )
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RemoteEntryNotFoundError):
+            return None
+        if isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError,
+                              TimeoutError)):
+            return error
+        if type(error).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests", "urllib3")):
+            return error  # the HTTP library's own connection and timeout errors
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _hub_error(source: ModelSource, error: BaseException) -> CompressError:
     hint = ""
     for entry in REGISTRY.values():
         if entry.hub_id == source.location and entry.install:
             hint = f" (or install the embedded copy: {entry.install})"
     return CompressError(
-        f"could not load '{source.location}' from the Hugging Face Hub: {str(error).splitlines()[0]}; "
+        f"could not load '{source.location}' from the Hugging Face Hub: {_one_line(error)}; "
         f"check the network and your login, or use a local folder / .gguf file{hint}"
     )
+
+
+def _load_error(source: ModelSource, error: BaseException, what: str = "the model") -> CompressError:
+    """One line saying what went wrong while loading: the network and the login are named only when the Hub or the
+    network failed."""
+    if source.kind == "hub" and _hub_refused(error) is not None:
+        return _hub_error(source, _hub_refused(error))
+    return CompressError(f"could not load {what} of {source.describe()}: {_one_line(error)}")
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    except OSError as error:
-        raise _hub_error(source, error) if source.kind == "hub" else CompressError(
-            f"could not load the tokenizer of {source.describe()}: {error}"
-        )
+    except Exception as error:  # noqa: BLE001 -- whatever the tokenizer files hold, one line says what failed
+        raise _load_error(source, error, "the tokenizer") from error
     return tokenizer
 
 
@@ -267,9 +362,31 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
 
 
 def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) from any source as plain, saveable transformers objects."""
+    """Load (model, tokenizer) from any source as plain, saveable transformers objects. Any failure is one
+    CompressError that says what went wrong (the network is named only when the Hub or the network failed)."""
     if not isinstance(source, ModelSource):
         source = resolve_source(source)
+    try:
+        return _load_model(source, dtype, device)
+    except CompressError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- a bad file, an unknown architecture, no memory: one line each
+        raise _load_error(source, error) from error
+
+
+def _read_config(path: Path, source: ModelSource) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CompressError(f"could not load the model of {source.describe()}: its config.json is not valid JSON "
+                            f"({_one_line(error)})") from error
+    if not isinstance(config, dict):
+        raise CompressError(f"could not load the model of {source.describe()}: its config.json holds a "
+                            f"{type(config).__name__}, not the object of a model config")
+    return config
+
+
+def _load_model(source: ModelSource, dtype: str, device: str):
     if source.random:
         return _random_model(source.random, dtype, device)
     if source.kind == "gguf":
@@ -277,18 +394,13 @@ def load_model(source: str | RandomInit | ModelSource, dtype: str = "float32", d
     if source.kind == "hub":
         source = _hub_checkpoint_as_folder(source)
     if source.kind == "dir":
-        config = json.loads((Path(source.location) / "config.json").read_text())
+        config = _read_config(Path(source.location) / "config.json", source)
         if _needs_own_loader(config):
             model = _load_state(Path(source.location), config, DTYPES[dtype]).to(device).eval()
             grids_to_weights(model)  # the restored grids follow the weights to the device
             return model, load_tokenizer(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
-    except OSError as error:
-        if source.kind == "hub":
-            raise _hub_error(source, error)
-        raise CompressError(f"could not load the model in {source.describe()}: {error}")
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
     if source.gguf_file:
         _strip_gguf_quantizer(model)
     tokenizer = load_tokenizer(source)
@@ -325,13 +437,15 @@ def _hub_checkpoint_as_folder(source: ModelSource) -> ModelSource:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
-        config = json.loads(Path(hf_hub_download(source.location, "config.json")).read_text())
+        config = _read_config(Path(hf_hub_download(source.location, "config.json")), source)
         if not _needs_own_loader(config):
             return source
         folder = snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                     "*.tiktoken"])
-    except Exception as error:  # noqa: BLE001 -- any network or hub failure becomes one line
-        raise _hub_error(source, error)
+    except CompressError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- one line: the network's failure, or what was wrong in the files
+        raise _load_error(source, error) from error
     return ModelSource("dir", folder)
 
 

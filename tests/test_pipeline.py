@@ -223,6 +223,58 @@ def test_unreachable_hub_model_is_a_clear_error_without_network(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _broken_copy(source, folder, **config_changes):
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def _load_failure(source) -> str:
+    from compress.models import load_model
+
+    with pytest.raises(CompressError) as error:
+        load_model(str(source))
+    message = str(error.value)
+    assert "\n" not in message  # one line
+    return message
+
+
+def test_a_broken_model_folder_says_what_is_wrong_without_blaming_the_network(tiny_model_dir, tmp_path):
+    unknown = _broken_copy(tiny_model_dir, tmp_path / "unknown", model_type="no-such-architecture")
+    message = _load_failure(unknown)
+    assert f"could not load the model of {unknown}" in message and "no-such-architecture" in message
+    assert "network" not in message
+    truncated = _broken_copy(tiny_model_dir, tmp_path / "truncated")
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    message = _load_failure(truncated)
+    assert f"could not load the model of {truncated}" in message and "network" not in message
+    not_json = _broken_copy(tiny_model_dir, tmp_path / "not-json")
+    (not_json / "config.json").write_text("{\"model_type\": ")
+    message = _load_failure(not_json)
+    assert "its config.json is not valid JSON" in message and "network" not in message
+
+
+def test_only_hub_and_network_failures_name_the_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the local cache is all there is
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--broken" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("<html>not a config</html>")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    message = _load_failure("org/broken")  # it came down fine: what it holds is wrong
+    assert "org/broken" in message and "its config.json is not valid JSON" in message and "network" not in message
+    message = _load_failure("org/absent")  # not reachable and not cached
+    assert "could not load 'org/absent' from the Hugging Face Hub" in message
+    assert "check the network and your login" in message
+
+
 GPTQ_STEPS = ("  - prune: {importance: l2, ratio: 0.5, multiple: 32}\n"
               "  - quantize: {method: gptq, bits: 4, group_size: 32, format: gptq,\n"
               "               calibration: {dataset: wikitext2-valid, samples: 8, seq_len: 64}}")
