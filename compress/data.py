@@ -6,6 +6,7 @@ first `shared/data` found beside the current directory or beside this checkout (
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -33,24 +34,61 @@ def _read_local(path: Path, kind: str):
     return path.read_text(encoding="utf-8")
 
 
-@lru_cache(maxsize=8)
-def _load(name: str, directory: str | None):
+def dataset_file(name: str, directory: str | Path | None = None) -> Path:
+    """The file a dataset is read from: a named dataset's file in the data directory, else in the cache (fetched from
+    its public source the first time), or the data file a path names."""
     if name in DATASETS:
         _, path = status(name, directory)  # the data directory's file, else the cache's
-        # not yet cached: fetched from its public source, once
-        return _read_local(path if path is not None else fetch(name, directory), DATASETS[name].kind)
+        return path if path is not None else fetch(name, directory)
     path = Path(name).expanduser()
     if not path.is_file():
         raise CompressError(f"data file {name} does not exist; use a named dataset ({', '.join(DATASETS)}) "
                             f"or a .txt/.jsonl path")
-    return _read_local(path, "records" if path.suffix == ".jsonl" else "text")
+    return path
+
+
+def _kind(name: str, path: Path) -> str:
+    return DATASETS[name].kind if name in DATASETS else "records" if path.suffix == ".jsonl" else "text"
+
+
+@lru_cache(maxsize=8)  # keyed on the file's size and mtime too: a file edited since is read again
+def _load(path: Path, kind: str, size: int, mtime_ns: int):
+    return _read_local(path, kind)
+
+
+def _dataset(name: str, directory: str | None):
+    path = dataset_file(name, directory)
+    stat = path.stat()
+    return _load(path.resolve(), _kind(name, path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_digest(name: str, directory: str | Path | None = None) -> str:
+    """The sha256 of the file a dataset is read from (what a step that reads it is keyed by)."""
+    path = dataset_file(name, directory).resolve()
+    stat = path.stat()
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+def public_dataset_name(name: str) -> str:
+    """A dataset as a published report names it: its registered name, or a data file's own name (no directory)."""
+    return name if name in DATASETS else Path(name).name
 
 
 def source_of(name: str, directory: str | Path | None = None) -> str:
-    """Where a dataset's rows come from, for reports (which may be published: no local directory is named for a
-    named dataset): the data directory's file, or the public source the cache was filled from and its revision."""
+    """Where a dataset's rows come from, for reports (which may be published: no local directory is named): the
+    data directory's file, or the public source the cache was filled from and its revision; a data file by its
+    name and content hash."""
     if name not in DATASETS:
-        return str(Path(name).expanduser().resolve())
+        return f"the file {public_dataset_name(name)} (sha256 {dataset_digest(name)[:16]})"
     spec = DATASETS[name]
     if status(name, directory)[0] == "data dir":
         return f"the data directory's {spec.path}"
@@ -62,7 +100,7 @@ def source_of(name: str, directory: str | Path | None = None) -> str:
 
 def load_text(name: str, directory: str | Path | None = None) -> str:
     """A named text dataset (or .txt file) as one string."""
-    data = _load(name, str(directory) if directory else None)
+    data = _dataset(name, str(directory) if directory else None)
     if not isinstance(data, str):
         data = "\n\n".join(row.get("text", "") for row in data)
     if not data.strip():
@@ -71,7 +109,7 @@ def load_text(name: str, directory: str | Path | None = None) -> str:
 
 
 def load_records(name: str, directory: str | Path | None = None) -> list[dict]:
-    data = _load(name, str(directory) if directory else None)
+    data = _dataset(name, str(directory) if directory else None)
     if isinstance(data, str):
         raise CompressError(f"dataset '{name}' is plain text; a .jsonl of records is needed here")
     return data

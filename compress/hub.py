@@ -55,12 +55,19 @@ def model_card(run_dir: Path, step: str, repo_id: str) -> str:
 
     from compress.report import render_markdown
 
-    report = json.loads((run_dir / "report.json").read_text())
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        raise CompressError(f"{run_dir} has no readable report.json: rerun the recipe to finish the run (complete "
+                            f"steps are skipped), then push") from None
+    row = next((r for r in report["steps"] if r["step"] == step), None)
+    if row is None:
+        raise CompressError(f"step {step} is not in the run's report.json, which is older than the step folder: rerun "
+                            f"the recipe to rewrite the report (complete steps are skipped), then push")
     recipe_text = public_recipe(run_dir)
     recipe = yaml.safe_load(recipe_text)
     hub_id, license_name = base_model(recipe["model"])
     config = json.loads((run_dir / step / "config.json").read_text())
-    row = next(r for r in report["steps"] if r["step"] == step)
     chain = " → ".join(r.get("summary") or r["kind"] for r in report["steps"][1:int(step[:2]) + 1])
     tags = ["compress", *sorted({r["kind"] for r in report["steps"][1:int(step[:2]) + 1]})]
     if "quantization_config" in config:
@@ -85,11 +92,16 @@ def model_card(run_dir: Path, step: str, repo_id: str) -> str:
 
 
 def public_recipe(run_dir: Path) -> str:
-    """The run's recipe.yaml without this machine's data directory (a local path, resolved at run time)."""
+    """The run's recipe.yaml with nothing of this machine: no data directory or output directory (resolved at run
+    time), and the model, data files and teachers named by their own names instead of their paths."""
+    from compress.report import local_paths, without_local_paths
+
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    paths = local_paths(recipe, run_dir)
     if (recipe.get("data") or {}).get("dir"):
         recipe["data"]["dir"] = None
-    return yaml.safe_dump(recipe, sort_keys=False)
+    recipe["output_dir"] = None  # the default, runs/NAME
+    return yaml.safe_dump(without_local_paths(recipe, paths), sort_keys=False)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -108,6 +120,7 @@ def stage(run_dir: Path, hub: HubPush) -> tuple[str, Path, list[str]]:
     if step not in steps:
         raise CompressError(f"hub step '{hub.step}' is not a completed step folder in {run_dir}; completed: "
                             f"{', '.join(steps) or 'none'} (or use step: last)")
+    card = model_card(run_dir, step, hub.repo_id)  # first: a run it cannot describe stages nothing
     staging = run_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -120,7 +133,7 @@ def stage(run_dir: Path, hub: HubPush) -> tuple[str, Path, list[str]]:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
     (staging / "recipe.yaml").write_text(public_recipe(run_dir))
-    (staging / "README.md").write_text(model_card(run_dir, step, hub.repo_id))
+    (staging / "README.md").write_text(card)
     files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
     return step, staging, files
 

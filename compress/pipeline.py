@@ -1,7 +1,9 @@
 """The step loop: load the model, run each recipe step, evaluate, write each step folder atomically, and resume.
 
-Step i's fingerprint hashes its config and step i-1's fingerprint, so changing a step invalidates it and every
-later step. A complete step (fingerprint matches, every file's sha256 verifies) is skipped on rerun. No algorithm
+Step i's fingerprint hashes everything that made it: its config and seed, the identity of what it read (the input
+weights' sha256s or hub commit, the sha256 of every dataset file, an outside teacher's weights) and step i-1's
+fingerprint, so changing a step or its inputs invalidates it and every later step. A complete step (fingerprint
+matches, every file's sha256 verifies) is skipped on rerun; a step that is redone says why, one line each. No algorithm
 code lives here: each step kind maps to one verb of the package.
 
 Under torchrun every rank runs this same loop on its own copy of the model (the verbs split their data between the
@@ -21,21 +23,31 @@ import torch
 from rich.console import Console
 
 from compress import __version__, distributed
-from compress.checkpoint import STEP_FILE, read_step, save_model, write_json, write_step
+from compress.checkpoint import (
+    STEP_FILE,
+    fingerprint,
+    read_step,
+    recorded_inputs,
+    save_model,
+    what_changed,
+    write_json,
+    write_step,
+)
 from compress.config import HubPush, WeightOnlyConfig
 from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, step_folder_name
-from compress.data import calibration_batches
+from compress.data import calibration_batches, dataset_digest
 from compress.distill import check_same_tokenizer
 from compress.errors import CompressError
 from compress.evaluate import evaluate, headline
 from compress.hub import STAGING, push
 from compress.measure import measure
-from compress.models import load_model, quantized_input, resolve_source
+from compress.models import load_model, public_name, quantized_input, resolve_source, source_identity
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
-from compress.report import write_report
+from compress.report import local_paths, write_report
 from compress.steps import spec_of, teacher_name
+from compress.tasks import task_definition
 from compress.training import training_examples
 
 
@@ -45,9 +57,75 @@ def _base_summary(recipe: Recipe) -> str:
     return f"base ({recipe.dtype})" + (f", from a quantized checkpoint: {quantized}" if quantized else "")
 
 
-def _fingerprint(previous: str, payload: dict) -> str:
-    text = json.dumps({"previous": previous, **payload}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _datasets_read(config) -> list[str]:
+    """The datasets a step's verb reads, per its spec: its calibration set and its training data."""
+    spec = spec_of(config)
+    return ([config.calibration.dataset] if spec.calibrates else []) + (list(config.data) if spec.trains else [])
+
+
+def _eval_datasets(recipe: Recipe) -> list[str]:
+    """The datasets the evaluations read: the perplexity text and every split of each choice task."""
+    names = set()
+    for task in recipe.eval.tasks:
+        if task == "wikitext2":
+            names.add(recipe.eval.wikitext2.dataset)
+        else:
+            names |= set(task_definition(task)["compress"]["splits"].values())
+    return sorted(names)
+
+
+def _plan(recipe: Recipe, steps: list) -> list[dict]:
+    """Each step's inputs, which its fingerprint hashes: the previous step's fingerprint, its kind, config and seed,
+    and the identity of what it reads: the input weights for the base step, the content of each dataset, and a
+    teacher from outside the run (`base` and earlier step folders are already in the chain)."""
+    plans, previous = [], ""
+    for kind, config in steps:
+        config_dict = config if isinstance(config, dict) else config.model_dump(mode="json")
+        inputs = {"previous": previous, "kind": kind, "config": config_dict, "seed": recipe.seed}
+        if kind == "base":
+            inputs["model"] = source_identity(recipe.model)
+        else:
+            read = _datasets_read(config)
+            if read:
+                inputs["data"] = {name: dataset_digest(name, recipe.data.dir) for name in read}
+            teacher = teacher_name(config)
+            if teacher is not None and teacher != "base" and not STEP_FOLDER_NAME.match(teacher):
+                inputs["teacher"] = source_identity(teacher)
+        previous = fingerprint(inputs)
+        plans.append(inputs)
+    return plans
+
+
+def _eval_change(record: dict, eval_datasets: dict[str, str]) -> str:
+    """Why a complete step's metrics are stale: the data its evaluations read, or their settings."""
+    before = record.get("eval_datasets")
+    changed = sorted(name for name in set(before or {}) | set(eval_datasets)
+                     if (before or {}).get(name) != eval_datasets.get(name)) if before is not None else []
+    return f"evaluation data changed ({', '.join(changed)})" if changed else "eval settings changed"
+
+
+def _label(index: int, steps: list, name: str) -> str:
+    return f"[{index}/{len(steps) - 1}] {name}"
+
+
+def _redo_lines(out: Path, steps: list, plans: list[dict], first: int, why: str) -> list[str]:
+    """One line for each existing step folder from `first` on, all of which are redone: why it is."""
+    first_name = step_folder_name(first, steps[first][0])
+    lines = []
+    for index in range(first, len(steps)):
+        folder = out / step_folder_name(index, steps[index][0])
+        if not folder.is_dir():
+            continue
+        if index == first:
+            lines.append(f"{_label(index, steps, folder.name)}: {why}; redoing it")
+            continue
+        try:
+            own = what_changed(json.loads((folder / STEP_FILE).read_text()), plans[index])
+        except (OSError, ValueError):
+            own = [f"{STEP_FILE} is missing or unreadable"]
+        reason = "; ".join(own) if own else f"it follows {first_name}, which is redone"
+        lines.append(f"{_label(index, steps, folder.name)}: {reason}; redoing it")
+    return lines
 
 
 def _param_count(model: torch.nn.Module) -> int:
@@ -266,7 +344,12 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     steps += [(step.kind, step.config) for step in recipe.steps]
     eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
     data_dir = recipe.data.dir
-    eval_fingerprint = _fingerprint("", {**recipe.eval.model_dump(mode="json"), "data_dir": data_dir})
+    # rank 0 hashes what every step reads (weights, data files; sha256s of large files are cached) and all follow
+    plans, eval_datasets = distributed.on_main(
+        lambda: (_plan(recipe, steps),
+                 {name: dataset_digest(name, data_dir) for name in _eval_datasets(recipe)} if eval_at else {}),
+        "fingerprinting the inputs")
+    eval_fingerprint = fingerprint({**recipe.eval.model_dump(mode="json"), "datasets": eval_datasets})
     model_description = resolve_source(recipe.model).describe()
 
     def run_evals(model, tokenizer, index):
@@ -280,25 +363,22 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     model = tokenizer = None
     last_complete: Path | None = None
     records: list[dict] = []
-    fingerprint = ""
     redo = False
     for index, (kind, config) in enumerate(steps):
-        config_dict = config if isinstance(config, dict) else config.model_dump(mode="json")
+        keyed_by = plans[index]  # what made the step: its fingerprint's inputs
+        key, config_dict = fingerprint(keyed_by), keyed_by["config"]
         spec = None if kind == "base" else spec_of(config)
-        reads_data = spec is not None and (spec.calibrates or spec.trains)
-        fingerprint = _fingerprint(fingerprint, {"kind": kind, "config": config_dict, "seed": recipe.seed,
-                                                 **({"data_dir": data_dir} if reads_data else {})})
         folder = out / step_folder_name(index, kind)
-        label = f"[{index}/{len(steps) - 1}] {folder.name}"
+        label = _label(index, steps, folder.name)
         if not redo:
             # rank 0 reads the folder and every rank follows its verdict: all agree on the first step to run
-            record, why = distributed.on_main(lambda: read_step(folder, fingerprint), f"checking {folder}")
+            record, why = distributed.on_main(lambda: read_step(folder, key, keyed_by), f"checking {folder}")
             if record is not None:
                 if index in eval_at and record.get("eval_fingerprint") != eval_fingerprint:
-                    console.print(f"{label}: complete; eval settings changed, re-evaluating")
+                    console.print(f"{label}: complete; {_eval_change(record, eval_datasets)}, re-evaluating")
                     step_model, step_tokenizer = load_model(str(folder), recipe.dtype, device)
                     record.update(metrics=run_evals(step_model, step_tokenizer, index),
-                                  eval_fingerprint=eval_fingerprint)
+                                  eval_fingerprint=eval_fingerprint, eval_datasets=eval_datasets)
                     del step_model
                     distributed.on_main(lambda: write_json(folder / STEP_FILE, record), f"writing {folder}")
                     if recipe.eval.speed is not None:
@@ -310,8 +390,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                 last_complete, model = folder, None  # any model in memory is now behind this step
                 continue
             redo = True
-            if folder.exists():
-                console.print(f"{label}: {why}; redoing it and every later step")
+            for line in distributed.on_main(lambda: _redo_lines(out, steps, plans, index, why), f"checking {out}"):
+                console.print(line)
             distributed.on_main(lambda: _remove_steps_from(out, index), f"removing stale step folders in {out}")
 
         torch.manual_seed(recipe.seed)
@@ -334,9 +414,10 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         for task, result in metrics.items():
             console.print(f"{label}: {headline(task, result)}")
         record = {
-            "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": fingerprint,
+            "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": key, "inputs": recorded_inputs(keyed_by),
             "summary": _base_summary(recipe) if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
+            **({"eval_datasets": eval_datasets} if index in eval_at else {}),
             "quantized": is_quantized(model), **_sensitivity(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
             **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
@@ -358,7 +439,8 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
         records.append(record)
         last_complete = folder
 
-    report = distributed.on_main(lambda: write_report(out, recipe.name, model_description, records),
+    public = local_paths(recipe.model_dump(mode="json"), out)  # local paths -> the names a published file shows
+    report = distributed.on_main(lambda: write_report(out, recipe.name, public_name(recipe.model), records, public),
                                  f"writing the report in {out}")
     console.print(f"[bold green]done[/]: {out / 'report.md'}")
     if hub:

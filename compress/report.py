@@ -1,6 +1,9 @@
 """report.json, report.md and tradeoff.png: one row per step (params, size on disk, every metric, wall time, peak
 memory), each accuracy with its standard error and a paired test against the previous evaluated step, the plot of
-size against every metric, and the evaluation protocol, so a reader can tell exactly how every number was produced."""
+size against every metric, and the evaluation protocol, so a reader can tell exactly how every number was produced.
+
+Reports are made to be published: the model is named by its registry name, hub id or folder name, datasets by their
+name and the sha256 of the file read, and no path of this machine appears (`local_paths`)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import torch
 
 from compress.bench import render_bench
 from compress.checkpoint import write_json
+from compress.config.data import DATA_FILE_SUFFIXES
+from compress.data import public_dataset_name
 from compress.stats import mcnemar
 from compress.tasks import task_for_split
 
@@ -96,13 +101,75 @@ def _final_against_earlier(records: list[dict]) -> list[dict]:
     return rows
 
 
-def build_report(name: str, model: str, records: list[dict]) -> dict:
+def _is_local_path(value: str) -> bool:
+    path = Path(value).expanduser()
+    return (value.startswith(("/", "~", "./", "../")) or path.suffix in (*DATA_FILE_SUFFIXES, ".gguf")
+            or ("/" in value and path.exists()))
+
+
+def local_paths(recipe: dict, out: Path | None = None) -> dict[str, str]:
+    """Every local path a (resolved, JSON-dumped) recipe names — model folder or file, data files, teachers, data
+    directory, output directory — in each form it may be written (as given, expanded, absolute), mapped to its own
+    name: what a published file shows instead."""
+    found: dict[str, str] = {}
+
+    def add(value: str) -> None:
+        path = Path(value).expanduser()
+        name = path.resolve().name
+        if not name:  # the root: no name to show, and "/" is in every path
+            return
+        for form in (value, str(path), str(path.absolute()), str(path.resolve())):
+            found[form] = name
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and _is_local_path(node):
+            add(node)
+
+    walk(recipe)
+    if out is not None:
+        add(str(out))
+    return found
+
+
+def without_local_paths(value, paths: dict[str, str]):
+    """`value` (JSON-like: keys and strings) with every local path of `paths` replaced by its public name."""
+    if isinstance(value, dict):
+        return {without_local_paths(k, paths): without_local_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v, paths) for v in value]
+    if isinstance(value, str):
+        for local in sorted(paths, key=len, reverse=True):  # longest first: a folder's files before the folder
+            if local in value:
+                value = value.replace(local, paths[local])
+    return value
+
+
+def _datasets(records: list[dict]) -> dict[str, str]:
+    """Every dataset the run's steps and evaluations read -> the sha256 of its file."""
+    read = {}
+    for record in records:
+        read.update((record.get("inputs") or {}).get("data") or {})
+        read.update(record.get("eval_datasets") or {})
+    return {public_dataset_name(name): digest for name, digest in sorted(read.items())}
+
+
+def build_report(name: str, model: str, records: list[dict], paths: dict[str, str] | None = None) -> dict:
+    """The report of a run: `model` is the model's public name; `paths` (local path -> public name, `local_paths`)
+    are replaced wherever a step's config or protocol names them."""
     changes = _paired_changes(records)
     protocols = {task: result["protocol"] for record in records
                  for task, result in record.get("metrics", {}).items()}
-    return {
+    return without_local_paths({
         "recipe": name,
         "model": model,
+        "model_identity": (records[0].get("inputs") or {}).get("model") if records else None,
+        "datasets": _datasets(records),
         "steps": [_row(record, changes) for record in records],
         "protocol": protocols,
         "task_adapted_from": _adaptation(records),
@@ -110,7 +177,7 @@ def build_report(name: str, model: str, records: list[dict]) -> dict:
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "cpu_threads": torch.get_num_threads()},
-    }
+    }, paths or {})
 
 
 def _fmt(value, spec: str) -> str:
@@ -229,6 +296,10 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             errors = ", ".join(f"`{name}` {error:.4f}" for name, error in row["most_sensitive"].items())
             lines.append(f"- {row['step']}: {errors}")
     lines += ["", "## Evaluation protocol", ""] + _protocol_lines(report)
+    if report.get("datasets"):
+        lines += ["", "Data read by the steps and the evaluations, with the sha256 of each file (its first 16 "
+                      "digits; report.json has them whole): "
+                  + ", ".join(f"`{name}` {digest[:16]}" for name, digest in report["datasets"].items()) + "."]
     machine = report["machine"]
     lines += ["", f"Measured on {machine['cuda'] or 'CPU'} ({machine['cpu_threads']} threads), torch "
               f"{machine['torch']}, {machine['platform']}. Peak RSS is the process's resident-set high-water mark "
@@ -306,8 +377,8 @@ def plot_tradeoff(report: dict, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, name: str, model: str, records: list[dict]) -> dict:
-    report = build_report(name, model, records)
+def write_report(out: Path, name: str, model: str, records: list[dict], paths: dict[str, str] | None = None) -> dict:
+    report = build_report(name, model, records, paths)
     write_json(out / "report.json", report)
     plotted = plot_tradeoff(report, out / "tradeoff.png")
     (out / "report.md").write_text(render_markdown(report, "tradeoff.png" if plotted else None))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_inherited_calibration_is_resolved_recorded_and_fingerprinted(tiny_model
     assert redone["fingerprint"] != written["fingerprint"]
 
 
-def test_a_different_data_dir_redoes_the_steps_that_read_data(tiny_model_dir, tmp_path, monkeypatch):
+def test_steps_are_keyed_by_data_content_not_by_the_data_dir(tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 
     from compress.data import data_dir
@@ -118,15 +119,23 @@ def test_a_different_data_dir_redoes_the_steps_that_read_data(tiny_model_dir, tm
     steps = "  - quantize: {method: gptq, bits: 4, group_size: 32, calibration: {samples: 4, seq_len: 64}}"
     out = tmp_path / "runs" / "r"
     quiet_run(_recipe(tmp_path, tiny_model_dir, steps))
-    first = [json.loads((out / step / "step.json").read_text())["fingerprint"] for step in ("00-base", "01-quantize")]
+    first = [json.loads((out / step / "step.json").read_text()) for step in ("00-base", "01-quantize")]
     copy_dir = tmp_path / "data-copy"
     shutil.copytree(data_dir() / "wikitext2", copy_dir / "wikitext2")
     monkeypatch.setenv("COMPRESS_DATA_DIR", str(copy_dir))
+    # the same files in another data directory: nothing is redone
     quiet_run(_recipe(tmp_path, tiny_model_dir, steps))
-    second = [json.loads((out / step / "step.json").read_text())["fingerprint"] for step in ("00-base", "01-quantize")]
-    assert second[0] == first[0]  # the base reads no data
-    assert second[1] != first[1]
+    second = [json.loads((out / step / "step.json").read_text()) for step in ("00-base", "01-quantize")]
+    assert [r["fingerprint"] for r in second] == [r["fingerprint"] for r in first]
     assert yaml_data_dir(tmp_path / "runs" / "r" / "recipe.yaml") == str(copy_dir.resolve())
+    # one line of the calibration text edited: the step that reads it is redone, the base (which reads no data) kept
+    valid = copy_dir / "wikitext2" / "wiki.valid.tokens"
+    valid.write_text(valid.read_text().replace(" the ", " a ", 1))
+    quiet_run(_recipe(tmp_path, tiny_model_dir, steps))
+    third = [json.loads((out / step / "step.json").read_text()) for step in ("00-base", "01-quantize")]
+    assert third[0]["fingerprint"] == first[0]["fingerprint"]
+    assert third[1]["fingerprint"] != first[1]["fingerprint"]
+    assert third[1]["inputs"]["data"]["wikitext2-valid"] == hashlib.sha256(valid.read_bytes()).hexdigest()
 
 
 def yaml_data_dir(path: Path) -> str:

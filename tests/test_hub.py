@@ -129,6 +129,17 @@ def test_push_errors_name_the_fix(run_dir, monkeypatch, tmp_path):
     assert TOKEN not in str(error.value)
 
 
+def test_a_step_the_report_does_not_list_is_a_clear_error(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    (run_dir / "report.json").write_text(json.dumps({**report, "steps": report["steps"][:1]}))  # an older report
+    with pytest.raises(CompressError, match="step 01-quantize is not in the run's report.json.*rerun the recipe"):
+        push(run_dir, HubPush(repo_id="my-org/x"), dry_run=True)
+    assert not (run_dir / "hub-upload").exists()  # nothing half-staged
+    (run_dir / "report.json").unlink()
+    with pytest.raises(CompressError, match="has no readable report.json: rerun the recipe"):
+        push(run_dir, HubPush(repo_id="my-org/x"), dry_run=True)
+
+
 def test_bad_repo_id_fails_before_the_run(tiny_recipe, tmp_path):
     result = CliRunner().invoke(app, ["run", str(tiny_recipe()), "--push-to-hub", "not a repo"])
     assert result.exit_code == 2 and "--push-to-hub" in result.output and "ORG/NAME" in result.output
