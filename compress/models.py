@@ -460,13 +460,21 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu", runtime:
     (compress.quantize.packed; inference only); settings without a kernel stay dequantized, with a warning."""
     if runtime not in RUNTIMES:
         raise CompressError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
-    model, tokenizer = load_model(str(path), dtype=dtype, device=device)
     if runtime == "packed":
         import warnings
 
         from compress.quantize.packed import pack_model
+        from compress.quantize.packed_load import load_packed
 
+        source = resolve_source(str(path))
+        if source.kind == "dir" and dtype in DTYPES:
+            with torch.device(device):  # the rotary frequencies and any computed buffer land where the model runs
+                model = load_packed(Path(source.location), DTYPES[dtype], device)
+            if model is not None:  # built packed from the checkpoint: never dense
+                return model, load_tokenizer(source)
+        model, tokenizer = load_model(str(path), dtype=dtype, device=device)
         for note in pack_model(model):
             warnings.warn(note, stacklevel=2)
-    return model, tokenizer
+        return model, tokenizer
+    return load_model(str(path), dtype=dtype, device=device)
 

@@ -171,3 +171,35 @@ def test_a_recipe_with_eval_speed_times_each_step_folder_packed(tiny_recipe):
     assert report["steps"][1]["speed"]["weight_bytes"] == quant["weight_bytes"]
     markdown = (out / "report.md").read_text()
     assert "## When it runs" in markdown and "| 01-quantize | int4 tinygemm ×14 |" in markdown
+
+
+@pytest.mark.parametrize("config", [compress.RTN(bits=4, group_size=32, sym=False), compress.RTN(bits=8, group_size=-1),
+                                    compress.FP8()])
+def test_packed_load_never_builds_the_dense_model(tmp_path, monkeypatch, config):
+    """A qwen2 (q/k/v biases, untied head) step folder loads packed straight from its tensors: the dense loader is never
+    called, and the logits equal those of the dense model packed afterwards, exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import compress.models
+    from compress.quantize.packed import pack_model
+
+    architecture = AutoConfig.for_model("qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture).eval()
+    compress.quantize(model, config, show_progress=False)
+
+    class NoTokenizer:
+        def save_pretrained(self, folder):
+            pass
+
+    save_model(model, NoTokenizer(), tmp_path / "q")
+    monkeypatch.setattr(compress.models, "load_tokenizer", lambda source: None)
+    monkeypatch.setattr(compress.models, "load_model", lambda *a, **k: pytest.fail("the dense model was built"))
+    packed, _ = compress.load(tmp_path / "q", runtime="packed")
+    pack_model(model)
+    assert packed_kernels(packed) == packed_kernels(model) and len(packed_kernels(packed)) == 1
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, model(input_ids=ids).logits)
