@@ -17,7 +17,7 @@ from rich.console import Console
 
 import compress
 from compress import checkpoint, models
-from compress.checkpoint import sha256_file, what_changed
+from compress.checkpoint import sha256_file
 
 
 def _run(recipe: Path) -> str:
@@ -50,7 +50,6 @@ def test_replaced_base_weights_redo_every_step_and_each_says_why(tiny_model_dir,
     recipe = _recipe(tmp_path, model_dir, "  - quantize: {method: rtn, bits: 4, group_size: 32}")
     _run(recipe)
     first = [_record(tmp_path, step) for step in ("00-base", "01-quantize")]
-    assert first[0]["inputs"]["model"]["files"]["model.safetensors"] == sha256_file(model_dir / "model.safetensors")
     printed = _run(recipe)  # nothing changed: every step skipped
     assert printed.count("complete, skipped") == 2 and not _redo_lines(printed)
 
@@ -66,9 +65,11 @@ def test_replaced_base_weights_redo_every_step_and_each_says_why(tiny_model_dir,
     assert "00-base: the input weights changed (model: " in lines[0] and "model.safetensors sha256" in lines[0]
     assert "01-quantize: it follows 00-base, which is redone" in lines[1]
     second = [_record(tmp_path, step) for step in ("00-base", "01-quantize")]
-    assert second[0]["inputs"]["model"]["files"]["model.safetensors"] == sha256_file(model_dir / "model.safetensors")
     assert all(a["fingerprint"] != b["fingerprint"] for a, b in zip(first, second))
     assert second[0]["metrics"]["wikitext2"]["perplexity"] != first[0]["metrics"]["wikitext2"]["perplexity"]
+    # step.json records what the base step read: each file of the folder by its sha256
+    assert first[0]["inputs"]["model"]["files"]["model.safetensors"] != \
+        second[0]["inputs"]["model"]["files"]["model.safetensors"] == sha256_file(model_dir / "model.safetensors")
 
 
 def test_an_edited_calibration_row_redoes_the_steps_that_read_it(tiny_model_dir, tmp_path):
@@ -82,7 +83,6 @@ def test_an_edited_calibration_row_redoes_the_steps_that_read_it(tiny_model_dir,
     _run(recipe)
     before = [_record(tmp_path, step) for step in ("00-base", "01-quantize", "02-dequantize")]
     digest = hashlib.sha256(calibration.read_bytes()).hexdigest()
-    assert before[1]["inputs"]["data"] == {str(calibration): digest}  # recorded in step.json
     printed = _run(recipe)
     assert printed.count("complete, skipped") == 3 and not _redo_lines(printed)
 
@@ -98,6 +98,7 @@ def test_an_edited_calibration_row_redoes_the_steps_that_read_it(tiny_model_dir,
     assert "02-dequantize: it follows 01-quantize, which is redone" in lines[1]
     after = [_record(tmp_path, step) for step in ("00-base", "01-quantize", "02-dequantize")]
     assert after[0]["fingerprint"] == before[0]["fingerprint"]
+    assert before[1]["inputs"]["data"] == {str(calibration): digest}  # what the step read, recorded in step.json
     assert after[1]["inputs"]["data"] == {str(calibration): hashlib.sha256(calibration.read_bytes()).hexdigest()}
     assert after[1]["fingerprint"] != before[1]["fingerprint"] and after[2]["fingerprint"] != before[2]["fingerprint"]
 
@@ -140,6 +141,8 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
 
 def test_a_new_hub_commit_changes_the_input_identity(offline_hub_cache):
+    from compress.checkpoint import what_changed
+
     _hub_cache(offline_hub_cache, "org/tiny", "a" * 40)
     first = models.source_identity("org/tiny")
     assert first == {"source": "hub", "id": "org/tiny", "commit": "a" * 40}
@@ -152,6 +155,8 @@ def test_a_new_hub_commit_changes_the_input_identity(offline_hub_cache):
 
 
 def test_a_registry_name_is_keyed_by_the_files_it_resolved_to(tmp_path, monkeypatch, offline_hub_cache):
+    from compress.checkpoint import what_changed
+
     entry = models.REGISTRY["smollm2-135m"]
     wheel = tmp_path / "wheel"
     wheel.mkdir()
