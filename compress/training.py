@@ -156,10 +156,25 @@ class MasterWeightsAdamW(torch.optim.AdamW):
         return loss
 
 
-def _optimizer(model: torch.nn.Module, args: TrainingArguments) -> dict:
-    """Trainer keyword arguments for float32 master weights where some trained parameter is in half precision (the
-    Trainer's own AdamW otherwise, as before)."""
-    if not any(p.requires_grad and p.dtype in HALF_PRECISION for p in model.parameters()):
+def _trained_in_half_precision(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """{name: dtype} of every trained parameter in bfloat16 or float16 (LoRA adapters are float32 already: peft
+    makes them so)."""
+    return {name: p.dtype for name, p in model.named_parameters() if p.requires_grad and p.dtype in HALF_PRECISION}
+
+
+def _sharded_mixed_precision(half: dict[str, torch.dtype], sharded: bool) -> dict:
+    """TrainingArguments for float32 master weights under FSDP2: accelerate remaps the optimizer's parameters to their
+    shards, which MasterWeightsAdamW's masters are not; under mixed precision it upcasts the trained parameters to
+    float32 itself, and computes in the half type."""
+    if not (sharded and half):
+        return {}
+    return {"bf16" if torch.bfloat16 in half.values() else "fp16": True}
+
+
+def _master_weights_optimizer(half: dict[str, torch.dtype], sharded: bool, args: TrainingArguments) -> dict:
+    """Trainer arguments for float32 master weights in one process or replicated ones: MasterWeightsAdamW with the
+    Trainer's AdamW settings (the forward pass is unchanged)."""
+    if sharded or not half:
         return {}
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
     return {"optimizer_cls_and_kwargs": (MasterWeightsAdamW, kwargs)}
@@ -251,6 +266,7 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
         raise CompressError(f"sharding: {budget.sharding} runs on GPUs only (accelerate's FSDP2 has no CPU backend); "
                             f"on the CPU use sharding: replicate")
     skeleton = _meta_skeleton(model) if sharded else None
+    half = _trained_in_half_precision(model)
     with tempfile.TemporaryDirectory(prefix="compress-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
@@ -261,15 +277,22 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
             # batch_size is the global batch: each of several processes takes its slice of every batch, so the
             # batches (and their order) are those of one process
             accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False,
-            **(_fsdp_arguments(model, budget.sharding) if sharded else {}))
+            **(_fsdp_arguments(model, budget.sharding) if sharded else {}), **_sharded_mixed_precision(half, sharded))
         config = _base(model).config
         use_cache = config.use_cache
         trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right,
-                                callbacks=list(callbacks), **_optimizer(model, args), **trainer_kwargs)
+                                callbacks=list(callbacks), **_master_weights_optimizer(half, sharded, args),
+                                **trainer_kwargs)
         trainer.step_name = step
         try:
             trainer.train()
         finally:  # training turns the KV cache off in the config; a saved step would then decode without it
             config.use_cache = use_cache
     # the skeleton was copied before the Trainer touched the config: it keeps use_cache as it was
-    return _unsharded(trainer.model, skeleton, device) if sharded else model
+    if not sharded:
+        return model
+    trained = _unsharded(trainer.model, skeleton, device)
+    for name, param in trained.named_parameters():  # the float32 masters back to the model's own dtype
+        if name in half:
+            param.data = param.data.to(half[name])
+    return trained
