@@ -59,40 +59,6 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     return model, notes
 
 
-def kernel_rows(group: int = 128) -> list[dict]:
-    """Microseconds per Linear (CUDA-graph replays) and the bandwidth that is: bf16 and tinygemm."""
-    import triton.testing
-
-    from compress.quantize.grid import WeightQuant, fake_quantize, minmax_qparams, weight_args
-    from compress.quantize.packed import Int4Linear
-
-    shapes = {"q/k/v/o": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096),
-              "pruned q/k/v": (4096, 3072), "pruned o": (3072, 4096), "pruned gate/up": (4096, 8320),
-              "pruned down": (8320, 4096)}
-    args = weight_args(4, group, sym=True)
-    rows = []
-    for name, (k, n) in shapes.items():
-        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            scale, zero_point = minmax_qparams(linear.weight, args)
-            linear.weight.copy_(fake_quantize(linear.weight, scale, zero_point, args))
-            quant = WeightQuant(args, scale, zero_point)
-            kernels = {"bf16": linear, "tinygemm": Int4Linear(linear, quant)}
-        for m in (1, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"linear": name, "in": k, "out": n, "rows": m}
-            for label, module in kernels.items():
-                with torch.inference_mode():
-                    module(x)  # autotuning, outside the graph
-                    seconds = triton.testing.do_bench_cudagraph(lambda: module(x), rep=50) / 1e3
-                nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-                row[f"{label}_us"] = round(seconds * 1e6, 1)
-                row[f"{label}_GBps"] = round(nbytes / seconds / 1e9)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
-
-
 def measure_variant(name: str, args, shape, dtype, batches, prefills, barrier: dict | None = None) -> dict:
     """One variant built, packed and measured; with a barrier ({"ready": folder, "count": n, "lock": file}), compiled
     first, then timed only once every variant is compiled and while holding the GPU lock."""
@@ -166,7 +132,6 @@ def main() -> None:
     parser.add_argument("--shape", choices=["llama2-7b", "smollm2"], default="llama2-7b")
     parser.add_argument("--variants", default="base bf16,pruned 25%,W4 g128,W4 g64 asym,pruned 25% + W4 g128,"
                                               "FP8 W8A8,W4 g128 dequantized")
-    parser.add_argument("--kernels", action="store_true", help="time the Linears alone first")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
@@ -191,7 +156,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         Path(args.row_out).write_text(json.dumps(row))
         return
-    kernels = kernel_rows() if args.kernels else []
     names = [n for n in args.variants.split(",") if n]
     if args.compile:
         rows = _in_processes(names, _without_out(sys.argv[1:]), args.jobs)
@@ -223,7 +187,7 @@ def main() -> None:
               "torch": torch.__version__, "shape": args.shape, "compile": args.compile, "batches": list(batches),
               "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
               "command": "python eval/bench_inference.py " + " ".join(_without_out(sys.argv[1:])),
-              "kernels": kernels, "variants": rows}
+              "variants": rows}
     print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
                                                              "weight_bytes_vs_base", "memory_after_load_vs_base",
                                                              "error")}

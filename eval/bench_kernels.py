@@ -97,7 +97,7 @@ def shape_rows(name, in_features, out_features, rows_list, device, group, sym) -
             candidates["int4 dequantize alone"] = lambda: lite.dequantized_weight()
         if fp8 is not None:
             def scaled_mm():
-                x_fp8, x_scale = packed._compiled(packed._quantize_activation)(x)
+                x_fp8, x_scale = packed._quantize_activation(x)
                 return torch._scaled_mm(x_fp8, fp8.weight_fp8.T, scale_a=x_scale, scale_b=fp8.scales.T,
                                         out_dtype=torch.bfloat16, use_fast_accum=True)
             candidates["fp8 _scaled_mm"] = scaled_mm

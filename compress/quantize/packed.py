@@ -120,28 +120,17 @@ def unpack_tinygemm_cpu(packed: torch.Tensor, out_features: int, in_features: in
     return codes
 
 
-def _dequantize_columns(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int, group: int
-                        ) -> torch.Tensor:
-    """[in, out] weight from unsigned codes [in, out] and per-group [in/group, out] scales and zero points."""
+def dequantize_gemlite_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int,
+                                 group: int) -> torch.Tensor:
+    """gemlite's int4 layout back to the [in, out] weight: `packed` is [in/8, out] int32, code i of a word at bits
+    4i..4i+3 (compressed-tensors' packing, transposed); per-group [in/group, out] scales and zero points. The CUDA path
+    runs this arithmetic in one Triton kernel (kernels.dequantize_int4); this is its reference."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    codes = ((packed[:, None, :] >> shifts[None, :, None]) & 15).view(-1, packed.shape[1])
     columns, rows = codes.shape
     grouped = codes.view(columns // group, group, rows).to(scales.dtype)
     zero = zeros[:, None, :] if isinstance(zeros, torch.Tensor) else zeros
     return ((grouped - zero) * scales[:, None, :]).view(columns, rows)
-
-
-def dequantize_gemlite_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int, group: int
-                        ) -> torch.Tensor:
-    """gemlite's int4 layout back to the [in, out] weight: `packed` is [in/8, out] int32, code i of a word at bits
-    4i..4i+3 (compressed-tensors' packing, transposed). The CUDA path runs kernels.dequantize_int4, this in one kernel."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    codes = ((packed[:, None, :] >> shifts[None, :, None]) & 15).view(-1, packed.shape[1])
-    return _dequantize_columns(codes, scales, zeros, group)
-
-
-@functools.cache
-def _compiled(function):
-    """One fused kernel for an element-wise function (eager it is ~6 passes over the weight); shapes vary by Linear."""
-    return torch.compile(function, dynamic=True, fullgraph=True)
 
 
 class Int4Linear(_PackedLinear):

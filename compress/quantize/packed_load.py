@@ -29,17 +29,55 @@ def _eligible(config: dict) -> bool:
             and config.get("model_type") not in LANGUAGE_MODEL_KEYS)
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class _Tensors:
-    """Every tensor of a folder's safetensors files, read one at a time onto `device`."""
+    """Every tensor of a folder's safetensors files, read one at a time into its own memory on `device`.
+
+    Why not safetensors' safe_open: it maps each file, and every page read stays resident while any handle or tensor
+    of it lives: loading SmolLM2's W4 folder held the whole 169 MB file beside the 111 MB packed model. Here each
+    tensor is read with a plain file read into a fresh buffer (the format: an 8-byte header length, a JSON header of
+    dtype, shape and byte offsets, then the data), so the host holds one tensor in flight at most."""
 
     def __init__(self, folder: Path, device: str):
-        from safetensors import safe_open
+        self.device = device
+        self.where: dict[str, tuple[Path, dict, int]] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with open(path, "rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(length))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self.where[key] = (path, entry, 8 + length)
 
-        self._files = [safe_open(str(f), framework="pt", device=device) for f in sorted(folder.glob("*.safetensors"))]
-        self.where = {key: handle for handle in self._files for key in handle.keys()}
+    def shape(self, key: str) -> list[int]:
+        return self.where[key][1]["shape"]
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor on the device, converted to `dtype` (if given) slice by slice: a float32 embedding loaded as
+        bfloat16 never exists whole in float32."""
+        path, entry, start = self.where[key]
+        if entry["dtype"] not in _DTYPES:
+            raise CompressError(f"{path.name}: tensor {key} has dtype {entry['dtype']}, which compress does not read")
+        stored = _DTYPES[entry["dtype"]]
+        out = torch.empty(entry["shape"], dtype=dtype or stored, device=self.device)
+        flat = out.view(-1)
+        step = max(1, self.SLICE_BYTES // stored.itemsize)
+        with open(path, "rb") as file:
+            file.seek(start + entry["data_offsets"][0])
+            for first in range(0, flat.numel(), step):
+                buffer = torch.empty(min(step, flat.numel() - first), dtype=stored)
+                size = buffer.numel() * stored.itemsize
+                if file.readinto(memoryview(buffer.view(torch.uint8).numpy())) != size:
+                    raise CompressError(f"{path.name} is shorter than its header says (tensor {key}); the file is "
+                                        f"truncated: write the step again")
+                flat[first:first + buffer.numel()] = buffer
+        return out
+
+    SLICE_BYTES = 64 * 2**20
 
 
 def _grid(module: str, scheme, tensors: _Tensors, dtype: torch.dtype, module_key) -> Grid | None:
@@ -53,7 +91,7 @@ def _grid(module: str, scheme, tensors: _Tensors, dtype: torch.dtype, module_key
     if packed:
         out_features, in_features = (int(n) for n in tensors.get(f"{key}.weight_shape").tolist())
     else:
-        out_features, in_features = tensors.where[f"{key}.weight"].get_slice(f"{key}.weight").get_shape()
+        out_features, in_features = tensors.shape(f"{key}.weight")
     zero = None
     if f"{key}.weight_zero_point" in tensors.where:
         zero = tensors.get(f"{key}.weight_zero_point")
@@ -64,7 +102,7 @@ def _grid(module: str, scheme, tensors: _Tensors, dtype: torch.dtype, module_key
     kind, _ = packed_kind(in_features, out_features, quant)
     if kind is None:
         return None
-    bias = tensors.get(f"{key}.bias").to(dtype) if f"{key}.bias" in tensors.where else None
+    bias = tensors.get(f"{key}.bias", dtype) if f"{key}.bias" in tensors.where else None
 
     def codes() -> torch.Tensor:
         if packed:
@@ -84,7 +122,7 @@ def _materialize(model: torch.nn.Module, tensors: _Tensors, device: str, dtype: 
                     continue
                 key = checkpoint_key(f"{module_name}.{name}" if module_name else name)
                 if key in tensors.where:
-                    value = tensors.get(key).to(dtype if tensor.is_floating_point() else tensor.dtype)
+                    value = tensors.get(key, dtype if tensor.is_floating_point() else tensor.dtype)
                     if store == "_parameters":
                         value = torch.nn.Parameter(value, requires_grad=False)
                 elif store == "_buffers":  # rotary frequencies: computed below

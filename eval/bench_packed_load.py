@@ -1,0 +1,85 @@
+"""Memory while loading a quantized step folder with the packed runtime: built straight from the checkpoint
+(compress.quantize.packed_load) against the earlier way (the dense model first, then packed). Each load runs in a fresh
+process, after the imports and the folder's tokenizer (so those are not counted); its peak is the high-water mark of
+resident memory (Linux VmHWM, reset just before the load) minus the resident memory before it, and on CUDA the peak of allocated GPU memory; both are divided by the packed model's bytes
+(every parameter and buffer once).
+
+    python eval/bench_packed_load.py runs/smollm2-135m-rtn4/01-quantize --device cpu --out eval/results/...json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure(folder: str, device: str, dtype: str, way: str) -> dict:
+    import torch
+
+    import compress
+    from compress.quantize import packed_load
+    from compress.quantize.packed import weight_bytes
+
+    if way == "dense then packed":
+        packed_load.load_packed = lambda *args: None  # the earlier path: load_model (dense), then pack_model
+    import transformers
+    from transformers import AutoConfig
+
+    from compress.models import load_tokenizer, resolve_source
+
+    # imports and the tokenizer before the baseline: what is measured is the model
+    transformers.AutoModelForCausalLM.from_config  # noqa: B018
+    AutoConfig.from_pretrained(folder)
+    load_tokenizer(resolve_source(folder))
+    if device == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    gpu_before = torch.cuda.memory_allocated() if device == "cuda" else 0
+    with open("/proc/self/clear_refs", "w") as clear:  # VmHWM := VmRSS
+        clear.write("5")
+    rss_before = _status("VmRSS")
+    model, _ = compress.load(folder, dtype=dtype, device=device, runtime="packed")
+    row = {"way": way, "packed_bytes": weight_bytes(model),
+           "host_peak_bytes": _status("VmHWM") - rss_before, "host_after_bytes": _status("VmRSS") - rss_before}
+    if device == "cuda":
+        row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() - gpu_before
+    for key in ("host_peak_bytes", "gpu_peak_bytes"):
+        if key in row:
+            row[key.replace("_bytes", "_vs_packed")] = round(row[key] / row["packed_bytes"], 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--way", help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.way:
+        print(json.dumps(measure(args.folder, args.device, args.dtype, args.way)))
+        return
+    rows = []
+    for way in ("packed from the checkpoint", "dense then packed"):
+        output = subprocess.run([sys.executable, __file__, args.folder, "--device", args.device, "--dtype", args.dtype,
+                                 "--way", way], capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"folder": Path(args.folder).name, "device": args.device, "dtype": args.dtype, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
