@@ -251,6 +251,14 @@ def _sensitivity(model) -> dict:
     return {"sensitivity": errors} if errors else {}
 
 
+def _raised_damping(model) -> dict:
+    """GPTQ's damp where it had to be raised above the configured one (a Hessian not positive definite), per Linear."""
+    from compress.quantize.gptq import raised_damping
+
+    raised = raised_damping(model)
+    return {"gptq_raised_damp": raised} if raised else {}
+
+
 def _code_digest() -> str:
     """A digest of this package's source files: ranks launched from different checkouts must not mix."""
     digest = hashlib.sha256()
@@ -418,7 +426,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
             "summary": _base_summary(recipe) if kind == "base" else config.describe(),
             "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
             **({"eval_datasets": eval_datasets} if index in eval_at else {}),
-            "quantized": is_quantized(model), **_sensitivity(model), "save_format": "dense" if spec is None else spec.save_format(config),
+            "quantized": is_quantized(model), **_sensitivity(model), **_raised_damping(model), "save_format": "dense" if spec is None else spec.save_format(config),
             **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
             **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
             "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"], **_peak_memory(step_cost, eval_cost),

@@ -178,3 +178,25 @@ def test_bfloat16_qat_on_weights_with_a_small_lr_learns_as_float32_does(tiny):
     # a fifth as far as in float32
     assert changed16 > 0.1
     assert fall16 > 0.7 * fall32, (fall16, fall32)
+
+
+def test_raised_damping_reaches_the_step_record(tiny_recipe, monkeypatch):
+    import json
+    import os
+
+    from rich.console import Console
+
+    real_add_gram = gptq.add_gram
+
+    def indefinite(total, x):  # as above: damp 0.001 cannot make the summed Hessian positive definite, 0.01 can
+        real_add_gram(total, x)
+        total[-1, :] = 0
+        total[:, -1] = 0
+        total[-1, -1] = -0.003 * total.diagonal()[:-1].mean()
+
+    monkeypatch.setattr(gptq, "add_gram", indefinite)
+    recipe = tiny_recipe("  - quantize: {method: gptq, bits: 4, group_size: 16, damp: 0.001}", max_tokens=512)
+    with pytest.warns(UserWarning, match="not positive definite with damp 0.001"):
+        compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False)
+    record = json.loads((recipe.parent / "runs" / "tiny" / "01-quantize" / "step.json").read_text())
+    assert record["gptq_raised_damp"] and all(damp == pytest.approx(0.01) for damp in record["gptq_raised_damp"].values())
