@@ -4,7 +4,7 @@ when it runs, not only on disk, and faster than its source. Built from the grid'
 
 Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernels_h200.json, 7B shapes on an H200):
 
-    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress[cuda]`): its GEMV / split-K kernels
+    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress-llm[cuda]`): its GEMV / split-K kernels
                                     for a few rows (decode), and above DEQUANTIZE_ABOVE_ROWS rows the weight dequantized
                                     by one fused kernel and multiplied by cuBLAS (vLLM's rule for Marlin: a large
                                     input is compute-bound, and cuBLAS is the fastest GEMM there). Without gemlite:
@@ -46,7 +46,7 @@ KERNEL_DTYPE = torch.bfloat16
 # crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
 DEQUANTIZE_ABOVE_ROWS = 64
 CPU_DEQUANTIZE_ABOVE_ROWS = 128
-CUDA_EXTRA = 'pip install "compress[cuda]"'
+CUDA_EXTRA = 'pip install "compress-llm[cuda]" (in a clone: pip install -e ".[cuda]")'
 
 
 def integer_codes(weight: torch.Tensor, quant: WeightQuant) -> torch.Tensor:
@@ -333,8 +333,15 @@ def packed_linear(grid: Grid) -> _PackedLinear:
         return FP8Linear(codes, quant.scale, grid.bias, quant, grid.dtype)
     if grid.kind == "int8":
         return Int8Linear(codes, quant.scale, grid.bias, quant)
-    return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant,
-                      int4_backend(codes.device))
+    backend = int4_backend(codes.device)
+    if backend == "gemlite":
+        try:
+            return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
+        except Exception as error:  # noqa: BLE001 -- a shape or setting gemlite refuses: tinygemm runs it instead
+            _warn_once(f"gemlite cannot run int4 g{quant.args.group_size} with {grid.in_features} inputs x "
+                       f"{grid.out_features} outputs ({type(error).__name__}: {str(error)[:120]}); tinygemm runs "
+                       f"these Linears")
+    return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, "tinygemm")
 
 
 # Linears that read the same input, run as one packed Linear where their grids agree: one launch instead of three or
