@@ -1,6 +1,6 @@
 """Memory while loading a quantized step folder with the packed runtime: built straight from the checkpoint
 (compress.quantize.packed_load) against the earlier way (the dense model first, then packed). Each load runs in a fresh
-process, after the imports and the folder's tokenizer (so those are not counted); its peak is the high-water mark of
+process, after the imports, the model's modeling code and the folder's tokenizer (so those are not counted); its peak is the high-water mark of
 resident memory (Linux VmHWM, reset just before the load) minus the resident memory before it, and on CUDA the peak of allocated GPU memory; both are divided by the packed model's bytes
 (every parameter and buffer once).
 
@@ -37,9 +37,14 @@ def measure(folder: str, device: str, dtype: str, way: str) -> dict:
 
     from compress.models import load_tokenizer, resolve_source
 
-    # imports and the tokenizer before the baseline: what is measured is the model
-    transformers.AutoModelForCausalLM.from_config  # noqa: B018
-    AutoConfig.from_pretrained(folder)
+    import compressed_tensors.quantization  # noqa: F401
+    import compress.quantize.packed_load  # noqa: F401
+
+    # imports (the model's modeling module too: built once on the meta device) and the tokenizer before the baseline:
+    # what is measured is the model
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(config)
     load_tokenizer(resolve_source(folder))
     if device == "cuda":
         torch.cuda.init()

@@ -77,7 +77,7 @@ class _Tensors:
                 flat[first:first + buffer.numel()] = buffer
         return out
 
-    SLICE_BYTES = 64 * 2**20
+    SLICE_BYTES = 8 * 2**20  # the host's transient per tensor while converting
 
 
 def _grid(module: str, scheme, tensors: _Tensors, dtype: torch.dtype, module_key) -> Grid | None:
