@@ -42,24 +42,27 @@ def perplexity(model, tokenizer, config: Perplexity = Perplexity(), data_dir=Non
     stride = config.stride or config.seq_len
     windows = list(_windows(stream.numel(), config.seq_len, stride))
     device = next(model.parameters()).device
-    # decoder and head called apart so logits are computed only where a token is scored (Llama-family heads
-    # have no final softcap or scaling; a family that has one needs its own path here)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
     nll, count = 0.0, 0
     # batches of windows; under several processes each scores its share and the sums are added
     batches = distributed.share([windows[i : i + config.batch_size] for i in range(0, len(windows), config.batch_size)])
     with Progress(transient=True, disable=not show_progress) as progress:
         task = progress.add_task(f"perplexity on {config.dataset}", total=sum(map(len, batches)))
-        for batch in batches:  # windows of equal length run together; only the (ragged) final window runs alone
-            groups = [batch] if len({e - b for b, e, _ in batch}) == 1 else [[w] for w in batch]
-            for group in groups:
-                ids = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
-                hidden = decoder(input_ids=ids).last_hidden_state
-                for row, (b, e, n_new) in enumerate(group):
-                    logits = head(hidden[row, -n_new - 1 : -1]).float()
-                    targets = ids[row, -n_new:]
-                    nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-                    count += n_new
+        for batch in batches:
+            # windows that score the same positions run together: all of them but the first (it scores from its
+            # second token on, under overlapping windows) and the ragged final one, which run alone
+            groups: dict[tuple[int, int], list] = {}
+            for b, e, n_new in batch:
+                groups.setdefault((e - b, n_new), []).append((b, e))
+            for (length, n_new), group in groups.items():
+                ids = torch.stack([stream[b:e] for b, e in group]).to(device)
+                # the model's own forward, so its head's post-processing (Gemma 2/3's final logit soft-capping, any
+                # family's logit scale) is in every score; logits_to_keep: the head runs only at the scored positions
+                kept = torch.arange(length - n_new - 1, length - 1, device=device)
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=kept).logits
+                for row in range(len(group)):
+                    nll += torch.nn.functional.cross_entropy(logits[row].float(), ids[row, -n_new:],
+                                                             reduction="sum").item()
+                count += n_new * len(group)
                 progress.advance(task, len(group))
     nll, count = distributed.all_sum(nll), int(distributed.all_sum(count))
     return {

@@ -107,15 +107,21 @@ def _scorer_class():
         """lm-eval's HFLM with its log-likelihood loop replaced; everything else (tokenization, few-shot contexts,
         padding-token handling) is HFLM's. Ours is needed because of a benchmark (eval/bench_evals.py): HFLM computes
         the output head and a log-softmax over the whole vocabulary at every position of every padded sequence; here
-        the decoder runs once per distinct input (the answers of one question that differ only in their last token
-        share it) and the head only at the answer positions."""
+        the model runs once per distinct input (the answers of one question that differ only in their last token
+        share it), its head only at the answer positions of the batch (`logits_to_keep`), the log-softmax only at
+        each answer's own. The model's own forward, so its head's post-processing (Gemma 2/3's final logit
+        soft-capping, any family's logit scale) is in every score."""
 
         show_progress = True
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            # request i scores its answer from the hidden states of input (context + answer)[:-1]; a causal decoder's
-            # states on a prefix do not depend on what follows, so an input that is a prefix of another input of the
-            # same question (" polite" vs " imp|olite", or " True" vs " False") is served by that longer input's pass
+            # request i scores its answer from the logits of input (context + answer)[:-1]; a causal model's logits
+            # on a prefix do not depend on what follows, so an input that is a prefix of another input of the same
+            # question (" polite" vs " imp|olite", or " True" vs " False") is served by that longer input's pass
+            spans: dict[int, tuple[int, int]] = {}  # request -> [first, end): the input positions predicting its answer
+            for index, (_, context, continuation) in enumerate(requests):
+                end = min(len(context) + len(continuation), self.max_length + 1) - 1
+                spans[index] = (end - len(continuation), end)
             by_context: dict[tuple[int, ...], list[int]] = {}
             for index, (_, context, _) in enumerate(requests):
                 by_context.setdefault(tuple(context), []).append(index)
@@ -131,7 +137,6 @@ def _scorer_class():
                     inputs.setdefault(longer, []).append(index)
             results: dict[int, tuple[float, bool]] = {}
             ordered = sorted(inputs, key=len, reverse=True)  # similar lengths together: little padding
-            decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
             batch_size = override_bs or self.batch_size
             # several processes: each scores its share of the batches, then all of them gather every answer
             batches = distributed.share([ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)])
@@ -142,13 +147,19 @@ def _scorer_class():
                     ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
                     for row, seq in enumerate(batch):
                         ids[row, : len(seq)] = torch.tensor(seq)
+                    # the positions any answer of the batch is scored at (sorted, so each answer's span is a run of
+                    # consecutive columns of the logits)
+                    kept = sorted({p for seq in batch for index in inputs[seq] for p in range(*spans[index])})
+                    column = {position: c for c, position in enumerate(kept)}
                     # right padding under a causal mask: pads follow every real token and cannot change them
-                    hidden = decoder(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+                    logits = self.model(input_ids=ids.to(self.device), use_cache=False,
+                                        logits_to_keep=torch.tensor(kept, device=self.device)).logits
                     for row, seq in enumerate(batch):
                         for index in inputs[seq]:
-                            _, context, continuation = requests[index]
-                            n, end = len(continuation), min(len(context) + len(continuation), self.max_length + 1) - 1
-                            logprobs = torch.log_softmax(head(hidden[row, end - n : end]).float(), dim=-1)
+                            _, _, continuation = requests[index]
+                            first, end = spans[index]
+                            start = column[first]
+                            logprobs = torch.log_softmax(logits[row, start : start + end - first].float(), dim=-1)
                             target = torch.tensor(continuation, device=logprobs.device)
                             answer = (logprobs.gather(1, target[:, None]).sum().item(),
                                       bool((logprobs.argmax(-1) == target).all()))
