@@ -111,14 +111,20 @@ def headline(task: str, result: dict) -> str:
 
 def evaluate_source(source: str, tasks=TASKS, wikitext2: Perplexity = Perplexity(), choice: ChoiceEval = ChoiceEval(),
                     dtype: str = "float32", device: str = "auto", data_dir=None, show_progress: bool = True) -> dict:
-    """`compress eval`: load a step folder (or any model source) and run the named evals on it."""
+    """`compress eval`: load a step folder (or any model source) and run the named evals on it. dtype "auto" is
+    bfloat16 on a GPU and float32 on a CPU, and the short names (bf16, fp16, fp32) are accepted, as `compress bench`
+    does."""
+    from compress.bench import DTYPE_NAMES
     from compress.models import DTYPES, load_model
 
     check_tasks(tasks)  # before the model loads
-    if dtype not in DTYPES:
-        raise CompressError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = DTYPE_NAMES.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise CompressError(f"unknown dtype '{dtype}'; allowed: auto, {', '.join(DTYPES)} (or fp32, bf16, fp16)")
     model, tokenizer = load_model(source, dtype, device)
     return evaluate(model, tokenizer, tasks, wikitext2=wikitext2, choice=choice, data_dir=data_dir,
                     show_progress=show_progress)
