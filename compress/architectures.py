@@ -6,7 +6,9 @@ head leaves them as they are), the MLP (gate/up/down, or a fused `gate_up_proj`)
 router and, in transformers 5, the experts as fused 3-D parameters — `gate_up_proj` [E, 2I, H], `down_proj`
 [E, H, I] — that no `nn.Linear` hook sees; quantization turns them into per-expert Linears: compress.moe). Whatever else a family has that depends on neither head nor channel
 counts (Gemma's pre/post feed-forward norms over the hidden size, scaled embeddings, logit soft-capping,
-sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms.
+sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms, nor from
+the evaluations: perplexity and the choice tasks score through the model's own forward, final logit soft-capping
+or scaling included (tests/test_own_forward.py checks every family here).
 
 An unknown family stops before any work (prune, every quantize method, `compress estimate`) with the list of the
 known ones."""
