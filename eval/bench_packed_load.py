@@ -24,21 +24,14 @@ def _status(field: str) -> int:
 
 
 def measure(folder: str, device: str, dtype: str, way: str) -> dict:
+    import compressed_tensors.quantization  # noqa: F401
     import torch
-
-    import compress
-    from compress.quantize import packed_load
-    from compress.quantize.packed import weight_bytes
-
-    if way == "dense then packed":
-        packed_load.load_packed = lambda *args: None  # the earlier path: load_model (dense), then pack_model
     import transformers
     from transformers import AutoConfig
 
     from compress.models import load_tokenizer, resolve_source
-
-    import compressed_tensors.quantization  # noqa: F401
-    import compress.quantize.packed_load  # noqa: F401
+    from compress.quantize import packed_load
+    from compress.quantize.packed import weight_bytes
 
     # imports (the model's modeling module too: built once on the meta device) and the tokenizer before the baseline:
     # what is measured is the model
@@ -53,7 +46,17 @@ def measure(folder: str, device: str, dtype: str, way: str) -> dict:
     with open("/proc/self/clear_refs", "w") as clear:  # VmHWM := VmRSS
         clear.write("5")
     rss_before = _status("VmRSS")
-    model, _ = compress.load(folder, dtype=dtype, device=device, runtime="packed")
+    if way == "dense then packed":  # the earlier path: the dense model, then every quantized Linear packed
+        from compress.models import load_model
+        from compress.quantize.packed import pack_model
+
+        model, _ = load_model(folder, dtype=dtype, device=device)
+        pack_model(model)
+    else:  # what compress.load(folder, runtime="packed") builds, less the tokenizer (measured before the baseline)
+        from compress.models import DTYPES
+
+        with torch.device(device):
+            model = packed_load.load_packed(Path(folder), DTYPES[dtype], device)
     row = {"way": way, "packed_bytes": weight_bytes(model),
            "host_peak_bytes": _status("VmHWM") - rss_before, "host_after_bytes": _status("VmRSS") - rss_before}
     if device == "cuda":

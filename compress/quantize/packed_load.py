@@ -65,16 +65,19 @@ class _Tensors:
         stored = _DTYPES[entry["dtype"]]
         out = torch.empty(entry["shape"], dtype=dtype or stored, device=self.device)
         flat = out.view(-1)
-        step = max(1, self.SLICE_BYTES // stored.itemsize)
+        direct = flat.dtype == stored and flat.device.type == "cpu"  # read straight into place: no buffer at all
+        step = max(1, flat.numel() if direct else self.SLICE_BYTES // stored.itemsize)
+        buffer = None if direct else torch.empty(min(step, flat.numel()), dtype=stored)  # one, reused
         with open(path, "rb") as file:
             file.seek(start + entry["data_offsets"][0])
             for first in range(0, flat.numel(), step):
-                buffer = torch.empty(min(step, flat.numel() - first), dtype=stored)
-                size = buffer.numel() * stored.itemsize
-                if file.readinto(memoryview(buffer.view(torch.uint8).numpy())) != size:
+                count = min(step, flat.numel() - first)
+                target = flat[first:first + count] if direct else buffer[:count]
+                if file.readinto(memoryview(target.view(torch.uint8).numpy())) != count * stored.itemsize:
                     raise CompressError(f"{path.name} is shorter than its header says (tensor {key}); the file is "
                                         f"truncated: write the step again")
-                flat[first:first + buffer.numel()] = buffer
+                if not direct:
+                    flat[first:first + count] = target
         return out
 
     SLICE_BYTES = 8 * 2**20  # the host's transient per tensor while converting
