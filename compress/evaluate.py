@@ -117,6 +117,8 @@ def evaluate_source(source: str, tasks=TASKS, wikitext2: Perplexity = Perplexity
     from compress.bench import DTYPE_NAMES
     from compress.models import DTYPES, load_model
 
+    if not tasks:
+        raise CompressError(f"no eval task named; known: {', '.join(TASKS)}")
     check_tasks(tasks)  # before the model loads
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
