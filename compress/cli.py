@@ -196,12 +196,13 @@ def data_fetch(
 ) -> None:
     """Download named datasets into the cache ($COMPRESS_CACHE/data), so later runs need no network."""
     from compress.config.data import DATASETS
-    from compress.fetch import datasets_of_recipe, fetch, status
+    from compress.fetch import fetch, status
 
     try:
         wanted = list(names or [])
         if recipe is not None:
             from compress.recipe import load_recipe
+            from compress.tasks import datasets_of_recipe
 
             wanted += datasets_of_recipe(load_recipe(recipe))
         for name in wanted or list(DATASETS):

@@ -242,25 +242,6 @@ def fetch(name: str, directory: str | Path | None = None) -> Path:
     return data_cache() / DATASETS[name].path
 
 
-def datasets_of_recipe(recipe) -> list[str]:
-    """Every named dataset a (loaded) recipe reads: calibration sets, training data, eval tasks."""
-    from compress.tasks import task_definition
-
-    names = set()
-    for step in recipe.resolved().steps:
-        spec = step.spec
-        if spec.calibrates:
-            names.add(step.config.calibration.dataset)
-        if spec.trains:
-            names |= set(step.config.data)
-    for task in recipe.eval.tasks:
-        if task == "wikitext2":
-            names.add(recipe.eval.wikitext2.dataset)
-        else:
-            names |= set(task_definition(task)["compress"]["splits"].values())
-    return sorted(name for name in names if name in DATASETS)
-
-
 def status(name: str, directory: str | Path | None = None) -> tuple[str, Path | None]:
     """Where a named dataset would be read from now: ("data dir", path), ("cache", path) or ("not fetched", None)."""
     root = data_dir(directory)

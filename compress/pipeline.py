@@ -47,7 +47,7 @@ from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import local_paths, write_report
 from compress.steps import spec_of, teacher_name
-from compress.tasks import task_definition
+from compress.tasks import datasets_of_eval
 from compress.training import training_examples
 
 
@@ -55,23 +55,6 @@ def _base_summary(recipe: Recipe) -> str:
     """The base row of the report; a checkpoint another tool quantized says how (compress.models.quantized_input)."""
     quantized = quantized_input(recipe.model)
     return f"base ({recipe.dtype})" + (f", from a quantized checkpoint: {quantized}" if quantized else "")
-
-
-def _datasets_read(config) -> list[str]:
-    """The datasets a step's verb reads, per its spec: its calibration set and its training data."""
-    spec = spec_of(config)
-    return ([config.calibration.dataset] if spec.calibrates else []) + (list(config.data) if spec.trains else [])
-
-
-def _eval_datasets(recipe: Recipe) -> list[str]:
-    """The datasets the evaluations read: the perplexity text and every split of each choice task."""
-    names = set()
-    for task in recipe.eval.tasks:
-        if task == "wikitext2":
-            names.add(recipe.eval.wikitext2.dataset)
-        else:
-            names |= set(task_definition(task)["compress"]["splits"].values())
-    return sorted(names)
 
 
 def _plan(recipe: Recipe, steps: list) -> list[dict]:
@@ -85,7 +68,7 @@ def _plan(recipe: Recipe, steps: list) -> list[dict]:
         if kind == "base":
             inputs["model"] = source_identity(recipe.model)
         else:
-            read = _datasets_read(config)
+            read = spec_of(config).datasets_read(config)
             if read:
                 inputs["data"] = {name: dataset_digest(name, recipe.data.dir) for name in read}
             teacher = teacher_name(config)
@@ -355,7 +338,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     # rank 0 hashes what every step reads (weights, data files; sha256s of large files are cached) and all follow
     plans, eval_datasets = distributed.on_main(
         lambda: (_plan(recipe, steps),
-                 {name: dataset_digest(name, data_dir) for name in _eval_datasets(recipe)} if eval_at else {}),
+                 {name: dataset_digest(name, data_dir) for name in datasets_of_eval(recipe.eval)} if eval_at else {}),
         "fingerprinting the inputs")
     eval_fingerprint = fingerprint({**recipe.eval.model_dump(mode="json"), "datasets": eval_datasets})
     model_description = resolve_source(recipe.model).describe()

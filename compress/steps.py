@@ -64,6 +64,10 @@ class StepSpec:
         if self.check:
             _load(self.check)(model, config)
 
+    def datasets_read(self, config) -> list[str]:
+        """The named datasets (or data files) the verb reads: its calibration set and its training data."""
+        return ([config.calibration.dataset] if self.calibrates else []) + (list(config.data) if self.trains else [])
+
     def run_config(self, model, config, inputs: dict):
         """The config as the step will run it (itself, unless the spec resolves run-time settings)."""
         return _load(self.resolve_run)(model, config, **inputs) if self.resolve_run else config

@@ -24,6 +24,7 @@ import yaml
 from rich.progress import Progress
 
 from compress import distributed
+from compress.config.data import DATASETS
 from compress.config.evals import ChoiceEval
 from compress.data import load_records, source_of
 from compress.errors import CompressError
@@ -57,6 +58,25 @@ def task_for_split(dataset: str) -> tuple[str, str] | None:
             if name == dataset:
                 return task, split
     return None
+
+
+def datasets_of_eval(config) -> list[str]:
+    """The datasets a recipe's `eval:` section reads: the perplexity text and every split of each choice task."""
+    names = set()
+    for task in config.tasks:
+        if task == "wikitext2":
+            names.add(config.wikitext2.dataset)
+        else:
+            names |= set(task_definition(task)["compress"]["splits"].values())
+    return sorted(names)
+
+
+def datasets_of_recipe(recipe) -> list[str]:
+    """Every named dataset a (loaded) recipe reads: calibration sets, training data, eval tasks."""
+    names = set(datasets_of_eval(recipe.eval))
+    for step in recipe.resolved().steps:
+        names |= set(step.spec.datasets_read(step.config))
+    return sorted(name for name in names if name in DATASETS)
 
 
 @contextmanager

@@ -268,12 +268,13 @@ def test_lora_block_reaches_peft_unchanged():
 
 
 def _module_imports(path: Path, package_root: Path) -> set[str]:
-    """compress modules imported at module level (not inside functions) by the file at `path`."""
-    tree = ast.parse(path.read_text())
+    """compress modules imported by the file at `path`, anywhere in it (a function's deferred import is an edge of
+    the graph too); `from compress import distributed` names the submodule."""
     found = set()
-    for node in tree.body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("compress"):
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("compress"))
     return found
