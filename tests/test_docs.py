@@ -16,7 +16,7 @@ from compress.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 INLINE = re.compile(r"`([^`]+)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PATH = re.compile(r"(?<![\w/.-])(?:eval|examples|tests|recipes|compress)/[\w./*{},-]*[\w*}]")
@@ -68,15 +68,17 @@ def command_lines(page: Path) -> list[tuple[list[str], list[str]]]:
 
 
 def compress_invocations(page: Path) -> list[tuple[str, list[str]]]:
-    """(line, the arguments after `compress`) for `compress ...`, `python -m compress ...` and launchers' `-m compress`."""
+    """(line, the arguments after `compress`) for `compress ...`, `python -m compress ...` and a launcher's
+    `-m compress ...`."""
     found = []
     for tokens, noted in command_lines(page):
         line = shlex.join(tokens)
         if tokens[0] == "compress":
             found.append((line, tokens[1:] + noted))
-        elif "compress" in tokens and tokens.index("compress") > 0 and tokens[tokens.index("compress") - 1] == "-m":
-            if tokens[0] in {"python", "python3", "torchrun", "accelerate"}:
-                found.append((line, tokens[tokens.index("compress") + 1:] + noted))
+        elif tokens[0] in {"python", "python3", "torchrun", "accelerate"} and "compress" in tokens:
+            at = tokens.index("compress")
+            if tokens[at - 1] == "-m":
+                found.append((line, tokens[at + 1:] + noted))
     return found
 
 
@@ -110,7 +112,8 @@ def expand(pattern: str) -> list[str]:
     """Brace expansion ({a,b}) then globbing, relative to the repo root."""
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match:
-        return [p for alt in match.group(1).split(",") for p in expand(pattern[:match.start()] + alt + pattern[match.end():])]
+        head, tail = pattern[:match.start()], pattern[match.end():]
+        return [p for alt in match.group(1).split(",") for p in expand(head + alt + tail)]
     return [str(Path(p).relative_to(ROOT)) for p in glob.glob(str(ROOT / pattern))]
 
 
@@ -125,7 +128,7 @@ def slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
-    return {slug(h) for h in re.findall(r"^#+ (.+)$", prose(page), re.M)}
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", prose(page), re.MULTILINE)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
@@ -156,7 +159,8 @@ def test_readme_setup_and_ci_test_command():
     end = next(i for i in range(fence + 1, len(lines)) if lines[i].startswith("```"))
     command = "\n".join(lines[fence + 1:end])
     assert "pytest" in command and 'pip install -e ".[test]"' in command
-    assert command in [b.strip() for b in fences(ROOT / "docs" / "development.md", "bash")], "docs/development.md shows another test command"
+    shown = [b.strip() for b in fences(ROOT / "docs" / "development.md", "bash")]
+    assert command in shown, "docs/development.md shows another test command"
     setup = fences(ROOT / "README.md", "bash")[0]
     assert "pip install -e . " in setup and "compress run recipes/smollm2-135m-4bit-prune25.yaml" in setup
 
@@ -183,7 +187,8 @@ def test_recipes_shown_validate():
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_recipe_blocks_validate(page, tmp_path):
     """A whole recipe shown as YAML (one with `name:` and `steps:` at the top level) passes `compress validate`."""
-    blocks = [b for b in fences(page, "yaml") if re.search(r"^name:", b, re.M) and re.search(r"^steps:", b, re.M)]
+    whole = re.compile(r"^name:.*^steps:", re.DOTALL | re.MULTILINE)
+    blocks = [b for b in fences(page, "yaml") if whole.search(b)]
     for i, block in enumerate(blocks):
         path = tmp_path / f"shown{i}.yaml"
         path.write_text(block)
@@ -198,7 +203,8 @@ def test_compress_commands_and_flags(page):
             continue
         shown = help_text(*words)
         for flag in flags(args):
-            assert re.search(rf"(?<![\w-]){flag}(?![\w-])", shown), f"{rel(page)}: `{line}`: compress {' '.join(words)} has no {flag}"
+            assert re.search(rf"(?<![\w-]){flag}(?![\w-])", shown), (
+                f"{rel(page)}: `{line}`: compress {' '.join(words)} has no {flag}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
