@@ -34,6 +34,35 @@ class Family:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert Linears (checkpoints)
     # (in checkpoint files, in transformers 5 modules): transformers renames on load and back on save
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # the layer norms compute x̂·weight, so AWQ's scales fold into their weight (Gemma's compute x̂·(1 + weight))
+    norms_fold: bool = True
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k and v are one Linear, `self_attn.qkv_proj` (rows q | k | v)."""
+        return self.attention == "qkv/o"
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """The MLP's gate and up are one Linear, `mlp.gate_up_proj` (rows gate | up)."""
+        return self.mlp == "gate_up/down"
+
+    @property
+    def moe(self) -> bool:
+        """The MLP is a router `mlp.gate` and experts `mlp.experts` (fused 3-D parameters, or compress.moe's Linears)."""
+        return self.mlp == "experts"
+
+    @property
+    def same_input_linears(self) -> tuple[tuple[str, ...], ...]:
+        """Sibling Linears (by their names in one parent module) that read the same input where the family keeps them
+        separate: q/k/v; gate/up of a dense MLP, of a shared expert, and of each expert once compress.moe made them
+        Linears (named as the family's checkpoints name them)."""
+        groups = [] if self.fused_qkv else [("q_proj", "k_proj", "v_proj")]
+        if self.mlp == "gate/up/down" or self.shared_expert_width_field:
+            groups.append(("gate_proj", "up_proj"))
+        if self.moe:
+            groups.append(self.expert_names[:2])
+        return tuple(dict.fromkeys(groups))
 
 
 FAMILIES: dict[str, Family] = {
@@ -41,9 +70,9 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("Mistral", "q/k/v/o", "gate/up/down"),
     "qwen2": Family("Qwen2 / 2.5", "q/k/v/o", "gate/up/down"),
     "qwen3": Family("Qwen3", "q/k/v/o", "gate/up/down", head_norms=True),
-    "gemma": Family("Gemma", "q/k/v/o", "gate/up/down"),
-    "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down"),
-    "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True),
+    "gemma": Family("Gemma", "q/k/v/o", "gate/up/down", norms_fold=False),
+    "gemma2": Family("Gemma 2", "q/k/v/o", "gate/up/down", norms_fold=False),
+    "gemma3_text": Family("Gemma 3 (text)", "q/k/v/o", "gate/up/down", head_norms=True, norms_fold=False),
     "phi3": Family("Phi-3 / Phi-4", "qkv/o", "gate_up/down"),
     "mixtral": Family("Mixtral", "q/k/v/o", "experts", experts_field="num_local_experts",
                       expert_width_field="intermediate_size", expert_names=("w1", "w3", "w2"),
@@ -90,9 +119,14 @@ def family(model_or_config) -> Family:
     return FAMILIES[kind]
 
 
+def known_family(model_or_config) -> Family | None:
+    """The family of a model (or config), or None for a family the table does not know."""
+    return FAMILIES.get(model_type(model_or_config))
+
+
 def checkpoint_name(model_or_config, name: str) -> str:
     """A module name as the family's checkpoint files spell it (transformers' save renames it so)."""
-    known = FAMILIES.get(model_type(model_or_config))
+    known = known_family(model_or_config)
     for in_files, in_modules in known.checkpoint_renames if known else ():
         name = name.replace(in_modules, in_files)
     return name
@@ -100,7 +134,7 @@ def checkpoint_name(model_or_config, name: str) -> str:
 
 def module_name(model_or_config, name: str) -> str:
     """A checkpoint file's key as transformers 5's modules spell it."""
-    known = FAMILIES.get(model_type(model_or_config))
+    known = known_family(model_or_config)
     for in_files, in_modules in known.checkpoint_renames if known else ():
         name = name.replace(in_files, in_modules)
     return name

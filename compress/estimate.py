@@ -22,14 +22,8 @@ from compress.config.sources import ARCHITECTURES, RandomInit
 from compress.errors import CompressError
 from compress.models import architecture_config, random_init_config, resolve_source
 from compress.modules import decoder_layers, quantizable_linears
-from compress.prune.structure import (
-    build_layers_at_recorded_widths,
-    layer_widths,
-    planned_experts,
-    planned_widths,
-    shared_expert,
-    shrink_layer_to,
-)
+from compress.prune.structure import planned_experts, planned_widths
+from compress.widths import build_layers_at_recorded_widths, layer_widths, shared_expert, shrink_layer_to
 
 # bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word)
 PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10}
@@ -99,11 +93,11 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
         start, end = prune.layers or (0, len(layers))
         for index in range(start, end):
             layer = layers[index]
-            widths = planned_widths(layer_widths(layer), prune.ratio, prune.heads, prune.targets, prune.multiple,
+            widths = planned_widths(layer_widths(layer, known), prune.ratio, prune.heads, prune.targets, prune.multiple,
                                     layer.self_attn.head_dim, f"decoder layer {index}")
             if widths.num_experts and prune.experts:
                 widths = planned_experts(widths, prune.experts, config.num_experts_per_tok, f"decoder layer {index}")
-            shrink_layer_to(layer, widths)
+            shrink_layer_to(layer, widths, known)
     linears = [module for _, module in quantizable_linears(model)]  # routers are in DEFAULT_IGNORE
     experts = [p for name, p in model.named_parameters() if ".experts." in name and p.dim() == 3]
     count = len(layers)
@@ -114,14 +108,14 @@ def shapes(config, prune: TaylorPrune | None = None) -> Shapes:
         lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
         layers=count, hidden=config.hidden_size,
         intermediate=sum(_active_mlp_width(layer, config, known) for layer in layers) // count,
-        kv_width=sum(_kv_width(layer.self_attn, config) for layer in layers) // count,
+        kv_width=sum(_kv_width(layer.self_attn, config, known) for layer in layers) // count,
         vocab=model.get_output_embeddings().out_features,
     )
 
 
-def _kv_width(attn, config) -> int:
+def _kv_width(attn, config, known) -> int:
     """KV heads x head_dim of one layer (Phi-3's fused qkv_proj: from the config)."""
-    if hasattr(attn, "k_proj"):
+    if not known.fused_qkv:
         return attn.k_proj.out_features
     return config.num_key_value_heads * (getattr(config, "head_dim", None)
                                          or config.hidden_size // config.num_attention_heads)

@@ -18,7 +18,7 @@ from compress.checkpoint import STEP_FILE, folder_files
 from compress.config.hub import HubPush
 from compress.config.sources import ARCHITECTURES, HUB_ID, REGISTRY, STEP_FOLDER_NAME
 from compress.errors import CompressError
-from compress.prune.structure import LAYER_WIDTHS_KEY
+from compress.widths import LAYER_WIDTHS_KEY
 
 STAGING = "hub-upload"
 PROJECT_URL = "https://pypi.org/project/compress-llm/"

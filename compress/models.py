@@ -36,7 +36,7 @@ from compress.config.sources import (
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, grids_to_weights
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
-from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
+from compress.widths import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 from compress.quantize.formats import (
     decompressed_state_dict,
     describe_quantized_checkpoint,

@@ -14,8 +14,11 @@ import compress
 from compress.checkpoint import save_model
 from compress.data import calibration_batches
 from compress.errors import CompressError
+from compress.architectures import FAMILIES
 from compress.quantize.awq import LLAMA_GROUPS, fold_scales, layer_groups, quantize_awq
 from compress.quantize.grid import quantized_linears, relative_output_error
+
+LLAMA = FAMILIES["llama"]  # the layout of the Llama models these tests build
 
 
 def _tiny(tiny_model_dir):
@@ -47,7 +50,7 @@ def test_folding_scales_keeps_the_float_function(tiny_model_dir):
     reference = _logits(model, ids[:2])
     torch.manual_seed(1)
     for index, layer in enumerate(model.model.layers):
-        for group in layer_groups(layer, index):
+        for group in layer_groups(layer, index, LLAMA):
             width = layer.get_submodule(group.linears[0]).in_features
             fold_scales(layer, group, torch.rand(width) * 4 + 0.25)
     assert torch.allclose(_logits(model, ids[:2]), reference, atol=1e-4)
@@ -55,13 +58,13 @@ def test_folding_scales_keeps_the_float_function(tiny_model_dir):
 
 def test_gqa_skips_the_v_to_o_fold_and_equal_heads_keep_it(tiny_model_dir):
     model, _, _ = _tiny(tiny_model_dir)  # 4 query heads, 2 KV heads: v's 32 outputs feed o's 64 inputs
-    groups = [g.prev for g in layer_groups(model.model.layers[0], 0)]
+    groups = [g.prev for g in layer_groups(model.model.layers[0], 0, LLAMA)]
     assert groups == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     mha = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, num_key_value_heads=2))
-    assert [g.prev for g in layer_groups(mha.model.layers[0], 0)] == [g.prev for g in LLAMA_GROUPS]
+    assert [g.prev for g in layer_groups(mha.model.layers[0], 0, LLAMA)] == [g.prev for g in LLAMA_GROUPS]
 
 
 @pytest.mark.parametrize("loss", ["block", "linear"])
@@ -139,7 +142,7 @@ def test_awq_names_the_module_it_cannot_fold_into():
     layer = llama.model.layers[0]
     del layer.mlp.up_proj  # e.g. a fused gate_up_proj
     with pytest.raises(CompressError, match="AWQ cannot scale decoder layer 0 .*up_proj"):
-        layer_groups(layer, 0)
+        layer_groups(layer, 0, LLAMA)
 
 
 def test_awq_refuses_a_quantized_model_and_needs_calibration(tiny_model_dir):

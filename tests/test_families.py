@@ -63,7 +63,7 @@ def test_every_family_of_the_table_has_the_layout_it_declares(kind):
         experts = getattr(config, known.experts_field) if known.experts_field else 0
         width = getattr(config, known.expert_width_field or "intermediate_size")
         shared = getattr(config, known.shared_expert_width_field) if known.shared_expert_width_field else 0
-        assert layer_widths(layer) == LayerWidths(4, 2, width, experts, shared)
+        assert layer_widths(layer, known) == LayerWidths(4, 2, width, experts, shared)
         assert hasattr(layer.self_attn, "q_norm") == hasattr(layer.self_attn, "k_norm") == known.head_norms
 
 
@@ -81,19 +81,20 @@ def test_surgery_keeps_the_function_of_what_it_keeps(kind):
                 layer.self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
             layer.mlp.down_proj.weight[:, 1::2] = 0
     before = logits(model)
+    known = family(model)
     for layer in model.model.layers:
-        shrink_attention(layer.self_attn, query, kv)
-        shrink_mlp(layer.mlp, torch.arange(0, 128, 2))
+        shrink_attention(layer.self_attn, query, kv, fused=known.fused_qkv)
+        shrink_mlp(layer.mlp, torch.arange(0, 128, 2), fused=known.fused_gate_up)
     record_widths(model)  # Phi-3 reads its head count from the config
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
-    assert layer_widths(model.model.layers[1]) == LayerWidths(2, 2, 64)
+    assert layer_widths(model.model.layers[1], known) == LayerWidths(2, 2, 64)
 
 
 @pytest.mark.parametrize("kind", DENSE)
 def test_uniform_pruning_loads_in_stock_transformers_without_compress(tmp_path, kind):
     model = tiny(kind)
     prune(model, TaylorPrune(ratio=0.5, multiple=16, uniform=True), IDS, show_progress=False)
-    assert layer_widths(model.model.layers[0]) == LayerWidths(2, 2, 64)
+    assert layer_widths(model.model.layers[0], family(model)) == LayerWidths(2, 2, 64)
     _assert_stock_transformers_reproduces(model, tmp_path)
 
 

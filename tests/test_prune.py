@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import compress
+from compress.architectures import FAMILIES
 from compress.errors import CompressError
 from compress.prune import TaylorPrune, check_prunable, prune
 from compress.prune.importance import gradient_statistics
@@ -30,6 +31,8 @@ from compress.prune.structure import (
 from compress.modules import decoder_layers
 
 IDS = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
+
+LLAMA = FAMILIES["llama"]  # the layout of tiny_llama's layers
 
 
 def tiny_llama(layers: int = 3, heads: int = 4, kv_heads: int = 2, seed: int = 0, **extra) -> LlamaForCausalLM:
@@ -92,10 +95,10 @@ def test_surgery_keeps_the_function_of_what_it_keeps(mode):
             attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
         mlp.down_proj.weight[:, 1::2] = 0
     before = logits(model)
-    shrink_attention(attn, query, kv)
-    shrink_mlp(mlp, channels)
+    shrink_attention(attn, query, kv, fused=False)
+    shrink_mlp(mlp, channels, fused=False)
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
-    assert layer_widths(model.model.layers[1]) == LayerWidths(2, kv.numel(), 64)
+    assert layer_widths(model.model.layers[1], LLAMA) == LayerWidths(2, kv.numel(), 64)
     assert attn.num_key_value_groups == 2 // kv.numel()
 
 
@@ -104,7 +107,7 @@ def test_every_importance_prunes_to_the_planned_widths(importance):
     model = tiny_llama()
     before = sum(p.numel() for p in model.parameters())
     prune(model, TaylorPrune(importance=importance, ratio=0.5, layers=(1, 3), multiple=16), IDS, show_progress=False)
-    widths = [layer_widths(layer) for layer in decoder_layers(model)]
+    widths = [layer_widths(layer, LLAMA) for layer in decoder_layers(model)]
     assert widths == [LayerWidths(4, 2, 128), LayerWidths(2, 2, 64), LayerWidths(2, 2, 64)]
     assert sum(p.numel() for p in model.parameters()) < before
     assert torch.isfinite(logits(model)).all()
@@ -122,7 +125,7 @@ def test_taylor_importance_removes_the_groups_that_matter_least():
         attn.o_proj.weight[:, 0:16] = 0  # head 0 (KV group 0) is dead
         attn.o_proj.weight[:, 16:32] *= 30  # head 1 (same group) matters
     prune(model, TaylorPrune(ratio=0.5, multiple=16), IDS, show_progress=False)
-    assert layer_widths(model.model.layers[0]) == LayerWidths(2, 2, 64)
+    assert layer_widths(model.model.layers[0], LLAMA) == LayerWidths(2, 2, 64)
     # the surviving channel 7 is the one scaled up; channel 9 is gone
     assert mlp.down_proj.weight.abs().sum(0).max() > 10 * mlp.down_proj.weight.abs().sum(0).median()
     assert not (mlp.down_proj.weight.abs().sum(0) == 0).any()

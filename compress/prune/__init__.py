@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from compress.architectures import Family, family
 from compress.config.prune import NEEDS_FISHER, NEEDS_GRADIENT, TaylorPrune
 from compress.errors import CompressError
 from compress.modules import decoder_layers, require_float
@@ -50,19 +51,19 @@ def _layer_range(model: torch.nn.Module, config: TaylorPrune) -> range:
 def check_prunable(model: torch.nn.Module, config: TaylorPrune) -> None:
     """Every check that needs only the model's shapes: run before any work (the pipeline does, right after load)."""
     check_supported(model)
-    layers = decoder_layers(model)
-    moe = layer_widths(layers[0]).num_experts > 0
+    layers, known = decoder_layers(model), family(model)
+    moe = known.moe
     if config.experts and not moe:
         raise CompressError(f"experts: {config.experts} prunes the experts of Mixture-of-Experts layers, and this "
                             f"model has none; remove `experts`")
     why_uniform = ("an MoE model's config holds one expert count and width for all layers" if moe else
                    "Phi-3's attention splits its fused qkv_proj by the config's head count, shared by all layers"
-                   if hasattr(layers[0].self_attn, "qkv_proj") else None)
+                   if known.fused_qkv else None)
     if why_uniform and (not config.uniform or _layer_range(model, config) != range(len(layers))):
         raise CompressError(f"{why_uniform}: prune it with uniform: true and no `layers` range")
     planned = {}
     for index in _layer_range(model, config):
-        widths = layer_widths(layers[index])
+        widths = layer_widths(layers[index], known)
         planned[index] = planned_widths(widths, config.ratio, config.heads, config.targets, config.multiple,
                                         layers[index].self_attn.head_dim, f"decoder layer {index}")
         if moe and config.experts:
@@ -72,12 +73,13 @@ def check_prunable(model: torch.nn.Module, config: TaylorPrune) -> None:
         check_stock_config(model, config, planned[0])
 
 
-def _global_ratios(scores: list[dict], layers: list[torch.nn.Module], config: TaylorPrune) -> list[dict[str, float]]:
+def _global_ratios(scores: list[dict], layers: list[torch.nn.Module], known: Family,
+                   config: TaylorPrune) -> list[dict[str, float]]:
     """With one ranking across layers, each layer's share of the removed units (heads or KV groups, channels)."""
     ratios = [{} for _ in scores]
     units = {}
     if "attention" in config.targets:
-        modes = [heads_mode(layer_widths(layer), config.heads) for layer in layers]
+        modes = [heads_mode(layer_widths(layer, known), config.heads) for layer in layers]
         units["attention"] = [s["query"] if mode == "query" else kv_group_scores(s["query"], s["kv"])
                               for s, mode in zip(scores, modes)]
     if "mlp" in config.targets:
@@ -99,6 +101,7 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
                                    "the surgery")
     check_prunable(model, config)
     layers = [decoder_layers(model)[i] for i in _layer_range(model, config)]
+    known = family(model)
 
     # 1. importance: gradients of the LM loss on the calibration samples, then one score per group
     gradient, fisher = {}, {}
@@ -106,10 +109,10 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
         if calibration is None:
             raise CompressError(f"{config.importance} importance needs calibration token ids [samples, seq_len]: "
                                 f"compress.data.calibration_batches(tokenizer, 'wikitext2-valid', 10, 128)")
-        gradient, fisher = gradient_statistics(model, scored_layers_weights(layers, config.targets), calibration,
+        gradient, fisher = gradient_statistics(model, scored_layers_weights(layers, config.targets, known), calibration,
                                                fisher=config.importance in NEEDS_FISHER, show_progress=show_progress)
     score = channel_scorer(config.importance, gradient, fisher)
-    scores = [layer_group_scores(layer, score, config.targets) for layer in layers]
+    scores = [layer_group_scores(layer, score, config.targets, known) for layer in layers]
     del gradient, fisher, score
     if config.experts:  # MoE: whole experts by REAP saliency (a forward pass; uniform and all layers, checked above)
         if calibration is None:
@@ -121,21 +124,21 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
 
     # 2. how much each layer loses: `ratio` everywhere, or its share of one global ranking
     if config.scope == "global":
-        ratios = _global_ratios(scores, layers, config)
+        ratios = _global_ratios(scores, layers, known, config)
     else:
         ratios = [{target: config.ratio for target in config.targets} for _ in layers]
 
     # 3. surgery: keep the highest-scoring groups, rounded to the width multiple
     with torch.no_grad():
         for layer, layer_scores, layer_ratios in zip(layers, scores, ratios):
-            widths = layer_widths(layer)
+            widths = layer_widths(layer, known)
             dim = layer.self_attn.head_dim
             if "attention" in config.targets:
                 target = planned_widths(widths, layer_ratios["attention"], config.heads, ("attention",),
                                         config.multiple, dim, "a decoder layer", keep_one=config.scope == "global")
                 query, kv = select_heads(layer_scores["query"], layer_scores["kv"], target,
                                          heads_mode(widths, config.heads))
-                shrink_attention(layer.self_attn, query, kv)
+                shrink_attention(layer.self_attn, query, kv, fused=known.fused_qkv)
             if widths.num_experts:  # every expert keeps its own best channels, the best experts are kept
                 target = planned_widths(widths, layer_ratios.get("mlp", 0.0), config.heads,
                                         ("mlp",) if "mlp" in config.targets else (), config.multiple, dim,
@@ -149,11 +152,12 @@ def prune(model: torch.nn.Module, config: TaylorPrune, calibration: torch.Tensor
                 channels = torch.stack([select_channels(channel_scores[e], target) for e in kept.tolist()])
                 shrink_experts(layer.mlp, kept, channels)
                 if "shared" in layer_scores:  # the shared expert loses the experts' share of its channels
-                    shrink_mlp(layer.mlp.shared_expert, select_channels(layer_scores["shared"], target, shared=True))
+                    shrink_mlp(layer.mlp.shared_expert, select_channels(layer_scores["shared"], target, shared=True),
+                               fused=False)
             elif "mlp" in config.targets:
                 target = planned_widths(widths, layer_ratios["mlp"], config.heads, ("mlp",), config.multiple, dim,
                                         "a decoder layer", keep_one=config.scope == "global")
-                shrink_mlp(layer.mlp, select_channels(layer_scores["mlp"], target))
+                shrink_mlp(layer.mlp, select_channels(layer_scores["mlp"], target), fused=known.fused_gate_up)
     record_widths(model)
     return model
 

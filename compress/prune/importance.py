@@ -21,7 +21,8 @@ from rich.progress import track
 from compress import distributed
 from compress.errors import CompressError
 from compress.modules import available_memory
-from compress.prune.structure import fused_rows, is_moe, shared_expert
+from compress.architectures import Family
+from compress.widths import fused_rows, shared_expert
 
 
 # channel_score(linear or weight, keep): one score per channel, channels along weight dimension(s) `keep` (0: output
@@ -138,12 +139,12 @@ def channel_scorer(kind: str, gradient: dict, fisher: dict) -> ChannelScore:
 
 
 @torch.no_grad()
-def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> dict[str, torch.Tensor]:
+def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets, known: Family) -> dict[str, torch.Tensor]:
     """Scores of one decoder layer's groups, for the targets pruned: `query` [heads], `kv` [KV heads] (their k/v
     rows only; select_heads adds a KV group's query heads to it) and `mlp` [channels]."""
     attn, mlp = layer.self_attn, layer.mlp
     scores = {}
-    if "attention" in targets and hasattr(attn, "qkv_proj"):  # fused: the q, k and v rows of one Linear
+    if "attention" in targets and known.fused_qkv:  #: the q, k and v rows of one Linear
         rows = score(attn.qkv_proj, 0)
         q, k, v = fused_rows(attn)
         scores["query"] = (rows[q] + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
@@ -151,14 +152,14 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
     elif "attention" in targets:
         scores["query"] = (score(attn.q_proj, 0) + score(attn.o_proj, 1)).view(-1, attn.head_dim).sum(1).cpu()
         scores["kv"] = (score(attn.k_proj, 0) + score(attn.v_proj, 0)).view(-1, attn.head_dim).sum(1).cpu()
-    if "mlp" in targets and is_moe(mlp):  # [experts, channels]: each expert's gate and up rows, down columns
+    if "mlp" in targets and known.moe:  # [experts, channels]: each expert's gate and up rows, down columns
         width = mlp.experts.down_proj.shape[-1]
         gate_up = score(mlp.experts.gate_up_proj, (0, 1))
         scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
         shared = shared_expert(mlp)
         if shared is not None:  # a dense MLP beside the experts (Qwen2-MoE)
             scores["shared"] = (score(shared.gate_proj, 0) + score(shared.up_proj, 0) + score(shared.down_proj, 1)).cpu()
-    elif "mlp" in targets and hasattr(mlp, "gate_up_proj"):  # fused: gate rows then up rows
+    elif "mlp" in targets and known.fused_gate_up:  # gate rows then up rows
         rows, width = score(mlp.gate_up_proj, 0), mlp.down_proj.in_features
         scores["mlp"] = (rows[:width] + rows[width:] + score(mlp.down_proj, 1)).cpu()
     elif "mlp" in targets:
@@ -166,16 +167,16 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets) -> 
     return scores
 
 
-def scored_layers_weights(layers: list[torch.nn.Module], targets) -> list[torch.nn.Parameter]:
+def scored_layers_weights(layers: list[torch.nn.Module], targets, known: Family) -> list[torch.nn.Parameter]:
     """The Linear weights whose gradients the scores need (only those of the layers and targets being pruned)."""
     weights = []
     for layer in layers:
         if "attention" in targets:
             weights += [m.weight for n, m in layer.self_attn.named_children() if isinstance(m, torch.nn.Linear)]
-        if "mlp" in targets and is_moe(layer.mlp):
+        if "mlp" in targets and known.moe:
             weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
             shared = shared_expert(layer.mlp)
-            weights += [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
+            weights += [] if shared is None else [m.weight for m in (shared.gate_proj, shared.up_proj, shared.down_proj)]
         elif "mlp" in targets:
             weights += [m.weight for n, m in layer.mlp.named_children() if isinstance(m, torch.nn.Linear)]
     return weights

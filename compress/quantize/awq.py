@@ -31,7 +31,7 @@ import torch
 from rich.progress import Progress
 
 from compress import distributed
-from compress.architectures import family
+from compress.architectures import Family, family
 from compress.config.quantize import AWQ, GPTQ
 from compress.errors import CompressError
 from compress.modules import kept_float, require_float
@@ -81,17 +81,9 @@ LLAMA_GROUPS = (
 UNCLIPPED = ("q_proj", "k_proj")
 
 
-def _foldable_norm(module: torch.nn.Module) -> bool:
-    """A norm whose output is x̂ · weight (+ bias): dividing its weight by s divides its output by s. Gemma's norms
-    compute x̂ · (1 + weight) and are not of this kind."""
-    name = type(module).__name__
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and "Gemma" not in name and (
-        name.endswith("RMSNorm") or isinstance(module, torch.nn.LayerNorm))
-
-
-def layer_groups(layer: torch.nn.Module, index: int) -> list[ScaledGroup]:
-    """The groups AWQ scales in one decoder layer; a clear error when the layer is not of a form it can fold into."""
+def layer_groups(layer: torch.nn.Module, index: int, known: Family) -> list[ScaledGroup]:
+    """The groups AWQ scales in one decoder layer of family `known`; a clear error when the layer is not of a form it
+    can fold into (the family's norms, per the families table, or a layer that lacks a group's modules)."""
     groups = []
     for group in LLAMA_GROUPS:
         try:
@@ -106,10 +98,10 @@ def layer_groups(layer: torch.nn.Module, index: int) -> list[ScaledGroup]:
         if isinstance(prev, torch.nn.Linear):
             if prev.out_features != linears[0].in_features:
                 continue  # grouped-query attention: v's outputs are shared by several heads of o
-        elif not _foldable_norm(prev):
+        elif not known.norms_fold:
             raise CompressError(f"AWQ cannot fold scales into layers.{index}.{group.prev} ({type(prev).__name__}): "
-                                f"only norms computing x̂·weight (RMSNorm, LayerNorm) can absorb them; use method "
-                                f"gptq or rtn for this model")
+                                f"{known.name}'s norms compute x̂·(1 + weight), and only norms computing x̂·weight "
+                                f"(RMSNorm, LayerNorm) can absorb them; use method gptq or rtn for this model")
         groups.append(group)
     return groups
 
@@ -357,9 +349,10 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     """Scale (and clip) every decoder layer's Linears by AWQ on `calibration` token ids [samples, seq_len], then
     round them: round-to-nearest, or GPTQ on the scaled weights when `config.gptq` is set."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
-    if family(model).mlp == "experts":
+    known = family(model)
+    if known.moe:
         raise CompressError(f"AWQ folds its scales into the norm before each group of Linears, and an MoE block's "
-                            f"norm feeds the router and every expert; AWQ for {family(model).name} is not built: "
+                            f"norm feeds the router and every expert; AWQ for {known.name} is not built: "
                             f"use method: gptq or rtn")
     check_group_size(model, config.group_size)
     args = quantization_args(config)
@@ -367,7 +360,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     share = calibration_share(calibration)
     layerwise = LayerwiseCalibration(model, share, device, batch_tokens=share.numel())
     layers = layerwise.layers
-    plan = [layer_groups(layer, index) for index, layer in enumerate(layers)]  # every layer checked before any work
+    plan = [layer_groups(layer, index, known) for index, layer in enumerate(layers)]  # every layer checked before any work
     kept = kept_float(model, config.ignore)  # scaled with their group (exact), never rounded
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("AWQ", total=len(layers))

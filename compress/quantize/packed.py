@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from compress.architectures import known_family
 from compress.modules import PACKED_ATTR, QUANT_ATTR, WeightQuant
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -344,9 +345,12 @@ def packed_linear(grid: Grid) -> _PackedLinear:
     return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, "tinygemm")
 
 
-# Linears that read the same input, run as one packed Linear where their grids agree: one launch instead of three or
-# two, and a wider GEMV (k/v of GQA models are narrow).
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+def fused_groups(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Linears that read the same input (the families table's, compress.architectures), run as one packed Linear where
+    their grids agree: one launch instead of three or two, and a wider GEMV (k/v of GQA models are narrow). A family
+    the table does not know packs each Linear alone."""
+    known = known_family(model)
+    return known.same_input_linears if known else ()
 
 
 def _grid_signature(grid: Grid) -> tuple:
@@ -419,10 +423,11 @@ class FusedPart(torch.nn.Module):
 
 def install_packed(model: torch.nn.Module, grids: dict[str, Grid]) -> None:
     """Put the packed module of each grid (by module name) in its place in `model`, fusing the groups of
-    FUSED_GROUPS whose grids agree. Each module is built and its source released before the next."""
+    `fused_groups` whose grids agree. Each module is built and its source released before the next."""
+    groups = fused_groups(model)
     for parent_name, parent in list(model.named_modules()):
         prefix = f"{parent_name}." if parent_name else ""
-        for group in FUSED_GROUPS:
+        for group in groups:
             members = [grids.get(prefix + child) for child in group]
             if None in members or len({_grid_signature(g) for g in members}) != 1:
                 continue

@@ -151,7 +151,7 @@ def load_packed(folder: Path, dtype: torch.dtype, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.architectures import checkpoint_name, module_name
-    from compress.prune.structure import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
+    from compress.widths import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 
     config = json.loads((folder / "config.json").read_text())
     if not _eligible(config):
