@@ -224,32 +224,3 @@ def bench(path: str | Path, batches=None, prompt: int = 128, new: int = 128, pre
             progress.advance(task)
     return {"steps": rows, "protocol": _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype,
                                                  device)}
-
-
-def render_bench(result: dict) -> str:
-    """A markdown table of a bench result ({"steps": [...], "protocol": {...}}), for the CLI and the report: one row
-    per step, one column per prefill length and per decode batch size."""
-    protocol = result["protocol"]
-    lengths = _lengths(protocol["prefill_tokens"])
-    lines = [f"Decode: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} new tokens, greedy; "
-             f"prefill: one sequence; {protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
-             f"{', static cache + compiled decode step' if protocol['static_cache_compiled'] else ''}.", "",
-             "| step | kernels | weights in memory | peak memory | "
-             + " | ".join(f"prefill {n} ms" for n in lengths) + " | first token ms | "
-             + " | ".join(f"decode b{b} tok/s" for b in protocol["batches"]) + " |",
-             "|---|---|---:|---:|" + "---:|" * (len(lengths) + 1 + len(protocol["batches"]))]
-    for row in result["steps"]:
-        kernels = ", ".join(f"{name} ×{count}" if count else name for name, count in row["kernels"].items())
-        prefills = {p["tokens"]: p.get("ms", p.get("error")) for p in row.get("prefill", [])} or \
-            {lengths[0]: row["prefill_ms"]}
-        decode = {d["batch"]: d.get("decode_tokens_per_s", d.get("error")) for d in row["decode"]}
-        first = row["time_to_first_token_ms"]
-        cells = [_cell(prefills.get(n)) for n in lengths] + ["" if first is None else f"{first:,.1f}"] + \
-            [_cell(decode.get(b)) for b in protocol["batches"]]
-        lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | "
-                     f"{row['peak_bytes'] / 2**20:,.1f} MiB | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value) -> str:
-    return "" if value is None else value if isinstance(value, str) else f"{value:,.1f}"

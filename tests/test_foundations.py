@@ -212,9 +212,9 @@ def test_tiny_mha_model_pruned_to_six_heads_saves_and_loads(tmp_path):
     six.save_pretrained(tmp_path / "six")
     config = json.loads((tmp_path / "six" / "config.json").read_text())
     assert [w["num_attention_heads"] for w in config["compress_layer_widths"]] == [6, 6]
-    from compress.models import _load_state  # what compress.load does for a folder (this one has no tokenizer)
+    from compress.quantized_load import load_state  # what compress.load does for a folder (this one has no tokenizer)
 
-    reloaded = _load_state(tmp_path / "six", config, torch.float32).eval()
+    reloaded = load_state(tmp_path / "six", config, torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, six(input_ids=ids).logits)
     # uniform at a count that divides the hidden size: a stock config, loaded without compress
@@ -316,3 +316,23 @@ def test_the_package_has_no_import_cycles():
         heavy = {m for m in graph[name] if not m.startswith("compress.config") and m not in (
             "compress.errors", "compress.steps", "compress")}
         assert not heavy, (name, heavy)
+
+
+LOADER = ("compress.models", "compress.sources", "compress.load_errors", "compress.hub_download", "compress.gguf_cache",
+          "compress.identity", "compress.quantized_load")
+ALGORITHMS = ("compress.prune", "compress.bench", "compress.quantize.rtn", "compress.quantize.gptq",
+              "compress.quantize.awq", "compress.quantize.fp8", "compress.quantize.qat", "compress.quantize.grid",
+              "compress.quantize.layerwise", "compress.quantize.dequantize", "compress.quantize.kernels")
+
+
+def test_the_loader_imports_no_algorithm():
+    """Loading a model needs checkpoint formats and runtimes, never pruning, a quantization method or the benchmark
+    (imports inside functions counted); nor do the report and the Hub upload. `compress.quantize` itself is the
+    quantize verb: only its format and runtime modules may be named."""
+    root = REPO / "compress"
+    for name in LOADER + ("compress.report", "compress.hub"):
+        path = root / (name.removeprefix("compress.").replace(".", "/") + ".py")
+        imported = _module_imports(path, root)
+        forbidden = sorted(m for m in imported if m == "compress.quantize"
+                           or any(m == a or m.startswith(a + ".") for a in ALGORITHMS))
+        assert not forbidden, (name, forbidden)
