@@ -35,6 +35,14 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def compute_rotary_frequencies(model: torch.nn.Module) -> None:
+    """Fill the rotary embeddings' inverse frequencies of a model built on the meta device: checkpoints do not hold
+    them, the config does (transformers names every family's rotary module *RotaryEmbedding)."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free on `device` (the CPU: MemAvailable), 0 where it cannot be told. On CUDA that includes the blocks
     PyTorch's allocator holds but does not use (after an earlier step, nothing has called empty_cache)."""

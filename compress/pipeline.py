@@ -16,8 +16,10 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -34,46 +36,67 @@ from compress.checkpoint import (
     write_step,
 )
 from compress.config import HubPush, WeightOnlyConfig
-from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, step_folder_name
+from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, Base, step_folder_name
 from compress.data import calibration_batches, dataset_digest
 from compress.distill import check_same_tokenizer
 from compress.errors import CompressError
 from compress.evaluate import evaluate, headline
 from compress.hub import STAGING, push
 from compress.measure import measure
-from compress.models import load_model, public_name, quantized_input, resolve_source, source_identity
+from compress.models import load_model, public_name, resolve_source, source_identity
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
 from compress.recipe import Recipe, load_recipe, resolved_yaml
 from compress.report import local_paths, write_report
-from compress.steps import spec_of, teacher_name
+from compress.steps import StepSpec, spec_of, teacher_name
 from compress.tasks import datasets_of_eval
 from compress.training import training_examples
 
 
-def _base_summary(recipe: Recipe) -> str:
-    """The base row of the report; a checkpoint another tool quantized says how (compress.models.quantized_input)."""
-    quantized = quantized_input(recipe.model)
-    return f"base ({recipe.dtype})" + (f", from a quantized checkpoint: {quantized}" if quantized else "")
+@dataclass
+class _Step:
+    """One step of a run: its spec and config, its folder, and what made it (the inputs its fingerprint hashes)."""
+
+    index: int
+    spec: StepSpec
+    config: Any
+    folder: Path
+    label: str
+    made_of: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return fingerprint(self.made_of)
 
 
-def _plan(recipe: Recipe, steps: list) -> list[dict]:
+def _steps(recipe: Recipe, out: Path) -> list[_Step]:
+    """The base step (the recipe's model, step 00) and the recipe's steps, as step objects."""
+    configs = [Base(model=recipe.model, dtype=recipe.dtype)] + [step.config for step in recipe.steps]
+    steps = []
+    for index, config in enumerate(configs):
+        spec = spec_of(config)
+        folder = out / step_folder_name(index, spec.kind)
+        steps.append(_Step(index, spec, config, folder, f"[{index}/{len(configs) - 1}] {folder.name}"))
+    return steps
+
+
+def _plan(recipe: Recipe, steps: list[_Step]) -> list[dict]:
     """Each step's inputs, which its fingerprint hashes: the previous step's fingerprint, its kind, config and seed,
-    and the identity of what it reads: the input weights for the base step, the content of each dataset, and a
-    teacher from outside the run (`base` and earlier step folders are already in the chain)."""
+    and the identity of what it reads: the input weights for the step that loads the model, the content of each
+    dataset, and a teacher from outside the run (`base` and earlier step folders are already in the chain)."""
     plans, previous = [], ""
-    for kind, config in steps:
-        config_dict = config if isinstance(config, dict) else config.model_dump(mode="json")
-        inputs = {"previous": previous, "kind": kind, "config": config_dict, "seed": recipe.seed}
-        if kind == "base":
-            inputs["model"] = source_identity(recipe.model)
-        else:
-            read = spec_of(config).datasets_read(config)
-            if read:
-                inputs["data"] = {name: dataset_digest(name, recipe.data.dir) for name in read}
-            teacher = teacher_name(config)
-            if teacher is not None and teacher != "base" and not STEP_FOLDER_NAME.match(teacher):
-                inputs["teacher"] = source_identity(teacher)
+    for step in steps:
+        spec, config = step.spec, step.config
+        inputs = {"previous": previous, "kind": spec.kind, "config": config.model_dump(mode="json"),
+                  "seed": recipe.seed}
+        if spec.loads:
+            inputs["model"] = source_identity(config.model)
+        read = spec.datasets_read(config)
+        if read:
+            inputs["data"] = {name: dataset_digest(name, recipe.data.dir) for name in read}
+        teacher = teacher_name(config)
+        if teacher is not None and teacher != "base" and not STEP_FOLDER_NAME.match(teacher):
+            inputs["teacher"] = source_identity(teacher)
         previous = fingerprint(inputs)
         plans.append(inputs)
     return plans
@@ -87,27 +110,21 @@ def _eval_change(record: dict, eval_datasets: dict[str, str]) -> str:
     return f"evaluation data changed ({', '.join(changed)})" if changed else "eval settings changed"
 
 
-def _label(index: int, steps: list, name: str) -> str:
-    return f"[{index}/{len(steps) - 1}] {name}"
-
-
-def _redo_lines(out: Path, steps: list, plans: list[dict], first: int, why: str) -> list[str]:
+def _redo_lines(steps: list[_Step], first: int, why: str) -> list[str]:
     """One line for each existing step folder from `first` on, all of which are redone: why it is."""
-    first_name = step_folder_name(first, steps[first][0])
     lines = []
-    for index in range(first, len(steps)):
-        folder = out / step_folder_name(index, steps[index][0])
-        if not folder.is_dir():
+    for step in steps[first:]:
+        if not step.folder.is_dir():
             continue
-        if index == first:
-            lines.append(f"{_label(index, steps, folder.name)}: {why}; redoing it")
+        if step.index == first:
+            lines.append(f"{step.label}: {why}; redoing it")
             continue
         try:
-            own = what_changed(json.loads((folder / STEP_FILE).read_text()), plans[index])
+            own = what_changed(json.loads((step.folder / STEP_FILE).read_text()), step.made_of)
         except (OSError, ValueError):
             own = [f"{STEP_FILE} is missing or unreadable"]
-        reason = "; ".join(own) if own else f"it follows {first_name}, which is redone"
-        lines.append(f"{_label(index, steps, folder.name)}: {reason}; redoing it")
+        reason = "; ".join(own) if own else f"it follows {steps[first].folder.name}, which is redone"
+        lines.append(f"{step.label}: {reason}; redoing it")
     return lines
 
 
@@ -195,18 +212,19 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
                                     f"multiple: {config.group_size} (or a multiple of it)")
 
 
-def _timed_running(folder: Path, record: dict, recipe: Recipe, device: str, console: Console, label: str) -> dict:
+def _timed_running(step: _Step, record: dict, run: _Run) -> dict:
     """The step folder loaded with the packed runtime and timed (`eval.speed`); the result goes into its step.json."""
     from compress.bench import bench_folder
 
-    with console.status(f"{label}: timing the saved model (packed runtime)"):
-        speed = bench_folder(folder, recipe.eval.speed, recipe.dtype, device)
+    speed_config = run.recipe.eval.speed
+    with run.console.status(f"{step.label}: timing the saved model (packed runtime)"):
+        speed = bench_folder(step.folder, speed_config, run.recipe.dtype, run.device)
     for note in speed["notes"]:
-        console.print(f"{label}: note: {note}")
-    console.print(f"{label}: {speed['weight_bytes'] / 2**20:,.1f} MiB of weights in memory, "
-                  f"{speed['decode_tokens_per_s']} tokens/s decoding at batch {recipe.eval.speed.batches[0]}")
+        run.console.print(f"{step.label}: note: {note}")
+    run.console.print(f"{step.label}: {speed['weight_bytes'] / 2**20:,.1f} MiB of weights in memory, "
+                      f"{speed['decode_tokens_per_s']} tokens/s decoding at batch {speed_config.batches[0]}")
     record = {**record, "speed": speed}
-    write_json(folder / STEP_FILE, record)
+    write_json(step.folder / STEP_FILE, record)
     return record
 
 
@@ -303,6 +321,127 @@ def _hub_settings(recipe: Recipe, push_to_hub: str | None, dry_run: bool) -> Hub
     return recipe.hub
 
 
+@dataclass
+class _Run:
+    """What every step of one run shares: the recipe, where it writes, and its evaluations' settings."""
+
+    recipe: Recipe
+    out: Path
+    device: str
+    console: Console
+    show_progress: bool
+    eval_at: set[int]
+    eval_datasets: dict[str, str]  # name -> sha256 of every dataset the evaluations read
+    eval_fingerprint: str
+
+    def evaluate(self, model, tokenizer, index: int) -> dict:
+        if index not in self.eval_at:
+            return {}
+        settings = self.recipe.eval
+        return evaluate(model, tokenizer, settings.tasks, wikitext2=settings.wikitext2, choice=settings.choice,
+                        data_dir=self.recipe.data.dir, show_progress=self.show_progress, seed=self.recipe.seed)
+
+    def timed(self, step: _Step, record: dict) -> dict:
+        """The record with the saved model's speed, where the recipe asks for it (`eval.speed`) at this step."""
+        if self.recipe.eval.speed is None or step.index not in self.eval_at:
+            return record
+        return distributed.on_main(lambda: _timed_running(step, record, self), f"timing {step.folder}")
+
+
+def _resume(step: _Step, run: _Run) -> tuple[dict | None, str]:
+    """A complete step's record (re-evaluated where its evaluations are stale), or None and why the step must run."""
+    # rank 0 reads the folder and every rank follows its verdict: all agree on the first step to run
+    record, why = distributed.on_main(lambda: read_step(step.folder, step.key, step.made_of), f"checking {step.folder}")
+    if record is None:
+        return None, why
+    if step.index in run.eval_at and record.get("eval_fingerprint") != run.eval_fingerprint:
+        run.console.print(f"{step.label}: complete; {_eval_change(record, run.eval_datasets)}, re-evaluating")
+        step_model, step_tokenizer = load_model(str(step.folder), run.recipe.dtype, run.device)
+        record.update(metrics=run.evaluate(step_model, step_tokenizer, step.index),
+                      eval_fingerprint=run.eval_fingerprint, eval_datasets=run.eval_datasets)
+        del step_model
+        distributed.on_main(lambda: write_json(step.folder / STEP_FILE, record), f"writing {step.folder}")
+        record = run.timed(step, record)
+    else:
+        run.console.print(f"{step.label}: complete, skipped (sha256 verified)")
+    return record, why
+
+
+def _redo_from(step: _Step, steps: list[_Step], why: str, run: _Run) -> None:
+    """Say why each step folder from `step` on is redone, and remove them."""
+    for line in distributed.on_main(lambda: _redo_lines(steps, step.index, why), f"checking {run.out}"):
+        run.console.print(line)
+    distributed.on_main(lambda: _remove_steps_from(run.out, step.index), f"removing stale step folders in {run.out}")
+
+
+def _run_step(step: _Step, model, tokenizer, previous: Path | None, run: _Run):
+    """Run one step on the model in memory (or the previous step's folder, loaded), evaluate it and write its folder;
+    returns the model, its tokenizer and the step's record."""
+    recipe, console, spec, config = run.recipe, run.console, step.spec, step.config
+    torch.manual_seed(recipe.seed)
+    if model is None and not spec.loads:
+        console.print(f"{step.label}: loading the model from {previous}")
+        model, tokenizer = load_model(str(previous), recipe.dtype, run.device)
+    ran_with = config
+    with measure() as step_cost:
+        if spec.loads:
+            console.print(f"{step.label}: loading {resolve_source(config.model).describe()}")
+            model, tokenizer = spec.load_verb()(config.model, config.dtype, run.device)
+            _preflight(model, tokenizer, recipe)
+        else:
+            console.print(f"{step.label}: {config.describe()}")
+            inputs = _step_inputs(config, tokenizer, recipe, run.out, run.device)
+            ran_with = spec.run_config(model, config, inputs)
+            model = spec.load_verb()(model, ran_with, **inputs, show_progress=run.show_progress)
+            inputs.clear()  # the teacher, if any, is freed before the evals
+    with measure() as eval_cost:
+        metrics = run.evaluate(model, tokenizer, step.index)
+    for task, result in metrics.items():
+        console.print(f"{step.label}: {headline(task, result)}")
+    record = {
+        "step": step.folder.name, "kind": spec.kind, "config": step.made_of["config"], "fingerprint": step.key,
+        "inputs": recorded_inputs(step.made_of), "summary": spec.describe(config),
+        "eval_fingerprint": run.eval_fingerprint, "params": _param_count(model), "metrics": metrics,
+        **({"eval_datasets": run.eval_datasets} if step.index in run.eval_at else {}),
+        "quantized": is_quantized(model), **_sensitivity(model), **_raised_damping(model),
+        "save_format": spec.save_format(config),
+        **({"training_data": list(config.data)} if spec.trains else {}),
+        **({"ran_with": ran_with.model_dump(mode="json")} if ran_with != config else {}),
+        "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"], **_peak_memory(step_cost, eval_cost),
+        "compress_version": __version__, "torch_version": torch.__version__,
+    }
+    with console.status(f"{step.label}: saving"):
+        # a dense step's model is saved as is; a quantized one in its spec's format (the default when the step
+        # itself is dense: a quantized input model passed through)
+        save_format = "compressed-tensors" if record["save_format"] == "dense" else record["save_format"]
+        record = distributed.on_main(
+            lambda: write_step(step.folder, lambda partial: save_model(model, tokenizer, partial, save_format), record),
+            f"writing {step.folder}")
+    record = run.timed(step, record)
+    console.print(f"{step.label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
+                  f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
+    return model, tokenizer, record
+
+
+def _publish(run: _Run, records: list[dict], hub: HubPush | None, dry_run: bool) -> dict:
+    """Write the report and, where asked, push a step folder to the Hub (or stage the upload)."""
+    recipe, out, console = run.recipe, run.out, run.console
+    public = local_paths(recipe.model_dump(mode="json"), out)  # local paths -> the names a published file shows
+    report = distributed.on_main(lambda: write_report(out, recipe.name, public_name(recipe.model), records, public),
+                                 f"writing the report in {out}")
+    console.print(f"[bold green]done[/]: {out / 'report.md'}")
+    if hub:
+        with console.status(f"staging {hub.repo_id}" if dry_run else f"pushing to {hub.repo_id}"):
+            pushed = distributed.on_main(lambda: push(out, hub, dry_run=dry_run), f"pushing to {hub.repo_id}")
+        if dry_run:
+            console.print(f"dry run: {len(pushed['files'])} files for {hub.repo_id} (step {pushed['step']}) staged in "
+                          f"{pushed['staging']}, the model card is its README.md; nothing was sent")
+        else:
+            console.print(f"[bold green]pushed[/] step {pushed['step']} to {hub.repo_id}: {pushed['commit_url']}")
+        report["hub"] = pushed
+    return report
+
+
 def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overwrite: bool = False,
         console: Console | None = None, show_progress: bool = True, push_to_hub: str | None = None,
         dry_run: bool = False, data_dir: str | Path | None = None) -> dict:
@@ -331,117 +470,34 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
 
     distributed.on_main(prepare, f"preparing {out}")
 
-    steps = [("base", recipe.model_dump(mode="json", include={"model", "dtype"}))]
-    steps += [(step.kind, step.config) for step in recipe.steps]
-    eval_at = {"every_step": set(range(len(steps))), "last": {len(steps) - 1}, "none": set()}[recipe.eval.after]
-    data_dir = recipe.data.dir
+    steps = _steps(recipe, out)
+    eval_at = {"every_step": {step.index for step in steps}, "last": {steps[-1].index},
+               "none": set()}[recipe.eval.after]
     # rank 0 hashes what every step reads (weights, data files; sha256s of large files are cached) and all follow
     plans, eval_datasets = distributed.on_main(
-        lambda: (_plan(recipe, steps),
-                 {name: dataset_digest(name, data_dir) for name in datasets_of_eval(recipe.eval)} if eval_at else {}),
+        lambda: (_plan(recipe, steps), {name: dataset_digest(name, recipe.data.dir)
+                                        for name in datasets_of_eval(recipe.eval)} if eval_at else {}),
         "fingerprinting the inputs")
+    for step, made_of in zip(steps, plans):
+        step.made_of = made_of
     eval_fingerprint = fingerprint({**recipe.eval.model_dump(mode="json"), "datasets": eval_datasets})
-    model_description = resolve_source(recipe.model).describe()
-
-    def run_evals(model, tokenizer, index):
-        if index not in eval_at:
-            return {}
-        return evaluate(model, tokenizer, recipe.eval.tasks, wikitext2=recipe.eval.wikitext2, choice=recipe.eval.choice,
-                        data_dir=data_dir, show_progress=show_progress, seed=recipe.seed)
+    context = _Run(recipe, out, device, console, show_progress, eval_at, eval_datasets, eval_fingerprint)
 
     processes = f" x {distributed.world_size()} processes" if distributed.active() else ""
     console.print(f"[bold]compress run[/] {recipe.name}: {len(steps)} steps on {device}{processes} -> {out}")
-    model = tokenizer = None
-    last_complete: Path | None = None
+    model = tokenizer = previous = None
     records: list[dict] = []
     redo = False
-    for index, (kind, config) in enumerate(steps):
-        keyed_by = plans[index]  # what made the step: its fingerprint's inputs
-        key, config_dict = fingerprint(keyed_by), keyed_by["config"]
-        spec = None if kind == "base" else spec_of(config)
-        folder = out / step_folder_name(index, kind)
-        label = _label(index, steps, folder.name)
+    for step in steps:
         if not redo:
-            # rank 0 reads the folder and every rank follows its verdict: all agree on the first step to run
-            record, why = distributed.on_main(lambda: read_step(folder, key, keyed_by), f"checking {folder}")
+            record, why = _resume(step, context)
             if record is not None:
-                if index in eval_at and record.get("eval_fingerprint") != eval_fingerprint:
-                    console.print(f"{label}: complete; {_eval_change(record, eval_datasets)}, re-evaluating")
-                    step_model, step_tokenizer = load_model(str(folder), recipe.dtype, device)
-                    record.update(metrics=run_evals(step_model, step_tokenizer, index),
-                                  eval_fingerprint=eval_fingerprint, eval_datasets=eval_datasets)
-                    del step_model
-                    distributed.on_main(lambda: write_json(folder / STEP_FILE, record), f"writing {folder}")
-                    if recipe.eval.speed is not None:
-                        record = distributed.on_main(
-                            lambda: _timed_running(folder, record, recipe, device, console, label), f"timing {folder}")
-                else:
-                    console.print(f"{label}: complete, skipped (sha256 verified)")
                 records.append(record)
-                last_complete, model = folder, None  # any model in memory is now behind this step
+                previous, model = step.folder, None  # any model in memory is now behind this step
                 continue
             redo = True
-            for line in distributed.on_main(lambda: _redo_lines(out, steps, plans, index, why), f"checking {out}"):
-                console.print(line)
-            distributed.on_main(lambda: _remove_steps_from(out, index), f"removing stale step folders in {out}")
-
-        torch.manual_seed(recipe.seed)
-        if model is None and kind != "base":
-            console.print(f"{label}: loading the model from {last_complete}")
-            model, tokenizer = load_model(str(last_complete), recipe.dtype, device)
-        with measure() as step_cost:
-            if kind == "base":
-                console.print(f"{label}: loading {model_description}")
-                model, tokenizer = load_model(recipe.model, recipe.dtype, device)
-                _preflight(model, tokenizer, recipe)
-            else:
-                console.print(f"{label}: {config.describe()}")
-                inputs = _step_inputs(config, tokenizer, recipe, out, device)
-                ran_with = spec.run_config(model, config, inputs)
-                model = spec.load_verb()(model, ran_with, **inputs, show_progress=show_progress)
-                inputs.clear()  # the teacher, if any, is freed before the evals
-        with measure() as eval_cost:
-            metrics = run_evals(model, tokenizer, index)
-        for task, result in metrics.items():
-            console.print(f"{label}: {headline(task, result)}")
-        record = {
-            "step": folder.name, "kind": kind, "config": config_dict, "fingerprint": key, "inputs": recorded_inputs(keyed_by),
-            "summary": _base_summary(recipe) if kind == "base" else config.describe(),
-            "eval_fingerprint": eval_fingerprint, "params": _param_count(model), "metrics": metrics,
-            **({"eval_datasets": eval_datasets} if index in eval_at else {}),
-            "quantized": is_quantized(model), **_sensitivity(model), **_raised_damping(model), "save_format": "dense" if spec is None else spec.save_format(config),
-            **({"training_data": list(config.data)} if spec is not None and spec.trains else {}),
-            **({"ran_with": ran_with.model_dump(mode="json")} if spec is not None and ran_with != config else {}),
-            "seconds": step_cost["seconds"], "eval_seconds": eval_cost["seconds"], **_peak_memory(step_cost, eval_cost),
-            "compress_version": __version__, "torch_version": torch.__version__,
-        }
-        with console.status(f"{label}: saving"):
-            # a dense step's model is saved as is; a quantized one in its spec's format (the default when the step
-            # itself is dense: a quantized input model passed through)
-            save_format = "compressed-tensors" if record["save_format"] == "dense" else record["save_format"]
-            record = distributed.on_main(
-                lambda: write_step(folder, lambda partial: save_model(model, tokenizer, partial, save_format), record),
-                f"writing {folder}")
-        if recipe.eval.speed is not None and index in eval_at:
-            record = distributed.on_main(lambda: _timed_running(folder, record, recipe, device, console, label),
-                                         f"timing {folder}")
-        console.print(f"{label}: done in {step_cost['seconds']:.1f} s, {record['params'] / 1e6:,.1f} M parameters, "
-                      f"saved {record['size_bytes'] / 2**20:,.1f} MiB")
+            _redo_from(step, steps, why, context)
+        model, tokenizer, record = _run_step(step, model, tokenizer, previous, context)
         records.append(record)
-        last_complete = folder
-
-    public = local_paths(recipe.model_dump(mode="json"), out)  # local paths -> the names a published file shows
-    report = distributed.on_main(lambda: write_report(out, recipe.name, public_name(recipe.model), records, public),
-                                 f"writing the report in {out}")
-    console.print(f"[bold green]done[/]: {out / 'report.md'}")
-    if hub:
-        with console.status(f"staging {hub.repo_id}" if dry_run else f"pushing to {hub.repo_id}"):
-            pushed = distributed.on_main(lambda: push(out, hub, dry_run=dry_run), f"pushing to {hub.repo_id}")
-        if dry_run:
-            console.print(f"dry run: {len(pushed['files'])} files for {hub.repo_id} (step {pushed['step']}) staged in "
-                          f"{pushed['staging']}, the model card is its README.md; nothing was sent")
-        else:
-            console.print(f"[bold green]pushed[/] step {pushed['step']} to {hub.repo_id}: {pushed['commit_url']}")
-        report["hub"] = pushed
-    return report
-
+        previous = step.folder
+    return _publish(context, records, hub, dry_run)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from compress.architectures import LANGUAGE_MODEL_KEYS, module_name
 from compress.errors import CompressError
 from compress.hub_download import cached_config
-from compress.modules import QUANT_ATTR
+from compress.modules import QUANT_ATTR, compute_rotary_frequencies
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.quantize.formats import decompressed_state_dict, describe_quantized_checkpoint, is_quantized_checkpoint
 from compress.quantize.fp8_runtime import enable_fp8_activations
@@ -33,9 +33,7 @@ def build_architecture(config, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         build_layers_at_recorded_widths(model)
     model.to_empty(device="cpu")
-    for module in model.modules():  # rotary inverse frequencies: not in checkpoints, computed from the config
-        if "RotaryEmbedding" in type(module).__name__:
-            model._init_weights(module)
+    compute_rotary_frequencies(model)
     return model
 
 
@@ -117,6 +115,13 @@ def quantized_input(source) -> str | None:
     else:
         return None
     return describe_quantized_checkpoint(json.loads(config.read_text())) if config and config.is_file() else None
+
+
+def describe_base(config) -> str:
+    """The base step's summary (compress.steps.BASE): its dtype, and how a checkpoint another tool quantized was
+    quantized."""
+    quantized = quantized_input(config.model)
+    return config.describe() + (f", from a quantized checkpoint: {quantized}" if quantized else "")
 
 
 def load_packed_folder(folder: Path, dtype: torch.dtype, device: str):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, TaylorPrune
+from compress.config.sources import Base
 
 
 def _dense(config) -> str:
@@ -47,6 +48,11 @@ class StepSpec:
     resolve_run: str | None = None
     # module:function (model, config) -> None: what can be checked on the input model's shapes before any work
     check: str | None = None
+    # the step loads the recipe's model from its source (the base step): its verb is (source, dtype, device) ->
+    # (model, tokenizer), its fingerprint hashes the source's weights, and the whole recipe is checked against it
+    loads: bool = False
+    # module:function (config) -> the step's summary in the report, where config.describe() does not say it all
+    summary: str | None = None
 
     @property
     def method(self) -> str | None:
@@ -67,6 +73,10 @@ class StepSpec:
     def datasets_read(self, config) -> list[str]:
         """The named datasets (or data files) the verb reads: its calibration set and its training data."""
         return ([config.calibration.dataset] if self.calibrates else []) + (list(config.data) if self.trains else [])
+
+    def describe(self, config) -> str:
+        """The step's one-line summary for step.json and the report."""
+        return _load(self.summary)(config) if self.summary else config.describe()
 
     def run_config(self, model, config, inputs: dict):
         """The config as the step will run it (itself, unless the spec resolves run-time settings)."""
@@ -98,11 +108,14 @@ SPECS = (
              dequantizes=True),
 )
 
+# not a recipe step: the model every run starts from, step 00
+BASE = StepSpec("base", Base, "compress.models:load_model", loads=True, summary="compress.quantized_load:describe_base")
+
 KINDS: dict[str, tuple[StepSpec, ...]] = {}
 for _spec in SPECS:
     KINDS[_spec.kind] = KINDS.get(_spec.kind, ()) + (_spec,)
 
-_BY_CONFIG = {spec.config: spec for spec in SPECS}
+_BY_CONFIG = {spec.config: spec for spec in (BASE, *SPECS)}
 
 
 def spec_of(config) -> StepSpec:

@@ -138,3 +138,13 @@ class RandomInit(Strict):
 
     def describe(self) -> str:
         return f"{self.config} architecture, random weights (seed {self.seed})"
+
+
+class Base(Strict):
+    """The base step (00-base): the recipe's model, loaded from its source in the recipe's dtype."""
+
+    model: str | RandomInit
+    dtype: str
+
+    def describe(self) -> str:
+        return f"base ({self.dtype})"

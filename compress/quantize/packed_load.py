@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.modules import WeightQuant
+from compress.modules import WeightQuant, compute_rotary_frequencies
 from compress.quantize.packed import Grid, install_packed, packed_kind
 
 
@@ -134,9 +134,7 @@ def _materialize(model: torch.nn.Module, tensors: _Tensors, device: str, dtype: 
                     continue
                 getattr(module, store)[name] = value
     model.tie_weights()
-    for module in model.modules():  # rotary inverse frequencies: not in checkpoints, computed from the config
-        if "RotaryEmbedding" in type(module).__name__:
-            model._init_weights(module)
+    compute_rotary_frequencies(model)
     missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if missing:
         raise CompressError(f"the checkpoint holds no tensor for {', '.join(missing[:3])}"
