@@ -4,11 +4,12 @@ Each family names the coupled groups the algorithms work on: the attention proje
 fused `qkv_proj`), per-head q/k norms (Qwen3, Gemma 3: an RMSNorm over head_dim, shared by every head, so removing a
 head leaves them as they are), the MLP (gate/up/down, or a fused `gate_up_proj`), and Mixture-of-Experts blocks (a
 router and, in transformers 5, the experts as fused 3-D parameters — `gate_up_proj` [E, 2I, H], `down_proj`
-[E, H, I] — that no `nn.Linear` hook sees; quantization turns them into per-expert Linears: compress.moe). Whatever else a family has that depends on neither head nor channel
-counts (Gemma's pre/post feed-forward norms over the hidden size, scaled embeddings, logit soft-capping,
-sliding-window layers; Qwen2's q/k/v biases, sliced with their rows) needs nothing from the algorithms, nor from
-the evaluations: perplexity and the choice tasks score through the model's own forward, final logit soft-capping
-or scaling included (tests/test_own_forward.py checks every family here).
+[E, H, I] — that no `nn.Linear` hook sees; quantization turns them into per-expert Linears: compress.moe).
+Whatever else a family has that depends on neither head nor channel counts (Gemma's pre/post feed-forward norms
+over the hidden size, scaled embeddings, logit soft-capping, sliding-window layers; Qwen2's q/k/v biases, sliced
+with their rows) needs nothing from the algorithms, nor from the evaluations: perplexity and the choice tasks score
+through the model's own forward, final logit soft-capping or scaling included (tests/test_own_forward.py checks
+every family here).
 
 An unknown family stops before any work (prune, every quantize method, `compress estimate`) with the list of the
 known ones."""
@@ -49,7 +50,8 @@ class Family:
 
     @property
     def moe(self) -> bool:
-        """The MLP is a router `mlp.gate` and experts `mlp.experts` (fused 3-D parameters, or compress.moe's Linears)."""
+        """The MLP is a router `mlp.gate` and experts `mlp.experts` (fused 3-D parameters, or compress.moe's
+        Linears)."""
         return self.mlp == "experts"
 
     @property

@@ -82,7 +82,8 @@ def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
         token = logits[:, -1].argmax(-1, keepdim=True)
         position = torch.tensor([prompt], device=ids.device)
         for _ in range(new - 1):
-            token = _compiled_decode_one()(model, token, cache, position, cache_argument).clone()  # the graph reuses its output
+            # the compiled graph reuses its output buffer: clone the token
+            token = _compiled_decode_one()(model, token, cache, position, cache_argument).clone()
             position += 1
     return token
 

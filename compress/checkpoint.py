@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from compress.errors import CompressError
 from compress.config.data import cache_root
 from compress.config.quantize import SAVE_FORMATS
+from compress.errors import CompressError
 from compress.modules import is_packed, is_quantized
 from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict
 
@@ -144,7 +144,8 @@ def write_step(folder: Path, write_contents: Callable[[Path], None], record: dic
             free = shutil.disk_usage(folder.parent).free / 2**30 if folder.parent.exists() else 0.0
             raise CompressError(f"disk full while writing {folder} ({free:.1f} GiB free): completed steps are kept; "
                                 f"free some space and rerun the same command to continue") from error
-        raise CompressError(f"cannot write {folder}: {error.strerror or error}; choose a writable --output-dir") from error
+        raise CompressError(f"cannot write {folder}: {error.strerror or error}; choose a writable "
+                            f"--output-dir") from error
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -91,7 +91,8 @@ def run(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="a step folder (runs/NAME/03-quantize) or any model source"),
-    tasks: str = typer.Option("wikitext2,rte,politeness", "--tasks", help="comma-separated: wikitext2, rte, politeness"),
+    tasks: str = typer.Option("wikitext2,rte,politeness", "--tasks",
+                              help="comma-separated: wikitext2, rte, politeness"),
     num_fewshot: int = typer.Option(0, "--num-fewshot", min=0, help="train-split examples before each question"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="score only the first N rows of rte/politeness"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="sequences per forward pass"),
@@ -145,8 +146,8 @@ def bench_(
     from rich.markdown import Markdown
 
     from compress.bench import bench
-    from compress.report import render_bench
     from compress.checkpoint import write_json
+    from compress.report import render_bench
 
     def positive_integers(option: str, text: Optional[str]) -> tuple[int, ...]:
         try:
@@ -238,7 +239,8 @@ def estimate(
     from rich.markdown import Markdown
 
     from compress.checkpoint import write_json
-    from compress.estimate import EstimateConfig, estimate as estimate_source, render_estimate
+    from compress.estimate import EstimateConfig, render_estimate
+    from compress.estimate import estimate as estimate_source
 
     try:
         config = EstimateConfig(context=context, batch=batch, dtype=dtype, group_size=group_size,

@@ -199,8 +199,9 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
     model_config = source if hasattr(source, "to_dict") else source_config(source)
     base = shapes(model_config)
     dtype_bytes = FLOAT_BYTES[config.dtype]
-    result = {"source": getattr(source, "_name_or_path", None) or str(source), "config": config.model_dump(mode="json"), "params": base.params,
-              "quantizable_params": base.quantizable, "precisions": {}, "pruned": {}, "training": {}}
+    result = {"source": getattr(source, "_name_or_path", None) or str(source), "config": config.model_dump(mode="json"),
+              "params": base.params, "quantizable_params": base.quantizable, "precisions": {}, "pruned": {},
+              "training": {}}
     for precision in PRECISIONS:
         result["precisions"][precision] = {"disk": disk_bytes(base, precision, dtype_bytes, config.group_size),
                                            "inference": inference_bytes(base, precision, config)}
@@ -230,8 +231,8 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
 
     lines = [f"# Estimate: {result['source']}", "",
              f"{result['params'] / 1e6:,.0f} M parameters, {result['quantizable_params'] / 1e6:,.0f} M of them in the "
-             f"decoder's Linear layers and experts (what quantization shrinks); what is not quantized stays {config['dtype']}; int "
-             f"formats have one scale per {config['group_size']} weights."
+             f"decoder's Linear layers and experts (what quantization shrinks); what is not quantized stays "
+             f"{config['dtype']}; int formats have one scale per {config['group_size']} weights."
              + (f" ✓ / ✗: fits in {budget_gib:g} GiB or not." if budget_gib else ""), "",
              f"## Inference: {config['context']:,} tokens x batch {config['batch']}", "",
              "| precision | disk | weights | KV cache | working set | total |", "|---|---:|---:|---:|---:|---:|"]

@@ -136,9 +136,8 @@ def _reachable(url: str) -> str | None:
     """None if a TCP connection to the URL's host opens, else why not. huggingface_hub retries an unreachable Hub
     five times with back-off (~25 s); one connection attempt tells the same at once."""
     import socket
-    from urllib.parse import urlsplit
-
     import threading
+    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -47,7 +47,8 @@ def available_memory(device: torch.device) -> int:
     """Bytes free on `device` (the CPU: MemAvailable), 0 where it cannot be told. On CUDA that includes the blocks
     PyTorch's allocator holds but does not use (after an earlier step, nothing has called empty_cache)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, reserved = torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+        return free + reserved - torch.cuda.memory_allocated(device)
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):

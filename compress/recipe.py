@@ -330,7 +330,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _parse_error(path, error)
     if not isinstance(document, dict):
         got = "an empty file" if document is None else f"a {type(document).__name__}"
-        raise RecipeError([f"{path}:1: recipe: expected a mapping of recipe fields (name, model, steps, ...), got {got}"])
+        raise RecipeError([f"{path}:1: recipe: expected a mapping of recipe fields (name, model, steps, ...), "
+                           f"got {got}"])
     duplicates: list = []
     lines_of = _lines(node, duplicates=duplicates)
     if duplicates:  # PyYAML keeps the later value silently: a typo'd override would go unnoticed

@@ -311,7 +311,8 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
         lines += ["", f"## {final} against each earlier step", "",
                   "Accuracy of the final step against each earlier step on the same rows, the share of it kept, and "
                   "McNemar's exact p (bold below 0.05).", "",
-                  "| step | task | its accuracy % | final % | change | kept | p |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| step | task | its accuracy % | final % | change | kept | p |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for row in against:
             p = f"{row['p_value']:.2g}"
             lines.append(f"| {row['step']} | {row['task']} | {100 * row['accuracy']:.1f} "
@@ -366,9 +367,9 @@ def _protocol_lines(report: dict) -> list[str]:
     return lines
 
 
-POLITENESS_LICENCE = (" Corpus: Danescu-Niculescu-Mizil et al., \"A computational approach to politeness with application "
-                      "to social factors\", ACL 2013 (cite it); its files carry no licence statement, the request "
-                      "texts are Wikipedia and Stack Exchange user content under CC BY-SA.")
+POLITENESS_LICENCE = (" Corpus: Danescu-Niculescu-Mizil et al., \"A computational approach to politeness with "
+                      "application to social factors\", ACL 2013 (cite it); its files carry no licence statement, the "
+                      "request texts are Wikipedia and Stack Exchange user content under CC BY-SA.")
 
 
 def plot_tradeoff(report: dict, path: Path) -> bool:

@@ -252,7 +252,8 @@ def _protocol(name: str, config: ChoiceEval, data_dir) -> dict:
     definition = task_definition(name)
     splits = definition["compress"]["splits"]
     scored = splits.get("test") or splits["validation"]
-    return {"dataset": scored, "source": source_of(scored, data_dir), "prompt": definition["doc_to_text"], "choices": definition["doc_to_choice"],
+    return {"dataset": scored, "source": source_of(scored, data_dir), "prompt": definition["doc_to_text"],
+            "choices": definition["doc_to_choice"],
             "labels": definition["compress"]["labels"], "num_fewshot": config.num_fewshot,
             "fewshot_from": splits["train"] if config.num_fewshot else None, "limit": config.limit,
             "scoring": "the answer with the higher summed log-likelihood (lm-eval acc)"}

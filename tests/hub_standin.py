@@ -34,8 +34,8 @@ class StandInHub:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                hub.requests.append({"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                     "body": body})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                hub.requests.append({"method": self.command, "path": self.path, "headers": headers, "body": body})
                 status, payload = hub.answer(self.command, self.path.split("?")[0], body)
                 self._reply(status, payload)
 

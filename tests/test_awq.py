@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import compress
+from compress.architectures import FAMILIES
 from compress.checkpoint import save_model
 from compress.data import calibration_batches
 from compress.errors import CompressError
-from compress.architectures import FAMILIES
 from compress.quantize.awq import LLAMA_GROUPS, fold_scales, layer_groups, quantize_awq
 from compress.quantize.grid import quantized_linears, relative_output_error
 

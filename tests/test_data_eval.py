@@ -77,7 +77,8 @@ def test_calibration_shorter_than_requested_is_an_error(tiny_model_dir, tmp_path
         data.calibration_batches(tokenizer, str(short), samples=8, seq_len=64)
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [(1000, 128, 128), (1000, 128, 64), (129, 128, 128), (50, 128, 32), (7, 4, 1)])
+@pytest.mark.parametrize("n,seq_len,stride",
+                         [(1000, 128, 128), (1000, 128, 64), (129, 128, 128), (50, 128, 32), (7, 4, 1)])
 def test_windows_score_every_token_once(n, seq_len, stride):
     scored = []
     for begin, end, n_new in _windows(n, seq_len, stride):
@@ -102,6 +103,7 @@ def test_perplexity_matches_a_direct_computation(tiny_model_dir, tmp_path):
     # batched and unbatched windows agree
     one = compress.perplexity(model, tokenizer, Perplexity(dataset=str(text), seq_len=32, batch_size=1, max_tokens=200),
                               show_progress=False)
-    many = compress.perplexity(model, tokenizer, Perplexity(dataset=str(text), seq_len=32, batch_size=8, max_tokens=200),
+    many = compress.perplexity(model, tokenizer,
+                               Perplexity(dataset=str(text), seq_len=32, batch_size=8, max_tokens=200),
                                show_progress=False)
     assert one["perplexity"] == pytest.approx(many["perplexity"], rel=1e-5)

@@ -14,11 +14,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import compress
-from compress.data import training_windows
 from compress.config import KD, Distill
+from compress.data import training_windows
 from compress.distill import DistillationTrainer, distillation_loss, hidden_state_loss, paired_layers
 from compress.errors import CompressError
-from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantization_args, quantized_linears
+from compress.quantize.grid import (
+    fake_quantize,
+    minmax_qparams,
+    quantizable_linears,
+    quantization_args,
+    quantized_linears,
+)
 from compress.quantize.qat import QAT, QATCallback, prepare_qat
 from test_pipeline import failing_after, quiet_run
 
@@ -102,8 +108,8 @@ def test_distill_with_lora_merges_back_into_plain_weights(tiny):
     teacher, _, windows = tiny
     student = compress.prune(copy.deepcopy(teacher), compress.TaylorPrune(importance="l2", ratio=0.5, multiple=16))
     before = kl_to(teacher, student, windows[-8:])
-    student = compress.distill(student, Distill(steps=20, batch_size=4, seq_len=64, lr=3e-3, kd=KD(alpha=1.0), lora={"r": 8}),
-                               windows[:-8], teacher, show_progress=False)
+    config = Distill(steps=20, batch_size=4, seq_len=64, lr=3e-3, kd=KD(alpha=1.0), lora={"r": 8})
+    student = compress.distill(student, config, windows[:-8], teacher, show_progress=False)
     assert not any("lora" in name for name, _ in student.named_modules())
     assert kl_to(teacher, student, windows[-8:]) < before
 
@@ -155,8 +161,10 @@ def test_qat_callback_in_a_users_trainer_writes_a_checkpoint_like_ptq(tiny, tmp_
 
 DISTILL_QAT_STEPS = """\
   - prune: {importance: l2, ratio: 0.5, multiple: 16}
-  - distill: {kd: {teacher: 00-base, temperature: 2.0, alpha: 0.7, hidden_mse: 0.1}, steps: 20, batch_size: 4, seq_len: 64, lr: 1.0e-3}
-  - quantize: {method: qat, bits: 4, group_size: 16, steps: 10, batch_size: 4, seq_len: 64, lr: 1.0e-4, kd: {teacher: base}}"""
+  - distill: {kd: {teacher: 00-base, temperature: 2.0, alpha: 0.7, hidden_mse: 0.1},
+              steps: 20, batch_size: 4, seq_len: 64, lr: 1.0e-3}
+  - quantize: {method: qat, bits: 4, group_size: 16, steps: 10, batch_size: 4, seq_len: 64, lr: 1.0e-4,
+               kd: {teacher: base}}"""
 
 
 def test_distill_and_qat_recipe_steps(tiny_recipe, tmp_path):

@@ -179,7 +179,8 @@ def test_calibrated_quantizers_split_over_processes_give_the_one_process_weights
                               capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
-    mean_error = {run: sum(result["errors"].values()) / len(result["errors"]) for run, result in (("1", one), ("2", two))}
+    mean_error = {run: sum(result["errors"].values()) / len(result["errors"])
+                  for run, result in (("1", one), ("2", two))}
     assert mean_error["2"] == pytest.approx(mean_error["1"], rel=0.05)  # as good a rounding either way
     if method == "awq":
         # on this tiny random model AWQ's candidate scales are near-ties (their output errors differ in the third

@@ -170,7 +170,8 @@ def test_bfloat16_qat_on_weights_with_a_small_lr_learns_as_float32_does(tiny):
                                show_progress=False)
         assert trained.dtype == dtype
         rounded = dict(quantizable_linears(rtn))
-        changed = [(linear.weight != rounded[name].weight).float().mean() for name, linear in quantizable_linears(trained)]
+        changed = [(linear.weight != rounded[name].weight).float().mean()
+                   for name, linear in quantizable_linears(trained)]
         falls[dtype] = _lm_loss(rtn, windows) - _lm_loss(trained, windows), torch.stack(changed).mean()
     (fall32, _), (fall16, changed16) = falls[torch.float32], falls[torch.bfloat16]
     assert fall32 > 0
@@ -199,4 +200,5 @@ def test_raised_damping_reaches_the_step_record(tiny_recipe, monkeypatch):
     with pytest.warns(UserWarning, match="not positive definite with damp 0.001"):
         compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False)
     record = json.loads((recipe.parent / "runs" / "tiny" / "01-quantize" / "step.json").read_text())
-    assert record["gptq_raised_damp"] and all(damp == pytest.approx(0.01) for damp in record["gptq_raised_damp"].values())
+    assert record["gptq_raised_damp"]
+    assert all(damp == pytest.approx(0.01) for damp in record["gptq_raised_damp"].values())

@@ -1,7 +1,8 @@
 """Model families beyond Llama (compress.architectures): Qwen3, Gemma 3 and Phi-3 (fused projections) prune, recover,
 quantize and reload like Llama; MoE models (Mixtral, Qwen3-MoE, Qwen2-MoE) prune whole experts and channels inside
-them, quantize every expert, and reload; unknown families stop before any work with the list of what is supported. Tiny random models whose configs have each family's features (q/k norms, sliding-window layers,
-soft-capping, fused projections, experts); only mechanics matter here."""
+them, quantize every expert, and reload; unknown families stop before any work with the list of what is supported.
+Tiny random models whose configs have each family's features (q/k norms, sliding-window layers, soft-capping, fused
+projections, experts); only mechanics matter here."""
 
 from __future__ import annotations
 
@@ -400,7 +401,6 @@ def test_a_recipe_runs_each_family_end_to_end(tmp_path, tiny_model_dir, kind):
     import shutil
 
     from rich.console import Console
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

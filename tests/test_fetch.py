@@ -97,7 +97,8 @@ def test_every_named_dataset_is_fetched_equal_to_the_local_files(no_data_dir, tm
         else:
             assert load_records(name) == load_records(name, LOCAL), name
     for name in ("politeness-train", "politeness-test"):  # the rebuild is byte for byte
-        assert (tmp_path / "cache" / "data" / DATASETS[name].path).read_bytes() == (LOCAL / DATASETS[name].path).read_bytes()
+        fetched = tmp_path / "cache" / "data" / DATASETS[name].path
+        assert fetched.read_bytes() == (LOCAL / DATASETS[name].path).read_bytes()
     fetched = {path for method, path in no_data_dir.requests if method == "GET" and "/api/" not in path}
     assert fetched == set(_hub_files()) | set(_github_files())  # each file once, nothing else
     assert source_of("rte-train") == f"hub nyu-mll/glue: rte/train at {COMMIT} (fetched into the cache)"
@@ -165,10 +166,10 @@ def test_the_main_job_runs_with_no_data_directory(no_data_dir, tmp_path):
     import shutil
 
     import yaml
+    from rich.console import Console
 
     from compress.config.data import cache_root
     from compress.pipeline import run
-    from rich.console import Console
 
     default_cache = Path(os.path.expanduser("~/.cache/compress"))
     for folder in default_cache.glob("SmolLM2-*"):  # the dequantized embedded model, if cached: not re-read

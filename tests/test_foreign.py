@@ -251,7 +251,8 @@ def test_a_pre_quantized_folder_is_the_start_of_float_steps_after_dequantize(tmp
         return compress.run(recipe, console=Console(file=open(os.devnull, "w")), show_progress=False)  # noqa: SIM115
 
     prune = "  - prune: {importance: l2, ratio: 0.5, multiple: 16, uniform: true}"
-    with pytest.raises(CompressError, match=r"quantized checkpoint, and prune \(taylor\) need a float model.*- dequantize: \{\}"):
+    with pytest.raises(CompressError,
+                       match=r"quantized checkpoint, and prune \(taylor\) need a float model.*- dequantize: \{\}"):
         run(prune)
     report = run(f"  - dequantize: {{}}\n{prune}\n  - quantize: {{method: rtn, bits: 4, group_size: 16}}")
     base, dequantized, pruned, quantized = report["steps"]

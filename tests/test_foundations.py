@@ -32,7 +32,8 @@ def quiet_run(recipe, **kwargs):
 def _recipe(tmp_path: Path, model, steps: str, data: str = "", name: str = "r") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\nmodel: {model}\n{data}steps:\n{steps}\neval:\n  tasks: [wikitext2]\n"
-                    f"  wikitext2: {{seq_len: 64, stride: 64, max_tokens: 512}}\noutput_dir: {tmp_path / 'runs' / name}\n")
+                    f"  wikitext2: {{seq_len: 64, stride: 64, max_tokens: 512}}\n"
+                    f"output_dir: {tmp_path / 'runs' / name}\n")
     return path
 
 

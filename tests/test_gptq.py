@@ -63,7 +63,8 @@ def test_a_process_with_no_rows_of_a_group_still_joins_the_gather(monkeypatch):
     with torch.no_grad():
         gptq._solve_group(alone, ["a", "b"], hessian, args, config, "test")  # one process: every row
     others = [torch.cat([alone["a"].weight, alone["b"].weight]).detach()]
-    others += [torch.cat([alone[n].weight_quant.scale for n in "ab"]), torch.cat([alone[n].weight_quant.zero_point for n in "ab"])]
+    others += [torch.cat([alone[n].weight_quant.scale for n in "ab"]),
+               torch.cat([alone[n].weight_quant.zero_point for n in "ab"])]
     sent = []
 
     def gather(rows, total):  # this process sends nothing; the other processes' rows come back
@@ -121,7 +122,8 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("batch_tokens", [None, 128])  # the whole set in one forward, or 8 chunks: the same sequential algorithm
+# the whole set in one forward, or 8 chunks: the same sequential algorithm
+@pytest.mark.parametrize("batch_tokens", [None, 128])
 def test_gptq_model_is_closer_to_the_float_model_than_rtn(tiny_model_dir, batch_tokens):
     model, _, ids = _tiny(tiny_model_dir)
     reference = _logits(model, ids[:2])

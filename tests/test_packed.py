@@ -103,7 +103,8 @@ def test_gemlite_layout_is_compressed_tensors_packing_transposed():
     signed = torch.randint(-8, 8, (48, 128), dtype=torch.int8)
     scale, zero = torch.rand(48, 4) + 0.1, torch.randint(-8, 8, (48, 4))
     words = pack_to_int32(signed, num_bits=4)  # [out, in/8], signed codes offset by 8 as compressed-tensors stores
-    weight = dequantize_gemlite_reference(words.T.contiguous(), scale.T.contiguous(), (zero + 8).float().T.contiguous(), 32).T
+    weight = dequantize_gemlite_reference(words.T.contiguous(), scale.T.contiguous(),
+                                          (zero + 8).float().T.contiguous(), 32).T
     expected = (signed.float() - zero.float().repeat_interleave(32, 1)) * scale.repeat_interleave(32, 1)
     assert torch.equal(weight, expected)
 

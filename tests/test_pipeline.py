@@ -58,7 +58,8 @@ def test_run_writes_complete_step_folders_and_report(tiny_recipe, tiny_model_dir
     before = {p.name: sha256_file(p) for p in tiny_model_dir.iterdir()}
     report = quiet_run(tiny_recipe())
     out = tiny_recipe().parent / "runs" / "tiny"
-    assert sorted(p.name for p in out.iterdir()) == ["00-base", "01-quantize", "recipe.yaml", "report.json", "report.md", "tradeoff.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00-base", "01-quantize", "recipe.yaml", "report.json",
+                                                     "report.md", "tradeoff.png"]
     for folder in ("00-base", "01-quantize"):
         files = {p.name for p in (out / folder).iterdir()}
         assert {"model.safetensors", "config.json", "tokenizer.json", "step.json"} <= files
@@ -205,7 +206,8 @@ def test_missing_data_names_the_directories_it_looked_in(tiny_recipe, tmp_path, 
 def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: x\nmodel: {tmp_path / 'empty'}\nsteps:\n  - quantize: {{method: rtn}}\noutput_dir: {tmp_path / 'out'}\n")
+    recipe.write_text(f"name: x\nmodel: {tmp_path / 'empty'}\nsteps:\n  - quantize: {{method: rtn}}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2
     assert "is not a model folder (no config.json)" in result.output

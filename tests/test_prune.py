@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import compress
 from compress.architectures import FAMILIES
 from compress.errors import CompressError
+from compress.modules import decoder_layers
 from compress.prune import TaylorPrune, check_prunable, prune
 from compress.prune.importance import gradient_statistics
 from compress.prune.structure import (
@@ -28,7 +29,6 @@ from compress.prune.structure import (
     shrink_attention,
     shrink_mlp,
 )
-from compress.modules import decoder_layers
 
 IDS = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
 
@@ -88,7 +88,10 @@ def test_surgery_keeps_the_function_of_what_it_keeps(mode):
     real must then leave the logits unchanged, and the layer must shrink."""
     model = tiny_llama(layers=2)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
-    query, kv = (torch.tensor([1, 2]), torch.tensor([0, 1])) if mode == "query" else (torch.tensor([2, 3]), torch.tensor([1]))
+    if mode == "query":
+        query, kv = torch.tensor([1, 2]), torch.tensor([0, 1])
+    else:
+        query, kv = torch.tensor([2, 3]), torch.tensor([1])
     channels = torch.arange(0, 128, 2)
     with torch.no_grad():
         for head in set(range(4)) - set(query.tolist()):
@@ -249,7 +252,8 @@ def test_gradient_sums_that_do_not_fit_are_refused_before_any_work(monkeypatch, 
     need = scored * 4 * copies
     before = {name: p.clone() for name, p in model.state_dict().items()}
     monkeypatch.setattr(importance_module, "available_memory", lambda device: int(need / 0.9) - 8)
-    with pytest.raises(CompressError, match=rf" {need / 2**20:,.1f} MiB, and cpu has {(int(need / 0.9) - 8) / 2**20:,.1f} "
+    free = int(need / 0.9) - 8
+    with pytest.raises(CompressError, match=rf" {need / 2**20:,.1f} MiB, and cpu has {free / 2**20:,.1f} "
                                             rf"MiB free.*importance l1 or l2"):
         prune(model, TaylorPrune(importance=importance, multiple=16), IDS[:2], show_progress=False)
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())  # untouched
@@ -268,7 +272,8 @@ def test_importance_formulas_match_llm_pruner(kind, expected):
     linear = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, -2.0]]))
-    score = channel_scorer(kind, {linear.weight: torch.tensor([[0.5, 0.5]])}, {linear.weight: torch.tensor([[4.0, 1.0]])})
+    score = channel_scorer(kind, {linear.weight: torch.tensor([[0.5, 0.5]])},
+                           {linear.weight: torch.tensor([[4.0, 1.0]])})
     assert score(linear, 0).item() == pytest.approx(expected)
     assert score(linear, 1).shape == (2,)  # per input column when the channel runs along dim 1
 

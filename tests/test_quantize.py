@@ -18,7 +18,8 @@ def _load(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (4, 32, False), (8, -1, True), (3, 64, True), (2, 16, False)])
+@pytest.mark.parametrize("bits,group_size,sym",
+                         [(4, 32, True), (4, 32, False), (8, -1, True), (3, 64, True), (2, 16, False)])
 def test_rtn_weights_lie_on_the_grid(tiny_model_dir, bits, group_size, sym):
     model = _load(tiny_model_dir)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -73,7 +74,8 @@ def test_quantized_checkpoint_is_smaller(tiny_model_dir, tmp_path):
 
 def test_group_size_that_does_not_divide_is_a_clear_error(tiny_model_dir):
     model = _load(tiny_model_dir)
-    with pytest.raises(CompressError, match=r"group_size 48 does not divide the input width 64 .* use one of 8, 16, 32, 64, or -1"):
+    with pytest.raises(CompressError,
+                       match=r"group_size 48 does not divide the input width 64 .* use one of 8, 16, 32, 64, or -1"):
         compress.quantize(model, compress.RTN(bits=4, group_size=48), show_progress=False)
     assert not list(quantized_linears(model))  # nothing was touched
 

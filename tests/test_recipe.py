@@ -109,7 +109,7 @@ def test_malformed_recipe_gives_one_line_error(tmp_path, text, line, field, frag
     path.write_text(text)
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines, result.output
     first = lines[0]
     assert first.startswith(f"error: {path}:{line}: "), first
@@ -124,7 +124,8 @@ def test_several_problems_are_all_reported(tmp_path):
     path.write_text("name: x\nmodel: smollm2-135m\nsteps:\n  - quantize: {method: rtn, bits: 5, sym: maybe}\nfoo: 1\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert [l.split(": ")[1] for l in info.value.lines] == ["steps[0].quantize.bits", "steps[0].quantize.sym", "foo"]
+    fields = [line.split(": ")[1] for line in info.value.lines]
+    assert fields == ["steps[0].quantize.bits", "steps[0].quantize.sym", "foo"]
 
 
 def test_missing_recipe_file(tmp_path):
@@ -189,7 +190,8 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "compress.cli", "validate", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {path}:4: steps[0].quantize.bits: got 7; allowed: 2, 3, 4 or 8"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}:4: steps[0].quantize.bits: got 7; allowed: 2, 3, 4 or 8"]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +220,8 @@ def malformed_inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     paths["quantized"] = base / "01-quantize"
     compress.save_model(compress.quantize(model, compress.RTN(bits=4, group_size=16), show_progress=False), tokenizer,
                         paths["quantized"])
-    for name, damage in (("untargeted", lambda q: [g.update(targets=["Embedding"]) for g in q["config_groups"].values()]),
+    for name, damage in (("untargeted",
+                          lambda q: [g.update(targets=["Embedding"]) for g in q["config_groups"].values()]),
                          ("invalid-quant", lambda q: q.update(config_groups="nope"))):
         paths[name] = base / name
         shutil.copytree(paths["quantized"], paths[name])
@@ -240,7 +243,8 @@ def malformed_inputs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     paths["binary.yaml"].write_bytes(bytes(range(256)))
     paths["recipe"] = base / "r.yaml"
     paths["recipe"].write_text(f"name: r\nmodel: {tiny_model_dir}\nsteps:\n  - quantize: {{method: rtn, bits: 4, "
-                               f"group_size: 16}}\neval: {{tasks: [wikitext2], after: none}}\noutput_dir: {base / 'out'}\n")
+                               f"group_size: 16}}\neval: {{tasks: [wikitext2], after: none}}\n"
+                               f"output_dir: {base / 'out'}\n")
     for name in ("empty", "partial", "no-weights", "not-gguf", "truncated"):  # a recipe whose model is this folder
         paths[f"recipe:{name}"] = base / f"recipe-{name}.yaml"
         paths[f"recipe:{name}"].write_text(paths["recipe"].read_text().replace(f"model: {tiny_model_dir}",

@@ -224,8 +224,9 @@ def test_quantize_then_push_example_pushes_to_the_hub(tmp_path):
     from hub_standin import StandInHub
 
     with StandInHub() as hub:
-        stdout = _run_example("quantize_then_push.py", "--repo-id", "me/smollm2-gptq4", "--samples", "8", "--ppl-tokens", "1024",
-                              "--output-dir", str(tmp_path / "run"), env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_t"})
+        stdout = _run_example("quantize_then_push.py", "--repo-id", "me/smollm2-gptq4", "--samples", "8",
+                              "--ppl-tokens", "1024", "--output-dir", str(tmp_path / "run"),
+                              env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_t"})
     assert "pushed" in stdout and "01-quantize" in stdout
     repo = hub.repos["me/smollm2-gptq4"]
     files = {name for commit in repo["commits"] for name in commit["files"]}

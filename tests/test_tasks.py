@@ -171,7 +171,8 @@ def test_report_marks_significant_changes_and_plots(tmp_path):
                                     "majority_baseline": 0.5, "per_label": {}, "seconds": 1.0,
                                     "protocol": {}}}}
 
-    records = [record("00-base", "1" * 90 + "0" * 10, 400 * 2**20), record("01-quantize", "1" * 88 + "0" * 12, 200 * 2**20),
+    records = [record("00-base", "1" * 90 + "0" * 10, 400 * 2**20),
+               record("01-quantize", "1" * 88 + "0" * 12, 200 * 2**20),
                record("02-quantize", "1" * 50 + "0" * 50, 100 * 2**20)]
     changes = _paired_changes(records)
     assert ("00-base", "rte") not in changes
@@ -179,9 +180,7 @@ def test_report_marks_significant_changes_and_plots(tmp_path):
                                                                [True] * 88 + [False] * 12)["p_value"]
     assert changes["02-quantize", "rte"]["against"] == "01-quantize"
     assert changes["02-quantize", "rte"]["lost"] == 38 and changes["02-quantize", "rte"]["p_value"] < 1e-6
-    from compress.report import _row
-
-    from compress.report import _final_against_earlier
+    from compress.report import _final_against_earlier, _row
 
     report = {"recipe": "r", "model": "m", "steps": [_row(r, changes) for r in records], "protocol": {},
               "task_adapted_from": {}, "machine": {"cuda": None, "cpu_threads": 2, "torch": "x", "platform": "y"},
@@ -196,11 +195,12 @@ def test_report_marks_significant_changes_and_plots(tmp_path):
 
 
 def test_recipe_with_task_adaptation_reports_every_task(tiny_recipe, tmp_path):
-    import compress
     from rich.console import Console
 
-    recipe = tiny_recipe(steps="  - finetune: {method: lora, lora: {r: 4}, steps: 4, batch_size: 4, seq_len: 96, lr: 1.0e-3, "
-                               "data: [politeness-train, rte-train]}\n  - quantize: {method: rtn, bits: 4, "
+    import compress
+
+    recipe = tiny_recipe(steps="  - finetune: {method: lora, lora: {r: 4}, steps: 4, batch_size: 4, seq_len: 96, "
+                               "lr: 1.0e-3, data: [politeness-train, rte-train]}\n  - quantize: {method: rtn, bits: 4, "
                                "group_size: 32}")
     text = recipe.read_text().replace("  tasks: [wikitext2]\n", "  tasks: [wikitext2, rte, politeness]\n"
                                       "  choice: {limit: 8}\n")

@@ -22,7 +22,7 @@ from compress.config.quantize import (
 from compress.config.sources import ARCHITECTURES, REGISTRY, RandomInit
 from compress.config.training import KD, LoRA, TrainingBudget
 
-__all__ = ["ARCHITECTURES", "AWQ", "Dequantize", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY", "RTN", "TASKS", "CalibrationData",
-           "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig", "HubPush", "LoRA", "LoRARecovery",
-           "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Strict", "TaylorPrune", "TrainingBudget",
-           "WeightOnlyConfig"]
+__all__ = ["ARCHITECTURES", "AWQ", "Dequantize", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY",
+           "RTN", "TASKS", "CalibrationData", "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig",
+           "HubPush", "LoRA", "LoRARecovery", "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Strict",
+           "TaylorPrune", "TrainingBudget", "WeightOnlyConfig"]

@@ -1,4 +1,5 @@
-"""Recipe: `quantize: {method: rtn | gptq | awq | fp8 | qat, ...}`: one config class per method, discriminated on `method`."""
+"""Recipe: `quantize: {method: rtn | gptq | awq | fp8 | qat, ...}`: one config class per method, discriminated on
+`method`."""
 
 from __future__ import annotations
 

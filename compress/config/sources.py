@@ -98,8 +98,8 @@ def check_source_name(value: str) -> str:
         return value
     if looks_like_path(value):
         raise ValueError(f"model path '{value}' does not exist")
-    raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local model folder, "
-                     f"a .gguf file, or a hub id like org/name")
+    raise ValueError(f"unknown model '{value}'; allowed: a registry name ({', '.join(REGISTRY)}), a local model "
+                     f"folder, a .gguf file, or a hub id like org/name")
 
 
 def check_teacher_name(value: str) -> str:

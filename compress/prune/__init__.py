@@ -11,6 +11,7 @@ from compress.architectures import Family, family
 from compress.config.prune import NEEDS_FISHER, NEEDS_GRADIENT, TaylorPrune
 from compress.errors import CompressError
 from compress.modules import decoder_layers, require_float
+from compress.prune.experts import expert_saliency, select_experts
 from compress.prune.importance import (
     channel_scorer,
     gradient_statistics,
@@ -33,7 +34,6 @@ from compress.prune.structure import (
     shrink_experts,
     shrink_mlp,
 )
-from compress.prune.experts import expert_saliency, select_experts
 
 
 def _layer_range(model: torch.nn.Module, config: TaylorPrune) -> range:

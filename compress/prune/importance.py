@@ -19,11 +19,10 @@ import torch
 from rich.progress import track
 
 from compress import distributed
+from compress.architectures import Family
 from compress.errors import CompressError
 from compress.modules import available_memory
-from compress.architectures import Family
 from compress.widths import fused_rows, shared_expert
-
 
 # channel_score(linear or weight, keep): one score per channel, channels along weight dimension(s) `keep` (0: output
 # rows, e.g. q_proj heads; 1: input columns, e.g. o_proj heads; (0, 1) of an MoE block's [experts, 2I, H] gate_up_proj:
@@ -64,7 +63,8 @@ def gradient_statistics(model: torch.nn.Module, weights: list[torch.nn.Parameter
             handles.append(p.register_post_accumulate_grad_hook(fold))
         was_training = model.training
         model.eval()  # no dropout: the gradient of the deployed function
-        for sample in track(distributed.share(input_ids), description="pruning: gradients", disable=not show_progress, transient=True):
+        for sample in track(distributed.share(input_ids), description="pruning: gradients", disable=not show_progress,
+                            transient=True):
             ids = sample[None].to(device)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.train(was_training)
@@ -158,7 +158,8 @@ def layer_group_scores(layer: torch.nn.Module, score: ChannelScore, targets, kno
         scores["mlp"] = (gate_up[:, :width] + gate_up[:, width:] + score(mlp.experts.down_proj, (0, 2))).cpu()
         shared = shared_expert(mlp)
         if shared is not None:  # a dense MLP beside the experts (Qwen2-MoE)
-            scores["shared"] = (score(shared.gate_proj, 0) + score(shared.up_proj, 0) + score(shared.down_proj, 1)).cpu()
+            scores["shared"] = (score(shared.gate_proj, 0) + score(shared.up_proj, 0)
+                                + score(shared.down_proj, 1)).cpu()
     elif "mlp" in targets and known.fused_gate_up:  # gate rows then up rows
         rows, width = score(mlp.gate_up_proj, 0), mlp.down_proj.in_features
         scores["mlp"] = (rows[:width] + rows[width:] + score(mlp.down_proj, 1)).cpu()
@@ -176,7 +177,8 @@ def scored_layers_weights(layers: list[torch.nn.Module], targets, known: Family)
         if "mlp" in targets and known.moe:
             weights += [layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj]
             shared = shared_expert(layer.mlp)
-            weights += [] if shared is None else [m.weight for m in (shared.gate_proj, shared.up_proj, shared.down_proj)]
+            if shared is not None:
+                weights += [m.weight for m in (shared.gate_proj, shared.up_proj, shared.down_proj)]
         elif "mlp" in targets:
             weights += [m.weight for n, m in layer.mlp.named_children() if isinstance(m, torch.nn.Linear)]
     return weights

@@ -39,6 +39,7 @@ from compress.widths import (  # noqa: F401 -- re-exported: the surgery and the 
     shrink_mlp,
 )
 
+
 def check_supported(model: torch.nn.Module) -> None:
     """The family must be one pruning handles (compress.architectures), with its layer layout in every layer: the
     Llama layout, or for MoE families Llama attention and an MLP of a router (`gate`) and fused `experts`."""
@@ -171,8 +172,8 @@ def check_stock_config(model: torch.nn.Module, prune_config, widths: LayerWidths
         if stock_config_problem(model.config, candidate, dim) is None:
             ranges.setdefault(candidate.num_attention_heads, []).append(ratio)
     nearest = sorted(ranges.items(), key=lambda item: min(abs(r - prune_config.ratio) for r in item[1]))[:2]
-    choices = [f"ratio {min(rs):g} to {max(rs):g} ({heads} heads{', attention unpruned' if heads == original.num_attention_heads else ''})"
-               for heads, rs in nearest]
+    choices = [f"ratio {min(rs):g} to {max(rs):g} ({heads} heads"
+               f"{', attention unpruned' if heads == original.num_attention_heads else ''})" for heads, rs in nearest]
     suggestion = f"valid choices: {' or '.join(choices)}; or " if choices else ""
     raise CompressError(
         f"uniform pruning at ratio {prune_config.ratio:g} keeps {widths.num_attention_heads} of "

@@ -360,7 +360,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     share = calibration_share(calibration)
     layerwise = LayerwiseCalibration(model, share, device, batch_tokens=share.numel())
     layers = layerwise.layers
-    plan = [layer_groups(layer, index, known) for index, layer in enumerate(layers)]  # every layer checked before any work
+    # every layer checked before any work
+    plan = [layer_groups(layer, index, known) for index, layer in enumerate(layers)]
     kept = kept_float(model, config.ignore)  # scaled with their group (exact), never rounded
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("AWQ", total=len(layers))

@@ -106,7 +106,8 @@ class LayerHessians:
         self._run(calibration, layer, samples=1)
         return self.groups
 
-    def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    def collect(self, calibration: LayerwiseCalibration, layer: torch.nn.Module
+                ) -> list[tuple[list[str], torch.Tensor]]:
         self._run(calibration, layer)
         tokens = distributed.all_sum(self.tokens)
         return [(group, distributed.all_sum_(total).mul_(2 / tokens)) for group, total in zip(self.groups, self.sums)]

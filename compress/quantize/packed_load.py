@@ -156,7 +156,8 @@ def load_packed(folder: Path, dtype: torch.dtype, device: str):
         return None
     quant = QuantizationConfig.model_validate(config["quantization_config"])
     tensors = _Tensors(folder, device)
-    modules = {module_name(config, k.removesuffix(".weight_scale")) for k in tensors.where if k.endswith(".weight_scale")}
+    modules = {module_name(config, k.removesuffix(".weight_scale")) for k in tensors.where
+               if k.endswith(".weight_scale")}
     if any("experts" in m for m in modules):
         return None
     ignore = {module_name(config, name) for name in quant.ignore or []}
