@@ -3,7 +3,8 @@
 A spec names its config class and its verb, and declares what the step needs (calibration token ids, training rows,
 a teacher), whether it accepts a quantized input, and what it produces (a quantized or a pruned model, and in which
 format it is saved). The recipe checks step order against the specs; the pipeline gives each verb what its spec
-asks for. Nothing here imports torch: verbs are named as `module:function` and imported when a step runs.
+asks for. Nothing here imports torch: verbs are named as `module:function` and imported when a step runs. The base
+step (00-base: the recipe's model loaded from its source) has a spec too, BASE, so the pipeline runs every step alike.
 
 Adding a method: a config class (compress/config/), a function `verb(model, config, *, calibration=None,
 train_data=None, teacher=None, seed=0, show_progress=True)` taking the inputs its spec declares, and an entry below."""
