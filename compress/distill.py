@@ -21,6 +21,7 @@ from compress.errors import CompressError
 from compress.modules import require_float
 from compress.training import LabelledPositionsTrainer, labelled_logits, merged, token_count, train, with_lora
 
+
 def check_same_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """Distillation compares next-token distributions entry by entry: both models must score the same tokens."""
     sizes = (student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
@@ -89,9 +90,11 @@ class DistillationTrainer(LabelledPositionsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         hidden = self.kd.hidden_mse > 0
         ids, labels = inputs["input_ids"], inputs["labels"]
-        logits, targets, outputs = labelled_logits(model, ids, labels, output_hidden_states=hidden)
-        with torch.no_grad():  # nothing of the teacher's forward is kept for backward
-            teacher_logits, _, teacher_outputs = labelled_logits(self.teacher, ids, labels, output_hidden_states=hidden)
+        with self.autocast():
+            logits, targets, outputs = labelled_logits(model, ids, labels, output_hidden_states=hidden)
+            with torch.no_grad():  # nothing of the teacher's forward is kept for backward
+                teacher_logits, _, teacher_outputs = labelled_logits(self.teacher, ids, labels,
+                                                                     output_hidden_states=hidden)
         tokens = token_count(num_items_in_batch, targets)
         loss = distillation_loss(logits, teacher_logits, targets, self.kd, tokens)
         if hidden:

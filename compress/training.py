@@ -4,6 +4,7 @@ prompted task examples (loss on the answer tokens only)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 
@@ -88,12 +89,22 @@ def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
 
 class LabelledPositionsTrainer(Trainer):
     """Trainer with the next-token loss computed from `labelled_logits`; a loss that is NaN or inf on any process
-    stops training on every process, with one error naming the step (`step_name`, set by `train`)."""
+    stops training on every process, with one error naming the step (`step_name`, set by `train`). With
+    `autocast_dtype` (set by `train` from the budget's `autocast`) the model's forward runs under torch.autocast in
+    that dtype (its backward follows the recorded dtypes)."""
 
     step_name = "training"
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        """The context the forward passes run in: torch.autocast in `autocast_dtype`, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.args.device.type, dtype=self.autocast_dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs["labels"])
+        with self.autocast():
+            logits, targets, _ = labelled_logits(model, inputs["input_ids"], inputs["labels"])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         loss = loss / token_count(num_items_in_batch, targets)
         self.check_finite_loss(loss, model)
@@ -284,6 +295,7 @@ def train(model: torch.nn.Module, budget: TrainingBudget, data: torch.Tensor | l
                                 callbacks=list(callbacks), **_master_weights_optimizer(half, sharded, args),
                                 **trainer_kwargs)
         trainer.step_name = step
+        trainer.autocast_dtype = None if budget.autocast == "off" else getattr(torch, budget.autocast)
         try:
             trainer.train()
         finally:  # training turns the KV cache off in the config; a saved step would then decode without it

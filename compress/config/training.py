@@ -27,6 +27,10 @@ class TrainingBudget(Strict):
                     "task's train split (rte-train, politeness-train) becomes prompted examples, trained on the "
                     "answer tokens only")
 
+    autocast: Literal["off", "bfloat16"] = Field(
+        "off", description="bfloat16: the forward and backward passes compute under torch.autocast in bfloat16 (the "
+                           "weights, their gradients and the optimizer stay in the model's dtype); on a CPU with "
+                           "AVX512-BF16 or AMX a float32 model's training steps run faster, at bfloat16's rounding")
     sharding: Literal["replicate", "fsdp", "fsdp_offload"] = Field(
         "replicate", description="under several processes: every process holds the whole model (DDP), or FSDP2 shards "
                                  "weights, gradients and optimizer states over them (fsdp_offload: the shards wait on "
@@ -39,7 +43,7 @@ class TrainingBudget(Strict):
 
     def budget(self) -> str:
         return (f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens from {' + '.join(self.data)}, "
-                f"lr {self.lr:g}")
+                f"lr {self.lr:g}" + (f", autocast {self.autocast}" if self.autocast != "off" else ""))
 
 
 # peft's init_lora_weights: True (Kaiming-uniform A, zero B), False (random B: not an identity start), or a named
@@ -123,4 +127,5 @@ class KD(Strict):
 
     def describe(self) -> str:
         hidden = f", hidden MSE {self.hidden_mse:g}" if self.hidden_mse else ""
-        return f"distilling from {self.teacher or 'the default teacher'} (T={self.temperature:g}, alpha={self.alpha:g}{hidden})"
+        return (f"distilling from {self.teacher or 'the default teacher'} (T={self.temperature:g}, "
+                f"alpha={self.alpha:g}{hidden})")

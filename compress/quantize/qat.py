@@ -69,22 +69,35 @@ class _LearnedScales(torch.nn.Module):
         self.register_buffer("zero_point", torch.zeros_like(self.scale) if zero_point is None
                              else zero_point.detach().float().clone())
         self.qmin, self.qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
+        self.zero_is_nonzero = bool(self.zero_point.any())  # the zero point never trains
 
     def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
         return values.repeat_interleave(width // values.shape[1], dim=1)
 
+    def grouped(self, weight: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`weight` [rows, cols] viewed as [rows, groups, group size] and `values` [rows, groups] as [rows, groups,
+        1], to broadcast: a group's scale or zero point is never expanded to the weight's size (repeat_interleave
+        wrote two full-size copies in every forward and summed them back in every backward)."""
+        rows, groups = values.shape
+        return weight.view(rows, groups, weight.shape[1] // groups), values.unsqueeze(2)
+
     def round_to_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """clamp(⌊W/s⌉ + z): float weights onto the grid's integers, with a straight-through gradient."""
-        scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
-        return torch.clamp(_round_straight_through(weight.float() / scale) + zero, self.qmin, self.qmax)
+        grouped, scale = self.grouped(weight.float(), self.scale)
+        codes = _round_straight_through(grouped / scale)
+        if self.zero_is_nonzero:
+            codes = codes + self.grouped(weight, self.zero_point)[1]
+        return torch.clamp(codes, self.qmin, self.qmax).view(weight.shape)
 
     def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The grid's integers for the parametrized tensor (the codes themselves, when they are what is stored)."""
         return weight.float() if self.codes else self.round_to_codes(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale, zero = self.columns(self.scale, weight.shape[1]), self.columns(self.zero_point, weight.shape[1])
-        return ((self.integer_codes(weight) - zero) * scale).to(weight.dtype)
+        codes, scale = self.grouped(self.integer_codes(weight), self.scale)
+        if self.zero_is_nonzero:  # symmetric grids have z = 0: q − 0 is q exactly, so the subtraction is skipped
+            codes = codes - self.grouped(weight, self.zero_point)[1]
+        return (codes * scale).view(weight.shape).to(weight.dtype)
 
 
 def _starting_grid(linear: torch.nn.Linear, args, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,7 +174,8 @@ def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Mo
         scale = learned.scale if args.scale_dtype is None else learned.scale.to(args.scale_dtype).float()
         learned.scale.copy_(scale)  # the scales as the checkpoint stores them
         codes = learned.integer_codes(stored)
-        weight = (codes - learned.columns(learned.zero_point, stored.shape[1])) * learned.columns(scale, stored.shape[1])
+        width = stored.shape[1]
+        weight = (codes - learned.columns(learned.zero_point, width)) * learned.columns(scale, width)
         zero_point = learned.zero_point.to(args.zp_dtype or torch.int8)
         parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
         # through compressed-tensors' own rounding, so memory holds exactly what a loader decompresses
