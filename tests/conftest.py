@@ -18,29 +18,49 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+    elif getattr(config.option, "dist", "no") == "load" and getattr(config.option, "maxschedchunk", 0) is None:
+        # `--dist load` first hands each worker a block of consecutive tests, a quarter of its share (60 of ~480
+        # tests here): with the long tests first, ONE worker got every real-weights test and ran them alone for 30
+        # minutes while the other ran the rest. One test at a time (xdist keeps two queued per worker) makes it
+        # greedy longest-first: a worker that finishes a test takes the longest one left.
+        config.option.maxschedchunk = 1
 
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow (real-weights) tests")
 
 
-# Seconds of one core the longest slow tests took (`pytest --slow -m slow --durations=40`, 2 cores, 2026-11-30): a
-# scheduling hint only. Longest first, handed out round-robin by `--dist load`, the two workers get about equal shares.
-SLOW_SECONDS = {
+# Seconds the longest tests take on one worker of two (`pytest --slow -n auto --durations=60`, 2 cores): a scheduling
+# hint only. Every test here runs before the rest, longest first; with one test handed out at a time (above), each
+# worker takes the longest test left when it finishes one, and the short tests fill the ends.
+SECONDS = {
     "test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2": 300, "test_task_adaptation_on_smollm2": 208,
     "test_distill_and_qat_recipe_on_smollm2": 203, "test_shipped_recipe_runs_end_to_end": 161,
     "test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers": 145,
     "test_prune_and_recover_recipe_on_smollm2": 124, "test_the_main_job_runs_with_no_data_directory": 121,
     "test_quantize_then_push_example_pushes_to_the_hub": 81, "test_examples_run": 60,
-    "test_taylor_pruning_beats_the_baselines_on_smollm2": 60, "test_fp8_on_smollm2_costs_little": 42,
+    "test_taylor_pruning_beats_the_baselines_on_smollm2": 60,
+    "test_two_processes_give_the_one_process_results_and_resume": 60,
+    "test_fp8_on_smollm2_costs_little": 42, "test_eval_change_reevaluates_without_recomputing": 40,
+    "test_prune_finetune_quantize_recipe": 40, "test_crash_during_gptq_keeps_earlier_steps_and_resumes": 35,
+    "test_a_rank_killed_mid_step_stops_the_run_and_a_rerun_resumes": 35,
+    "test_report_marks_significant_changes_and_plots": 30,
+    "test_calibrated_quantizers_split_over_processes_give_the_one_process_weights": 25,
+    "test_a_recipe_runs_each_family_end_to_end": 25, "test_gptq_step_runs_in_a_recipe_and_saves_its_format": 25,
+    "test_rerun_skips_complete_steps_and_change_invalidates_later_ones": 25,
+    "test_sigkill_during_second_step_then_resume": 20,
+    "test_ranks_with_different_recipes_stop_before_any_work": 15,
+    "test_a_rank_that_hangs_is_named_as_a_timeout_not_waited_on_forever": 15,
+    "test_a_failure_on_rank_1_inside_gptq_stops_every_rank_with_its_error": 15,
 }
 
 
 def pytest_collection_modifyitems(config, items):
+    # the long tests first, longest first (a stable sort: the rest keep their file order, so module fixtures are
+    # built once per worker): under xdist the workers start on them and the short tests fill the gaps, instead of one
+    # worker finishing a long test alone at the end
+    items.sort(key=lambda item: -SECONDS.get(item.originalname, 0))
     if config.getoption("--slow"):
-        # the long real-weights tests first, longest first: under xdist the workers start on them and the short tests
-        # fill the gaps, instead of one worker finishing a long test alone at the end
-        items.sort(key=lambda item: ("slow" not in item.keywords, -SLOW_SECONDS.get(item.originalname, 0)))
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
