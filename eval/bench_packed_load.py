@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--way", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per way (the peak depends on the allocator)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.way:
@@ -80,11 +81,14 @@ def main() -> None:
         return
     rows = []
     for way in ("packed from the checkpoint", "dense then packed"):
-        output = subprocess.run([sys.executable, __file__, args.folder, "--device", args.device, "--dtype", args.dtype,
-                                 "--way", way], capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    result = {"folder": Path(args.folder).name, "device": args.device, "dtype": args.dtype, "rows": rows}
+        for _ in range(args.runs):
+            output = subprocess.run([sys.executable, __file__, args.folder, "--device", args.device, "--dtype",
+                                     args.dtype, "--way", way], capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(output.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"folder": Path(args.folder).name, "device": args.device, "dtype": args.dtype, "rows": rows,
+              "command": f"python eval/bench_packed_load.py RUN/{Path(args.folder).name} --device {args.device} "
+                         f"--dtype {args.dtype} --runs {args.runs}"}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -435,9 +435,31 @@ def install_packed(model: torch.nn.Module, grids: dict[str, Grid]) -> None:
             for index, child in enumerate(group):
                 setattr(parent, child, FusedPart(fused, index))
                 del grids[prefix + child]
+            _return_freed_host_memory()
     for name, grid in grids.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, packed_linear(grid))
+        _return_freed_host_memory()
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def _return_freed_host_memory() -> None:
+    """Give the temporaries of the module just packed back to the OS. glibc keeps freed blocks in its heaps (in the
+    heap of whichever thread allocated them, and its mmap threshold rises as large blocks are freed), so without this a
+    packed load's resident peak depended on thread timing and could reach several times the packed bytes."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @torch.no_grad()
