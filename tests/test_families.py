@@ -106,19 +106,55 @@ def _assert_stock_transformers_reproduces(model, tmp_path):
     _assert_stock_transformers_loads(tmp_path, logits(model))
 
 
+# One process per test process where compress cannot be imported, started on first use: each folder given on its
+# stdin is loaded with stock transformers and its logits on the folder's ids.pt saved beside it. (A process per
+# folder paid transformers' import, about 5 s of a core, a dozen times in this file.) It ends when its stdin closes.
+STOCK_PROCESS = """import sys, torch
+sys.modules['compress'] = None  # any import of compress now fails
+from transformers import AutoModelForCausalLM
+for line in sys.stdin:
+    folder = line.rstrip('\\n')
+    try:
+        m = AutoModelForCausalLM.from_pretrained(folder).eval()
+        ids = torch.load(folder + '/ids.pt')
+        with torch.no_grad(): torch.save(m(input_ids=ids).logits, folder + '/stock.pt')
+        print('@@ok', flush=True)
+    except Exception:
+        import traceback
+        print('@@' + repr(traceback.format_exc()), flush=True)
+"""
+_stock = {}
+
+
+def _stock_process() -> subprocess.Popen:
+    import atexit
+    import tempfile
+
+    process = _stock.get("process")
+    if process is None or process.poll() is not None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        _stock["stderr"] = tempfile.TemporaryFile(mode="w+")
+        process = _stock["process"] = subprocess.Popen(
+            [sys.executable, "-c", STOCK_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=_stock["stderr"], text=True, env=env, cwd=tempfile.gettempdir())
+        atexit.register(process.stdin.close)
+    return process
+
+
 def _assert_stock_transformers_loads(tmp_path, expected):
     """The folder loads in a process where compress cannot be imported, and computes `expected` on IDS."""
     torch.save(IDS, tmp_path / "ids.pt")
-    script = ("import sys, torch\n"
-              "sys.modules['compress'] = None  # any import of compress now fails\n"
-              "from transformers import AutoModelForCausalLM\n"
-              f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()\n"
-              f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
-              "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stock.pt")], capture_output=True, text=True,
-                          env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    process = _stock_process()
+    process.stdin.write(f"{tmp_path}\n")
+    process.stdin.flush()
+    reply = process.stdout.readline()
+    while reply and not reply.startswith("@@"):  # anything else the loading printed
+        reply = process.stdout.readline()
+    reply = reply.strip().removeprefix("@@")
+    if not reply:  # the process died: its error output says why
+        _stock["stderr"].seek(0)
+        reply = _stock["stderr"].read()[-2000:]
+    assert reply == "ok", reply
     torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
