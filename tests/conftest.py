@@ -30,9 +30,10 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow (real-weights) tests")
 
 
-# Seconds the longest tests take on one worker of two (`pytest --slow -n auto --durations=60`, 2 cores): a scheduling
-# hint only. Every test here runs before the rest, longest first; with one test handed out at a time (above), each
-# worker takes the longest test left when it finishes one, and the short tests fill the ends.
+# Seconds the longest tests take on one worker of two, roughly (the real-weights ones from `pytest --slow -m slow
+# --durations=40` on 2 cores, 2026-11-30; the others estimated from a run on a loaded machine): a scheduling hint
+# only. Every test here runs before the rest, longest first; with one test handed out at a time (above), each worker
+# takes the longest test left when it finishes one, and the short tests fill the ends.
 SECONDS = {
     "test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2": 300, "test_task_adaptation_on_smollm2": 208,
     "test_distill_and_qat_recipe_on_smollm2": 203, "test_shipped_recipe_runs_end_to_end": 161,
