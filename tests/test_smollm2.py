@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
+import os
 import shutil
 
 import pytest
@@ -56,12 +57,12 @@ def taylor_pruned(smollm2):
 
 
 @pytest.fixture(scope="session")
-def pruned_steps(tmp_path_factory, worker_id):
+def pruned_steps(tmp_path_factory):
     """00-base and 01-prune of the CI-size prune recipes, run once for all workers (a file lock: the first to ask runs
     them, a worker asking meanwhile waits). A test copies them into its run folder, and its recipe resumes from them
     as any rerun does: their fingerprints are its steps' own (same model, step config, seed and data)."""
     shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's folder, above each worker's own
     run = shared / "smollm2-prune-steps"
     with open(shared / "smollm2-prune-steps.lock", "w") as lock:
