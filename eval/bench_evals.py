@@ -12,6 +12,9 @@ eval/results/bench_evals_smollm2_cpu.json gathers these runs' outputs, each with
     python eval/bench_evals.py [--omp-wait-policy passive] --threads 1 2 --evals wikitext2 \
         --wikitext2-max-tokens 4096 --repeats 2 --out OUT.json                                     # threads, in turns
     python eval/bench_evals.py --dtypes float32 bfloat16 --threads 1 --evals wikitext2 rte          # bf16 vs fp32
+
+and `--stock` adds lm-eval's stock HFLM scoring the choice tasks, the comparison of
+eval/results/evals_smollm2_cpu.json (`--stock --evals rte politeness --repeats 1`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ def module_at(revision: str, path: str, name: str) -> types.ModuleType:
     sys.modules[name] = module
     exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
     return module
+
+
+def stock_scorer():
+    """lm-eval's HFLM as it ships, in place of compress's AnswerScorer."""
+    from lm_eval.models.huggingface import HFLM
+
+    class Stock(HFLM):
+        show_progress = False
+
+    return Stock
 
 
 def recording(tasks_module, store: dict, dummy: bool = False) -> None:
@@ -79,6 +92,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", help="several: compared in turns (after's code) against the first")
     parser.add_argument("--omp-wait-policy", choices=["active", "passive"])
     parser.add_argument("--overhead", action="store_true", help="the choice tasks without the model's forward")
+    parser.add_argument("--stock", action="store_true", help="also lm-eval's stock HFLM scoring the choice tasks "
+                                                             "(after's code otherwise), against which AnswerScorer "
+                                                             "was measured: eval/results/evals_smollm2_cpu.json")
     parser.add_argument("--wikitext2-max-tokens", type=int, default=16384)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -118,6 +134,8 @@ def main() -> None:
     else:
         variants = [("before", tasks_before, evaluate_before, dtypes[0], threads[0]),
                     ("after", tasks_after, evaluate_after, dtypes[0], threads[0])]
+    if args.stock:
+        variants.append(("stock HFLM", tasks_after, evaluate_after, dtypes[0], threads[0]))
     choice = ChoiceEval()
     wikitext2 = Perplexity(max_tokens=args.wikitext2_max_tokens)
     runs: dict = {label: {e: [] for e in args.evals} for label, *_ in variants}
@@ -128,7 +146,11 @@ def main() -> None:
                 torch.set_num_threads(n_threads)
                 model, tokenizer = models[dtype]
                 answers: dict = {}
+                if label == "stock HFLM" and evaluation == "wikitext2":
+                    continue
                 original = tasks_module._scorer_class
+                if label == "stock HFLM":
+                    tasks_module._scorer_class = stock_scorer
                 recording(tasks_module, answers, dummy=args.overhead)
                 counts.update(forwards=0, tokens=0)
                 wall, cpu = time.perf_counter(), time.process_time()
