@@ -10,12 +10,17 @@ the package's own verbs (`finetune`, `quantize_qat`) with the recipe's settings 
         (q/k/v 960 x 576, o 576 x 448, gate/up 2304 x 576, down 576 x 1152, g64), built per group (current) against
         the scales repeated over their columns (the formula before, `reference_weight`), alternated `--steps` times.
 
+  --paired: instead of a Trainer run, the same first batches (the recipe step's data order) are trained on in turn
+        with autocast off and bfloat16, one optimizer step each, alternating (a drifting machine slows both alike);
+        prints each mode's median seconds per step and the ratio pair by pair.
+
 Each run trains `--steps` steps from the start of the data order the recipe uses (same seed), so two code versions
 time the same batches. `--profile` prints torch.profiler's top operators.
 
     python eval/bench_train_steps.py lora --steps 12
     python eval/bench_train_steps.py qat --steps 12 --profile
     python eval/bench_train_steps.py grid --steps 30
+    python eval/bench_train_steps.py lora --steps 6 --paired
 """
 
 from __future__ import annotations
@@ -83,12 +88,65 @@ def bench_grid(repeats: int) -> dict:
     return {"step": "grid", "repeats": repeats, "threads": torch.get_num_threads(), **summary}
 
 
+def paired(lora_model, config, data, steps: int, teacher=None, qat_model=None) -> dict:
+    """One optimizer step per batch, autocast off then bfloat16 on the same batch, for `steps` batches; the model is
+    restored between the two so both start from the same weights."""
+    import statistics
+
+    from transformers import TrainingArguments
+
+    from compress.distill import DistillationTrainer
+    from compress.quantize.qat import prepare_qat
+    from compress.training import LabelledPositionsTrainer, pad_right, with_lora
+
+    if lora_model is not None:
+        model = with_lora(lora_model, config.lora).train()
+        trainer_class, extra = LabelledPositionsTrainer, {}
+    else:
+        model = prepare_qat(qat_model.requires_grad_(True), config).train()
+        trainer_class, extra = DistillationTrainer, {"teacher": teacher, "kd": config.kd}
+    from compress.training import _length_grouping
+
+    args = TrainingArguments(output_dir="/tmp/bench-train-steps", per_device_train_batch_size=config.batch_size,
+                             max_steps=steps, report_to="none", use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", **_length_grouping(data))
+    trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right, **extra)
+    batches = []
+    for batch in trainer.get_train_dataloader():
+        batches.append(batch)
+        if len(batches) == steps:
+            break
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start_state = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr)
+    times = {"off": [], "bfloat16": []}
+    for batch in batches:
+        for mode in ("off", "bfloat16"):
+            with torch.no_grad():
+                for p, p0 in zip(trainable, start_state):
+                    p.copy_(p0)
+            trainer.autocast_dtype = None if mode == "off" else torch.bfloat16
+            start = time.perf_counter()
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[mode].append(time.perf_counter() - start)
+    tokens = [int(b["input_ids"].numel()) for b in batches]
+    ratios = [a / b for a, b in zip(times["off"], times["bfloat16"])]
+    return {"paired": True, "batches": len(batches), "tokens_per_batch": tokens, "threads": torch.get_num_threads(),
+            "off_median_s": round(statistics.median(times["off"]), 3),
+            "bfloat16_median_s": round(statistics.median(times["bfloat16"]), 3),
+            "ratio_off_over_bf16": [round(r, 2) for r in ratios], "ratio_median": round(statistics.median(ratios), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["lora", "qat", "grid"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--autocast", choices=["off", "bfloat16"], help="override the recipe step's autocast")
+    parser.add_argument("--paired", action="store_true", help="autocast off vs bfloat16, batch by batch")
     parser.add_argument("--json", help="append a JSON line with the figures to this file")
     args = parser.parse_args()
     if args.step == "grid":
@@ -127,6 +185,14 @@ def main() -> None:
         from compress.quantize.qat import quantize_qat
 
         run = lambda: quantize_qat(model, config, data, teacher=teacher, show_progress=False)  # noqa: E731
+    if args.paired:
+        result = paired(model if args.step == "lora" else None, config, data, args.steps,
+                        teacher if args.step == "qat" else None, model if args.step == "qat" else None)
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        return
     start = time.perf_counter()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
