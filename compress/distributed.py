@@ -16,10 +16,10 @@ process lingers) cannot raise by itself, so the watcher ends the process, as tor
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Iterator, TypeVar
@@ -37,6 +37,7 @@ WATCH_SECONDS = 0.5  # how often each rank looks for a failure of another
 # exited; an error every rank raises alike) before ending the process with the other rank's error
 GRACE_SECONDS = 5.0
 _reporting = threading.Event()  # set once this process is reporting a failure of its own
+_exiting = threading.Event()  # set at interpreter exit: the watcher stops before the store it reads is torn down
 
 
 def launched() -> bool:
@@ -79,8 +80,17 @@ def start(device: str) -> None:
         dist.init_process_group("gloo", timeout=timeout)
     store = _store()
     if store is not None:
-        threading.Thread(target=_watch_for_failures, args=(store, rank()), name="compress-failure-watcher",
-                         daemon=True).start()
+        watcher = threading.Thread(target=_watch_for_failures, args=(store, rank()), name="compress-failure-watcher",
+                                   daemon=True)
+        watcher.start()
+        atexit.register(_stop_watching, watcher)
+
+
+def _stop_watching(watcher: threading.Thread) -> None:
+    # A daemon thread still inside the store's C++ client while the process's destructors close that client made the
+    # process abort (SIGABRT) after a run that had succeeded; atexit handlers run before that teardown.
+    _exiting.set()
+    watcher.join(timeout=WATCH_SECONDS + 10)
 
 
 def _store():
@@ -132,8 +142,7 @@ def failures_reach_every_rank() -> Iterator[None]:
 def _watch_for_failures(store, me: int) -> None:
     """Watcher thread: once another rank announces a failure, give this rank GRACE_SECONDS to report a failure of
     its own, then print the other rank's error and end the process (it may be blocked in a collective forever)."""
-    while True:
-        time.sleep(WATCH_SECONDS)
+    while not _exiting.wait(WATCH_SECONDS):
         try:
             if not store.check([FAILURE_KEY]):
                 continue
