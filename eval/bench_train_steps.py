@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -107,7 +108,8 @@ def paired(lora_model, config, data, steps: int, teacher=None, qat_model=None) -
         trainer_class, extra = DistillationTrainer, {"teacher": teacher, "kd": config.kd}
     from compress.training import _length_grouping
 
-    args = TrainingArguments(output_dir="/tmp/bench-train-steps", per_device_train_batch_size=config.batch_size,
+    scratch = tempfile.TemporaryDirectory(prefix="bench-train-steps-")  # the Trainer wants a folder; nothing is saved
+    args = TrainingArguments(output_dir=scratch.name, per_device_train_batch_size=config.batch_size,
                              max_steps=steps, report_to="none", use_cpu=True, remove_unused_columns=False,
                              save_strategy="no", **_length_grouping(data))
     trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=pad_right, **extra)
