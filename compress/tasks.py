@@ -93,8 +93,8 @@ def _lm_eval_session():
     env_info, git_hash = lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash
     logger.setLevel(logging.ERROR)
     lm_eval.utils.env.from_string = lru_cache(maxsize=64)(compile_template)
-    # the environment report lm-eval adds to its results (`pip list`, `git describe` and a dozen more subprocesses:
-    # 0.8-0.9 s of every task's evaluation, at every step) is not read here: compress's report records the machine
+    # the environment report lm-eval adds to its results (`pip list`, `git describe` and a dozen more subprocesses
+    # for every task at every step) is not read here: compress's report records the machine
     lm_eval.evaluator.add_env_info = lambda storage: None
     lm_eval.evaluator.get_git_commit_hash = lambda: None
     try:
@@ -139,10 +139,9 @@ MIN_BATCH_TOKENS = 256  # below this a batch takes the next input whatever its p
 def _length_batches(ordered: list, batch_size: int, max_padding: float = MAX_PADDING,
                     min_tokens: int = MIN_BATCH_TOKENS) -> list[list]:
     """Inputs sorted longest first, cut into batches of at most `batch_size`; a batch of `min_tokens` or more closes
-    before an input that would make its padding more than `max_padding` of its tokens. Fixed batches of 16 ran 10.5 %
-    padding tokens on RTE (24,235 for 21,929) and 5.9 % on politeness (34,688 for 32,770), every one of them through
-    the whole model; these 2.0 % and 1.2 %. `min_tokens`: a CPU matrix product runs at the same rate from 256 rows up
-    (SmolLM2's projections, one core: 86 GFLOP/s at 256 rows and 1,408, 77 at 128), so no batch is cut smaller."""
+    before an input that would make its padding more than `max_padding` of its tokens: every padding token runs
+    through the whole model. `min_tokens`: below that many rows a CPU matrix product runs slower, so no batch is cut
+    smaller (measured in eval/bench_evals.py)."""
     batches: list[list] = []
     for seq in ordered:
         batch = batches[-1] if batches else None

@@ -19,7 +19,7 @@ other (an owner rank per group, as llm-compressor does, would leave the other ra
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -173,9 +173,8 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
     Each column is a few elementwise operations on a vector of `rows` values, b times in sequence, so the loop's cost
     is per-operation overhead, not arithmetic. It therefore works on the transposed block (every column one
     contiguous row, updated in place with out= operations), skips the zero point where the grid has none (q + 0 and
-    q - 0 are q), and on the CPU runs on one thread: with two, every small operation pays a parallel region's
-    synchronisation (SmolLM2's gate/up solve, 2304 x 576, took 10-25 s on 2 busy cores against 1.5-2.4 s on one).
-    The values are those of the column-by-column formula."""
+    q - 0 are q), and on the CPU runs on one thread: with more, every small operation pays a parallel region's
+    synchronisation (eval/bench_gptq_solve.py). The values are those of the column-by-column formula."""
     with _one_cpu_thread(block):
         work = block.T.contiguous()  # [b, rows]
         scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
@@ -198,20 +197,18 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
         return quantized.T, errors.T
 
 
-class _one_cpu_thread:
+@contextmanager
+def _one_cpu_thread(tensor: torch.Tensor):
     """torch on one thread while a CPU tensor's column loop runs (the thread count is restored after)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.cpu = tensor.device.type == "cpu"
-
-    def __enter__(self):
-        if self.cpu:
-            self.threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.cpu:
-            torch.set_num_threads(self.threads)
+    if tensor.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class HessianFactor(NamedTuple):

@@ -86,7 +86,7 @@ class _LearnedScales(torch.nn.Module):
         grouped, scale = self.grouped(weight.float(), self.scale)
         codes = _round_straight_through(grouped / scale)
         if self.zero_is_nonzero:
-            codes = codes + self.grouped(weight, self.zero_point)[1]
+            codes = codes + self.zero_point.unsqueeze(2)
         return torch.clamp(codes, self.qmin, self.qmax).view(weight.shape)
 
     def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class _LearnedScales(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         codes, scale = self.grouped(self.integer_codes(weight), self.scale)
         if self.zero_is_nonzero:  # symmetric grids have z = 0: q − 0 is q exactly, so the subtraction is skipped
-            codes = codes - self.grouped(weight, self.zero_point)[1]
+            codes = codes - self.zero_point.unsqueeze(2)
         return (codes * scale).view(weight.shape).to(weight.dtype)
 
 
