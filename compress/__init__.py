@@ -27,6 +27,7 @@ _EXPORTS = {  # name -> module that defines it
     "prune": "compress.prune",
     "QATCallback": "compress.quantize", "quantize": "compress.quantize",
     "Dequantize": "compress.config", "dequantize": "compress.quantize.dequantize",
+    "KVCache": "compress.config.kv_cache", "quantize_kv_cache": "compress.quantize.kv_cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -106,7 +106,8 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
     if compile and reset:  # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
         torch._dynamo.reset()
     generator = torch.Generator().manual_seed(seed)
-    row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0}}
+    row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0},
+                 "kv_cache": kv_cache_bytes(model)}
     with measure() as cost:
         prefills = []
         for length in _lengths(prefill):
@@ -143,6 +144,19 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
     row["time_to_first_token_ms"] = first_row.get("time_to_first_token_ms")
     row["peak_bytes"] = cost.get("peak_cuda_bytes", cost["peak_rss_bytes"])
     return row
+
+
+KV_CONTEXT = 8192  # the context at which the KV cache's bytes are given
+
+
+def kv_cache_bytes(model) -> dict:
+    """The KV cache's precision and bytes, per token and for one sequence of KV_CONTEXT tokens, as a serving engine
+    stores it (compress's own runtime keeps an FP8 cache's values in the compute dtype: compress.quantize.kv_cache)."""
+    from compress.quantize.kv_cache import kv_bytes_per_token, kv_cache_precision
+
+    per_token = kv_bytes_per_token(model)
+    return {"precision": kv_cache_precision(model), "bytes_per_token": per_token, "context": KV_CONTEXT,
+            "bytes_at_context": per_token * KV_CONTEXT}
 
 
 def _loaded(folder: Path, dtype: str, device: str, runtime: str):

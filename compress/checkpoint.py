@@ -17,6 +17,7 @@ from compress.config.quantize import SAVE_FORMATS
 from compress.errors import CompressError
 from compress.modules import is_packed, is_quantized
 from compress.quantize.formats import compressed_tensors_state_dict, gptq_state_dict
+from compress.quantize.kv_cache import kv_quantized
 
 STEP_FILE = "step.json"
 PARTIAL_SUFFIX = ".partial"
@@ -89,7 +90,7 @@ def save_model(model, tokenizer, folder: str | Path, format: str = "compressed-t
     if is_packed(model):
         raise CompressError("this model runs packed kernels (runtime='packed') and is for inference only; load the "
                             "folder with the default runtime to save or change it")
-    if not is_quantized(model):
+    if not is_quantized(model) and not kv_quantized(model):
         model.save_pretrained(folder)
     elif format == "gptq":
         state, quantization_config = gptq_state_dict(model)

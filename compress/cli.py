@@ -231,6 +231,8 @@ def estimate(
     train_batch: int = typer.Option(8, "--train-batch", min=1),
     train_seq_len: int = typer.Option(256, "--train-seq-len", min=8),
     lora_r: int = typer.Option(8, "--lora-r", min=1),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="KV cache precision counted: fp8, dtype, or auto "
+                                 "(fp8 where the model's config has a kv_cache_scheme)"),
     gpu_gib: Optional[float] = typer.Option(None, "--gpu-gib", help="mark what fits in this much memory"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write every figure (bytes) to this file"),
 ) -> None:
@@ -245,7 +247,7 @@ def estimate(
     try:
         config = EstimateConfig(context=context, batch=batch, dtype=dtype, group_size=group_size,
                                 ratios=ratios,
-                                train_batch=train_batch, train_seq_len=train_seq_len, lora_r=lora_r)
+                                train_batch=train_batch, train_seq_len=train_seq_len, lora_r=lora_r, kv_cache=kv_cache)
         result = estimate_source(source, config)
     except ValidationError as error:
         _fail(CompressError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e['input']!r})"

@@ -10,7 +10,7 @@ measured peaks (torch's allocator on CUDA, the process's resident memory on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,6 +44,9 @@ class EstimateConfig(BaseModel):
     train_batch: int = Field(8, ge=1)
     train_seq_len: int = Field(256, ge=8)
     lora_r: int = Field(8, ge=1)
+    kv_cache: Literal["auto", "dtype", "fp8"] = Field(
+        "auto", description="the KV cache's precision: fp8 (one byte a value: a kv_cache step), dtype (the model's; "
+                             "fp32 rows: fp32), auto: fp8 where the model's config has a kv_cache_scheme, else dtype")
 
     @field_validator("ratios", mode="before")
     @classmethod
@@ -143,15 +146,16 @@ def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int)
     return int(shape.quantizable * PRECISIONS[precision] / 8) + scales * dtype_bytes + rest * dtype_bytes
 
 
-def inference_bytes(shape: Shapes, precision: str, config: EstimateConfig) -> dict[str, int]:
-    """Weights as stored, the KV cache for context x batch tokens (16-bit, fp32 for an fp32 model), and the
+def inference_bytes(shape: Shapes, precision: str, config: EstimateConfig, kv_fp8: bool = False) -> dict[str, int]:
+    """Weights as stored, the KV cache for context x batch tokens (16-bit, fp32 for an fp32 model; with kv_fp8 one
+    byte a value, its per-layer scales left out), and the
     prefill's peak working set: per token the residual stream, the normed input and the MLP's gate, up and product
     (2h + 3i), plus the last position's logits in fp32."""
     dtype_bytes = FLOAT_BYTES[config.dtype]
     act_bytes = 4 if precision == "fp32" else dtype_bytes
     tokens = config.context * config.batch
     weights = disk_bytes(shape, precision, dtype_bytes, config.group_size)
-    kv_cache = 2 * shape.layers * shape.kv_width * tokens * act_bytes
+    kv_cache = 2 * shape.layers * shape.kv_width * tokens * (1 if kv_fp8 else act_bytes)
     working = tokens * (2 * shape.hidden + 3 * shape.intermediate) * act_bytes + config.batch * shape.vocab * 4
     return {"weights": weights, "kv_cache": kv_cache, "activations": working,
             "total": weights + kv_cache + working}
@@ -199,20 +203,31 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
     model_config = source if hasattr(source, "to_dict") else source_config(source)
     base = shapes(model_config)
     dtype_bytes = FLOAT_BYTES[config.dtype]
+    kv_fp8 = config.kv_cache == "fp8" or (config.kv_cache == "auto" and _has_kv_cache_scheme(model_config))
     result = {"source": getattr(source, "_name_or_path", None) or str(source), "config": config.model_dump(mode="json"),
               "params": base.params, "quantizable_params": base.quantizable, "precisions": {}, "pruned": {},
               "training": {}}
+    result["kv_cache"] = {"counted": "fp8" if kv_fp8 else config.dtype, "bytes": {
+        config.dtype: inference_bytes(base, "bf16", config)["kv_cache"],
+        "fp8": inference_bytes(base, "bf16", config, kv_fp8=True)["kv_cache"]}}
     for precision in PRECISIONS:
         result["precisions"][precision] = {"disk": disk_bytes(base, precision, dtype_bytes, config.group_size),
-                                           "inference": inference_bytes(base, precision, config)}
+                                           "inference": inference_bytes(base, precision, config, kv_fp8)}
     for ratio in config.ratios:
         pruned = shapes(model_config, TaylorPrune(ratio=ratio))
         result["pruned"][str(ratio)] = {
             "params": pruned.params,
             "precisions": {p: {"disk": disk_bytes(pruned, p, dtype_bytes, config.group_size),
-                               "inference": inference_bytes(pruned, p, config)["total"]} for p in PRECISIONS}}
+                               "inference": inference_bytes(pruned, p, config, kv_fp8)["total"]} for p in PRECISIONS}}
     result["training"] = training_bytes(base, config)
     return result
+
+
+def _has_kv_cache_scheme(model_config) -> bool:
+    """Whether a model's config.json says its KV cache is quantized (compressed-tensors' kv_cache_scheme)."""
+    quant = getattr(model_config, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+    return bool(quant.get("kv_cache_scheme"))
 
 
 def _gib(value: int) -> str:
@@ -240,6 +255,11 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
         memory = row["inference"]
         lines.append(f"| {precision} | {_gib(row['disk'])} | {_gib(memory['weights'])} | {_gib(memory['kv_cache'])} "
                      f"| {_gib(memory['activations'])} | {total(memory['total'])} |")
+    kv = result.get("kv_cache")
+    if kv:
+        sizes = ", ".join(f"{_gib(value)} in {name}" for name, value in kv["bytes"].items())
+        lines += ["", f"KV cache at {config['context']:,} tokens x batch {config['batch']}: {sizes} (a `kv_cache` "
+                      f"step); the tables count it in {kv['counted']} (`--kv-cache`)."]
     if result["pruned"]:
         lines += ["", "## After structured pruning of every decoder layer (GiB: inference total / disk)", "",
                   "| ratio | params | " + " | ".join(result["precisions"]) + " |",

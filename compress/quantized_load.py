@@ -18,6 +18,7 @@ from compress.modules import QUANT_ATTR, compute_rotary_frequencies
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.quantize.formats import decompressed_state_dict, describe_quantized_checkpoint, is_quantized_checkpoint
 from compress.quantize.fp8_runtime import enable_fp8_activations
+from compress.quantize.kv_cache import install_from_checkpoint, pop_kv_scales
 from compress.sources import resolve_source
 from compress.widths import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
 
@@ -52,6 +53,8 @@ def load_state(folder: Path, config: dict, dtype: torch.dtype):
     multimodal = config.get("model_type") in LANGUAGE_MODEL_KEYS
     if multimodal:
         state = _language_model_state(state, config["model_type"])
+    quant_config = config.get("quantization_config") or {}
+    kv_scales = pop_kv_scales(state) if quant_config.get("kv_cache_scheme") else {}  # no module holds them
     dense, grids = decompressed_state_dict(state, config) if is_quantized_checkpoint(config) else (state, {})
     model_config = AutoConfig.from_pretrained(folder)
     if multimodal:
@@ -76,6 +79,7 @@ def load_state(folder: Path, config: dict, dtype: torch.dtype):
         if grid.input_args is not None:  # FP8 W8A8: inputs are quantized at run time, as the saved model does
             enable_fp8_activations(modules[name])
     fuse_experts(model)  # float MoE experts: transformers 5's own fused module again (what pruning works on)
+    install_from_checkpoint(model, quant_config, kv_scales, lambda name: module_name(config, name))
     return model
 
 
@@ -130,7 +134,25 @@ def load_packed_folder(folder: Path, dtype: torch.dtype, device: str):
     from compress.quantize.packed_load import load_packed
 
     with torch.device(device):  # the rotary frequencies and any computed buffer land where the model runs
-        return load_packed(folder, dtype, device)
+        model = load_packed(folder, dtype, device)
+    if model is not None:
+        _install_saved_kv_cache(model, folder)
+    return model
+
+
+def _install_saved_kv_cache(model: torch.nn.Module, folder: Path) -> None:
+    """The quantized KV cache a folder's config.json describes, with its k_scale / v_scale tensors."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    quant_config = config.get("quantization_config") or {}
+    if not quant_config.get("kv_cache_scheme"):
+        return
+    scales = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            scales.update({key: f.get_tensor(key) for key in f.keys() if key.endswith((".k_scale", ".v_scale"))})
+    install_from_checkpoint(model, quant_config, scales, lambda name: module_name(config, name))
 
 
 def pack_loaded(model: torch.nn.Module) -> None:

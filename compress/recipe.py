@@ -66,8 +66,16 @@ def order_problems(recipe: "Recipe") -> list[tuple[tuple, str]]:
     after a step that quantizes, and a teacher that is not an earlier step."""
     problems = []
     quantized_by = None
+    calibrated_at = None  # a step calibrated on the weights as they were (compress.steps: needs_final_weights)
     for index, step in enumerate(recipe.steps):
         spec = step.spec
+        if calibrated_at is not None and not spec.needs_final_weights:
+            earlier = recipe.steps[calibrated_at]
+            problems.append((("steps", index, step.kind), (
+                f"{spec.name} cannot follow steps[{calibrated_at}] ({earlier.spec.name}): that step is calibrated on "
+                f"the weights before it, which this one would change; put the {earlier.kind} step last")))
+        if spec.needs_final_weights:
+            calibrated_at = index
         if quantized_by is not None and not spec.accepts_quantized:
             earlier_index, earlier = quantized_by
             problems.append((("steps", index, step.kind), (

@@ -62,6 +62,7 @@ def _row(record: dict, changes: dict) -> dict:
         **({"peak_cuda_bytes": record["peak_cuda_bytes"]} if "peak_cuda_bytes" in record else {}),
         **({"most_sensitive": _most_sensitive(record["sensitivity"])} if record.get("sensitivity") else {}),
         **({"speed": record["speed"]} if record.get("speed") else {}),
+        **({"kv_cache": record["kv_cache"]} if record.get("kv_cache") else {}),
     }
 
 
@@ -238,10 +239,10 @@ def render_bench(result: dict) -> str:
     lines = [f"Decode: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} new tokens, greedy; "
              f"prefill: one sequence; {protocol['device']}, {protocol['dtype']}, runtime {protocol['runtime']}"
              f"{', static cache + compiled decode step' if protocol['static_cache_compiled'] else ''}.", "",
-             "| step | kernels | weights in memory | peak memory | "
+             "| step | kernels | weights in memory | KV cache, 8k tokens | peak memory | "
              + " | ".join(f"prefill {n} ms" for n in lengths) + " | first token ms | "
              + " | ".join(f"decode b{b} tok/s" for b in protocol["batches"]) + " |",
-             "|---|---|---:|---:|" + "---:|" * (len(lengths) + 1 + len(protocol["batches"]))]
+             "|---|---|---:|---:|---:|" + "---:|" * (len(lengths) + 1 + len(protocol["batches"]))]
     for row in result["steps"]:
         kernels = ", ".join(f"{name} ×{count}" if count else name for name, count in row["kernels"].items())
         prefills = {p["tokens"]: p.get("ms", p.get("error")) for p in row.get("prefill", [])} or \
@@ -250,7 +251,9 @@ def render_bench(result: dict) -> str:
         first = row["time_to_first_token_ms"]
         cells = [_bench_cell(prefills.get(n)) for n in lengths] + ["" if first is None else f"{first:,.1f}"] + \
             [_bench_cell(decode.get(b)) for b in protocol["batches"]]
-        lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | "
+        kv = row.get("kv_cache")
+        kv_cell = f"{kv['bytes_at_context'] / 2**20:,.1f} MiB ({kv['precision']})" if kv else ""
+        lines.append(f"| {row['step']} | {kernels} | {row['weight_bytes'] / 2**20:,.1f} MiB | {kv_cell} | "
                      f"{row['peak_bytes'] / 2**20:,.1f} MiB | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -282,12 +285,13 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             lines += [f"![size against every metric, one point per step]({plot})", ""]
     gpu = any("peak_cuda_bytes" in row for row in report["steps"])
     lines += ["## Cost", "",
-              "| step | what | params | size on disk | vs base | step time | eval time | peak RSS |"
+              "| step | what | KV cache | params | size on disk | vs base | step time | eval time | peak RSS |"
               + (" peak GPU memory (step) |" if gpu else ""),
-              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+              "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for row in report["steps"]:
         lines.append(
-            f"| {row['step']} | {_describe(row)} | {row['params'] / 1e6:,.1f} M | {row['size_bytes'] / MIB:,.1f} MiB "
+            f"| {row['step']} | {_describe(row)} | {row.get('kv_cache', '—')} | {row['params'] / 1e6:,.1f} M "
+            f"| {row['size_bytes'] / MIB:,.1f} MiB "
             f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s "
             f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |"
             + (f" {row.get('peak_cuda_bytes', 0) / 2**30:,.1f} GiB |" if gpu else ""))

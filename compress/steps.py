@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, TaylorPrune
+from compress.config.kv_cache import KVCache
 from compress.config.sources import Base
 
 
@@ -54,6 +55,8 @@ class StepSpec:
     loads: bool = False
     # module:function (config) -> the step's summary in the report, where config.describe() does not say it all
     summary: str | None = None
+    # calibrated on the weights it is given (a KV cache's scales): no later step may change them
+    needs_final_weights: bool = False
 
     @property
     def method(self) -> str | None:
@@ -107,6 +110,9 @@ SPECS = (
              accepts_quantized=True, save_format=_config_format, check=_QUANTIZABLE),
     StepSpec("dequantize", Dequantize, "compress.quantize.dequantize:dequantize", accepts_quantized=True,
              dequantizes=True),
+    StepSpec("kv_cache", KVCache, "compress.quantize.kv_cache:quantize_kv_cache", calibrates=True,
+             accepts_quantized=True, save_format=_compressed_tensors, check="compress.quantize.kv_cache:check_kv_cache",
+             needs_final_weights=True),
 )
 
 # not a recipe step: the model every run starts from, step 00

@@ -21,6 +21,7 @@ from compress.architectures import checkpoint_name, module_name
 from compress.errors import CompressError
 from compress.modules import WeightQuant, quantized_linears
 from compress.moe import moe_blocks
+from compress.quantize.kv_cache import kv_cache_scheme, kv_cache_state, kv_quantized
 
 
 def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], list[str]]:
@@ -54,8 +55,9 @@ def _compressor(args):
 
 def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
     """The model's state dict with every quantized Linear compressed (int: weight_packed, weight_scale,
-    weight_shape, weight_zero_point when asymmetric; FP8: an e4m3 weight and weight_scale), and the compressor
-    whose `update_config` writes the matching config."""
+    weight_shape, weight_zero_point when asymmetric; FP8: an e4m3 weight and weight_scale), a quantized KV cache's
+    k_scale / v_scale on each attention module, and the compressor whose `update_config` writes the matching config
+    (format dense where only the cache is quantized)."""
     state = model.state_dict()
     schemes, ignore = _schemes(model)
     formats = set()
@@ -68,8 +70,10 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
             QuantizationScheme(targets=[name], weights=quant.args),
         )
         state.update({f"{name}.{key}": value.contiguous() for key, value in compressed.items()})
+    state.update(kv_cache_state(model, lambda name: checkpoint_name(model, name)))
     config = QuantizationConfig(config_groups=schemes, ignore=ignore, format=formats.pop() if len(formats) == 1
-                                else "mixed-precision", quantization_status=QuantizationStatus.COMPRESSED)
+                                else "mixed-precision" if formats else "dense", kv_cache_scheme=kv_cache_scheme(model),
+                                quantization_status=QuantizationStatus.COMPRESSED)
     return state, ModelCompressor(quantization_config=config)
 
 
@@ -92,6 +96,9 @@ def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def gptq_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """The model's state dict with every quantized Linear in the GPTQ v1 layout, and its quantization_config."""
+    if kv_quantized(model):
+        raise CompressError("the GPTQ format has no place for a quantized KV cache's scales: save the model with "
+                            "format compressed-tensors")
     state = model.state_dict()
     quantized = list(quantized_linears(model))
     grids = {quant.args.model_dump_json(): quant.args for _, _, quant in quantized}
@@ -144,6 +151,8 @@ def is_quantized_checkpoint(config: dict) -> bool:
     method = quant.get("quant_method")
     if method in ("gptq", "awq") or (method == "compressed-tensors" and quant.get("format") in READABLE_CT_FORMATS):
         return True
+    if method == "compressed-tensors" and quant.get("kv_cache_scheme") and not quant.get("config_groups"):
+        return True  # only the KV cache is quantized: the weights are dense
     layout = f"{method}" + (f" ({quant.get('format')})" if quant.get("format") else "")
     raise CompressError(f"this checkpoint is quantized as {layout}, which compress cannot read; readable: {READABLE}. "
                         f"Start from the float model, or convert it with its tool to one of these")
@@ -165,7 +174,9 @@ def describe_quantized_checkpoint(config: dict) -> str | None:
 
         bits, group = awq_bits_and_group(quant)
         return f"AWQ GEMM, {bits}-bit, group {group}"
-    return f"compressed-tensors {quant.get('format')}"
+    kv = quant.get("kv_cache_scheme")
+    cache = f", {kv.get('type')}{kv.get('num_bits')} KV cache ({kv.get('strategy')} scales)" if kv else ""
+    return f"compressed-tensors {quant.get('format')}{cache}"
 
 
 def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict

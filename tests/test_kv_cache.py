@@ -1,0 +1,201 @@
+"""FP8 KV cache: scales calibrated as amax / 448 of each layer's cached keys and values, the cache rounded onto the
+e4m3 grid under eager and sdpa attention, the checkpoint read by compressed-tensors' parser, compress.load and stock
+transformers, and the bytes counted by estimate and bench. References: transformers' own DynamicCache contents, and
+compressed-tensors' fake_quantize on a stock model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import compress
+from compress.errors import CompressError, RecipeError
+from compress.quantize.fp8 import E4M3, E4M3_MAX
+from compress.quantize.kv_cache import check_kv_cache, kv_quantized, remove
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = compress.load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    calibration = torch.randint(0, len(tokenizer), (4, 24))
+    ids = tokenizer("Keys after RoPE and values, eight bits each, as they are cached.", return_tensors="pt").input_ids
+    return model, tokenizer, calibration, ids
+
+
+def _quantized(tiny, scales="per_tensor", weights=None):
+    model, tokenizer, calibration, ids = tiny
+    model, _ = compress.load_model(str(model.name_or_path))
+    if weights is not None:
+        compress.quantize(model, weights, show_progress=False)
+    compress.quantize_kv_cache(model, compress.KVCache(scales=scales), calibration=calibration, show_progress=False)
+    return model
+
+
+def _cached(model, ids) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    return cache
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("scales", ["per_tensor", "per_head"])
+def test_scales_are_the_cached_amax_over_448(tiny, scales):
+    model, _, calibration, _ = tiny
+    float_cache = _cached(model, calibration)  # transformers' own cache: keys after RoPE, values
+    quantized = _quantized(tiny, scales)
+    for index, (name, _, quant) in enumerate(kv_quantized(quantized)):
+        assert name == f"model.layers.{index}.self_attn"
+        for cached, scale in ((float_cache.layers[index].keys, quant.k_scale),
+                              (float_cache.layers[index].values, quant.v_scale)):
+            dims = (0, 2, 3) if scales == "per_head" else (0, 1, 2, 3)
+            expected = cached.abs().amax(dim=dims) / E4M3_MAX
+            assert scale.shape == ((2, 1, 1) if scales == "per_head" else (1,))  # compressed-tensors' shapes
+            torch.testing.assert_close(scale.flatten(), expected.flatten(), rtol=1e-6, atol=0)
+
+
+def test_cache_holds_e4m3_values_under_eager_and_sdpa(tiny):
+    _, _, _, ids = tiny
+    model = _quantized(tiny, "per_head")
+    float_logits = None
+    by_implementation = {}
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        cache = _cached(model, ids)
+        for layer, (_, _, quant) in zip(cache.layers, kv_quantized(model)):
+            for cached, scale in ((layer.keys, quant.k_scale), (layer.values, quant.v_scale)):
+                on_grid = cached / scale
+                assert on_grid.abs().max() <= E4M3_MAX
+                torch.testing.assert_close(on_grid.to(E4M3).float(), on_grid, rtol=1e-6, atol=0)
+        by_implementation[implementation] = _logits(model, ids)
+        # one token at a time through the cache gives the one-forward logits: every read sees the rounded cache
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            steps = [model(ids[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, dim=1), by_implementation[implementation], rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_implementation["eager"], by_implementation["sdpa"], rtol=0, atol=1e-5)
+    for _, attention, _ in kv_quantized(model):
+        remove(attention)
+    float_logits = _logits(model, ids)
+    assert not torch.equal(float_logits, by_implementation["sdpa"])  # the cache did get rounded
+
+
+def _stock_with_reference_cache(folder, ids):
+    """Stock transformers' logits with compressed-tensors' own fake_quantize applied to the keys and values written
+    to the cache, with the folder's scales and kv_cache_scheme: the reference the quantized cache must match."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationArgs.model_validate(config["kv_cache_scheme"])
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        scales = {key: f.get_tensor(key) for key in f.keys() if key.endswith(("k_scale", "v_scale"))}
+
+    class RoundingCache(DynamicCache):
+        def update(self, keys, values, layer_idx, **kwargs):
+            prefix = f"model.layers.{layer_idx}.self_attn"
+            keys = fake_quantize(keys, scales[f"{prefix}.k_scale"], None, scheme)
+            values = fake_quantize(values, scales[f"{prefix}.v_scale"], None, scheme)
+            return super().update(keys, values, layer_idx, **kwargs)
+
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        plain = stock(ids).logits
+        reference = stock(ids, cache=RoundingCache(config=stock.config), use_cache=True).logits
+    return stock, plain, reference
+
+
+@pytest.mark.parametrize("scales, weights", [("per_tensor", None), ("per_head", compress.FP8())])
+def test_checkpoint_reloads_and_matches_compressed_tensors(tiny, tmp_path, scales, weights):
+    _, tokenizer, _, ids = tiny
+    model = _quantized(tiny, scales, weights)
+    in_memory = _logits(model, ids)
+    folder = tmp_path / "kv"
+    compress.save_model(model, tokenizer, folder)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(config)  # compressed-tensors' own parser
+    assert parsed.kv_cache_scheme.type == "float" and parsed.kv_cache_scheme.num_bits == 8
+    assert parsed.kv_cache_scheme.strategy == {"per_tensor": "tensor", "per_head": "attn_head"}[scales]
+    assert not parsed.kv_cache_scheme.dynamic
+    assert config["format"] == ("dense" if weights is None else "float-quantized")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.1.self_attn.v_scale").shape == ((1,) if scales == "per_tensor" else (2, 1, 1))
+
+    reloaded, _ = compress.load(folder)
+    assert len(kv_quantized(reloaded)) == 2
+    torch.testing.assert_close(_logits(reloaded, ids), in_memory, rtol=0, atol=1e-5)
+
+    stock, plain, reference = _stock_with_reference_cache(folder, ids)
+    torch.testing.assert_close(reference, in_memory, rtol=0, atol=1e-5)
+    # what stock transformers (5.25, compressed-tensors 0.20.1) does itself: it reads the kv_cache_scheme but finds
+    # no attention to hook (it looks for a `past_key_values` argument, which transformers renamed `cache`), so it
+    # drops k_scale / v_scale and runs a float cache: compress.load's model without its cache quantization
+    assert not any(hasattr(m, "k_scale") for m in stock.modules())
+    for _, attention, _ in kv_quantized(reloaded):
+        remove(attention)
+    torch.testing.assert_close(plain, _logits(reloaded, ids), rtol=0, atol=1e-5)
+
+
+def test_kv_cache_recipe_after_a_weight_step(tiny_recipe):
+    recipe = tiny_recipe("  - quantize: {method: fp8}\n  - kv_cache: {scales: per_tensor, calibration: "
+                         "{samples: 4, seq_len: 64}}", max_tokens=1024)
+    report = compress.run(recipe, show_progress=False)
+    rows = {row["step"]: row for row in report["steps"]}
+    assert rows["00-base"]["kv_cache"] == "float32" and rows["02-kv_cache"]["kv_cache"] == "fp8 e4m3 per-tensor"
+    assert rows["02-kv_cache"]["wikitext2_perplexity"] != rows["01-quantize"]["wikitext2_perplexity"]
+    report_md = (recipe.parent / "runs" / "tiny" / "report.md").read_text()
+    assert "| fp8 e4m3 per-tensor |" in report_md
+
+
+def test_a_step_after_kv_cache_is_refused(tiny_recipe):
+    with pytest.raises(RecipeError, match="put the kv_cache step last"):
+        compress.load_recipe(tiny_recipe("  - kv_cache: {}\n  - quantize: {method: rtn, bits: 4, group_size: 32}"))
+
+
+def test_attention_without_a_cache_argument_is_refused_before_any_work(tiny):
+    model, _, calibration, _ = tiny
+
+    class NoCache(torch.nn.Module):  # an attention whose forward takes no cache: nothing to round
+        head_dim = 16
+
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states, None
+
+    model, _ = compress.load_model(str(model.name_or_path))
+    model.model.layers[1].self_attn = NoCache()
+    with pytest.raises(CompressError, match=r"model\.layers\.1\.self_attn \(NoCache\).*remove the kv_cache step"):
+        compress.quantize_kv_cache(model, compress.KVCache(), calibration=calibration[:, :0], show_progress=False)
+    check_kv_cache(compress.load_model(str(tiny[0].name_or_path))[0])  # a stock Llama passes
+
+
+def test_gptq_format_has_no_place_for_kv_scales(tiny, tmp_path):
+    model = _quantized(tiny)
+    with pytest.raises(CompressError, match="format compressed-tensors"):
+        compress.save_model(model, tiny[1], tmp_path / "gptq", format="gptq")
+
+
+def test_estimate_and_bench_count_half_the_cache_bytes(tiny, tmp_path):
+    from compress.bench import kv_cache_bytes
+    from compress.estimate import EstimateConfig, estimate
+
+    model = _quantized(tiny)
+    layers, kv_width = 2, 2 * 16  # tiny: 2 KV heads of 16
+    assert kv_cache_bytes(model)["bytes_per_token"] == layers * 2 * kv_width * 1
+    assert kv_cache_bytes(tiny[0])["bytes_per_token"] == layers * 2 * kv_width * 4  # float32
+    assert kv_cache_bytes(model)["bytes_at_context"] == 8192 * layers * 2 * kv_width
+    compress.save_model(model, tiny[1], tmp_path / "kv")
+    settings = EstimateConfig(context=8192, ratios=())
+    counted = estimate(str(tmp_path / "kv"), settings)  # auto: the folder's kv_cache_scheme says fp8
+    plain = estimate(str(tiny[0].name_or_path), settings)
+    assert counted["kv_cache"]["counted"] == "fp8" and plain["kv_cache"]["counted"] == "bfloat16"
+    kv = plain["precisions"]["bf16"]["inference"]["kv_cache"]
+    assert kv == 2 * layers * kv_width * 8192 * 2
+    assert counted["precisions"]["bf16"]["inference"]["kv_cache"] * 2 == kv
