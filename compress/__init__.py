@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> module that defines it
     "AWQ": "compress.config", "FP8": "compress.config", "GPTQ": "compress.config", "GPTQSolver": "compress.config",
-    "QAT": "compress.config", "RTN": "compress.config",
+    "QAT": "compress.config", "RTN": "compress.config", "SmoothQuant": "compress.config",
     "KD": "compress.config", "LoRA": "compress.config", "Distill": "compress.config",
     "LoRARecovery": "compress.config", "TaylorPrune": "compress.config", "Perplexity": "compress.config",
     "ChoiceEval": "compress.config",

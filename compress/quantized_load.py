@@ -18,6 +18,7 @@ from compress.modules import QUANT_ATTR, compute_rotary_frequencies
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.quantize.formats import decompressed_state_dict, describe_quantized_checkpoint, is_quantized_checkpoint
 from compress.quantize.fp8_runtime import enable_fp8_activations
+from compress.quantize.int8_runtime import enable_int8_activations, is_int8_activations
 from compress.quantize.kv_cache import install_from_checkpoint, pop_kv_scales
 from compress.sources import resolve_source
 from compress.widths import LAYER_WIDTHS_KEY, build_layers_at_recorded_widths
@@ -76,7 +77,9 @@ def load_state(folder: Path, config: dict, dtype: torch.dtype):
     modules = dict(model.named_modules())
     for name, grid in grids.items():  # the model is known as quantized, on exactly the saved grid
         setattr(modules[name], QUANT_ATTR, grid)
-        if grid.input_args is not None:  # FP8 W8A8: inputs are quantized at run time, as the saved model does
+        if is_int8_activations(grid.input_args):  # W8A8: inputs are quantized at run time, as the saved model does
+            enable_int8_activations(modules[name])
+        elif grid.input_args is not None:
             enable_fp8_activations(modules[name])
     fuse_experts(model)  # float MoE experts: transformers 5's own fused module again (what pruning works on)
     install_from_checkpoint(model, quant_config, kv_scales, lambda name: module_name(config, name))

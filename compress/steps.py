@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, TaylorPrune
+from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, SmoothQuant, TaylorPrune
 from compress.config.kv_cache import KVCache
 from compress.config.sources import Base
 
@@ -106,6 +106,8 @@ SPECS = (
              save_format=_config_format, check=_QUANTIZABLE),
     StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors,
              check=_QUANTIZABLE),
+    StepSpec("quantize", SmoothQuant, "compress.quantize.smoothquant:quantize_smoothquant", calibrates=True,
+             quantizes=True, save_format=_compressed_tensors, check="compress.quantize.smoothquant:check_smoothquant"),
     StepSpec("quantize", QAT, "compress.quantize.qat:quantize_qat", trains=True, teacher="optional", quantizes=True,
              accepts_quantized=True, save_format=_config_format, check=_QUANTIZABLE),
     StepSpec("dequantize", Dequantize, "compress.quantize.dequantize:dequantize", accepts_quantized=True,

@@ -17,6 +17,7 @@ from compress.config.quantize import (
     Dequantize,
     GPTQSolver,
     QuantizeConfig,
+    SmoothQuant,
     WeightOnlyConfig,
 )
 from compress.config.sources import ARCHITECTURES, REGISTRY, RandomInit
@@ -24,5 +25,5 @@ from compress.config.training import KD, LoRA, TrainingBudget
 
 __all__ = ["ARCHITECTURES", "AWQ", "Dequantize", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY",
            "RTN", "TASKS", "CalibrationData", "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig",
-           "HubPush", "LoRA", "LoRARecovery", "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Strict",
-           "TaylorPrune", "TrainingBudget", "WeightOnlyConfig"]
+           "HubPush", "LoRA", "LoRARecovery", "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit",
+           "SmoothQuant", "Strict", "TaylorPrune", "TrainingBudget", "WeightOnlyConfig"]

@@ -1,5 +1,5 @@
-"""Recipe: `quantize: {method: rtn | gptq | awq | fp8 | qat, ...}`: one config class per method, discriminated on
-`method`."""
+"""Recipe: `quantize: {method: rtn | gptq | awq | fp8 | smoothquant | qat, ...}`: one config class per method,
+discriminated on `method`."""
 
 from __future__ import annotations
 
@@ -125,6 +125,41 @@ class FP8(Strict):
             else "fp8 W8A16 (e4m3, per-channel weights)"
 
 
+class SmoothQuant(Strict):
+    """SmoothQuant W8A8 int8: `quantize: {method: smoothquant, alpha: 0.5, calibration: {...}}`; int8 weights, one scale
+    per output channel, rounded by RTN, or by GPTQ on the smoothed weights with `gptq: {act_order: true}`; activations
+    int8 per token at run time. Its own method rather than an option of rtn/gptq: the grid is fixed (int8 per channel,
+    symmetric, since the int8 GEMM takes nothing else), it needs calibration for the activation maxima even when the
+    weights are rounded by RTN, and the GPTQ rounding is AWQ's `gptq:` block, so one recipe shape serves both."""
+
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float | Literal["search"] = Field(0.5, description=(
+        "migration strength in [0, 1]: inputs divided by s = max|x|^alpha / max|w|^(1-alpha) per input channel, "
+        "weights multiplied by it (0: the weights' range moved into the activations, 1: the activations' range into "
+        "the weights); search: per group of Linears, the alpha in 0, 0.1, ..., 1 whose W8A8 outputs are closest to "
+        "the float ones on the calibration set"))
+    gptq: GPTQSolver | None = Field(None, description="round the smoothed weights with GPTQ; None: round-to-nearest")
+    ignore: tuple[str, ...] = Field((), description=(
+        "Linears kept in full precision (weights and inputs) besides lm_head: full module names or shell-style "
+        "patterns, e.g. '*.down_proj'"))
+    calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value):
+        if value != "search" and not 0 <= value <= 1:
+            raise ValueError(f"alpha {value} is outside [0, 1], the migration strength's range (0.5: the paper's "
+                             f"default; alpha: search picks one per group of Linears)")
+        return value
+
+    def describe(self) -> str:
+        alpha = "alpha searched" if self.alpha == "search" else f"alpha {self.alpha:g}"
+        then = self.gptq.describe() if self.gptq else "rtn"
+        kept = f", {', '.join(self.ignore)} kept float" if self.ignore else ""
+        return (f"smoothquant W8A8 int8 ({alpha}, {then} per-channel weights, dynamic per-token int8 "
+                f"activations{kept})")
+
+
 QAT_TRAINS = {
     "weights": "the float weights through a straight-through rounding, each group's scale from its min and max at "
                "every step",
@@ -152,7 +187,7 @@ class QAT(WeightOnlyConfig, TrainingBudget):
         return f"QAT {self.grid()}{trains[self.train]}, {self.budget()}{teacher}"
 
 
-QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, QAT], Field(discriminator="method")]
+QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, SmoothQuant, QAT], Field(discriminator="method")]
 
 
 class Dequantize(Strict):

@@ -1,25 +1,27 @@
-"""`quantize(model, config, ...)`: one verb, one config class per method (RTN, GPTQ, AWQ, FP8, QAT); each method's own
-function is named in its step spec (compress.steps)."""
+"""`quantize(model, config, ...)`: one verb, one config class per method (RTN, GPTQ, AWQ, FP8, SmoothQuant, QAT); each
+method's own function is named in its step spec (compress.steps)."""
 
 from __future__ import annotations
 
 import torch
 
-from compress.config.quantize import AWQ, FP8, GPTQ, QAT, RTN
+from compress.config.quantize import AWQ, FP8, GPTQ, QAT, RTN, SmoothQuant
 from compress.errors import CompressError
 from compress.steps import spec_of
 
 
-def quantize(model: torch.nn.Module, config: RTN | GPTQ | AWQ | FP8 | QAT, calibration: torch.Tensor | None = None, *,
+def quantize(model: torch.nn.Module, config: RTN | GPTQ | AWQ | FP8 | SmoothQuant | QAT,
+             calibration: torch.Tensor | None = None, *,
              train_data: torch.Tensor | list[dict] | None = None, teacher: torch.nn.Module | None = None,
              seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
-    """Quantize `model` in place and return it. GPTQ and AWQ need `calibration`, token ids [samples, seq_len]
-    (`compress.data.calibration_batches`); QAT needs `train_data`, token windows [windows, seq_len]
+    """Quantize `model` in place and return it. GPTQ, AWQ and SmoothQuant need `calibration`, token ids
+    [samples, seq_len] (`compress.data.calibration_batches`); QAT needs `train_data`, token windows [windows, seq_len]
     (`compress.data.training_windows`) or `compress.training.training_examples`, and distils from `teacher` when
     its config has a `kd` block; RTN and FP8 need no data."""
     spec = spec_of(config)
     if spec.kind != "quantize":
-        raise TypeError(f"{type(config).__name__} is a {spec.kind} config; quantize takes RTN, GPTQ, AWQ, FP8 or QAT")
+        raise TypeError(f"{type(config).__name__} is a {spec.kind} config; quantize takes RTN, GPTQ, AWQ, FP8, "
+                        f"SmoothQuant or QAT")
     spec.check_model(model, config)  # the family, before any work
     inputs: dict = {}
     if spec.calibrates:
@@ -48,4 +50,4 @@ def __getattr__(name: str):  # the Trainer callback imports transformers' Traine
     raise AttributeError(f"module 'compress.quantize' has no attribute {name!r}")
 
 
-__all__ = ["AWQ", "FP8", "GPTQ", "QAT", "QATCallback", "RTN", "quantize"]
+__all__ = ["AWQ", "FP8", "GPTQ", "QAT", "QATCallback", "RTN", "SmoothQuant", "quantize"]

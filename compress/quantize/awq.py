@@ -81,9 +81,10 @@ LLAMA_GROUPS = (
 UNCLIPPED = ("q_proj", "k_proj")
 
 
-def layer_groups(layer: torch.nn.Module, index: int, known: Family) -> list[ScaledGroup]:
-    """The groups AWQ scales in one decoder layer of family `known`; a clear error when the layer is not of a form it
-    can fold into (the family's norms, per the families table, or a layer that lacks a group's modules)."""
+def layer_groups(layer: torch.nn.Module, index: int, known: Family, method: str = "AWQ") -> list[ScaledGroup]:
+    """The groups AWQ (or SmoothQuant, `method`) scales in one decoder layer of family `known`; a clear error when the
+    layer is not of a form it can fold into (the family's norms, per the families table, or a layer that lacks a
+    group's modules)."""
     groups = []
     for group in LLAMA_GROUPS:
         try:
@@ -91,17 +92,18 @@ def layer_groups(layer: torch.nn.Module, index: int, known: Family) -> list[Scal
             linears = [layer.get_submodule(name) for name in group.linears]
             layer.get_submodule(group.inspect)
         except AttributeError as error:
-            raise CompressError(f"AWQ cannot scale decoder layer {index} ({type(layer).__name__}): {error}; it folds "
-                                f"scales into Llama-family layers (input_layernorm → q/k/v_proj, "
+            raise CompressError(f"{method} cannot scale decoder layer {index} ({type(layer).__name__}): {error}; it "
+                                f"folds scales into Llama-family layers (input_layernorm → q/k/v_proj, "
                                 f"post_attention_layernorm → gate/up_proj, up_proj → down_proj); use method gptq or "
                                 f"rtn for this model") from None
         if isinstance(prev, torch.nn.Linear):
             if prev.out_features != linears[0].in_features:
                 continue  # grouped-query attention: v's outputs are shared by several heads of o
         elif not known.norms_fold:
-            raise CompressError(f"AWQ cannot fold scales into layers.{index}.{group.prev} ({type(prev).__name__}): "
-                                f"{known.name}'s norms compute x̂·(1 + weight), and only norms computing x̂·weight "
-                                f"(RMSNorm, LayerNorm) can absorb them; use method gptq or rtn for this model")
+            raise CompressError(f"{method} cannot fold scales into layers.{index}.{group.prev} "
+                                f"({type(prev).__name__}): {known.name}'s norms compute x̂·(1 + weight), and only "
+                                f"norms computing x̂·weight (RMSNorm, LayerNorm) can absorb them; use method gptq or "
+                                f"rtn for this model")
         groups.append(group)
     return groups
 

@@ -1,8 +1,8 @@
 """Checkpoint formats for quantized models.
 
-- compressed-tensors (default): `pack-quantized` for integer grids, `float-quantized` for FP8. Stock transformers
-  (with compressed-tensors installed) and vLLM load both. The packing is compressed-tensors' own compressor, so the
-  bytes are exactly what its loaders expect.
+- compressed-tensors (default): `pack-quantized` for integer grids, `float-quantized` for FP8, `int-quantized` (int8
+  weights as they are) for W8A8 int8. Stock transformers (with compressed-tensors installed) and vLLM load all three.
+  The packing is compressed-tensors' own compressor, so the bytes are exactly what its loaders expect.
 - GPTQ v1 (`format: gptq`): the AutoGPTQ / GPTQModel layout that existing "-GPTQ" checkpoints use: per Linear
   `qweight` (int32, 32/bits values packed along the input dimension), `qzeros` (int32, zero point minus one, packed
   along the output dimension), `scales` (float16 [groups, out]) and `g_idx` (int32 group of each input column),
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
-from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor, IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
@@ -46,10 +46,13 @@ def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], lis
     return groups, routers
 
 
-def _compressor(args):
-    """compressed-tensors' compressor and format name for a weight grid: FP8 → float-quantized, int → packed."""
+def _compressor(args, input_args=None):
+    """compressed-tensors' compressor and format name for a weight grid: FP8 → float-quantized, int with quantized
+    inputs (W8A8 int8) → int-quantized (what vLLM's int8 GEMMs read), other int → packed."""
     if args.type == "float":
         return FloatQuantizationCompressor, "float-quantized"
+    if input_args is not None:
+        return IntQuantizationCompressor, "int-quantized"
     return PackedQuantizationCompressor, "pack-quantized"
 
 
@@ -63,7 +66,7 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
     formats = set()
     for name, linear, quant in quantized_linears(model):
         del state[f"{name}.weight"]
-        compressor, format = _compressor(quant.args)
+        compressor, format = _compressor(quant.args, quant.input_args)
         formats.add(format)
         compressed = compressor.compress(
             {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point},
@@ -138,8 +141,9 @@ def is_gptq(config: dict) -> bool:
 # ---------------------------------------------------------------- reading either format back
 
 
-READABLE_CT_FORMATS = ("pack-quantized", "float-quantized")
-READABLE = "compressed-tensors (pack-quantized, float-quantized), GPTQ v1/v2 (2/3/4/8 bits), AWQ GEMM (4 bits)"
+READABLE_CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized")
+READABLE = ("compressed-tensors (pack-quantized, float-quantized, int-quantized), GPTQ v1/v2 (2/3/4/8 bits), "
+            "AWQ GEMM (4 bits)")
 
 
 def is_quantized_checkpoint(config: dict) -> bool:
@@ -215,7 +219,7 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                                 f"quantization_config.config_groups entry targets it (targets: "
                                 f"{sorted({t for s in schemes for t in s.targets})}); the checkpoint is damaged or "
                                 f"its config does not belong to its weights")
-        compressor, _ = _compressor(scheme.weights)
+        compressor, _ = _compressor(scheme.weights, scheme.input_activations)
         local = {name.removeprefix(module + "."): value for name, value in state.items()
                  if name.startswith(module + ".weight")}
         decompressed = compressor.decompress(local, scheme)  # the zero point comes back unpacked

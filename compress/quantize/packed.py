@@ -14,6 +14,8 @@ Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernel
     int4, CPU                       tinygemm's CPU kernel for few rows; above CPU_DEQUANTIZE_ABOVE_ROWS its layout is
                                     unpacked (a rule checked exactly at pack time) and oneDNN's bf16 GEMM runs.
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
+    int8 W8A8 (int8 inputs)         torch._int_mm on the int8 codes and per-token int8 inputs (compress.quantize.
+                                    int8_runtime)
     FP8 e4m3 (W8A8 or weight-only)  the e4m3 weight alone is kept (1 byte); W8A8 runs torch._scaled_mm with per-token x
                                     per-row scales and fast accumulation on GPUs with FP8 tensor cores, its activation
                                     quantization one compiled kernel; elsewhere the same rounding simulated
@@ -283,7 +285,8 @@ def int4_backend(device: torch.device) -> str:
 
 
 def packed_kind(in_features: int, out_features: int, quant: WeightQuant) -> tuple[str | None, str]:
-    """Which packed kernel family runs this grid ("int4", "int8", "fp8"), or (None, why it stays dequantized)."""
+    """Which packed kernel family runs this grid ("int4", "int8", "int8 w8a8", "fp8"), or (None, why it stays
+    dequantized)."""
     args = quant.args
     strategy = str(getattr(args.strategy, "value", args.strategy))
     kind = str(getattr(args.type, "value", args.type))
@@ -296,7 +299,7 @@ def packed_kind(in_features: int, out_features: int, quant: WeightQuant) -> tupl
         return "int4", ""
     symmetric = quant.zero_point is None or not quant.zero_point.any()
     if kind == "int" and args.num_bits == 8 and strategy == "channel" and symmetric:
-        return "int8", ""
+        return ("int8 w8a8" if quant.input_args is not None else "int8"), ""
     group = f" g{args.group_size}" if strategy == "group" else f" per {strategy}"
     return None, f"{kind}{args.num_bits}{group}{'' if args.symmetric else ' asymmetric'}"
 
@@ -334,6 +337,10 @@ def packed_linear(grid: Grid) -> _PackedLinear:
         return FP8Linear(codes, quant.scale, grid.bias, quant, grid.dtype)
     if grid.kind == "int8":
         return Int8Linear(codes, quant.scale, grid.bias, quant)
+    if grid.kind == "int8 w8a8":
+        from compress.quantize.int8_runtime import Int8W8A8Linear
+
+        return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
     backend = int4_backend(codes.device)
     if backend == "gemlite":
         try:
