@@ -25,8 +25,10 @@ from compress.modules import decoder_layers, quantizable_linears
 from compress.prune.structure import planned_experts, planned_widths
 from compress.widths import build_layers_at_recorded_widths, layer_widths, shared_expert, shrink_layer_to
 
-# bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word)
-PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10}
+# bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word);
+# the FP4 grids pack two e2m1 values per byte and count their one-byte scales here (e4m3 per 16, e8m0 per 32)
+PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10,
+              "nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32}
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -137,8 +139,8 @@ def _active_mlp_width(layer, config, known) -> int:
 
 def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int) -> int:
     """Size of the saved weights: quantized Linears at their packed width plus one scale per group for int4 / int3
-    (fp8 and int8 have one scale per output row: negligible, left out); everything else (embeddings, norms) at
-    `dtype_bytes`."""
+    (fp8 and int8 have one scale per output row: negligible, left out; nvfp4 / mxfp4 count theirs in PRECISIONS, and
+    NVFP4's 4-byte global scale per tensor is left out); everything else (embeddings, norms) at `dtype_bytes`."""
     if precision in ("fp32", "bf16"):
         return shape.params * int(PRECISIONS[precision] // 8)
     scales = shape.quantizable // group_size if precision.startswith("int") and precision != "int8" else 0
@@ -247,7 +249,8 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
     lines = [f"# Estimate: {result['source']}", "",
              f"{result['params'] / 1e6:,.0f} M parameters, {result['quantizable_params'] / 1e6:,.0f} M of them in the "
              f"decoder's Linear layers and experts (what quantization shrinks); what is not quantized stays "
-             f"{config['dtype']}; int formats have one scale per {config['group_size']} weights."
+             f"{config['dtype']}; int formats have one scale per {config['group_size']} weights; nvfp4 one e4m3 "
+             f"scale per 16 (and an FP32 one per tensor), mxfp4 one power-of-two scale per 32."
              + (f" ✓ / ✗: fits in {budget_gib:g} GiB or not." if budget_gib else ""), "",
              f"## Inference: {config['context']:,} tokens x batch {config['batch']}", "",
              "| precision | disk | weights | KV cache | working set | total |", "|---|---:|---:|---:|---:|---:|"]

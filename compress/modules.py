@@ -68,6 +68,8 @@ class WeightQuant:
     input_args: "QuantizationArgs | None" = None  # activations quantized at run time (FP8 W8A8), else None
     # sensitivity: ||(Q − W) X||² / ||W X||² on the calibration inputs X, where the quantizer saw any; not saved
     output_error: float | None = None
+    global_scale: torch.Tensor | None = None  # NVFP4: the weight's FP32 scale of its group scales, else None
+    input_global_scale: torch.Tensor | None = None  # NVFP4 W4A4: the inputs' FP32 global scale, else None
 
 
 def quantizable_linears(model: torch.nn.Module, ignore=DEFAULT_IGNORE, keep_float: tuple[str, ...] = ()
@@ -103,6 +105,9 @@ def grids_to_weights(model: torch.nn.Module) -> None:
         device = linear.weight.device
         quant.scale = quant.scale.to(device)
         quant.zero_point = None if quant.zero_point is None else quant.zero_point.to(device)
+        for name in ("global_scale", "input_global_scale"):
+            if getattr(quant, name) is not None:
+                setattr(quant, name, getattr(quant, name).to(device))
 
 
 def is_packed(model: torch.nn.Module) -> bool:

@@ -17,6 +17,7 @@ from compress.hub_download import cached_config
 from compress.modules import QUANT_ATTR, compute_rotary_frequencies
 from compress.moe import fuse_experts, has_unfused_experts, unfuse_experts
 from compress.quantize.formats import decompressed_state_dict, describe_quantized_checkpoint, is_quantized_checkpoint
+from compress.quantize.fp4 import enable_fp4_activations, is_fp4
 from compress.quantize.fp8_runtime import enable_fp8_activations
 from compress.quantize.int8_runtime import enable_int8_activations, is_int8_activations
 from compress.quantize.kv_cache import install_from_checkpoint, pop_kv_scales
@@ -79,6 +80,8 @@ def load_state(folder: Path, config: dict, dtype: torch.dtype):
         setattr(modules[name], QUANT_ATTR, grid)
         if is_int8_activations(grid.input_args):  # W8A8: inputs are quantized at run time, as the saved model does
             enable_int8_activations(modules[name])
+        elif is_fp4(grid.input_args):  # W4A4 FP4, simulated
+            enable_fp4_activations(modules[name])
         elif grid.input_args is not None:
             enable_fp8_activations(modules[name])
     fuse_experts(model)  # float MoE experts: transformers 5's own fused module again (what pruning works on)

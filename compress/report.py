@@ -295,6 +295,12 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
             f"| {row['size_bytes'] / base['size_bytes']:.2f}x | {row['seconds']:.1f} s | {row['eval_seconds']:.1f} s "
             f"| {row['peak_rss_bytes'] / MIB:,.0f} MiB |"
             + (f" {row.get('peak_cuda_bytes', 0) / 2**30:,.1f} GiB |" if gpu else ""))
+    simulated = [row["step"] for row in report["steps"] if row["config"].get("grid") in ("nvfp4", "mxfp4")
+                 and row["config"].get("activations") == "dynamic"]
+    if simulated:
+        lines += ["", f"W4A4 FP4 ({', '.join(simulated)}): simulated. The inputs are rounded onto the FP4 grid in "
+                      "floating point (compress has no FP4 kernels, and only Blackwell GPUs have FP4 units): the "
+                      "accuracy is the W4A4 model's, its speed is not measured."]
     timed = [{"step": row["step"], **row["speed"]} for row in report["steps"] if row.get("speed")]
     if timed:
         lines += ["", "## When it runs", "", "Each step folder loaded with the packed runtime (low-bit kernels where "

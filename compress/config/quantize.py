@@ -44,19 +44,70 @@ class WeightOnlyConfig(Strict):
                              "cannot be written; use sym: true, or format compressed-tensors for asymmetric grids")
         return self
 
-    def grid(self) -> str:
+    def grid_summary(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         kept = f", {', '.join(self.ignore)} kept float" if self.ignore else ""
+        if getattr(self, "grid", "int") != "int":
+            inputs = " W4A4 (inputs on the same grid at run time)" if self.activations == "dynamic" else " weight-only"
+            return f"{FP4_GRIDS[self.grid]}{inputs}{kept}"
         return f"W{self.bits} {group} {'sym' if self.sym else 'asym'}{kept}"
 
 
-class RTN(WeightOnlyConfig):
-    """Round-to-nearest: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`."""
+FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
+FP4_GRIDS = {"nvfp4": "NVFP4 (e2m1, an e4m3 scale per 16, an FP32 scale per tensor)",
+             "mxfp4": "MXFP4 (e2m1, a power-of-two scale per 32)"}
+
+
+class FP4Grid(Strict):
+    """The 4-bit floating-point grids that RTN and GPTQ round onto besides the integer one: `grid: nvfp4 | mxfp4`.
+    Named `grid`, not `format`: `format` is the saved layout, and an FP4 grid is always saved as compressed-tensors'
+    nvfp4- / mxfp4-pack-quantized. An FP4 grid fixes bits (4), group size (16 / 32) and symmetry, so those keys
+    may be left out."""
+
+    grid: Literal["int", "nvfp4", "mxfp4"] = Field(
+        "int", description="int: integers in groups (bits, group_size, sym); nvfp4: e2m1 values, an e4m3 scale per 16 "
+                           "and an FP32 scale per tensor; mxfp4: e2m1 values, a power-of-two scale per 32")
+    activations: Literal["none", "dynamic"] = Field(
+        "none", description="FP4 grids: dynamic also rounds each Linear's input onto the grid at run time (W4A4), "
+                            "simulated in floating point where the hardware has no FP4 units")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fp4_fixes_the_grid(cls, data):
+        grid = data.get("grid") if isinstance(data, dict) else None
+        if grid not in FP4_GROUP:
+            return data
+        fixed = {"bits": 4, "group_size": FP4_GROUP[grid], "sym": True, "format": "compressed-tensors"}
+        for key, value in fixed.items():
+            if key in data and data[key] != value:
+                raise ValueError(f"grid {grid} has {key} {value} ({FP4_GRIDS[grid]}); remove `{key}: {data[key]}` "
+                                 f"from the step, or use grid int for an integer grid")
+        return {**data, **fixed}
+
+    @model_validator(mode="after")
+    def _inputs_need_an_fp4_grid(self):
+        if self.activations == "dynamic" and self.grid == "int":
+            raise ValueError("activations: dynamic rounds inputs onto an FP4 grid: set grid nvfp4 or mxfp4 (for 8-bit "
+                             "activations use method fp8)")
+        return self
+
+
+class RTN(FP4Grid, WeightOnlyConfig):
+    """Round-to-nearest: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`, or onto an FP4 grid:
+    `{method: rtn, grid: nvfp4}`."""
 
     method: Literal["rtn"] = "rtn"
 
+    @model_validator(mode="after")
+    def _nvfp4_inputs_need_calibration(self):
+        if self.grid == "nvfp4" and self.activations == "dynamic":
+            raise ValueError("W4A4 NVFP4 scales each input by a per-tensor global scale measured on calibration data, "
+                             "which rtn does not read: use method gptq (it calibrates), or grid mxfp4 (no global "
+                             "scale)")
+        return self
+
     def describe(self) -> str:
-        return f"rtn {self.grid()}"
+        return f"rtn {self.grid_summary()}"
 
 
 class GPTQSolver(Strict):
@@ -70,7 +121,7 @@ class GPTQSolver(Strict):
         return f"gptq{' act-order' if self.act_order else ''}"
 
 
-class GPTQ(WeightOnlyConfig, GPTQSolver):
+class GPTQ(FP4Grid, WeightOnlyConfig, GPTQSolver):
     """GPTQ: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01, schedule: sequential,
     calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
 
@@ -88,7 +139,7 @@ class GPTQ(WeightOnlyConfig, GPTQSolver):
 
     def describe(self) -> str:
         schedule = "" if self.schedule == "sequential" else " two-pass"
-        return (f"gptq {self.grid()}{' act-order' if self.act_order else ''}{schedule}"
+        return (f"gptq {self.grid_summary()}{' act-order' if self.act_order else ''}{schedule}"
                 f"{' offload' if self.offload else ''}")
 
 
@@ -111,7 +162,7 @@ class AWQ(WeightOnlyConfig):
     def describe(self) -> str:
         then = f" + {self.gptq.describe()}" if self.gptq else ""
         loss = " linear-loss" if self.loss == "linear" else ""
-        return f"awq {self.grid()}{loss}{' clip' if self.clip else ''}{then}"
+        return f"awq {self.grid_summary()}{loss}{' clip' if self.clip else ''}{then}"
 
 
 class FP8(Strict):
@@ -184,7 +235,7 @@ class QAT(WeightOnlyConfig, TrainingBudget):
     def describe(self) -> str:
         teacher = f", {self.kd.describe()}" if self.kd else ""
         trains = {"weights": "", "scales": ", scales trained", "weights_and_scales": ", weights and scales trained"}
-        return f"QAT {self.grid()}{trains[self.train]}, {self.budget()}{teacher}"
+        return f"QAT {self.grid_summary()}{trains[self.train]}, {self.budget()}{teacher}"
 
 
 QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, SmoothQuant, QAT], Field(discriminator="method")]

@@ -1,7 +1,9 @@
 """Checkpoint formats for quantized models.
 
 - compressed-tensors (default): `pack-quantized` for integer grids, `float-quantized` for FP8, `int-quantized` (int8
-  weights as they are) for W8A8 int8. Stock transformers (with compressed-tensors installed) and vLLM load all three.
+  weights as they are) for W8A8 int8, `nvfp4-pack-quantized` / `mxfp4-pack-quantized` for the FP4 grids (two e2m1
+  values per byte, e4m3 / e8m0 scales, NVFP4's `weight_global_scale` and, for W4A4, `input_global_scale`). Stock
+  transformers (with compressed-tensors installed) and vLLM load them all.
   The packing is compressed-tensors' own compressor, so the bytes are exactly what its loaders expect.
 - GPTQ v1 (`format: gptq`): the AutoGPTQ / GPTQModel layout that existing "-GPTQ" checkpoints use: per Linear
   `qweight` (int32, 32/bits values packed along the input dimension), `qzeros` (int32, zero point minus one, packed
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor, IntQuantizationCompressor
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
@@ -21,6 +25,8 @@ from compress.architectures import checkpoint_name, module_name
 from compress.errors import CompressError
 from compress.modules import WeightQuant, quantized_linears
 from compress.moe import moe_blocks
+from compress.quantize.fp4 import decompress as fp4_decompress
+from compress.quantize.fp4 import is_fp4
 from compress.quantize.kv_cache import kv_cache_scheme, kv_cache_state, kv_quantized
 
 
@@ -48,7 +54,11 @@ def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], lis
 
 def _compressor(args, input_args=None):
     """compressed-tensors' compressor and format name for a weight grid: FP8 → float-quantized, int with quantized
-    inputs (W8A8 int8) → int-quantized (what vLLM's int8 GEMMs read), other int → packed."""
+    inputs (W8A8 int8) → int-quantized (what vLLM's int8 GEMMs read), other int → packed, FP4 → nvfp4- or
+    mxfp4-pack-quantized (told apart by group size, as compressed-tensors tells them apart)."""
+    if args.type == "float" and args.num_bits == 4:
+        return ((NVFP4PackedCompressor, "nvfp4-pack-quantized") if args.group_size == 16
+                else (MXFP4PackedCompressor, "mxfp4-pack-quantized"))
     if args.type == "float":
         return FloatQuantizationCompressor, "float-quantized"
     if input_args is not None:
@@ -68,11 +78,13 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
         del state[f"{name}.weight"]
         compressor, format = _compressor(quant.args, quant.input_args)
         formats.add(format)
-        compressed = compressor.compress(
-            {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point},
-            QuantizationScheme(targets=[name], weights=quant.args),
-        )
+        tensors = {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point}
+        if quant.global_scale is not None:  # NVFP4
+            tensors["weight_global_scale"] = quant.global_scale.float().reshape(1).clone()  # one tensor per Linear
+        compressed = compressor.compress(tensors, QuantizationScheme(targets=[name], weights=quant.args))
         state.update({f"{name}.{key}": value.contiguous() for key, value in compressed.items()})
+        if quant.input_global_scale is not None:  # NVFP4 W4A4
+            state[f"{name}.input_global_scale"] = quant.input_global_scale.float().reshape(1).clone()
     state.update(kv_cache_state(model, lambda name: checkpoint_name(model, name)))
     config = QuantizationConfig(config_groups=schemes, ignore=ignore, format=formats.pop() if len(formats) == 1
                                 else "mixed-precision" if formats else "dense", kv_cache_scheme=kv_cache_scheme(model),
@@ -141,8 +153,10 @@ def is_gptq(config: dict) -> bool:
 # ---------------------------------------------------------------- reading either format back
 
 
-READABLE_CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized")
-READABLE = ("compressed-tensors (pack-quantized, float-quantized, int-quantized), GPTQ v1/v2 (2/3/4/8 bits), "
+READABLE_CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "nvfp4-pack-quantized",
+                       "mxfp4-pack-quantized")
+READABLE = ("compressed-tensors (pack-quantized, float-quantized, int-quantized, nvfp4- and mxfp4-pack-quantized), "
+            "GPTQ v1/v2 (2/3/4/8 bits), "
             "AWQ GEMM (4 bits)")
 
 
@@ -222,12 +236,19 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
         compressor, _ = _compressor(scheme.weights, scheme.input_activations)
         local = {name.removeprefix(module + "."): value for name, value in state.items()
                  if name.startswith(module + ".weight")}
-        decompressed = compressor.decompress(local, scheme)  # the zero point comes back unpacked
+        if is_fp4(scheme.weights):  # in float32 (compressed-tensors' own decompressor returns bfloat16)
+            weight, scale = fp4_decompress(local, scheme.weights)
+            decompressed = {"weight": weight, "weight_scale": scale}
+        else:
+            decompressed = compressor.decompress(local, scheme)  # the zero point comes back unpacked
         dense[f"{module}.weight"] = decompressed["weight"]
         scale = decompressed["weight_scale"]
         zero = decompressed.get("weight_zero_point")
         if zero is None:  # symmetric grids save no zero point: it is 0
             zero = torch.zeros(scale.shape, dtype=scheme.weights.zp_dtype or (
                 scale.dtype if scheme.weights.type == "float" else torch.int8))
-        grids[module] = WeightQuant(scheme.weights, scale, zero.reshape(scale.shape), scheme.input_activations)
+        global_scale = local.get("weight_global_scale")  # NVFP4's, kept so the grid is known whole
+        input_global_scale = dense.pop(f"{module}.input_global_scale", None)  # NVFP4 W4A4
+        grids[module] = WeightQuant(scheme.weights, scale, zero.reshape(scale.shape), scheme.input_activations,
+                                    global_scale=global_scale, input_global_scale=input_global_scale)
     return dense, grids

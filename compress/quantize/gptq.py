@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -31,6 +33,17 @@ from compress.errors import CompressError
 from compress.modules import available_memory, kept_float, require_float
 from compress.moe import calibrating_all_experts, unfuse_experts
 from compress.quantize import kernels
+from compress.quantize.fp4 import (
+    E2M1_MAX,
+    check_fp4_widths,
+    enable_fp4_activations,
+    global_scale,
+    is_fp4,
+    observing_input_maxima,
+    round_e2m1_,
+    set_input_global_scales,
+)
+from compress.quantize.fp4 import input_args as fp4_input_args
 from compress.quantize.grid import (
     QUANT_ATTR,
     WeightQuant,
@@ -166,9 +179,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> tu
 
 
 def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   qmin: float, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   qmin: float, qmax: float, fp4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a block of columns one at a time (paper, Algorithm 1, inner loop); `block` [rows, b] is scratch.
-    Returns the quantized columns and the scaled errors that the caller applies to later columns.
+    Returns the quantized columns and the scaled errors that the caller applies to later columns. `fp4`: the grid
+    points are e2m1 values (compress.quantize.fp4) instead of integers.
 
     Each column is a few elementwise operations on a vector of `rows` values, b times in sequence, so the loop's cost
     is per-operation overhead, not arithmetic. It therefore works on the transposed block (every column one
@@ -184,7 +198,10 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
         for i in range(work.shape[0]):
             w, q, error = work[i], quantized[i], errors[i]
             torch.div(w, scale_t[i], out=q)
-            q.round_()
+            if fp4:
+                round_e2m1_(q)
+            else:
+                q.round_()
             if has_zero:
                 q.add_(zero_t[i])
             q.clamp_(qmin, qmax)
@@ -242,11 +259,12 @@ def hessian_factor(hessian: torch.Tensor, act_order: bool, damp: float, where: s
 
 
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: bool, damp: float,
-               block_size: int, where: str, factor: HessianFactor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               block_size: int, where: str, factor: HessianFactor | None = None,
+               global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `weight` [rows, cols] against `hessian` [cols, cols]; returns (quantized weight, scale, zero point)
     on compressed-tensors' grid. Rows are independent given the Hessian: any set of rows that share it (several
-    Linears, a slice of one) can be solved together or apart with the same `factor`."""
+    Linears, a slice of one) can be solved together or apart with the same `factor`. On NVFP4, `global_scale` is
+    the tensor's (fixed before the sweep, from the float weights), and the scales are stored multiplied by it."""
     dead, order, U, _ = factor or hessian_factor(hessian, act_order, damp, where)
     W = weight.float().clone()
     W[:, dead] = 0
@@ -257,15 +275,19 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
     # are scattered through the order, and the saved format keeps groups contiguous), or per channel; otherwise
     # each group's scale is taken from its already-updated columns when the sweep reaches it (paper, §4).
     static = act_order or args.group_size is None
-    scale, zero = minmax_qparams(W, args) if static else (None, None)
+    scale, zero = minmax_qparams(W, args, global_scale) if static else (None, None)
     W = W[:, order]
     group_of_column = order // group
     block_size = block_size if static else group  # a group's scale is known when its block starts
     group_scales, group_zeros = [], []
 
+    fp4 = is_fp4(args)
     qmin, qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1  # compressed-tensors' signed grid
+    if fp4:
+        qmin, qmax = -E2M1_MAX, E2M1_MAX
+    steps = 1 if global_scale is None else global_scale.float()  # the grid's step is scale / global scale
     Q = torch.empty_like(W)
-    solve_block = kernels.quantize_block if kernels.available(W) else quantize_block
+    solve_block = kernels.quantize_block if kernels.available(W) and not fp4 else partial(quantize_block, fp4=fp4)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = W[:, start:end]
@@ -273,11 +295,11 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
             columns = group_of_column[start:end]
             block_scale, block_zero = scale[:, columns], zero[:, columns]
         else:
-            block_scale, block_zero = minmax_qparams(block, args)  # [rows, 1]: this block is one group
+            block_scale, block_zero = minmax_qparams(block, args, global_scale)  # [rows, 1]: this block is a group
             group_scales.append(block_scale)
             group_zeros.append(block_zero)
         Q[:, start:end], errors = solve_block(block, U[start:end, start:end],
-                                                 block_scale.float().expand_as(block),
+                                                 (block_scale.float() / steps).expand_as(block),
                                                  block_zero.float().expand_as(block), qmin, qmax)
         W[:, end:].addmm_(errors, U[start:end, end:], alpha=-1)  # lazy batch update of all later columns
     if not static:
@@ -285,7 +307,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args, act_order: boo
 
     Q = Q[:, torch.argsort(order)]
     # round-trip through compressed-tensors' own fake-quantize so memory matches what loaders decompress
-    return fake_quantize(Q, scale, zero, args), scale, zero
+    return fake_quantize(Q, scale, zero, args, global_scale), scale, zero
 
 
 # ---------------------------------------------------------------- the verb
@@ -334,6 +356,7 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
         for name in names:
             setattr(linears[name], RAISED_DAMP_ATTR, factor.damp)
     weights = [linears[name].weight for name in names]
+    shared = global_scale(weights, args) if is_fp4(args) else None  # NVFP4: one per group that reads one input
     total, cols = sum(len(w) for w in weights), weights[0].shape[1]
     mine = distributed.share(range(total))
     quantized = weights[0].new_empty(len(mine), cols)
@@ -344,7 +367,7 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
         end = min(begin + step, mine.stop)
         rows = _stacked_rows(weights, begin, end)
         solved, slice_scale, slice_zero = gptq_solve(rows, hessian, args, config.act_order, config.damp,
-                                                     config.block_size, where, factor)
+                                                     config.block_size, where, factor, shared)
         slice_changed, slice_kept = output_energy_per_row(rows, solved, hessian)  # for each Linear's sensitivity
         quantized[begin - mine.start:end - mine.start] = solved
         for done, part in zip((scale, zero, changed, kept), (slice_scale, slice_zero, slice_changed, slice_kept)):
@@ -356,8 +379,9 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
         linear = linears[name]
         rows = slice(row, row + linear.out_features)
         linear.weight.copy_(quantized[rows])
-        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows],
-                                                output_error=error_ratio(changed[rows], kept[rows])))
+        setattr(linear, QUANT_ATTR, WeightQuant(args, scale[rows], zero[rows], fp4_inputs(config),
+                                                output_error=error_ratio(changed[rows], kept[rows]),
+                                                global_scale=shared))
         row += linear.out_features
 
 
@@ -428,6 +452,11 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
             handle.remove()
 
 
+def fp4_inputs(config: GPTQ):
+    """The input args of W4A4 on an FP4 grid, else None."""
+    return fp4_input_args(config.grid) if config.grid != "int" and config.activations == "dynamic" else None
+
+
 def calibration_share(calibration: torch.Tensor) -> torch.Tensor:
     """This process's calibration samples (all of them in one process)."""
     if len(calibration) < distributed.world_size():
@@ -457,8 +486,10 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     order of additions. `schedule` is the one setting that changes the algorithm."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
     unfuse_experts(model)  # MoE: one Linear per expert projection, each calibrated on every token (compress.moe)
+    check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
     args = quantization_args(config, "weight" if config.act_order else None)
+    observed_inputs = fp4_inputs(config) is not None  # W4A4: the inputs' ranges, for their global scales
     home = next(model.parameters()).device
     device = _calibration_device(model, config.offload)
     if config.offload and home.type != "cpu":
@@ -475,12 +506,20 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
             with layerwise.layer_on_device(index) if config.offload else nullcontext():
                 linears = {name: m for name, m in quantizable_linears(layer) if id(m) not in kept}
-                quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))
+                maxima: dict[str, float] = {}
+                with observing_input_maxima(linears, maxima) if observed_inputs else nullcontext():
+                    quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))
+                if observed_inputs:
+                    set_input_global_scales(linears, maxima)
+            for linear in linears.values() if observed_inputs else ():  # inputs on the grid from now on
+                enable_fp4_activations(linear)
             if config.offload:
                 for linear in linears.values():
                     quant = getattr(linear, QUANT_ATTR)
-                    setattr(linear, QUANT_ATTR, WeightQuant(args, quant.scale.cpu(), quant.zero_point.cpu(),
-                                                            output_error=quant.output_error))
+                    setattr(linear, QUANT_ATTR, replace(quant, **{
+                        field: getattr(quant, field).cpu() for field in
+                        ("scale", "zero_point", "global_scale", "input_global_scale")
+                        if getattr(quant, field) is not None}))
             progress.advance(task)
     del layerwise
     if model.device != home:

@@ -25,7 +25,13 @@ __all__ = ["DEFAULT_IGNORE", "QUANT_ATTR", "WeightQuant", "check_group_size", "f
 
 def quantization_args(config: WeightOnlyConfig, actorder: str | None = None) -> QuantizationArgs:
     """compressed-tensors args of a weight-only config's grid. GPTQ-format checkpoints store float16 scales:
-    quantize on that grid so the saved model is the one measured."""
+    quantize on that grid so the saved model is the one measured. FP4 grids (`grid: nvfp4 | mxfp4`) are
+    compressed-tensors' presets (compress.quantize.fp4); their groups stay in place under act-order, so nothing
+    records it."""
+    if getattr(config, "grid", "int") != "int":
+        from compress.quantize.fp4 import weight_args as fp4_weight_args
+
+        return fp4_weight_args(config.grid)
     scale_dtype = torch.float16 if config.format == "gptq" else None
     return weight_args(config.bits, config.group_size, config.sym, actorder, scale_dtype)
 
@@ -65,15 +71,21 @@ def _grouped(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
     return weight.reshape(rows, cols // group, group)
 
 
-def minmax_qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of each group from its min and max: the round-to-nearest choice."""
+def minmax_qparams(weight: torch.Tensor, args: QuantizationArgs, global_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each group from its min and max: the round-to-nearest choice. With NVFP4's
+    `global_scale` the scales are stored multiplied by it (on e4m3's range); the step is scale / global_scale."""
     groups = _grouped(weight.float(), args)
-    return calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale)
+    if args.type == "float" and args.num_bits == 4:  # symmetric: no zero point, kept as float zeros
+        zero_point = torch.zeros_like(scale)
+    return scale, zero_point
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantizationArgs):
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantizationArgs,
+                  global_scale: torch.Tensor | None = None):
     """Round onto the grid and back to floats, exactly as the checkpoint's loader will dequantize it."""
-    return _ct_fake_quantize(weight.float(), scale, zero_point, args).to(weight.dtype)
+    return _ct_fake_quantize(weight.float(), scale, zero_point, args, global_scale).to(weight.dtype)
 
 
 def output_energy_per_row(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor

@@ -1,0 +1,74 @@
+"""FP4 grids on SmolLM2-135M: WikiText-2 perplexity of NVFP4 and MXFP4 weights by RTN and by GPTQ, NVFP4 W4A4
+(simulated), and the integer W4 g64 grid beside them, with the protocol of eval/bench_gptq.py (128 x 512
+wikitext2-valid calibration tokens, perplexity on 16,384 wikitext2-test tokens in 512-token windows):
+
+    python eval/bench_fp4.py --out eval/results/bench_fp4_smollm2_cpu.json
+
+Each variant starts from the same float weights. GPTQ runs with act-order (static groups) and damp 0.01, as the
+integer figures in eval/results/bench_gptq_smollm2_w4_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import compress
+from compress.data import calibration_batches
+
+VARIANTS = {
+    "rtn-nvfp4": lambda: compress.RTN(grid="nvfp4"),
+    "rtn-mxfp4": lambda: compress.RTN(grid="mxfp4"),
+    "rtn-w4g64": lambda: compress.RTN(bits=4, group_size=64),
+    "gptq-nvfp4": lambda: compress.GPTQ(grid="nvfp4"),
+    "gptq-mxfp4": lambda: compress.GPTQ(grid="mxfp4"),
+    "gptq-nvfp4-w4a4": lambda: compress.GPTQ(grid="nvfp4", activations="dynamic"),
+    "gptq-w4g64": lambda: compress.GPTQ(bits=4, group_size=64),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
+    args = parser.parse_args()
+
+    model, tokenizer = compress.load_model(args.model, "float32", "cpu")
+    ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, args.seq_len, seed=0)
+    protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results = {"model": args.model, "calibration": f"wikitext2-valid, {args.samples} x {args.seq_len} tokens",
+               "perplexity_protocol": f"wikitext2-test, {args.ppl_tokens} tokens, windows of 512",
+               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "results": []}
+
+    def record(entry: dict) -> None:
+        results["results"].append(entry)
+        print(json.dumps(entry), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    record({"variant": "float", "perplexity": compress.perplexity(model, tokenizer, protocol,
+                                                                   show_progress=False)["perplexity"]})
+    for name in args.variants.split(","):
+        fresh, _ = compress.load_model(args.model, "float32", "cpu")  # a new model: quantize marks its Linears
+        fresh.load_state_dict(pristine)
+        config = VARIANTS[name]()
+        start = time.perf_counter()
+        compress.quantize(fresh, config, ids if name.startswith("gptq") else None, show_progress=False)
+        seconds = time.perf_counter() - start
+        ppl = compress.perplexity(fresh, tokenizer, protocol, show_progress=False)["perplexity"]
+        record({"variant": name, "config": config.describe(), "seconds": round(seconds, 1), "perplexity": ppl})
+        del fresh
+
+
+if __name__ == "__main__":
+    main()
