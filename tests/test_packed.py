@@ -204,3 +204,31 @@ def test_packed_load_never_builds_the_dense_model(tmp_path, monkeypatch, config)
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(packed(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_gemlite_loads_our_tuned_table_on_the_gpu_it_was_tuned_for(monkeypatch):
+    """gemlite picks its shipped tables by the device's name and has none for an H200: ours, in gemlite's own cache
+    format (kernel -> str((rows, out, in, group, codes per word, dtype id)) -> setting), is loaded there only."""
+    import json
+    import sys
+    import types
+
+    from compress.quantize import packed
+
+    loaded = []
+    monkeypatch.setitem(sys.modules, "gemlite", types.SimpleNamespace(load_config=loaded.append))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device, expected in (("NVIDIA H200", ["h200.json"]), ("NVIDIA A100-SXM4-80GB", [])):
+        packed.gemlite_module.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=device: device)
+        loaded.clear()
+        assert packed.gemlite_module() is sys.modules["gemlite"]
+        assert [p.rsplit("/", 1)[-1] for p in loaded] == expected
+    packed.gemlite_module.cache_clear()
+    table = json.loads((packed.GEMLITE_SETTINGS / "h200.json").read_text())
+    assert set(table) <= {"GEMV", "GEMV_REVSPLITK", "GEMV_SPLITK", "GEMM_SPLITK", "GEMM"} and table
+    for settings in table.values():
+        for signature, setting in settings.items():
+            rows, out_features, in_features, group, per_word, _ = eval(signature)  # noqa: S307 -- gemlite's format
+            assert per_word == 8 and in_features % group == 0 and rows >= 1 and out_features % 128 == 0
+            assert {"num_warps", "num_stages"} <= set(setting)

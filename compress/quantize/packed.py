@@ -32,6 +32,7 @@ import gc
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -61,13 +62,23 @@ def integer_codes(weight: torch.Tensor, quant: WeightQuant) -> torch.Tensor:
     return torch.clamp(torch.round(weight.float() / scale) + zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).int()
 
 
+# gemlite's kernel settings tuned for GPUs its own tables do not cover (it matches them by the device's name), written
+# by eval/tune_gemlite.py in gemlite's cache format: without them every shape there runs its small run-time autotune.
+GEMLITE_SETTINGS = Path(__file__).parent / "gemlite_configs"
+
+
 @functools.cache
 def gemlite_module():
-    """gemlite, imported on first use (its import reads the GPU's properties), or None where it is not installed."""
+    """gemlite, imported on first use (its import reads the GPU's properties) with our tuned settings for this GPU
+    where we have them, or None where it is not installed."""
     try:
         import gemlite
     except ImportError:
         return None
+    device = torch.cuda.get_device_name().lower().replace(" ", "_") if torch.cuda.is_available() else ""
+    for table in sorted(GEMLITE_SETTINGS.glob("*.json")):
+        if table.stem in device:
+            gemlite.load_config(str(table))
     return gemlite
 
 
