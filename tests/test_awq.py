@@ -170,3 +170,40 @@ def test_ignored_linears_stay_float_and_are_written_unquantized(tiny_model_dir, 
     reloaded, _ = compress.load(tmp_path / "mixed")
     assert {name for name, _, _ in quantized_linears(reloaded)} == names
     assert torch.allclose(_logits(reloaded, ids[:2]), _logits(model, ids[:2]), atol=1e-4)
+
+
+def _tiny_qwen2():
+    """A random Qwen2 laid out as the real 1.5B one: biased q/k/v (non-zero, so the attention block that judges the
+    scales adds them), grouped-query attention (4 heads, 2 KV heads: no v → o fold)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, name).bias.normal_(0, 0.5)
+    return model, torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+
+
+def test_awq_on_a_biased_gqa_qwen2_keeps_the_float_function_and_beats_rtn():
+    import copy
+
+    model, ids = _tiny_qwen2()
+    _loud_channels(model)
+    reference = _logits(model, ids[:2])
+    folded = copy.deepcopy(model)
+    torch.manual_seed(1)
+    for index, layer in enumerate(folded.model.layers):
+        groups = layer_groups(layer, index, FAMILIES["qwen2"])
+        assert [g.prev for g in groups] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]  # GQA
+        for group in groups:
+            fold_scales(layer, group, torch.rand(layer.get_submodule(group.linears[0]).in_features) * 4 + 0.25)
+    assert torch.allclose(_logits(folded, ids[:2]), reference, atol=1e-4)
+    rtn = copy.deepcopy(model)
+    compress.quantize(rtn, compress.RTN(bits=3, group_size=32), show_progress=False)
+    compress.quantize(model, compress.AWQ(bits=3, group_size=32, clip=False), ids, show_progress=False)
+    awq_error = (_logits(model, ids[:2]) - reference).pow(2).mean()
+    rtn_error = (_logits(rtn, ids[:2]) - reference).pow(2).mean()
+    assert awq_error < 0.7 * rtn_error, (awq_error, rtn_error)
