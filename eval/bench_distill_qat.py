@@ -85,7 +85,8 @@ def main() -> None:
             del model
     elif args.part == "control":
         grid = dict(bits=args.bits, group_size=args.group_size)
-        full = compress.Distill(lr=args.qat_lr, kd=compress.KD(alpha=0.0), **budget)  # alpha 0: plain CE, every weight trained
+        # alpha 0: plain CE, every weight trained
+        full = compress.Distill(lr=args.qat_lr, kd=compress.KD(alpha=0.0), **budget)
         model, seconds = timed(lambda: compress.distill(copy.deepcopy(base), full, windows, base, show_progress=False))
         record(f"float model, same training as QAT (CE, lr {args.qat_lr:g}), no quantization", model, seconds)
         config = compress.QAT(**grid, **budget, lr=args.qat_lr, kd=compress.KD(teacher="base", alpha=0.5))
@@ -101,8 +102,8 @@ def main() -> None:
         record(f"GPTQ W{args.bits} g{args.group_size}", model, seconds)
         for teacher in (None, base):
             config = compress.QAT(**grid, **budget, lr=args.qat_lr, kd=compress.KD(teacher="base") if teacher else None)
-            model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, train_data=windows, teacher=teacher,
-                                                             show_progress=False))
+            model, seconds = timed(lambda: compress.quantize(copy.deepcopy(base), config, train_data=windows,
+                                                             teacher=teacher, show_progress=False))
             record(f"QAT W{args.bits} g{args.group_size}{' + KD from base' if teacher else ''}", model, seconds)
         base_ppl, gptq_ppl = results[0]["perplexity"], results[2]["perplexity"]
         for row in results[3:]:
@@ -112,7 +113,8 @@ def main() -> None:
     print(f"\n{args.model} fp32, {where}; training {args.steps} steps of {args.batch} x {args.seq_len} tokens\n")
     print("| variant | WikiText-2 ppl | train seconds | peak GPU GiB |\n|---|---:|---:|---:|")
     for r in results:
-        extra = f" ({r['recovered_of_gptq_loss']:.0%} of GPTQ's loss recovered)" if "recovered_of_gptq_loss" in r else ""
+        recovered = r.get("recovered_of_gptq_loss")
+        extra = f" ({recovered:.0%} of GPTQ's loss recovered)" if recovered is not None else ""
         print(f"| {r['variant']} | {r['perplexity']:.3f}{extra} | {r['seconds'] or ''} | {r['peak_cuda_gib'] or ''} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "device": where, "results": results}, indent=2))

@@ -195,7 +195,8 @@ def _launch(command: list[str], processes: int, env: dict | None = None) -> dict
 def _agreement(one: Path, many: Path) -> dict:
     a, b = torch.load(one), torch.load(many)
     return {name: {"identical": round((a[name] == b[name]).float().mean().item(), 5),
-                   "relative_difference": round(((a[name] - b[name]).float().norm() / a[name].float().norm()).item(), 5)}
+                   "relative_difference": round(((a[name] - b[name]).float().norm()
+                                                 / a[name].float().norm()).item(), 5)}
             for name in a}
 
 

@@ -6,8 +6,10 @@ Measured peak: torch's allocator high-water mark on CUDA (what the CUDA context 
 CPU the process's peak resident memory minus its resident memory before the model was built (the Python, torch
 and transformers code and their caches are not the model's).
 
-    python eval/bench_estimate.py --config smollm2-135m --dtype float32 --device cpu --out eval/results/estimate_smollm2_cpu.json
-    python eval/bench_estimate.py --config llama2-7b --dtype bfloat16 --device cuda --train-batch 2 --out eval/results/estimate_7b_h100.json
+    python eval/bench_estimate.py --config smollm2-135m --dtype float32 --device cpu \
+        --out eval/results/estimate_smollm2_cpu.json
+    python eval/bench_estimate.py --config llama2-7b --dtype bfloat16 --device cuda --train-batch 2 \
+        --out eval/results/estimate_7b_h100.json
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def _random_ids(vocab: int, rows: int, length: int) -> torch.Tensor:
 
 def measure_phase(args) -> int:
     """Run one phase on a freshly built model; returns its peak bytes (see the module docstring)."""
-    from compress.distill import Distill, distill
     from compress.config import LoRA
+    from compress.distill import Distill, distill
     from compress.finetune import LoRARecovery, finetune
 
     cuda = args.device.startswith("cuda")
@@ -108,7 +110,8 @@ def main() -> None:
             rows[phase] = {"error": done.stderr.strip().splitlines()[-1]}
         else:
             measured = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
-            rows[phase] = {"measured_gib": round(measured / 2**30, 3), "estimated_gib": round(expected[phase] / 2**30, 3),
+            rows[phase] = {"measured_gib": round(measured / 2**30, 3),
+                           "estimated_gib": round(expected[phase] / 2**30, 3),
                            "estimate_over_measured": round(expected[phase] / measured, 3)}
         print(phase, rows[phase], flush=True)
     result = {"args": {k: v for k, v in vars(args).items() if k not in ("phase", "out")},

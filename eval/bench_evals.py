@@ -107,7 +107,8 @@ def main() -> None:
     from compress.config.evals import ChoiceEval, Perplexity
 
     # (compress.evaluate as an attribute is the function: the package exports it under the module's name)
-    evaluate_after, tasks_after = importlib.import_module("compress.evaluate"), importlib.import_module("compress.tasks")
+    evaluate_after = importlib.import_module("compress.evaluate")
+    tasks_after = importlib.import_module("compress.tasks")
 
     choice_tasks = [e for e in args.evals if e != "wikitext2"]
     if args.overhead:
@@ -130,7 +131,8 @@ def main() -> None:
     # the variants run in turns: (label, tasks module, evaluate module, dtype, threads)
     threads = args.threads or [torch.get_num_threads()]
     if len(threads) > 1 or len(dtypes) > 1:
-        variants = [(f"{dtype} {n} threads", tasks_after, evaluate_after, dtype, n) for dtype in dtypes for n in threads]
+        variants = [(f"{dtype} {n} threads", tasks_after, evaluate_after, dtype, n)
+                    for dtype in dtypes for n in threads]
     else:
         variants = [("before", tasks_before, evaluate_before, dtypes[0], threads[0]),
                     ("after", tasks_after, evaluate_after, dtypes[0], threads[0])]

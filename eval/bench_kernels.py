@@ -1,4 +1,5 @@
-"""Which kernel runs a quantized Linear fastest, by row count: the measurement behind compress.quantize.packed's choices.
+"""Which kernel runs a quantized Linear fastest, by row count: the measurement behind compress.quantize.packed's
+choices.
 
     python eval/bench_kernels.py --device cuda --out eval/results/bench_kernels_h200.json   # Llama-2-7B shapes
     python eval/bench_kernels.py --device cpu --out eval/results/bench_kernels_cpu.json     # SmolLM2 shapes, 2 cores
@@ -74,7 +75,7 @@ def shape_rows(name, in_features, out_features, rows_list, device, group, sym) -
     lite = _int4(in_features, out_features, group, sym, device, "gemlite")[0] if device == "cuda" else None
     fp8 = None
     if device == "cuda":
-        from compress.quantize.fp8 import ACTIVATION_ARGS, WEIGHT_ARGS, E4M3
+        from compress.quantize.fp8 import ACTIVATION_ARGS, E4M3, WEIGHT_ARGS
 
         weight = torch.randn(out_features, in_features, device=device)
         scale = weight.abs().amax(1, keepdim=True) / 448

@@ -1,8 +1,9 @@
 """Memory while loading a quantized step folder with the packed runtime: built straight from the checkpoint
 (compress.quantize.packed_load) against the earlier way (the dense model first, then packed). Each load runs in a fresh
-process, after the imports, the model's modeling code and the folder's tokenizer (so those are not counted); its peak is the high-water mark of
-resident memory (Linux VmHWM, reset just before the load) minus the resident memory before it, and on CUDA the peak of allocated GPU memory; both are divided by the packed model's bytes
-(every parameter and buffer once).
+process, after the imports, the model's modeling code and the folder's tokenizer (so those are not counted); its peak
+is the high-water mark of resident memory (Linux VmHWM, reset just before the load) minus the resident memory before
+it, and on CUDA the peak of allocated GPU memory; both are divided by the packed model's bytes (every parameter and
+buffer once).
 
     python eval/bench_packed_load.py runs/smollm2-135m-rtn4/01-quantize --device cpu --out eval/results/...json
 """
@@ -73,7 +74,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--way", help=argparse.SUPPRESS)
-    parser.add_argument("--runs", type=int, default=3, help="fresh processes per way (the peak depends on the allocator)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh processes per way (the peak depends on the allocator)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.way:

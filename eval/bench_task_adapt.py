@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import compress
-from compress.evaluate import evaluate
 from compress.config import LoRA, LoRARecovery
+from compress.evaluate import evaluate
 from compress.training import training_examples
 
 

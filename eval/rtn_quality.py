@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import compress
 
@@ -35,10 +34,9 @@ def main() -> None:
         return result["perplexity"], result["protocol"]["tokens_scored"], result["seconds"]
 
     base, tokens, seconds = score(model)
-    print(f"| setting | WikiText-2 ppl | vs base | eval s |\n|---|---:|---:|---:|")
+    print("| setting | WikiText-2 ppl | vs base | eval s |\n|---|---:|---:|---:|")
     print(f"| base (GGUF Q4_1 dequantized, fp32) | {base:.3f} | 1.000x | {seconds:.0f} |", flush=True)
     for config in SETTINGS:
-        start = time.perf_counter()
         quantized = compress.quantize(copy.deepcopy(model), config, show_progress=False)
         ppl, _, seconds = score(quantized)
         print(f"| {config.describe()} | {ppl:.3f} | {ppl / base:.3f}x | {seconds:.0f} |", flush=True)

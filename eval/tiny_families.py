@@ -6,7 +6,8 @@ good a real model stays (SmolLM2 is the quality test).
 
 Settings: 4 layers, hidden 128, 8 heads / 4 KV heads, head_dim 16, MLP 256 (MoE: 8 experts of 128, top-2);
 prune 50 % of heads and channels by element1 on 8 x 64 tokens, uniform (MoE: also 50 % of the experts by REAP), LoRA
-10 steps, GPTQ W4 g32 on 16 x 64 tokens. Output change: mean |Δlogit| / mean |logit| against the previous step, on 4 x 64 held-out tokens.
+10 steps, GPTQ W4 g32 on 16 x 64 tokens. Output change: mean |Δlogit| / mean |logit| against the previous step, on
+4 x 64 held-out tokens.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ when it runs, not only on disk, and faster than its source. Built from the grid'
 
 Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernels_h200.json, 7B shapes on an H200):
 
-    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress-llm[cuda]`): its GEMV / split-K kernels
+    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress-llm[cuda]`): its GEMV / split-K
+                                    kernels
                                     for a few rows (decode), and above DEQUANTIZE_ABOVE_ROWS rows the weight dequantized
                                     by one fused kernel and multiplied by cuBLAS (vLLM's rule for Marlin: a large
                                     input is compute-bound, and cuBLAS is the fastest GEMM there). Without gemlite:
