@@ -11,3 +11,15 @@ class RecipeError(CompressError):
     def __init__(self, lines: list[str]):
         self.lines = lines
         super().__init__("\n".join(lines))
+
+
+class StepConfigError(CompressError):
+    """A step's setting that does not fit the model, found once it is loaded (before any work): `field` is where
+    the setting sits in the step's config, so a recipe run can name its file and line."""
+
+    def __init__(self, message: str, field: tuple = ()):
+        self.message, self.field = message, field
+        super().__init__(message)
+
+    def within(self, prefix: tuple) -> "StepConfigError":
+        return StepConfigError(self.message, prefix + self.field)

@@ -25,9 +25,10 @@ from compress.modules import decoder_layers, quantizable_linears
 from compress.prune.structure import planned_experts, planned_widths
 from compress.widths import build_layers_at_recorded_widths, layer_widths, shared_expert, shrink_layer_to
 
-# bits per weight as saved: compressed-tensors packs 32 // bits integers into each int32 word (3-bit: 10 per word);
+# bits per weight as saved: compressed-tensors packs the integers densely, ceil(n · bits / 32) int32 words per row
+# (3-bit values straddle words);
 # the FP4 grids pack two e2m1 values per byte and count their one-byte scales here (e4m3 per 16, e8m0 per 32)
-PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 32 / 8, "int3": 32 / 10,
+PRECISIONS = {"fp32": 32.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0, "int3": 3.0,
               "nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32}
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -146,6 +147,16 @@ def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int)
     scales = shape.quantizable // group_size if precision.startswith("int") and precision != "int8" else 0
     rest = shape.params - shape.quantizable
     return int(shape.quantizable * PRECISIONS[precision] / 8) + scales * dtype_bytes + rest * dtype_bytes
+
+
+def linear_bytes(rows: int, cols: int, bits: int, group_size: int, sym: bool, scale_bytes: int) -> int:
+    """Saved bytes of one Linear on an integer grid, as compressed-tensors' pack-quantized writes it: each row's
+    values packed densely into ceil(cols · bits / 32) int32 words, one scale per group (in the model's dtype), an
+    asymmetric grid's zero points packed the same way along the output dimension, and the 2-entry int64
+    weight_shape. What a mixed-precision budget (compress.quantize.mixed) spends and what each grid of a step costs."""
+    groups = 1 if group_size == -1 else cols // group_size
+    zero_points = 0 if sym else -(-rows * bits // 32) * groups * 4
+    return rows * -(-cols * bits // 32) * 4 + rows * groups * scale_bytes + zero_points + 16
 
 
 def inference_bytes(shape: Shapes, precision: str, config: EstimateConfig, kv_fp8: bool = False) -> dict[str, int]:

@@ -39,7 +39,7 @@ from compress.config import HubPush, WeightOnlyConfig
 from compress.config.sources import STEP_FOLDER, STEP_FOLDER_NAME, Base, step_folder_name
 from compress.data import calibration_batches, dataset_digest
 from compress.distill import check_same_tokenizer
-from compress.errors import CompressError
+from compress.errors import CompressError, StepConfigError
 from compress.evaluate import evaluate, headline
 from compress.hub import STAGING, push
 from compress.measure import measure
@@ -47,7 +47,8 @@ from compress.models import load_model, public_name, resolve_source, source_iden
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
 from compress.quantize.kv_cache import kv_cache_precision
-from compress.recipe import Recipe, load_recipe, resolved_yaml
+from compress.quantize.mixed import grids_record
+from compress.recipe import Recipe, load_recipe, locate, resolved_yaml
 from compress.report import local_paths, write_report
 from compress.steps import StepSpec, spec_of, teacher_name
 from compress.tasks import datasets_of_eval
@@ -199,10 +200,13 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
     for step in recipe.steps:  # enough data for each (cached: the step itself gets the same tensors)
         _data_inputs(step.config, tokenizer, recipe)
     pruned_to = None
-    for step in recipe.steps:
+    for position, step in enumerate(recipe.steps):
         config, spec = step.config, step.spec
         if pruned_to is None:  # until a step changes the widths, the base model is what each step will see
-            spec.check_model(model, config)
+            try:
+                spec.check_model(model, config)
+            except StepConfigError as error:  # where in the recipe: the run names the file and line
+                raise error.within(("steps", position, spec.kind)) from None
         if spec.prunes:
             pruned_to = config
         elif isinstance(config, WeightOnlyConfig) and config.group_size != -1:
@@ -405,6 +409,7 @@ def _run_step(step: _Step, model, tokenizer, previous: Path | None, run: _Run):
         "eval_fingerprint": run.eval_fingerprint, "params": _param_count(model), "metrics": metrics,
         **({"eval_datasets": run.eval_datasets} if step.index in run.eval_at else {}),
         "quantized": is_quantized(model), "kv_cache": kv_cache_precision(model), **_sensitivity(model),
+        **grids_record(model),
         **_raised_damping(model),
         "save_format": spec.save_format(config),
         **({"training_data": list(config.data)} if spec.trains else {}),
@@ -450,6 +455,7 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
     """Run (or resume) a recipe (a Recipe or a path to its YAML); returns the report also written to report.json.
     Then, with `push_to_hub` (a repo id) or the recipe's `hub:`, push a step folder with a model card; `dry_run`
     writes the upload (card and files) to RUN/hub-upload without sending it."""
+    recipe_file = None if isinstance(recipe, Recipe) else recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if data_dir is not None:  # --data-dir: in place of the recipe's data.dir
@@ -499,7 +505,11 @@ def run(recipe: Recipe | str | Path, output_dir: str | Path | None = None, overw
                 continue
             redo = True
             _redo_from(step, steps, why, context)
-        model, tokenizer, record = _run_step(step, model, tokenizer, previous, context)
+        try:
+            model, tokenizer, record = _run_step(step, model, tokenizer, previous, context)
+        except StepConfigError as error:
+            where = locate(recipe_file, error.field) if recipe_file else ".".join(map(str, error.field))
+            raise CompressError(f"{where}: {error.message}") from None
         records.append(record)
         previous = step.folder
     return _publish(context, records, hub, dry_run)

@@ -322,6 +322,13 @@ def _parse_error(path: Path, error: yaml.YAMLError) -> RecipeError:
     return RecipeError([f"{path}:{line}: malformed YAML: {problem}"])
 
 
+def locate(path: str | Path, loc: tuple) -> str:
+    """`file:line: field` of a setting found wrong after loading (e.g. against the model): the recipe file is
+    parsed again for its line numbers."""
+    node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    return f"{path}:{_line_of(loc, _lines(node))}: {_field_path(loc)}"
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe; raises RecipeError with one `file:line: field: problem` line per problem."""
     path = Path(path)

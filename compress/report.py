@@ -61,12 +61,33 @@ def _row(record: dict, changes: dict) -> dict:
         "peak_rss_bytes": record["peak_rss_bytes"],
         **({"peak_cuda_bytes": record["peak_cuda_bytes"]} if "peak_cuda_bytes" in record else {}),
         **({"most_sensitive": _most_sensitive(record["sensitivity"])} if record.get("sensitivity") else {}),
+        **({key: record[key] for key in ("grids", "kept_by_budget") if key in record}),
         **({"speed": record["speed"]} if record.get("speed") else {}),
         **({"kv_cache": record["kv_cache"]} if record.get("kv_cache") else {}),
     }
 
 
 SENSITIVE_SHOWN = 5
+
+
+def _grid_lines(report: dict) -> list[str]:
+    """Steps whose Linears lie on several grids (overrides, a `keep` budget): which Linears got which grid."""
+    mixed = [row for row in report["steps"] if row.get("grids")]
+    if not mixed:
+        return []
+    lines = ["", "## Mixed precision", "", "Each grid of a step, its Linears and their saved bytes; the grid most of "
+                                           "them share is named by count only (step.json lists every name).", ""]
+    for row in mixed:
+        for grid, entry in row["grids"].items():
+            size = f", {entry['bytes'] / MIB:,.2f} MiB" if entry.get("bytes") is not None else ""
+            names = f": {', '.join(f'`{n}`' for n in entry['names'])}" if entry.get("names") else ""
+            lines.append(f"- {row['step']}, {grid}: {entry['linears']} Linears{size}{names}")
+        kept = row.get("kept_by_budget")
+        if kept:
+            errors = ", ".join(f"`{names}` {error:.4f}" for names, error in kept["kept"].items())
+            lines.append(f"- {row['step']}: kept at {kept['grid']} by the budget ({kept['budget']}; {kept['probe']}):"
+                         f" {errors}; the highest error not kept: {kept['highest_not_kept']:.4f}")
+    return lines
 
 
 def _most_sensitive(sensitivity: dict[str, float]) -> dict[str, float]:
@@ -338,6 +359,7 @@ def render_markdown(report: dict, plot: str | None = None) -> str:
         for row in sensitive:
             errors = ", ".join(f"`{name}` {error:.4f}" for name, error in row["most_sensitive"].items())
             lines.append(f"- {row['step']}: {errors}")
+    lines += _grid_lines(report)
     lines += ["", "## Evaluation protocol", ""] + _protocol_lines(report)
     if report.get("datasets"):
         lines += ["", "Data read by the steps and the evaluations, with the sha256 of each file (its first 16 "

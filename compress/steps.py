@@ -93,17 +93,18 @@ def _load(name: str) -> Callable:
 
 
 _QUANTIZABLE = "compress.architectures:check_quantizable"
-_QUANTIZABLE_ON_GRID = "compress.quantize.fp4:check_fp4_widths"  # and, on an FP4 grid, widths in whole groups
+# and, on an FP4 grid, widths in whole groups; every override and the budget against the Linears
+_MIXED_GRIDS = "compress.quantize.mixed:check_grids"
 SPECS = (
     StepSpec("prune", TaylorPrune, "compress.prune:prune", calibrates=True, prunes=True,
              check="compress.prune:check_prunable"),
     StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
     StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
     StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format,
-             check=_QUANTIZABLE_ON_GRID),
+             check=_MIXED_GRIDS),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
              save_format=_config_format, resolve_run="compress.quantize.gptq:resolve_run",
-             check=_QUANTIZABLE_ON_GRID),
+             check=_MIXED_GRIDS),
     StepSpec("quantize", AWQ, "compress.quantize.awq:quantize_awq", calibrates=True, quantizes=True,
              save_format=_config_format, check=_QUANTIZABLE),
     StepSpec("quantize", FP8, "compress.quantize.fp8:quantize_fp8", quantizes=True, save_format=_compressed_tensors,

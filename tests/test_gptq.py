@@ -49,12 +49,13 @@ def test_a_process_with_no_rows_of_a_group_still_joins_the_gather(monkeypatch):
     """Under several processes a group with fewer rows than processes leaves some with an empty share: they must
     still send an empty part of each result to the gather (else the others wait there forever)."""
     from compress.quantize import gptq
+    from compress.quantize.grid import quantization_args
 
     torch.manual_seed(0)
     X = _correlated_inputs(512, 32)
     hessian = 2 * X.T @ X / X.shape[0]
     config = GPTQ(bits=4, group_size=16)
-    args = gptq.quantization_args(config, "weight")
+    args = quantization_args(config, "weight")
     make = lambda: {"a": torch.nn.Linear(32, 3, bias=False), "b": torch.nn.Linear(32, 2, bias=False)}  # noqa: E731
     torch.manual_seed(1)
     alone = make()

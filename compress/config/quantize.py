@@ -92,7 +92,121 @@ class FP4Grid(Strict):
         return self
 
 
-class RTN(FP4Grid, WeightOnlyConfig):
+def _grid_name(bits: int, group_size: int, sym: bool) -> str:
+    return f"W{bits} {'per-channel' if group_size == -1 else f'g{group_size}'} {'sym' if sym else 'asym'}"
+
+
+class GridChange(Strict):
+    """A grid that differs from its step's in some of bits / group size / symmetry; unset keys are the step's."""
+
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: int | None = Field(None, description="input columns per scale; -1 = one scale per output channel")
+    sym: bool | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and not 1 <= value <= MAX_WIDTH:
+            raise ValueError(f"got {value}; allowed: 1 to {MAX_WIDTH} columns, or -1 for per-channel")
+        return value
+
+    def on(self, step: WeightOnlyConfig) -> tuple[int, int, bool]:
+        """(bits, group_size, sym) of this grid inside `step`."""
+        return (step.bits if self.bits is None else self.bits,
+                step.group_size if self.group_size is None else self.group_size,
+                step.sym if self.sym is None else self.sym)
+
+
+class GridOverride(GridChange):
+    """`{match: '*.down_proj', bits: 4}`: the Linears whose full module name matches the shell-style pattern take this
+    grid instead of the step's."""
+
+    match: str = Field(min_length=1, description="full module names or a shell-style pattern, as in `ignore`")
+
+    @model_validator(mode="after")
+    def _changes_something(self):
+        if self.bits is None and self.group_size is None and self.sym is None:
+            raise ValueError(f"override {self.match!r} changes nothing: give bits, group_size or sym")
+        return self
+
+
+class KeepSensitive(GridChange):
+    """`keep: {fraction: 0.1, bits: 4}`: the budget form. The Linears whose outputs the step's grid changes most, by
+    the relative output error ||(Q - W) X||² / ||W X||² of a round-to-nearest probe on the step's grid over its
+    calibration inputs X, take this (higher) grid. Exactly one of: `count` Linears, a `fraction` of the step's
+    Linears, every Linear whose error is `above` a threshold, or as many as fit in `extra_bytes` (a fraction of the
+    weight bytes every Linear would take on the step's grid). Linears that read one input (q/k/v, gate/up) are
+    kept or not together: serving engines fuse them into one Linear with one grid."""
+
+    count: int | None = Field(None, ge=1, description="the N most sensitive Linears")
+    fraction: float | None = Field(None, gt=0, lt=1, description="that fraction of the step's Linears, by count")
+    above: float | None = Field(None, gt=0, description="every Linear whose relative output error exceeds this")
+    extra_bytes: float | None = Field(None, gt=0, description=(
+        "the most sensitive Linears that fit in this many more weight bytes than the step's grid alone, as a "
+        "fraction of its bytes (0.12: at most 12 % more)"))
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [key for key in ("count", "fraction", "above", "extra_bytes") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one budget of count, fraction, above or extra_bytes (got "
+                             f"{', '.join(given) or 'none'})")
+        return self
+
+    def budget(self) -> str:
+        if self.count is not None:
+            return f"the {self.count} most sensitive Linears"
+        if self.fraction is not None:
+            return f"the {self.fraction:.0%} most sensitive Linears"
+        if self.above is not None:
+            return f"Linears with output error above {self.above:g}"
+        return f"the most sensitive Linears within {self.extra_bytes:.0%} more weight bytes"
+
+
+class PerLinearGrids(Strict):
+    """Mixed precision inside one RTN or GPTQ step: `overrides` by name pattern, and (GPTQ, which reads calibration
+    data) `keep`, a budget of the most sensitive Linears on a higher grid. Both live in the quantize step rather
+    than in a step of their own because every Linear's grid must be known before the step's first solve (GPTQ
+    calibrates each layer on the outputs of the quantized ones before it); the probe behind `keep` runs inside the
+    step on the step's own calibration set, so a recipe needs no earlier quantize step to act on sensitivities. An
+    explicit override wins over the budget: Linears it matches are not ranked."""
+
+    overrides: tuple[GridOverride, ...] = Field((), description=(
+        "per-pattern grids, e.g. [{match: '*.down_proj', bits: 4}]; a Linear may match one override only (or "
+        "several that give it one grid)"))
+    keep: KeepSensitive | None = Field(None, description=(
+        "the most sensitive Linears on a higher grid: {fraction: 0.1, bits: 4} (or count, above, extra_bytes)"))
+
+    @model_validator(mode="after")
+    def _grids_compose(self):
+        if not self.overrides and self.keep is None:
+            return self
+        if getattr(self, "grid", "int") != "int":
+            raise ValueError(f"overrides and keep change integer grids; grid {self.grid} fixes bits, groups and "
+                             f"symmetry: remove them, or use grid int")
+        if self.keep is not None:
+            bits, group, sym = self.keep.on(self)
+            if (bits, group, sym) == (self.bits, self.group_size, self.sym):
+                raise ValueError(f"keep's grid {_grid_name(bits, group, sym)} is the step's own: give it more bits "
+                                 f"or a smaller group_size")
+            if bits < self.bits:
+                raise ValueError(f"keep's bits {bits} are fewer than the step's {self.bits}: the kept Linears take a "
+                                 f"higher grid; to lower some Linears use overrides")
+        if self.format == "gptq":
+            grids = {o.on(self) for o in self.overrides} | ({self.keep.on(self)} if self.keep else set())
+            if grids - {(self.bits, self.group_size, self.sym)}:
+                raise ValueError("format gptq holds one grid per model; save mixed grids with format "
+                                 "compressed-tensors (several config groups)")
+        return self
+
+    def mixed_summary(self) -> str:
+        parts = [f"{o.match} {_grid_name(*o.on(self))}" for o in self.overrides]
+        if self.keep is not None:
+            parts.append(f"{self.keep.budget()} {_grid_name(*self.keep.on(self))}")
+        return f" ({'; '.join(parts)})" if parts else ""
+
+
+class RTN(PerLinearGrids, FP4Grid, WeightOnlyConfig):
     """Round-to-nearest: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`, or onto an FP4 grid:
     `{method: rtn, grid: nvfp4}`."""
 
@@ -106,8 +220,15 @@ class RTN(FP4Grid, WeightOnlyConfig):
                              "scale)")
         return self
 
+    @model_validator(mode="after")
+    def _keep_needs_calibration(self):
+        if self.keep is not None:
+            raise ValueError("keep ranks Linears by their output error on calibration inputs, which rtn does not "
+                             "read: use method gptq, or name the Linears with overrides")
+        return self
+
     def describe(self) -> str:
-        return f"rtn {self.grid_summary()}"
+        return f"rtn {self.grid_summary()}{self.mixed_summary()}"
 
 
 class GPTQSolver(Strict):
@@ -121,7 +242,7 @@ class GPTQSolver(Strict):
         return f"gptq{' act-order' if self.act_order else ''}"
 
 
-class GPTQ(FP4Grid, WeightOnlyConfig, GPTQSolver):
+class GPTQ(PerLinearGrids, FP4Grid, WeightOnlyConfig, GPTQSolver):
     """GPTQ: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01, schedule: sequential,
     calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
 
@@ -139,7 +260,7 @@ class GPTQ(FP4Grid, WeightOnlyConfig, GPTQSolver):
 
     def describe(self) -> str:
         schedule = "" if self.schedule == "sequential" else " two-pass"
-        return (f"gptq {self.grid_summary()}{' act-order' if self.act_order else ''}{schedule}"
+        return (f"gptq {self.grid_summary()}{self.mixed_summary()}{' act-order' if self.act_order else ''}{schedule}"
                 f"{' offload' if self.offload else ''}")
 
 

@@ -53,9 +53,9 @@ from compress.quantize.grid import (
     minmax_qparams,
     output_energy_per_row,
     quantizable_linears,
-    quantization_args,
 )
 from compress.quantize.layerwise import LayerwiseCalibration
+from compress.quantize.mixed import linear_grids
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
 # on the model after quantize_gptq: {Linear name: the damp its solve used}, for every Linear whose Hessian needed more
@@ -340,10 +340,12 @@ def _stacked_rows(weights: list[torch.Tensor], begin: int, end: int) -> torch.Te
     return torch.cat(pieces) if pieces else weights[0][:0]
 
 
-def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str) -> None:
-    """GPTQ for all Linears sharing `hessian`: one factorisation, and their rows stacked into one column sweep (its
-    per-column kernel launches are paid once for the group, not once per Linear). Rows are independent
-    given the Hessian, so the stack is solved in slices of at most SOLVE_SLICE elements, which bounds the solver's
+def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, grids, config: GPTQ, where: str) -> None:
+    """GPTQ for all Linears sharing `hessian` (`grids`: each one's grid, or one for all): one factorisation, and the
+    rows of those on one grid stacked into one column sweep (rows are independent given the Hessian, so Linears on
+    different grids are solved apart with the same factor; compress.quantize.mixed keeps siblings on one grid for
+    serving). The sweep's per-column kernel launches are paid once for the stack, not once per Linear. The stack is
+    solved in slices of at most SOLVE_SLICE elements, which bounds the solver's
     memory whatever the group (an MoE layer's gate/up group is 16 Linears, 229,376 rows at Mixtral-8x7B). Under
     several processes each solves its share of the stack's rows and all gather them. Weights replaced in place; a
     damp raised above the configured one is warned about and noted on each Linear (RAISED_DAMP_ATTR)."""
@@ -355,6 +357,13 @@ def _solve_group(linears: dict, names: list[str], hessian: torch.Tensor, args, c
                           f"usually avoid this", stacklevel=2)
         for name in names:
             setattr(linears[name], RAISED_DAMP_ATTR, factor.damp)
+    grids = grids if isinstance(grids, dict) else dict.fromkeys(names, grids)
+    for args in {grids[name].model_dump_json(): grids[name] for name in names}.values():
+        _solve_rows(linears, [name for name in names if grids[name] == args], hessian, args, config, where, factor)
+
+
+def _solve_rows(linears: dict, names: list[str], hessian: torch.Tensor, args, config: GPTQ, where: str,
+                factor: HessianFactor) -> None:
     weights = [linears[name].weight for name in names]
     shared = global_scale(weights, args) if is_fp4(args) else None  # NVFP4: one per group that reads one input
     total, cols = sum(len(w) for w in weights), weights[0].shape[1]
@@ -488,7 +497,9 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     unfuse_experts(model)  # MoE: one Linear per expert projection, each calibrated on every token (compress.moe)
     check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
-    args = quantization_args(config, "weight" if config.act_order else None)
+    # every Linear's grid, decided before any solve (compress.quantize.mixed); the budget's probe runs here
+    grids = linear_grids(model, config, calibration, "weight" if config.act_order else None)
+    names = {id(module): name for name, module in model.named_modules()}
     observed_inputs = fp4_inputs(config) is not None  # W4A4: the inputs' ranges, for their global scales
     home = next(model.parameters()).device
     device = _calibration_device(model, config.offload)
@@ -506,6 +517,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
             progress.update(task, description=f"GPTQ layer {index + 1}/{len(layers)}")
             with layerwise.layer_on_device(index) if config.offload else nullcontext():
                 linears = {name: m for name, m in quantizable_linears(layer) if id(m) not in kept}
+                args = {name: grids[names[id(m)]] for name, m in linears.items()}
                 maxima: dict[str, float] = {}
                 with observing_input_maxima(linears, maxima) if observed_inputs else nullcontext():
                     quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))

@@ -20,8 +20,8 @@ from compress.quantize.grid import (
     fake_quantize,
     minmax_qparams,
     quantizable_linears,
-    quantization_args,
 )
+from compress.quantize.mixed import linear_grids
 
 
 @torch.no_grad()
@@ -32,14 +32,15 @@ def quantize_rtn(model: torch.nn.Module, config: RTN | WeightOnlyConfig, *, show
     unfuse_experts(model)  # MoE: one Linear per expert projection (compress.moe)
     check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
-    args = quantization_args(config)
+    grids = linear_grids(model, config)  # overrides: a grid per Linear
     fp4 = getattr(config, "grid", "int") != "int"
     inputs = fp4_input_args(config.grid) if fp4 and config.activations == "dynamic" else None
     linears = dict(quantizable_linears(model, keep_float=config.ignore))
-    shared = {name: global_scale([linears[n].weight for n in group], args)
+    shared = {name: global_scale([linears[n].weight for n in group], grids[group[0]])
               for group in (same_input_groups(model, list(linears)) if fp4 else []) for name in group}
     for name, linear in track(list(linears.items()), description="RTN rounding", disable=not show_progress,
                               transient=True):
+        args = grids[name]
         scale, zero_point = minmax_qparams(linear.weight, args, shared.get(name))
         linear.weight.copy_(fake_quantize(linear.weight, scale, zero_point, args, shared.get(name)))
         setattr(linear, QUANT_ATTR, WeightQuant(args, scale, zero_point, inputs, global_scale=shared.get(name)))
