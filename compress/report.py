@@ -75,8 +75,8 @@ def _grid_lines(report: dict) -> list[str]:
     mixed = [row for row in report["steps"] if row.get("grids")]
     if not mixed:
         return []
-    lines = ["", "## Mixed precision", "", "Each grid of a step, its Linears and their saved bytes; the grid most of "
-                                           "them share is named by count only (step.json lists every name).", ""]
+    lines = ["", "## Mixed precision", "", "Each grid of a step, its Linears and their saved bytes; the Linears of "
+                                           "the grid most of them share are all the others.", ""]
     for row in mixed:
         for grid, entry in row["grids"].items():
             size = f", {entry['bytes'] / MIB:,.2f} MiB" if entry.get("bytes") is not None else ""
@@ -86,7 +86,8 @@ def _grid_lines(report: dict) -> list[str]:
         if kept:
             errors = ", ".join(f"`{names}` {error:.4f}" for names, error in kept["kept"].items())
             lines.append(f"- {row['step']}: kept at {kept['grid']} by the budget ({kept['budget']}; {kept['probe']}):"
-                         f" {errors}; the highest error not kept: {kept['highest_not_kept']:.4f}")
+                         f" {errors}; the highest error not kept: {kept['highest_not_kept']:.4f} (a group of Linears "
+                         f"that did not fit in what was left of the budget is passed over for smaller ones)")
     return lines
 
 
