@@ -15,7 +15,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import compress
+from compress.bench import step_folders
 from compress.errors import CompressError, RecipeError
+from compress.modules import is_packed
 from compress.quantize.fp8 import E4M3, E4M3_MAX
 from compress.quantize.kv_cache import check_kv_cache, kv_quantized, remove
 
@@ -132,6 +134,9 @@ def test_checkpoint_reloads_and_matches_compressed_tensors(tiny, tmp_path, scale
     reloaded, _ = compress.load(folder)
     assert len(kv_quantized(reloaded)) == 2
     torch.testing.assert_close(_logits(reloaded, ids), in_memory, rtol=0, atol=1e-5)
+    packed, _ = compress.load(folder, runtime="packed")  # FP8 weights: built packed from the checkpoint
+    assert len(kv_quantized(packed)) == 2 and is_packed(packed) == (weights is not None)
+    torch.testing.assert_close(_logits(packed, ids), in_memory, rtol=0, atol=1e-4)
 
     stock, plain, reference = _stock_with_reference_cache(folder, ids)
     torch.testing.assert_close(reference, in_memory, rtol=0, atol=1e-5)
@@ -151,8 +156,9 @@ def test_kv_cache_recipe_after_a_weight_step(tiny_recipe):
     rows = {row["step"]: row for row in report["steps"]}
     assert rows["00-base"]["kv_cache"] == "float32" and rows["02-kv_cache"]["kv_cache"] == "fp8 e4m3 per-tensor"
     assert rows["02-kv_cache"]["wikitext2_perplexity"] != rows["01-quantize"]["wikitext2_perplexity"]
-    report_md = (recipe.parent / "runs" / "tiny" / "report.md").read_text()
-    assert "| fp8 e4m3 per-tensor |" in report_md
+    run = recipe.parent / "runs" / "tiny"
+    assert "| fp8 e4m3 per-tensor |" in (run / "report.md").read_text()
+    assert [folder.name for folder in step_folders(run)] == ["00-base", "01-quantize", "02-kv_cache"]
 
 
 def test_a_step_after_kv_cache_is_refused(tiny_recipe):

@@ -173,6 +173,16 @@ def test_fp8_on_smollm2_costs_little(smollm2, base_ppl):
     assert base_ppl < fp8_ppl < base_ppl * 1.05  # W8A8 FP8 is near-lossless at this size
 
 
+def test_fp8_kv_cache_on_smollm2_costs_under_one_percent(smollm2, base_ppl):
+    from compress.data import calibration_batches
+
+    model, tokenizer, _ = smollm2
+    ids = calibration_batches(tokenizer, "wikitext2-valid", samples=8, seq_len=512)
+    kv = compress.quantize_kv_cache(copy.deepcopy(model), compress.KVCache(), ids, show_progress=False)
+    kv_ppl = compress.perplexity(kv, tokenizer, PPL, show_progress=False)["perplexity"]
+    assert kv_ppl != base_ppl and abs(kv_ppl / base_ppl - 1) < 0.01  # the issue's target
+
+
 def test_taylor_pruning_beats_the_baselines_on_smollm2(smollm2, taylor_pruned):
     """25 % of the heads and MLP channels of layers [4, 28), LLM-Pruner's setting: first-order Taylor importance
     keeps far more of the model than magnitude (l2) or random choice, and the structure is what was planned."""

@@ -79,9 +79,9 @@ ARCHITECTURES = {  # shapes only: `compress estimate` and random-weight dry runs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-# A run's step folders: NN-kind (00-base, 01-prune, ...); NN-kind.partial while being written.
-STEP_FOLDER_NAME = re.compile(r"^(\d\d)-[a-z]+$")
-STEP_FOLDER = re.compile(r"^\d\d-[a-z]+(\.partial)?$")
+# A run's step folders: NN-kind (00-base, 01-prune, 02-kv_cache, ...); NN-kind.partial while being written.
+STEP_FOLDER_NAME = re.compile(r"^(\d\d)-[a-z][a-z_]*$")
+STEP_FOLDER = re.compile(r"^\d\d-[a-z][a-z_]*(\.partial)?$")
 
 
 def step_folder_name(index: int, kind: str) -> str:

@@ -12,7 +12,6 @@ a 16-bit cache's; `compress estimate` and `compress bench` count the bytes an FP
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -81,29 +80,25 @@ class _CacheStandIn:
 
 def _cache_argument(attention: torch.nn.Module) -> tuple[str, int] | None:
     """(name, position) of the attention forward's cache argument, or None where it takes no cache."""
-    return _cache_argument_of(type(attention))
-
-
-@functools.cache  # per class: the hook runs on every attention call
-def _cache_argument_of(cls: type) -> tuple[str, int] | None:
-    names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+    names = list(inspect.signature(type(attention).forward).parameters)[1:]  # without self
     found = next((name for name in CACHE_ARGUMENTS if name in names), None)
     return None if found is None else (found, names.index(found))
 
 
-def _swap_cache_hook(on_update):
-    """A forward pre-hook that puts a stand-in (calling on_update(attention, k, v)) in place of the cache argument."""
+def _swap_cache_hook(attention: torch.nn.Module, on_update) -> torch.utils.hooks.RemovableHandle:
+    """Register a forward pre-hook that puts a stand-in (calling on_update(attention, k, v)) in place of the
+    attention's cache argument (found once here: the hook runs on every call, and compiles without a lookup)."""
+    name, position = _cache_argument(attention)
 
-    def hook(attention, args, kwargs):
-        name, position = _cache_argument(attention)
+    def hook(module, args, kwargs):
         if len(args) > position:
-            args = (*args[:position], _CacheStandIn(args[position], lambda k, v: on_update(attention, k, v)),
+            args = (*args[:position], _CacheStandIn(args[position], lambda k, v: on_update(module, k, v)),
                     *args[position + 1:])
         else:
-            kwargs[name] = _CacheStandIn(kwargs.get(name), lambda k, v: on_update(attention, k, v))
+            kwargs[name] = _CacheStandIn(kwargs.get(name), lambda k, v: on_update(module, k, v))
         return args, kwargs
 
-    return hook
+    return attention.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _round_kv(attention, key_states, value_states):
@@ -142,13 +137,13 @@ def check_kv_cache(model: torch.nn.Module, config: KVCache | None = None) -> Non
                             f"for this model")
 
 
-def install(attention: torch.nn.Module, quant: KVQuant) -> None:
-    """Run this attention module with a quantized cache (replacing one it already has)."""
+def install(attention: torch.nn.Module, quant: KVQuant, device: torch.device) -> None:
+    """Run this attention module with a quantized cache (replacing one it already has); the scales live on `device`,
+    where the layer runs."""
     remove(attention)
-    device = next(attention.parameters()).device  # the scales live where the layer runs
     quant = KVQuant(quant.args, quant.k_scale.to(device), quant.v_scale.to(device))
     setattr(attention, KV_ATTR, quant)
-    setattr(attention, _HOOK_ATTR, attention.register_forward_pre_hook(_swap_cache_hook(_round_kv), with_kwargs=True))
+    setattr(attention, _HOOK_ATTR, _swap_cache_hook(attention, _round_kv))
 
 
 def remove(attention: torch.nn.Module) -> None:
@@ -183,7 +178,7 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def quantize_kv_cache(model: torch.nn.Module, config: KVCache, *, calibration: torch.Tensor,
+def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torch.Tensor, *,
                       show_progress: bool = True) -> torch.nn.Module:
     """Calibrate each layer's key and value scales on `calibration` (token ids [samples, seq_len]) with the cache in
     full precision, then run the model with the FP8 cache."""
@@ -202,8 +197,7 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, *, calibration: t
             seen[index] = value if seen[index] is None else torch.maximum(seen[index], value)
         return key_states, value_states
 
-    hooks = [attention.register_forward_pre_hook(_swap_cache_hook(observe), with_kwargs=True)
-             for _, attention in modules]
+    hooks = [_swap_cache_hook(attention, observe) for _, attention in modules]
     device = next(model.parameters()).device
     try:
         batches = calibration.split(CALIBRATION_BATCH)
@@ -220,7 +214,7 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, *, calibration: t
         # saved in the model's dtype, as compressed-tensors initializes them: rounding uses the saved values
         k_scale, v_scale = ((a / E4M3_MAX).clamp(min=torch.finfo(torch.float16).tiny).reshape(shape).to(dtype)
                             for a in (k_amax, v_amax))
-        install(attention, KVQuant(args, k_scale, v_scale))
+        install(attention, KVQuant(args, k_scale, v_scale), device)
     return model
 
 
@@ -268,10 +262,11 @@ def install_from_checkpoint(model: torch.nn.Module, quantization_config: dict, s
                             f"attn_head")
     check_kv_cache(model)
     scales = {module_name(key): value for key, value in scales.items()}
+    device = model.get_input_embeddings().weight.device  # packed layers may hold no parameter of their own
     for name, attention in attention_modules(model):
         try:
             k_scale, v_scale = scales[f"{name}.k_scale"], scales[f"{name}.v_scale"]
         except KeyError:
             raise CompressError(f"config.json has a kv_cache_scheme but the weights hold no {name}.k_scale / "
                                 f".v_scale; the checkpoint is damaged or its config does not belong to its weights")
-        install(attention, KVQuant(args, k_scale, v_scale))
+        install(attention, KVQuant(args, k_scale, v_scale), device)
