@@ -9,6 +9,7 @@ measured peaks (torch's allocator on CUDA, the process's resident memory on the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -233,14 +234,50 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
             "precisions": {p: {"disk": disk_bytes(pruned, p, dtype_bytes, config.group_size),
                                "inference": inference_bytes(pruned, p, config, kv_fp8)["total"]} for p in PRECISIONS}}
     result["training"] = training_bytes(base, config)
+    saved = saved_grid_bytes(model_config, dtype_bytes)
+    if saved:  # a quantized checkpoint: its own grids, as saved (several for a mixed-precision step)
+        result["as_saved"] = {"grids": saved, "disk": sum(saved.values())
+                              + (base.params - base.quantizable) * dtype_bytes}
     return result
+
+
+def _quantization_config(model_config) -> dict:
+    quant = getattr(model_config, "quantization_config", None) or {}
+    return quant if isinstance(quant, dict) else quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
+
+
+def saved_grid_bytes(model_config, dtype_bytes: int) -> dict[str, int] | None:
+    """{grid: bytes} of the decoder Linears as a compressed-tensors checkpoint's config groups put them on integer
+    grids (several groups: a mixed-precision step), each Linear counted by linear_bytes; None where the config has no
+    integer config groups."""
+    groups = (_quantization_config(model_config).get("config_groups") or {}).values()
+    grids = [(g["weights"], g.get("targets", [])) for g in groups if (g.get("weights") or {}).get("type") == "int"]
+    if not grids:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+        build_layers_at_recorded_widths(model)
+    ignore = _quantization_config(model_config).get("ignore") or []
+    totals: dict[str, int] = {}
+    for name, linear in quantizable_linears(model):
+        if name in ignore:
+            continue
+        for weights, targets in grids:  # targets: exact names (several groups), "re:" patterns or "Linear"
+            if name in targets or "Linear" in targets or any(t.startswith("re:") and re.fullmatch(t[3:], name)
+                                                             for t in targets):
+                group = weights.get("group_size") or -1
+                key = f"W{weights['num_bits']} {'per-channel' if group == -1 else f'g{group}'} " \
+                      f"{'sym' if weights.get('symmetric', True) else 'asym'}"
+                totals[key] = totals.get(key, 0) + linear_bytes(linear.out_features, linear.in_features,
+                                                                weights["num_bits"], group,
+                                                                weights.get("symmetric", True), dtype_bytes)
+                break
+    return totals
 
 
 def _has_kv_cache_scheme(model_config) -> bool:
     """Whether a model's config.json says its KV cache is quantized (compressed-tensors' kv_cache_scheme)."""
-    quant = getattr(model_config, "quantization_config", None) or {}
-    quant = quant if isinstance(quant, dict) else quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
-    return bool(quant.get("kv_cache_scheme"))
+    return bool(_quantization_config(model_config).get("kv_cache_scheme"))
 
 
 def _gib(value: int) -> str:
@@ -269,6 +306,11 @@ def render_estimate(result: dict, budget_gib: float | None = None) -> str:
         memory = row["inference"]
         lines.append(f"| {precision} | {_gib(row['disk'])} | {_gib(memory['weights'])} | {_gib(memory['kv_cache'])} "
                      f"| {_gib(memory['activations'])} | {total(memory['total'])} |")
+    saved = result.get("as_saved")
+    if saved:
+        grids = ", ".join(f"{grid} {_gib(size)}" for grid, size in saved["grids"].items())
+        lines += ["", f"As saved (its quantization_config's grids): {_gib(saved['disk'])} on disk; the quantized "
+                      f"Linears: {grids}."]
     kv = result.get("kv_cache")
     if kv:
         sizes = ", ".join(f"{_gib(value)} in {name}" for name, value in kv["bytes"].items())

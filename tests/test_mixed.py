@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import compress
 from compress.errors import CompressError, RecipeError
-from compress.estimate import linear_bytes
+from compress.estimate import EstimateConfig, estimate, linear_bytes
 from compress.pipeline import run
 from compress.quantize.formats import compressed_tensors_state_dict
 from compress.quantize.gptq import _solve_group, gptq_solve
@@ -184,6 +184,11 @@ def test_mixed_checkpoint_loads_in_stock_transformers_with_its_bytes_counted(tin
         on_disk = sum(size[dtypes[key]] * torch.Size(shape).numel() for key, shape in nbytes.items()
                       if key.rsplit(".", 1)[0] in names)
         assert step["grids"][f"W{bits} g{group} {'sym' if sym else 'asym'}"]["bytes"] == on_disk
+    # compress estimate of the checkpoint counts each grid's Linears as saved
+    saved_estimate = estimate(str(folder), EstimateConfig(dtype="float32"))["as_saved"]
+    assert saved_estimate["grids"] == {grid: entry["bytes"] for grid, entry in step["grids"].items()}
+    file_size = (folder / "model.safetensors").stat().st_size
+    assert 0.95 * file_size < saved_estimate["disk"] <= file_size  # the safetensors header is not counted
     markdown = (tmp_path / "runs" / "tiny" / "report.md").read_text()
     assert "## Mixed precision" in markdown and "`model.layers.1.mlp.down_proj`" in markdown
     assert report["steps"][1]["grids"] == step["grids"]
