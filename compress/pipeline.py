@@ -46,7 +46,7 @@ from compress.measure import measure
 from compress.models import load_model, public_name, resolve_source, source_identity
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
-from compress.quantize.kv_cache import kv_cache_precision
+from compress.quantize.kv_cache import kv_cache_precision, kv_quantized
 from compress.quantize.mixed import grids_record
 from compress.recipe import Recipe, load_recipe, locate, resolved_yaml
 from compress.report import local_paths, write_report
@@ -197,6 +197,11 @@ def _preflight(model, tokenizer, recipe: Recipe) -> None:
             raise CompressError(f"{recipe.model} is a quantized checkpoint, and {', '.join(needs_float)} need a float "
                                 f"model; start from the unquantized model, or put a `- dequantize: {{}}` step first "
                                 f"(the weights keep their values, the grid is dropped)")
+    changing = [step.spec.name for step in recipe.steps if not step.spec.needs_final_weights]
+    if kv_quantized(model) and changing:
+        raise CompressError(f"{recipe.model} runs a quantized KV cache whose scales were calibrated on its weights, "
+                            f"which {', '.join(changing)} would change; start from the folder before its kv_cache "
+                            f"step and put a kv_cache step last")
     for step in recipe.steps:  # enough data for each (cached: the step itself gets the same tensors)
         _data_inputs(step.config, tokenizer, recipe)
     pruned_to = None

@@ -205,3 +205,13 @@ def test_estimate_and_bench_count_half_the_cache_bytes(tiny, tmp_path):
     kv = plain["precisions"]["bf16"]["inference"]["kv_cache"]
     assert kv == 2 * layers * kv_width * 8192 * 2
     assert counted["precisions"]["bf16"]["inference"]["kv_cache"] * 2 == kv
+
+
+def test_a_recipe_that_would_change_a_quantized_cache_model_stops_before_any_work(tiny, tmp_path):
+    compress.save_model(_quantized(tiny), tiny[1], tmp_path / "kv")
+    recipe = tmp_path / "after-kv.yaml"
+    recipe.write_text(f"name: after-kv\nmodel: {tmp_path / 'kv'}\nsteps:\n  - quantize: {{method: rtn, bits: 8}}\n"
+                      f"eval: {{tasks: []}}\noutput_dir: {tmp_path / 'run'}\n")
+    with pytest.raises(CompressError, match="runs a quantized KV cache.*quantize \\(rtn\\) would change"):
+        compress.run(recipe, show_progress=False)
+    assert not any((tmp_path / "run").glob("0*"))
