@@ -6,9 +6,10 @@ depend on their values) through the same harness (compress.bench.bench_model) in
 
 Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Llama-2's 4096 hidden size, so LlamaConfig
 refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
-W4 g64 asymmetric (the demo's grid), pruned + W4 g128 and FP8 W8A8 in the packed runtime (compress.quantize.packed);
-and W4 run dequantized (what transformers' from_pretrained gives today), for the memory comparison. The physical limit
-is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
+W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
+int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
+today), for the memory comparison. The physical limit is reported beside each: bytes of weights in memory / GPU memory
+bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -55,6 +56,9 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         compress.quantize(model, compress.RTN(bits=4, group_size=group, sym=sym), show_progress=False)
     if "FP8" in name:
         compress.quantize(model, compress.FP8(), show_progress=False)
+    if "W8A8 int8" in name:  # SmoothQuant reads calibration ids; random ones serve (speed does not depend on values)
+        ids = torch.randint(0, shape["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
+        compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
     notes = [] if "dequantized" in name else pack_model(model)
     return model, notes
 

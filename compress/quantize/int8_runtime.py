@@ -95,4 +95,4 @@ class Int8W8A8Linear(_PackedLinear):
             accumulated = int8_matmul(x_int8, self.codes).float()
         else:
             accumulated = x_int8.float() @ self.codes.float().T
-        return self._finish((accumulated * x_scale * self.scales).to(x.dtype), shape)
+        return self._finish(accumulated.mul_(x_scale).mul_(self.scales).to(x.dtype), shape)  # in place: no temporaries
