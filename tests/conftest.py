@@ -43,6 +43,7 @@ SECONDS = {
     "test_taylor_pruning_beats_the_baselines_on_smollm2": 60,
     "test_two_processes_give_the_one_process_results_and_resume": 60,
     "test_fp8_on_smollm2_costs_little": 42, "test_fp8_kv_cache_on_smollm2_costs_under_one_percent": 45,
+    "test_smoothquant_w8a8_int8_on_smollm2_costs_little": 45,
     "test_eval_change_reevaluates_without_recomputing": 40,
     "test_prune_finetune_quantize_recipe": 40, "test_crash_during_gptq_keeps_earlier_steps_and_resumes": 35,
     "test_a_rank_killed_mid_step_stops_the_run_and_a_rerun_resumes": 35,
