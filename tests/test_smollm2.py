@@ -100,14 +100,14 @@ def test_gguf_is_read_once_then_loaded_from_the_cache(smollm2, tmp_path, monkeyp
     import time
 
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: wall time on a loaded machine measures the machine
     first, first_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
-    cold = time.perf_counter() - start
+    cold = time.process_time() - start
     (folder,) = (tmp_path / "cache").iterdir()
     assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (folder / "model.safetensors").is_file()
-    start = time.perf_counter()
+    start = time.process_time()
     second, second_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
-    assert time.perf_counter() - start < cold / 3
+    assert time.process_time() - start < cold / 3
     model, tokenizer, ids = smollm2  # the fixture's model: read from a cache of its own or from the GGUF
     assert first.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
