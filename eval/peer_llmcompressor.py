@@ -34,8 +34,9 @@ def save_weights(model, path: str) -> None:
             scheme = getattr(module, "quantization_scheme", None)
             if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
                 zero = getattr(module, "weight_zero_point", None)
-                weights[name + ".weight"] = fake_quantize(module.weight, module.weight_scale, zero,
-                                                          scheme.weights).float().cpu().contiguous()
+                weights[name + ".weight"] = fake_quantize(
+                    module.weight, module.weight_scale, zero, scheme.weights,
+                    global_scale=getattr(module, "weight_global_scale", None)).float().cpu().contiguous()
     save_file(weights, path)
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--scheme", help="a preset scheme (e.g. NVFP4A16) in place of --bits / --group-size")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--save-weights", help="write the quantized Linear weights here (safetensors)")
@@ -87,7 +89,10 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(rows, batch_size=1)  # llm-compressor's default calibration batch
     grid = {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group_size}}}
-    if args.method == "gptq":
+    if args.method == "gptq" and args.scheme:
+        recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01,
+                              actorder="static", scheme=args.scheme)
+    elif args.method == "gptq":
         recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                               actorder="static", config_groups=grid)
     else:  # AWQ (duo scaling, 20 grid points: its defaults) then the same grid by round-to-nearest
