@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(list(VARIANTS)[:4]), help="comma-separated: "
                         + ", ".join(VARIANTS))
     parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
+    parser.add_argument("--merge", nargs="*", default=[], help=(
+        "results files of other invocations with the same model, calibration and protocol (e.g. variants run in "
+        "parallel): their variants join these before the comparison"))
     args = parser.parse_args()
 
     model, tokenizer = compress.load_model(args.model, "float32", "cpu")
@@ -73,10 +76,11 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    results["results"].append({"variant": "float", "perplexity": compress.perplexity(
-        model, tokenizer, protocol, show_progress=False)["perplexity"]})
-    write()
-    for name in args.variants.split(","):
+    if args.variants:
+        results["results"].append({"variant": "float", "perplexity": compress.perplexity(
+            model, tokenizer, protocol, show_progress=False)["perplexity"]})
+        write()
+    for name in filter(None, args.variants.split(",")):
         fresh, _ = compress.load_model(args.model, "float32", "cpu")  # a new model: quantize marks its Linears
         fresh.load_state_dict(pristine)
         config = VARIANTS[name]()
@@ -93,6 +97,13 @@ def main() -> None:
         print(json.dumps({k: v for k, v in entry.items() if k not in ("grids", "kept_by_budget")}), flush=True)
         write()
         del fresh
+    for other in args.merge:
+        merged = json.loads(Path(other).read_text())
+        for key in ("model", "calibration", "perplexity_protocol"):
+            if merged[key] != results[key]:
+                raise SystemExit(f"{other}: {key} {merged[key]!r} differs from this run's {results[key]!r}")
+        seen = {entry["variant"] for entry in results["results"]}
+        results["results"] += [entry for entry in merged["results"] if entry["variant"] not in seen]
     by_name = {entry["variant"]: entry for entry in results["results"]}
     if "w3g64" in by_name and "w4g64" in by_name:
         low, high = by_name["w3g64"], by_name["w4g64"]
