@@ -87,3 +87,22 @@ def test_rtn_config_rejects_bad_values():
         compress.RTN(group_size=-2)
     with pytest.raises(ValueError):
         compress.RTN(bits=4, block=3)
+
+
+def test_an_asymmetric_checkpoint_warns_that_stock_transformers_refuses_it(tiny_model_dir, tmp_path):
+    """compressed-tensors packs asymmetric zero points, which its stock-transformers loader does not unpack: the save
+    says so, compress.load reads the checkpoint exactly, and the stock loader's refusal is the one the warning names
+    (if a compressed-tensors release fixes it, this test fails and the warning goes)."""
+    from compress.checkpoint import save_model
+    from compress.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    compress.quantize(model, compress.RTN(bits=4, group_size=32, sym=False), show_progress=False)
+    with pytest.warns(UserWarning, match="use sym: true"):
+        save_model(model, tokenizer, tmp_path / "asym")
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    loaded, _ = compress.load(tmp_path / "asym")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "asym")

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
@@ -66,6 +68,13 @@ def _compressor(args, input_args=None):
     return PackedQuantizationCompressor, "pack-quantized"
 
 
+# compressed-tensors packs an asymmetric grid's zero points eight to an int32 word, and its loader in stock transformers
+# does not unpack them (llm-compressor issues 1618, 1704): the checkpoint is right, the stock loader refuses it
+ASYMMETRIC_PACKED = ("asymmetric integer grids are saved as compressed-tensors pack-quantized with packed zero points, "
+                     "which compress.load reads but stock transformers (compressed-tensors 0.20) refuses with a "
+                     "size mismatch on weight_zero_point; for a checkpoint stock transformers loads, use sym: true")
+
+
 def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], ModelCompressor]:
     """The model's state dict with every quantized Linear compressed (int: weight_packed, weight_scale,
     weight_shape, weight_zero_point when asymmetric; FP8: an e4m3 weight and weight_scale), a quantized KV cache's
@@ -85,6 +94,8 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
         state.update({f"{name}.{key}": value.contiguous() for key, value in compressed.items()})
         if quant.input_global_scale is not None:  # NVFP4 W4A4
             state[f"{name}.input_global_scale"] = quant.input_global_scale.float().reshape(1).clone()
+    if "pack-quantized" in formats and any(not quant.args.symmetric for _, _, quant in quantized_linears(model)):
+        warnings.warn(ASYMMETRIC_PACKED, stacklevel=2)
     state.update(kv_cache_state(model, lambda name: checkpoint_name(model, name)))
     config = QuantizationConfig(config_groups=schemes, ignore=ignore, format=formats.pop() if len(formats) == 1
                                 else "mixed-precision" if formats else "dense", kv_cache_scheme=kv_cache_scheme(model),
