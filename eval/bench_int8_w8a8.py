@@ -30,10 +30,10 @@ from compress.modules import WeightQuant
 from compress.quantize.int8_runtime import (
     ACTIVATION_ARGS,
     WEIGHT_ARGS,
-    Int8W8A8Linear,
     int8_matmul,
     quantize_activation,
 )
+from compress.quantize.packed import Int8W8A8Linear
 
 SHAPES = {  # name -> (in, out) of each Linear of a decoder layer (q/k/v and gate/up fused, as the packed runtime runs)
     "smollm2": {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)},

@@ -17,7 +17,8 @@ from compress.checkpoint import save_model
 from compress.errors import CompressError
 from compress.modules import QUANT_ATTR, WeightQuant
 from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears, quantized_linears
-from compress.quantize.int8_runtime import WEIGHT_ARGS, Int8W8A8Linear, enable_int8_activations
+from compress.quantize.int8_runtime import WEIGHT_ARGS, enable_int8_activations
+from compress.quantize.packed import Int8W8A8Linear
 from compress.recipe import load_recipe
 
 

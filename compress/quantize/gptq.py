@@ -53,6 +53,7 @@ from compress.quantize.grid import (
     minmax_qparams,
     output_energy_per_row,
     quantizable_linears,
+    quantization_args,
 )
 from compress.quantize.layerwise import LayerwiseCalibration
 from compress.quantize.mixed import linear_grids
@@ -486,6 +487,33 @@ def resolve_run(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor,
 
 
 @torch.no_grad()
+def probe_errors(model: torch.nn.Module, config, calibration: torch.Tensor, names: set[str]
+                 ) -> dict[str, tuple[float, float]]:
+    """{Linear: (||(Q − W) X||², ||W X||²)} for the Linears in `names`, Q their round-to-nearest onto the step's grid
+    and X their calibration inputs through the float model, from GPTQ's layer-by-layer Hessians (one pass for the
+    Hessians, one for the next layer's inputs): the sensitivity probe of a mixed-precision budget
+    (compress.quantize.mixed)."""
+    args = quantization_args(config)
+    device = _calibration_device(model, config.offload)
+    batch_tokens = resolve_run(model, config, calibration).batch_tokens
+    layerwise = LayerwiseCalibration(model, calibration_share(calibration), device, batch_tokens)
+    full = {id(module): name for name, module in model.named_modules()}
+    energies = {}
+    for index, layer in enumerate(layerwise.layers):
+        with layerwise.layer_on_device(index) if config.offload else nullcontext():
+            linears = {local: m for local, m in quantizable_linears(layer) if full[id(m)] in names}
+            for group, hessian in LayerHessians(linears).collect(layerwise, layer) if linears else ():
+                for local in group:
+                    weight = linears[local].weight
+                    rounded = fake_quantize(weight, *minmax_qparams(weight, args), args)
+                    changed, kept = output_energy_per_row(weight, rounded, hessian)
+                    energies[full[id(linears[local])]] = (changed.sum().item(), kept.sum().item())
+            if index + 1 < len(layerwise.layers):
+                layerwise.propagate(layer, index)
+    return energies
+
+
+@torch.no_grad()
 def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, *,
                   show_progress: bool = True) -> torch.nn.Module:
     """Quantize every decoder Linear with GPTQ, layer by layer, on `calibration` token ids [samples, seq_len].
@@ -498,7 +526,8 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
     # every Linear's grid, decided before any solve (compress.quantize.mixed); the budget's probe runs here
-    grids = linear_grids(model, config, calibration, "weight" if config.act_order else None)
+    grids = linear_grids(model, config, partial(probe_errors, model, config, calibration),
+                         "weight" if config.act_order else None)
     names = {id(module): name for name, module in model.named_modules()}
     observed_inputs = fp4_inputs(config) is not None  # W4A4: the inputs' ranges, for their global scales
     home = next(model.parameters()).device

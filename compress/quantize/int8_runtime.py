@@ -8,8 +8,9 @@ Two forms:
 - a dense model's Linear (compress.load's default runtime, every eval): the same rounding of the input, then an
   ordinary float matmul with the float weight that lies on the int8 grid. It computes the int8 GEMM's result up to
   float summation order, so CPU tests and evals measure the W8A8 model's accuracy.
-- the packed runtime's `Int8W8A8Linear`: the int8 codes alone in memory and `torch._int_mm` (oneDNN's int8 GEMM on
-  CPUs, cuBLASLt's on CUDA), the int32 result scaled by the token's and the channel's scales.
+- the packed runtime's `Int8W8A8Linear` (compress.quantize.packed, with its other packed Linears): the int8 codes
+  alone in memory and `torch._int_mm` (oneDNN's int8 GEMM on CPUs, cuBLASLt's on CUDA, through `int8_matmul` here),
+  the int32 result scaled by the token's and the channel's scales.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import types
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
-
-from compress.modules import PACKED_ATTR, WeightQuant
-from compress.quantize.packed import _PackedLinear
 
 INT8_MIN, INT8_MAX = -128, 127
 HALF_RANGE = (INT8_MAX - INT8_MIN) / 2  # compressed-tensors' symmetric scale: max|x| / 127.5
@@ -73,26 +71,3 @@ def _w8a8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def enable_int8_activations(linear: torch.nn.Linear) -> None:
     """Quantize this Linear's input to int8 per token on every call (its weight must already lie on the int8 grid)."""
     linear.forward = types.MethodType(_w8a8_forward, linear)
-
-
-class Int8W8A8Linear(_PackedLinear):
-    """The packed runtime's W8A8 int8 Linear: int8 codes [out, in] (one byte per weight), one float32 scale per output
-    row; the input quantized per token and multiplied by torch._int_mm. Shapes the CUDA kernel cannot tile run the
-    same arithmetic as a float matmul (`kernel` says which)."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, quant: WeightQuant):
-        super().__init__(codes.shape[1], codes.shape[0], bias, quant)
-        self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("scales", scale.float().reshape(1, -1))  # [1, out]
-        self.int_mm = int_mm_tiles(codes.device, self.in_features, self.out_features)
-        self.kernel = "int8 W8A8 _int_mm" if self.int_mm else "int8 W8A8 (float matmul)"
-        setattr(self, PACKED_ATTR, self.kernel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x_int8, x_scale = quantize_activation(x.reshape(-1, shape[-1]))
-        if self.int_mm:
-            accumulated = int8_matmul(x_int8, self.codes).float()
-        else:
-            accumulated = x_int8.float() @ self.codes.float().T
-        return self._finish(accumulated.mul_(x_scale).mul_(self.scales).to(x.dtype), shape)  # in place: no temporaries

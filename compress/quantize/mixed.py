@@ -10,8 +10,8 @@ given the Hessian, so Linears stacked under one Hessian on different grids are s
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from fnmatch import fnmatch
+from typing import Callable
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -21,7 +21,7 @@ from compress.errors import StepConfigError
 from compress.estimate import linear_bytes
 from compress.modules import quantizable_linears, quantized_linears
 from compress.quantize.fp4 import check_fp4_widths, same_input_groups
-from compress.quantize.grid import fake_quantize, minmax_qparams, output_energy_per_row, quantization_args, weight_args
+from compress.quantize.grid import quantization_args, weight_args
 
 MIXED_ATTR = "mixed_grids"  # on the model after the step: what the budget chose, for step.json
 
@@ -163,40 +163,15 @@ def check_grids(model: torch.nn.Module, config) -> None:
         _Budget(model, config, linears, overridden)
 
 
-@torch.no_grad()
-def probe_errors(model: torch.nn.Module, config, calibration: torch.Tensor, names: set[str]
-                 ) -> dict[str, tuple[float, float]]:
-    """{Linear: (||(Q − W) X||², ||W X||²)} for the Linears in `names`, Q their round-to-nearest onto the step's grid
-    and X their calibration inputs through the float model, from GPTQ's layer-by-layer Hessians (one pass for the
-    Hessians, one for the next layer's inputs)."""
-    from compress.quantize.gptq import LayerHessians, _calibration_device, calibration_share, resolve_run
-    from compress.quantize.layerwise import LayerwiseCalibration
-
-    args = quantization_args(config)
-    device = _calibration_device(model, config.offload)
-    batch_tokens = resolve_run(model, config, calibration).batch_tokens
-    layerwise = LayerwiseCalibration(model, calibration_share(calibration), device, batch_tokens)
-    full = {id(module): name for name, module in model.named_modules()}
-    energies = {}
-    for index, layer in enumerate(layerwise.layers):
-        with layerwise.layer_on_device(index) if config.offload else nullcontext():
-            linears = {local: m for local, m in quantizable_linears(layer) if full[id(m)] in names}
-            for group, hessian in LayerHessians(linears).collect(layerwise, layer) if linears else ():
-                for local in group:
-                    weight = linears[local].weight
-                    rounded = fake_quantize(weight, *minmax_qparams(weight, args), args)
-                    changed, kept = output_energy_per_row(weight, rounded, hessian)
-                    energies[full[id(linears[local])]] = (changed.sum().item(), kept.sum().item())
-            if index + 1 < len(layerwise.layers):
-                layerwise.propagate(layer, index)
-    return energies
+# {Linear: (||(Q − W) X||², ||W X||²)} for the named Linears, Q their round-to-nearest on the step's grid: the budget's
+# sensitivity probe, which the calibrating quantizer runs (compress.quantize.gptq.probe_errors)
+Probe = Callable[[set[str]], dict[str, tuple[float, float]]]
 
 
-def linear_grids(model: torch.nn.Module, config: WeightOnlyConfig, calibration: torch.Tensor | None = None,
+def linear_grids(model: torch.nn.Module, config: WeightOnlyConfig, probe: Probe | None = None,
                  actorder: str | None = None) -> dict[str, QuantizationArgs]:
     """{full Linear name: its compressed-tensors grid} for every Linear the step quantizes: the one place a Linear's
-    grid is decided. With `keep`, runs the sensitivity probe on `calibration` and records what it kept on the model
-    (MIXED_ATTR)."""
+    grid is decided. With `keep`, ranks Linears by `probe` and records what it kept on the model (MIXED_ATTR)."""
     base = quantization_args(config, actorder)
     linears = dict(quantizable_linears(model, keep_float=config.ignore))
     overrides, keep = getattr(config, "overrides", ()), getattr(config, "keep", None)
@@ -205,7 +180,10 @@ def linear_grids(model: torch.nn.Module, config: WeightOnlyConfig, calibration: 
     chosen = _overridden(model, config, linears)
     if keep is not None:
         budget = _Budget(model, config, linears, chosen)
-        energies = probe_errors(model, config, calibration, {n for unit in budget.units for n in unit})
+        if probe is None:
+            raise StepConfigError(f"{_step(config)} keep needs a quantizer that reads calibration data (gptq)",
+                                  ("keep",))
+        energies = probe({n for unit in budget.units for n in unit})
         errors = [sum(energies[n][0] for n in unit) / max(sum(energies[n][1] for n in unit), 1e-30)
                   for unit in budget.units]
         kept = budget.choose(config, errors)

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from compress.architectures import known_family
 from compress.modules import PACKED_ATTR, QUANT_ATTR, WeightQuant
+from compress.quantize.int8_runtime import int8_matmul, int_mm_tiles
+from compress.quantize.int8_runtime import quantize_activation as quantize_int8_activation
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # The int4 and int8 kernels take their input, scales and output in bf16: the CUDA kernels only so, and on the CPU their
@@ -244,6 +246,29 @@ class Int8Linear(_PackedLinear):
         return self._finish(out.to(x.dtype), shape)
 
 
+class Int8W8A8Linear(_PackedLinear):
+    """The packed runtime's W8A8 int8 Linear: int8 codes [out, in] (one byte per weight), one float32 scale per output
+    row; the input quantized per token and multiplied by torch._int_mm. Shapes the CUDA kernel cannot tile run the
+    same arithmetic as a float matmul (`kernel` says which)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, quant: WeightQuant):
+        super().__init__(codes.shape[1], codes.shape[0], bias, quant)
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.float().reshape(1, -1))  # [1, out]
+        self.int_mm = int_mm_tiles(codes.device, self.in_features, self.out_features)
+        self.kernel = "int8 W8A8 _int_mm" if self.int_mm else "int8 W8A8 (float matmul)"
+        setattr(self, PACKED_ATTR, self.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_int8, x_scale = quantize_int8_activation(x.reshape(-1, shape[-1]))
+        if self.int_mm:
+            accumulated = int8_matmul(x_int8, self.codes).float()
+        else:
+            accumulated = x_int8.float() @ self.codes.float().T
+        return self._finish(accumulated.mul_(x_scale).mul_(self.scales).to(x.dtype), shape)  # in place: no temporaries
+
+
 def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from compress.quantize.fp8 import quantize_activation
 
@@ -350,8 +375,6 @@ def packed_linear(grid: Grid) -> _PackedLinear:
     if grid.kind == "int8":
         return Int8Linear(codes, quant.scale, grid.bias, quant)
     if grid.kind == "int8 w8a8":
-        from compress.quantize.int8_runtime import Int8W8A8Linear
-
         return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
     backend = int4_backend(codes.device)
     if backend == "gemlite":
