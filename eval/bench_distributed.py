@@ -2,7 +2,7 @@
 GPUs, in one invocation (random weights: speed and memory do not depend on their values).
 
     python eval/bench_distributed.py --gpus 2 --parts gptq,lora,distill --out eval/results/bench_distributed_h200x2.json
-    python eval/bench_distributed.py --gpus 2 --parts peer --peer-pythonpath /tmp/peer:/tmp/site --out ...
+    python eval/bench_distributed.py --gpus 2 --parts peer --peer-pythonpath PEER_SITE --out ...
 
 Parts (each launched with torchrun at 1 and at --gpus processes; a worker prints one JSON line from rank 0):
   gptq     Llama-2-7B shape bf16, GPTQ W4 g128 act-order, 128 x 2048 random tokens: seconds, peak memory per GPU, and
