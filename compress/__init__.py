@@ -28,6 +28,7 @@ _EXPORTS = {  # name -> module that defines it
     "QATCallback": "compress.quantize", "quantize": "compress.quantize",
     "Dequantize": "compress.config", "dequantize": "compress.quantize.dequantize",
     "KVCache": "compress.config.kv_cache", "quantize_kv_cache": "compress.quantize.kv_cache",
+    "Rotate": "compress.config", "rotate": "compress.rotate",
 }
 
 __all__ = sorted(_EXPORTS)

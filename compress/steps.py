@@ -17,6 +17,7 @@ from typing import Callable, Literal
 
 from compress.config import AWQ, FP8, GPTQ, QAT, RTN, Dequantize, Distill, LoRARecovery, SmoothQuant, TaylorPrune
 from compress.config.kv_cache import KVCache
+from compress.config.rotate import Rotate
 from compress.config.sources import Base
 
 
@@ -100,6 +101,7 @@ SPECS = (
              check="compress.prune:check_prunable"),
     StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
     StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
+    StepSpec("rotate", Rotate, "compress.rotate:rotate", check="compress.rotate:check_rotatable"),
     StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format,
              check=_MIXED_GRIDS),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,

@@ -20,10 +20,11 @@ from compress.config.quantize import (
     SmoothQuant,
     WeightOnlyConfig,
 )
+from compress.config.rotate import Rotate
 from compress.config.sources import ARCHITECTURES, REGISTRY, RandomInit
 from compress.config.training import KD, LoRA, TrainingBudget
 
 __all__ = ["ARCHITECTURES", "AWQ", "Dequantize", "DATASETS", "FP8", "GPTQ", "GPTQSolver", "KD", "QAT", "REGISTRY",
            "RTN", "TASKS", "CalibrationData", "ChoiceEval", "DataConfig", "DatasetName", "Distill", "EvalConfig",
-           "HubPush", "LoRA", "LoRARecovery", "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit",
+           "HubPush", "LoRA", "LoRARecovery", "NamedDataset", "Perplexity", "QuantizeConfig", "RandomInit", "Rotate",
            "SmoothQuant", "Strict", "TaylorPrune", "TrainingBudget", "WeightOnlyConfig"]
