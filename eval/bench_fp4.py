@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 import compress
-from compress.data import calibration_batches
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wikitext_bench import WikitextBench  # noqa: E402
 
 VARIANTS = {
     "rtn-nvfp4": lambda: compress.RTN(grid="nvfp4"),
@@ -48,44 +50,29 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     args = parser.parse_args()
 
-    model, tokenizer = compress.load_model(args.model, "float32", "cpu")
-    ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, args.seq_len, seed=0)
-    protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
-    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    results = {"model": args.model, "calibration": f"wikitext2-valid, {args.samples} x {args.seq_len} tokens",
-               "perplexity_protocol": f"wikitext2-test, {args.ppl_tokens} tokens, windows of 512",
-               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "results": []}
-
-    def record(entry: dict) -> None:
-        results["results"].append(entry)
-        print(json.dumps(entry), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-
-    record({"variant": "float", "perplexity": compress.perplexity(model, tokenizer, protocol,
-                                                                   show_progress=False)["perplexity"]})
+    bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out)
+    bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
     for name in args.variants.split(","):
-        fresh, _ = compress.load_model(args.model, "float32", "cpu")  # a new model: quantize marks its Linears
-        fresh.load_state_dict(pristine)
+        fresh = bench.fresh()
         if name == "llmcompressor-nvfp4a16":
-            record(_peer(args, model, tokenizer, ids, fresh, protocol))
+            bench.record(_peer(args, bench, fresh))
             continue
         config = VARIANTS[name]()
         start = time.perf_counter()
-        compress.quantize(fresh, config, ids if name.startswith("gptq") else None, show_progress=False)
+        compress.quantize(fresh, config, bench.ids if name.startswith("gptq") else None, show_progress=False)
         seconds = time.perf_counter() - start
-        ppl = compress.perplexity(fresh, tokenizer, protocol, show_progress=False)["perplexity"]
-        record({"variant": name, "config": config.describe(), "seconds": round(seconds, 1), "perplexity": ppl})
+        bench.record({"variant": name, "config": config.describe(), "seconds": round(seconds, 1),
+                      "perplexity": bench.perplexity(fresh)})
         del fresh
 
 
-def _peer(args, model, tokenizer, ids, fresh, protocol) -> dict:
+def _peer(args, bench: WikitextBench, fresh) -> dict:
     """llm-compressor's GPTQ onto NVFP4A16 on the same float model and token ids; its weights scored here."""
     from safetensors.torch import load_file
 
     work = Path(tempfile.mkdtemp(prefix="bench-fp4-"))
-    compress.save_model(model, tokenizer, work / "base")  # the peer reads a plain folder
-    torch.save(ids, work / "ids.pt")
+    compress.save_model(bench.model, bench.tokenizer, work / "base")  # the peer reads a plain folder
+    torch.save(bench.ids, work / "ids.pt")
     command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(work / "base"),
                "--ids", str(work / "ids.pt"), "--scheme", "NVFP4A16", "--device", "cpu", "--dtype", "float32",
                "--save-weights", str(work / "peer.safetensors")]
@@ -94,7 +81,7 @@ def _peer(args, model, tokenizer, ids, fresh, protocol) -> dict:
         raise SystemExit(f"llm-compressor run failed (exit {done.returncode}): {done.stderr[-3000:]}")
     peer = json.loads(done.stdout.strip().splitlines()[-1])
     fresh.load_state_dict(load_file(work / "peer.safetensors"), strict=False)
-    ppl = compress.perplexity(fresh, tokenizer, protocol, show_progress=False)["perplexity"]
+    ppl = bench.perplexity(fresh)
     return {"variant": "llmcompressor-nvfp4a16", "config": f"{peer['tool']} GPTQModifier scheme NVFP4A16, act-order "
             f"static, damp 0.01, block 128", "seconds": round(peer["seconds"], 1), "perplexity": ppl}
 

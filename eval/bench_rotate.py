@@ -1,0 +1,104 @@
+"""Rotations before low-bit quantization on SmolLM2-135M: WikiText-2 perplexity of W4A4 FP4 (simulated: MXFP4 by RTN,
+NVFP4 by GPTQ, whose inputs' global scale needs calibration data), and of W3 g64 by GPTQ, each with and without a
+Hadamard rotation of the residual stream (compress.rotate), with the protocol of eval/bench_fp4.py (wikitext2-valid
+calibration tokens, perplexity on 16,384 wikitext2-test tokens in 512-token windows):
+
+    python eval/bench_rotate.py --out eval/results/bench_rotate_smollm2_cpu.json
+
+Each variant starts from the same float weights; the rotated ones are rotated first (the float model's perplexity
+is unchanged by it: variant rotate-float). For each pair the gap closed is (ppl without - ppl with) / (ppl without -
+ppl float). GPTQ runs with act-order and damp 0.01 on `--samples` calibration windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import compress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wikitext_bench import WikitextBench  # noqa: E402
+
+ROTATIONS = {"rotate": lambda: compress.Rotate(), "rotate-random": lambda: compress.Rotate(kind="random"),
+             "rotate-noheads": lambda: compress.Rotate(heads=False)}
+QUANTIZERS = {
+    "float": None,
+    "rtn-mxfp4-w4a4": lambda: compress.RTN(grid="mxfp4", activations="dynamic"),
+    "gptq-nvfp4-w4a4": lambda: compress.GPTQ(grid="nvfp4", activations="dynamic", act_order=True, damp=0.01),
+    "gptq-w3g64": lambda: compress.GPTQ(bits=3, group_size=64, act_order=True, damp=0.01),
+}
+DEFAULT = ("rotate-float,rtn-mxfp4-w4a4,rotate-rtn-mxfp4-w4a4,gptq-nvfp4-w4a4,rotate-gptq-nvfp4-w4a4,gptq-w3g64,"
+           "rotate-gptq-w3g64")
+
+
+def parse(name: str) -> tuple[str | None, str]:
+    """A variant name -> (its rotation or None, its quantizer): `rotate-random-gptq-w3g64`, `rtn-nvfp4-w4a4`."""
+    for rotation in sorted(ROTATIONS, key=len, reverse=True):
+        if name.startswith(rotation + "-") and name[len(rotation) + 1:] in QUANTIZERS:
+            return rotation, name[len(rotation) + 1:]
+    if name not in QUANTIZERS:
+        raise SystemExit(f"unknown variant {name!r}: [ROTATION-]QUANTIZER with ROTATION one of {', '.join(ROTATIONS)}"
+                         f" and QUANTIZER one of {', '.join(QUANTIZERS)}")
+    return None, name
+
+
+def gaps(results: list[dict]) -> None:
+    """Each rotated variant's share of the unrotated variant's gap to the float perplexity that it closes."""
+    by_name = {entry["variant"]: entry for entry in results}
+    if "float" not in by_name:
+        return
+    for entry in results:
+        rotation, quantizer = parse(entry["variant"])
+        if rotation and quantizer in by_name and quantizer != "float":
+            plain = by_name[quantizer]["perplexity"]
+            entry["gap_closed"] = round((plain - entry["perplexity"]) / (plain - by_name["float"]["perplexity"]), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--variants", default=DEFAULT, help="comma-separated [ROTATION-]QUANTIZER: rotations "
+                        + ", ".join(ROTATIONS) + "; quantizers " + ", ".join(QUANTIZERS))
+    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
+    parser.add_argument("--merge", nargs="*", default=[], help=(
+        "results files of other invocations with the same model, calibration and protocol (e.g. variants run in "
+        "parallel): their variants join these"))
+    args = parser.parse_args()
+    variants = [(name, *parse(name)) for name in filter(None, args.variants.split(","))]
+
+    command = " ".join(["python eval/bench_rotate.py", *sys.argv[1:]])
+    bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out, command=command)
+    bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
+    for name, rotation, quantizer in variants:
+        if name == "float":
+            continue
+        model = bench.fresh()
+        entry: dict = {"variant": name}
+        if rotation:
+            config = ROTATIONS[rotation]()
+            start = time.perf_counter()
+            compress.rotate(model, config)
+            entry.update(rotation=config.describe(), rotate_seconds=round(time.perf_counter() - start, 1))
+        if QUANTIZERS[quantizer]:
+            config = QUANTIZERS[quantizer]()
+            start = time.perf_counter()
+            compress.quantize(model, config, bench.ids if quantizer.startswith("gptq") else None, show_progress=False)
+            entry.update(config=config.describe(), seconds=round(time.perf_counter() - start, 1))
+        entry["perplexity"] = bench.perplexity(model)
+        bench.record(entry)
+        gaps(bench.results["results"])
+        bench.write()
+        del model
+    bench.merge(args.merge)
+    gaps(bench.results["results"])
+    bench.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The protocol the SmolLM2 quantization benchmarks share (eval/bench_fp4.py, eval/bench_rotate.py): the float model
+loaded once, calibration token ids from wikitext2-valid, WikiText-2 test perplexity in 512-token windows, a fresh
+copy of the float weights for each variant, and a results file rewritten as each variant finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import compress
+from compress.data import calibration_batches
+
+
+class WikitextBench:
+    def __init__(self, model: str, samples: int, seq_len: int, ppl_tokens: int, out: str | None, **header):
+        self.name, self.out = model, out
+        self.model, self.tokenizer = compress.load_model(model, "float32", "cpu")
+        self.ids = calibration_batches(self.tokenizer, "wikitext2-valid", samples, seq_len, seed=0)
+        self.protocol = compress.Perplexity(seq_len=512, max_tokens=ppl_tokens, batch_size=8)
+        self.pristine = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.results = {"model": model, "calibration": f"wikitext2-valid, {samples} x {seq_len} tokens",
+                        "perplexity_protocol": f"wikitext2-test, {ppl_tokens} tokens, windows of 512",
+                        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", **header, "results": []}
+
+    def fresh(self) -> torch.nn.Module:
+        """A new model with the float weights (quantize marks its Linears, rotate unties its head)."""
+        model, _ = compress.load_model(self.name, "float32", "cpu")
+        model.load_state_dict(self.pristine)
+        return model
+
+    def perplexity(self, model: torch.nn.Module) -> float:
+        return compress.perplexity(model, self.tokenizer, self.protocol, show_progress=False)["perplexity"]
+
+    def write(self) -> None:
+        if self.out:
+            Path(self.out).write_text(json.dumps(self.results, indent=2) + "\n")
+
+    def record(self, entry: dict) -> None:
+        self.results["results"].append(entry)
+        print(json.dumps(entry), flush=True)
+        self.write()
+
+    def merge(self, paths: list[str]) -> None:
+        """Add the variants of other invocations' results files (same model, calibration and protocol: e.g. variants
+        run side by side) that this one did not run."""
+        for other in paths:
+            merged = json.loads(Path(other).read_text())
+            for key in ("model", "calibration", "perplexity_protocol"):
+                if merged[key] != self.results[key]:
+                    raise SystemExit(f"{other}: {key} {merged[key]!r} differs from this run's {self.results[key]!r}")
+            seen = {entry["variant"] for entry in self.results["results"]}
+            self.results["results"] += [entry for entry in merged["results"] if entry["variant"] not in seen]
