@@ -22,7 +22,7 @@ from compress.config.prune import TaylorPrune
 from compress.config.sources import ARCHITECTURES, RandomInit
 from compress.errors import CompressError
 from compress.models import architecture_config, random_init_config, resolve_source
-from compress.modules import decoder_layers, quantizable_linears
+from compress.modules import DEFAULT_IGNORE, decoder_layers, quantizable_linears
 from compress.prune.structure import planned_experts, planned_widths
 from compress.widths import build_layers_at_recorded_widths, layer_widths, shared_expert, shrink_layer_to
 
@@ -150,12 +150,17 @@ def disk_bytes(shape: Shapes, precision: str, dtype_bytes: int, group_size: int)
     return int(shape.quantizable * PRECISIONS[precision] / 8) + scales * dtype_bytes + rest * dtype_bytes
 
 
-def linear_bytes(rows: int, cols: int, bits: int, group_size: int, sym: bool, scale_bytes: int) -> int:
+def linear_bytes(rows: int, cols: int, bits: int, group_size: int, sym: bool, scale_bytes: int,
+                 embedding: bool = False) -> int:
     """Saved bytes of one Linear on an integer grid, as compressed-tensors' pack-quantized writes it: each row's
     values packed densely into ceil(cols · bits / 32) int32 words, one scale per group (in the model's dtype), an
     asymmetric grid's zero points packed the same way along the output dimension, and the 2-entry int64
-    weight_shape. What a mixed-precision budget (compress.quantize.mixed) spends and what each grid of a step costs."""
+    weight_shape. What a mixed-precision budget (compress.quantize.mixed) spends and what each grid of a step costs.
+    `embedding`: an 8-bit input embedding [vocab, hidden], saved int-quantized (one int8 per value and its scales,
+    compress.quantize.formats)."""
     groups = 1 if group_size == -1 else cols // group_size
+    if embedding:
+        return rows * cols + rows * groups * scale_bytes
     zero_points = 0 if sym else -(-rows * bits // 32) * groups * 4
     return rows * -(-cols * bits // 32) * 4 + rows * groups * scale_bytes + zero_points + 16
 
@@ -236,8 +241,8 @@ def estimate(source, config: EstimateConfig = EstimateConfig()) -> dict:
     result["training"] = training_bytes(base, config)
     saved = saved_grid_bytes(model_config, dtype_bytes)
     if saved:  # a quantized checkpoint: its own grids, as saved (several for a mixed-precision step)
-        result["as_saved"] = {"grids": saved, "disk": sum(saved.values())
-                              + (base.params - base.quantizable) * dtype_bytes}
+        grids, on_grids = saved  # the rest (norms, and a float head or embedding) in the dtype
+        result["as_saved"] = {"grids": grids, "disk": sum(grids.values()) + (base.params - on_grids) * dtype_bytes}
     return result
 
 
@@ -246,10 +251,11 @@ def _quantization_config(model_config) -> dict:
     return quant if isinstance(quant, dict) else quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
 
 
-def saved_grid_bytes(model_config, dtype_bytes: int) -> dict[str, int] | None:
-    """{grid: bytes} of the decoder Linears as a compressed-tensors checkpoint's config groups put them on integer
-    grids (several groups: a mixed-precision step), each Linear counted by linear_bytes; None where the config has no
-    integer config groups."""
+def saved_grid_bytes(model_config, dtype_bytes: int) -> tuple[dict[str, int], int] | None:
+    """{grid: bytes} of the modules a compressed-tensors checkpoint's config groups put on integer grids (several
+    groups: a mixed-precision step) — decoder Linears, and the head and the embedding where a step quantized them —
+    each counted by linear_bytes, and how many weights they hold; None where the config has no integer config
+    groups."""
     groups = (_quantization_config(model_config).get("config_groups") or {}).values()
     grids = [(g["weights"], g.get("targets", [])) for g in groups if (g.get("weights") or {}).get("type") == "int"]
     if not grids:
@@ -259,20 +265,29 @@ def saved_grid_bytes(model_config, dtype_bytes: int) -> dict[str, int] | None:
         build_layers_at_recorded_widths(model)
     ignore = _quantization_config(model_config).get("ignore") or []
     totals: dict[str, int] = {}
-    for name, linear in quantizable_linears(model):
+    counted: list[int] = []  # weights each grid holds: the head's and the embedding's leave the float remainder
+    # every Linear but the MoE routers (the head too, unless ignored: a step may quantize it), and the embedding
+    embedding = model.get_input_embeddings()
+    routers = tuple(name for name in DEFAULT_IGNORE if name != "lm_head")
+    modules = [*quantizable_linears(model, ignore=routers),
+               *[(name, m) for name, m in model.named_modules() if m is embedding]]
+    for name, linear in modules:
         if name in ignore:
             continue
+        is_embedding = isinstance(linear, torch.nn.Embedding)
         for weights, targets in grids:  # targets: exact names (several groups), "re:" patterns or "Linear"
-            if name in targets or "Linear" in targets or any(t.startswith("re:") and re.fullmatch(t[3:], name)
-                                                             for t in targets):
+            if name in targets or ("Linear" in targets and not is_embedding) or any(
+                    t.startswith("re:") and re.fullmatch(t[3:], name) for t in targets):
                 group = weights.get("group_size") or -1
                 key = f"W{weights['num_bits']} {'per-channel' if group == -1 else f'g{group}'} " \
                       f"{'sym' if weights.get('symmetric', True) else 'asym'}"
-                totals[key] = totals.get(key, 0) + linear_bytes(linear.out_features, linear.in_features,
-                                                                weights["num_bits"], group,
-                                                                weights.get("symmetric", True), dtype_bytes)
+                rows, cols = linear.weight.shape
+                totals[key] = totals.get(key, 0) + linear_bytes(rows, cols, weights["num_bits"], group,
+                                                                weights.get("symmetric", True), dtype_bytes,
+                                                                embedding=is_embedding)
+                counted.append(linear.weight.numel())
                 break
-    return totals
+    return totals, sum(counted)
 
 
 def _has_kv_cache_scheme(model_config) -> bool:

@@ -98,10 +98,20 @@ def quantized_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Li
             yield name, module, quant
 
 
+def quantized_modules(model: torch.nn.Module
+                      ) -> Iterator[tuple[str, torch.nn.Linear | torch.nn.Embedding, WeightQuant]]:
+    """Every module whose weight lies on a grid: the quantized Linears and a quantized input embedding (whose weight
+    [vocab, hidden] is saved and sized as a Linear's [out, in]: compress.quantize.head_embed)."""
+    for name, module in model.named_modules():
+        quant = getattr(module, QUANT_ATTR, None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and quant is not None:
+            yield name, module, quant
+
+
 def grids_to_weights(model: torch.nn.Module) -> None:
     """Move each quantized Linear's grid (plain attributes, not buffers: `model.to` leaves them) to its weight's
     device."""
-    for _, linear, quant in quantized_linears(model):
+    for _, linear, quant in quantized_modules(model):
         device = linear.weight.device
         quant.scale = quant.scale.to(device)
         quant.zero_point = None if quant.zero_point is None else quant.zero_point.to(device)

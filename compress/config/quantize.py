@@ -206,7 +206,78 @@ class PerLinearGrids(Strict):
         return f" ({'; '.join(parts)})" if parts else ""
 
 
-class RTN(PerLinearGrids, FP4Grid, WeightOnlyConfig):
+class HeadGrid(Strict):
+    """`lm_head: {bits: 8, group_size: 128}`: the output head on a symmetric integer grid of its own."""
+
+    bits: int = Field(8, description="8 or 4")
+    group_size: int = Field(128, description="input (hidden) columns per scale; -1 = one scale per output row")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError(f"lm_head takes 8 or 4 bits, got {value}: use bits: 8 (near lossless) or bits: 4 with "
+                             f"groups (group_size: 128), or leave lm_head out to keep the head float")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and not 1 <= value <= MAX_WIDTH:
+            raise ValueError(f"got {value}; allowed: 1 to {MAX_WIDTH} columns, or -1 for one scale per output row")
+        return value
+
+    def summary(self) -> str:
+        return _grid_name(self.bits, self.group_size, True)
+
+
+class EmbeddingGrid(HeadGrid):
+    """`embeddings: {bits: 8}`: the input embeddings on a symmetric 8-bit grid, one scale per token row by default
+    (or per `group_size` columns of it)."""
+
+    group_size: int = Field(-1, description="hidden columns per scale; -1 (default) = one scale per token row")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value != 8:
+            raise ValueError(f"embeddings take 8 bits only, got {value}: an embedding row is the residual stream's "
+                             f"first value, with no calibration to make up its rounding (4 bits are not built); use "
+                             f"bits: 8, or leave embeddings out to keep them float")
+        return value
+
+
+class HeadAndEmbeddings(Strict):
+    """The output head and the input embeddings, which a weight-only step (RTN, GPTQ) leaves float unless asked:
+    `lm_head: {bits: 8, group_size: 128}`, `embeddings: {bits: 8}`. Keys of their own rather than `overrides`:
+    overrides match the decoder Linears the step quantizes, while the head and the embedding each need a decision the
+    decoder does not (untying a tied head, the head's Hessian from the final norm, a lookup with no Hessian at all).
+    A head tied to its embedding is untied and saved apart (compress.quantize.head_embed says why)."""
+
+    lm_head: HeadGrid | None = Field(None, description="quantize the output head: {bits: 8 or 4, group_size: 128}")
+    embeddings: EmbeddingGrid | None = Field(None, description="quantize the input embeddings: {bits: 8, "
+                                                               "group_size: -1 (per token row) or a group}")
+
+    @model_validator(mode="after")
+    def _integer_layouts_only(self):
+        if self.lm_head is None and self.embeddings is None:
+            return self
+        asked = " and ".join(k for k in ("lm_head", "embeddings") if getattr(self, k) is not None)
+        if self.format == "gptq":
+            raise ValueError(f"{asked}: format gptq holds the decoder's Linears on one grid; save with format "
+                             f"compressed-tensors (several config groups), or remove {asked}")
+        if getattr(self, "grid", "int") != "int":
+            raise ValueError(f"{asked} take integer grids, which are not built beside grid {self.grid}: use grid int, "
+                             f"or remove {asked}")
+        return self
+
+    def head_summary(self) -> str:
+        parts = [f"lm_head {self.lm_head.summary()}" if self.lm_head else "",
+                 f"embeddings {self.embeddings.summary()}" if self.embeddings else ""]
+        return "".join(f", {part}" for part in parts if part)
+
+
+class RTN(HeadAndEmbeddings, PerLinearGrids, FP4Grid, WeightOnlyConfig):
     """Round-to-nearest: `quantize: {method: rtn, bits: 4, group_size: 64, sym: true}`, or onto an FP4 grid:
     `{method: rtn, grid: nvfp4}`."""
 
@@ -228,7 +299,7 @@ class RTN(PerLinearGrids, FP4Grid, WeightOnlyConfig):
         return self
 
     def describe(self) -> str:
-        return f"rtn {self.grid_summary()}{self.mixed_summary()}"
+        return f"rtn {self.grid_summary()}{self.mixed_summary()}{self.head_summary()}"
 
 
 class GPTQSolver(Strict):
@@ -242,7 +313,7 @@ class GPTQSolver(Strict):
         return f"gptq{' act-order' if self.act_order else ''}"
 
 
-class GPTQ(PerLinearGrids, FP4Grid, WeightOnlyConfig, GPTQSolver):
+class GPTQ(HeadAndEmbeddings, PerLinearGrids, FP4Grid, WeightOnlyConfig, GPTQSolver):
     """GPTQ: `quantize: {method: gptq, bits: 4, group_size: 128, act_order: true, damp: 0.01, schedule: sequential,
     calibration: {dataset: wikitext2-valid, samples: 128, seq_len: 2048}, offload: false}`."""
 
@@ -260,8 +331,8 @@ class GPTQ(PerLinearGrids, FP4Grid, WeightOnlyConfig, GPTQSolver):
 
     def describe(self) -> str:
         schedule = "" if self.schedule == "sequential" else " two-pass"
-        return (f"gptq {self.grid_summary()}{self.mixed_summary()}{' act-order' if self.act_order else ''}{schedule}"
-                f"{' offload' if self.offload else ''}")
+        return (f"gptq {self.grid_summary()}{self.mixed_summary()}{self.head_summary()}"
+                f"{' act-order' if self.act_order else ''}{schedule}{' offload' if self.offload else ''}")
 
 
 class AWQ(WeightOnlyConfig):

@@ -8,7 +8,7 @@ import torch
 
 from compress.config.quantize import Dequantize
 from compress.errors import CompressError
-from compress.modules import QUANT_ATTR, is_packed, quantized_linears
+from compress.modules import QUANT_ATTR, is_packed, quantized_modules
 from compress.moe import fuse_experts
 
 
@@ -16,7 +16,7 @@ def dequantize(model: torch.nn.Module, config: Dequantize, *, show_progress: boo
     if is_packed(model):
         raise CompressError("this model runs packed kernels (runtime='packed'); load it with the default runtime to "
                             "dequantize it")
-    for _, linear, _ in list(quantized_linears(model)):
+    for _, linear, _ in list(quantized_modules(model)):  # a quantized embedding too
         delattr(linear, QUANT_ATTR)
         if "forward" in vars(linear):  # FP8 W8A8: the per-token input rounding (compress.quantize.fp8)
             del linear.forward

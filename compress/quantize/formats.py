@@ -25,7 +25,7 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 
 from compress.architectures import checkpoint_name, module_name
 from compress.errors import CompressError
-from compress.modules import WeightQuant, quantized_linears
+from compress.modules import WeightQuant, quantized_linears, quantized_modules
 from compress.moe import moe_blocks
 from compress.quantize.fp4 import decompress as fp4_decompress
 from compress.quantize.fp4 import is_fp4
@@ -34,36 +34,42 @@ from compress.quantize.kv_cache import kv_cache_scheme, kv_cache_state, kv_quant
 
 def _schemes(model: torch.nn.Module) -> tuple[dict[str, QuantizationScheme], list[str]]:
     """Config groups and the ignore list. One shared grid gives llm-compressor's usual form (targets: Linear,
-    ignore: the rest); several grids target exact module names."""
+    ignore: the rest); several grids, or a quantized embedding (not a Linear), target exact module names."""
     by_args: dict[str, tuple] = {}
-    for name, _, quant in quantized_linears(model):
-        key = quant.args.model_dump_json() + (quant.input_args.model_dump_json() if quant.input_args else "")
-        by_args.setdefault(key, (quant, []))[1].append(name)
+    for name, module, quant in quantized_modules(model):
+        embedding = isinstance(module, torch.nn.Embedding)
+        key = (quant.args.model_dump_json() + (quant.input_args.model_dump_json() if quant.input_args else "")
+               + ("embedding" if embedding else ""))
+        by_args.setdefault(key, (quant, [], _compressor(quant.args, quant.input_args, embedding)[1]))[1].append(name)
     # MoE routers are Linear modules in vLLM (not in transformers 5): name them, or it would expect them quantized
     routers = [r"re:.*\.gate$"] if moe_blocks(model) else []
-    if len(by_args) == 1:
-        ((quant, names),) = by_args.values()
+    embedding = any(isinstance(module, torch.nn.Embedding) for _, module, _ in quantized_modules(model))
+    if len(by_args) == 1 and not embedding:
+        ((quant, names, _),) = by_args.values()
         quantized = set(names)
         ignore = [checkpoint_name(model, n) for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and n not in quantized]
         scheme = QuantizationScheme(targets=["Linear"], weights=quant.args, input_activations=quant.input_args)
         return {"group_0": scheme}, ignore + routers
+    mixed = len({format for _, _, format in by_args.values()}) > 1  # each group names its own format
     groups = {f"group_{i}": QuantizationScheme(targets=[checkpoint_name(model, n) for n in names], weights=quant.args,
-                                               input_activations=quant.input_args)
-              for i, (quant, names) in enumerate(by_args.values())}
+                                               input_activations=quant.input_args, format=format if mixed else None)
+              for i, (quant, names, format) in enumerate(by_args.values())}
     return groups, routers
 
 
-def _compressor(args, input_args=None):
+def _compressor(args, input_args=None, embedding: bool = False):
     """compressed-tensors' compressor and format name for a weight grid: FP8 → float-quantized, int with quantized
     inputs (W8A8 int8) → int-quantized (what vLLM's int8 GEMMs read), other int → packed, FP4 → nvfp4- or
-    mxfp4-pack-quantized (told apart by group size, as compressed-tensors tells them apart)."""
+    mxfp4-pack-quantized (told apart by group size, as compressed-tensors tells them apart). An 8-bit embedding →
+    int-quantized too: its int8 codes stay the module's `weight`, where stock transformers (5.x) needs one — it
+    initializes every nn.Embedding's `weight` on load, and a packed embedding (weight_packed) has none."""
     if args.type == "float" and args.num_bits == 4:
         return ((NVFP4PackedCompressor, "nvfp4-pack-quantized") if args.group_size == 16
                 else (MXFP4PackedCompressor, "mxfp4-pack-quantized"))
     if args.type == "float":
         return FloatQuantizationCompressor, "float-quantized"
-    if input_args is not None:
+    if input_args is not None or embedding:
         return IntQuantizationCompressor, "int-quantized"
     return PackedQuantizationCompressor, "pack-quantized"
 
@@ -83,9 +89,9 @@ def compressed_tensors_state_dict(model: torch.nn.Module) -> tuple[dict[str, tor
     state = model.state_dict()
     schemes, ignore = _schemes(model)
     formats = set()
-    for name, linear, quant in quantized_linears(model):
+    for name, linear, quant in quantized_modules(model):  # an embedding's [vocab, hidden] as a Linear's [out, in]
         del state[f"{name}.weight"]
-        compressor, format = _compressor(quant.args, quant.input_args)
+        compressor, format = _compressor(quant.args, quant.input_args, isinstance(linear, torch.nn.Embedding))
         formats.add(format)
         tensors = {"weight": linear.weight.detach(), "weight_scale": quant.scale, "weight_zero_point": quant.zero_point}
         if quant.global_scale is not None:  # NVFP4
@@ -164,9 +170,12 @@ def is_gptq(config: dict) -> bool:
 # ---------------------------------------------------------------- reading either format back
 
 
+# mixed-precision: config groups that each name one of the others (compress writes it for an int8 embedding beside
+# packed Linears)
 READABLE_CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "nvfp4-pack-quantized",
-                       "mxfp4-pack-quantized")
-READABLE = ("compressed-tensors (pack-quantized, float-quantized, int-quantized, nvfp4- and mxfp4-pack-quantized), "
+                       "mxfp4-pack-quantized", "mixed-precision")
+READABLE = ("compressed-tensors (pack-quantized, float-quantized, int-quantized, nvfp4- and mxfp4-pack-quantized, "
+            "mixed-precision of these), "
             "GPTQ v1/v2 (2/3/4/8 bits), "
             "AWQ GEMM (4 bits)")
 
@@ -244,7 +253,7 @@ def decompressed_state_dict(state: dict[str, torch.Tensor], config: dict
                                 f"quantization_config.config_groups entry targets it (targets: "
                                 f"{sorted({t for s in schemes for t in s.targets})}); the checkpoint is damaged or "
                                 f"its config does not belong to its weights")
-        compressor, _ = _compressor(scheme.weights, scheme.input_activations)
+        compressor, _ = _compressor(scheme.weights, scheme.input_activations, scheme.format == "int-quantized")
         local = {name.removeprefix(module + "."): value for name, value in state.items()
                  if name.startswith(module + ".weight")}
         if is_fp4(scheme.weights):  # in float32 (compressed-tensors' own decompressor returns bfloat16)

@@ -55,6 +55,7 @@ from compress.quantize.grid import (
     quantizable_linears,
     quantization_args,
 )
+from compress.quantize.head_embed import head_args, prepare
 from compress.quantize.layerwise import LayerwiseCalibration
 from compress.quantize.mixed import linear_grids
 
@@ -462,6 +463,27 @@ def _quantize_layer_sequential(calibration: LayerwiseCalibration, layer, index: 
             handle.remove()
 
 
+def _quantize_head(model: torch.nn.Module, layerwise: LayerwiseCalibration, config: GPTQ) -> None:
+    """The head, solved like a decoder Linear against the Hessian of its input: the final norm's output over the last
+    decoder layer's (quantized) outputs. With offload, the norm and the head visit the calibration device."""
+    head, norm = model.get_output_embeddings(), model.get_decoder().norm
+    with layerwise.on_device([norm, head]):
+        total, tokens = None, 0
+        for hidden in layerwise.hidden:
+            x = norm(hidden)
+            x = x.reshape(-1, x.shape[-1])
+            if total is None:
+                total = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            add_gram(total, x)
+            tokens += x.shape[0]
+        hessian = distributed.all_sum_(total).mul_(2 / distributed.all_sum(tokens))
+        _solve_group({"lm_head": head}, ["lm_head"], hessian, head_args(config, "weight" if config.act_order else None),
+                     config, "lm_head")
+    quant = getattr(head, QUANT_ATTR)
+    if config.offload:  # the grid follows the weight back to the CPU
+        setattr(head, QUANT_ATTR, replace(quant, scale=quant.scale.cpu(), zero_point=quant.zero_point.cpu()))
+
+
 def fp4_inputs(config: GPTQ):
     """The input args of W4A4 on an FP4 grid, else None."""
     return fp4_input_args(config.grid) if config.grid != "int" and config.activations == "dynamic" else None
@@ -516,7 +538,8 @@ def probe_errors(model: torch.nn.Module, config, calibration: torch.Tensor, name
 @torch.no_grad()
 def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tensor, *,
                   show_progress: bool = True) -> torch.nn.Module:
-    """Quantize every decoder Linear with GPTQ, layer by layer, on `calibration` token ids [samples, seq_len].
+    """Quantize every decoder Linear with GPTQ, layer by layer, on `calibration` token ids [samples, seq_len]; where
+    asked, the embeddings first (to nearest) and the head last (compress.quantize.head_embed).
 
     `offload` changes where the weights wait (the CPU, one decoder layer at a time on the GPU) and, by default, chunks
     the calibration forwards; `batch_tokens` (`resolve_run`) changes only how those forwards are chunked, so only the
@@ -528,6 +551,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     # every Linear's grid, decided before any solve (compress.quantize.mixed); the budget's probe runs here
     grids = linear_grids(model, config, partial(probe_errors, model, config, calibration),
                          "weight" if config.act_order else None)
+    prepare(model, config)  # asked for: a tied head untied, the embeddings rounded (the layers calibrate on them)
     names = {id(module): name for name, module in model.named_modules()}
     observed_inputs = fp4_inputs(config) is not None  # W4A4: the inputs' ranges, for their global scales
     home = next(model.parameters()).device
@@ -549,7 +573,9 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
                 args = {name: grids[names[id(m)]] for name, m in linears.items()}
                 maxima: dict[str, float] = {}
                 with observing_input_maxima(linears, maxima) if observed_inputs else nullcontext():
-                    quantize_layer(layerwise, layer, index, linears, args, config, last=index + 1 == len(layers))
+                    # the last layer's outputs feed nothing, unless the head is solved on them
+                    last = index + 1 == len(layers) and config.lm_head is None
+                    quantize_layer(layerwise, layer, index, linears, args, config, last=last)
                 if observed_inputs:
                     set_input_global_scales(linears, maxima)
             for linear in linears.values() if observed_inputs else ():  # inputs on the grid from now on
@@ -562,6 +588,9 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
                         ("scale", "zero_point", "global_scale", "input_global_scale")
                         if getattr(quant, field) is not None}))
             progress.advance(task)
+        if config.lm_head is not None:
+            progress.update(task, description="GPTQ lm_head")
+            _quantize_head(model, layerwise, config)
     del layerwise
     if model.device != home:
         model.to(home)

@@ -58,6 +58,10 @@ class LayerwiseCalibration:
             for module, home in zip(modules, homes):
                 module.to(home)
 
+    def on_device(self, modules: list[torch.nn.Module]):
+        """Context: `modules` on the calibration device (a no-op for those already there)."""
+        return self._on_device(modules)
+
     def layer_on_device(self, index: int):
         """Context: decoder layer `index` on the calibration device (a no-op when the model is resident)."""
         return self._on_device([self.layers[index]])

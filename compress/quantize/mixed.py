@@ -19,9 +19,10 @@ from compressed_tensors.quantization import QuantizationArgs
 from compress.config.quantize import WeightOnlyConfig, _grid_name
 from compress.errors import StepConfigError
 from compress.estimate import linear_bytes
-from compress.modules import quantizable_linears, quantized_linears
+from compress.modules import quantizable_linears, quantized_modules
 from compress.quantize.fp4 import check_fp4_widths, same_input_groups
 from compress.quantize.grid import quantization_args, weight_args
+from compress.quantize.head_embed import check_head_and_embeddings, untied_record
 
 MIXED_ATTR = "mixed_grids"  # on the model after the step: what the budget chose, for step.json
 
@@ -152,9 +153,10 @@ class _Budget:
 
 
 def check_grids(model: torch.nn.Module, config) -> None:
-    """The RTN and GPTQ steps' shape check (compress.steps), before any work: the FP4 widths, every override and the
-    budget's bounds against the model's Linears."""
+    """The RTN and GPTQ steps' shape check (compress.steps), before any work: the FP4 widths, the head's and the
+    embeddings' groups, every override and the budget's bounds against the model's Linears."""
     check_fp4_widths(model, config)
+    check_head_and_embeddings(model, config)
     if not getattr(config, "overrides", ()) and getattr(config, "keep", None) is None:
         return
     linears = dict(quantizable_linears(model, keep_float=config.ignore))
@@ -206,22 +208,25 @@ def grid_name(args: QuantizationArgs) -> str:
 
 
 def grids_record(model: torch.nn.Module) -> dict:
-    """For step.json, where a step's Linears lie on several grids: per grid, its Linears (every name but for the
-    grid most of them share) and their saved bytes; and what the budget kept, if it ran."""
-    if len({quant.args.model_dump_json() for _, _, quant in quantized_linears(model)}) < 2:
+    """For step.json, where a step's Linears (and a quantized head or embedding) lie on several grids: per grid, its
+    modules (every name but for the grid most of them share) and their saved bytes; what the budget kept, if it ran;
+    and what untying a tied head cost (`untied_head_bytes`), where the step untied it."""
+    untied = untied_record(model)
+    if len({quant.args.model_dump_json() for _, _, quant in quantized_modules(model)}) < 2:
         model.__dict__.pop(MIXED_ATTR, None)
-        return {}
+        return untied
     by_grid: dict[str, list] = {}
-    for name, linear, quant in quantized_linears(model):
-        by_grid.setdefault(grid_name(quant.args), []).append((name, linear, quant))
+    for name, module, quant in quantized_modules(model):  # the head and an embedding too, where a step quantized them
+        by_grid.setdefault(grid_name(quant.args), []).append((name, module, quant))
     largest = max(by_grid, key=lambda grid: len(by_grid[grid]))
     grids = {}
     for grid, members in by_grid.items():
-        saved = sum(linear_bytes(linear.out_features, linear.in_features, quant.args.num_bits,
+        saved = sum(linear_bytes(*module.weight.shape, quant.args.num_bits,
                                  -1 if quant.args.group_size is None else quant.args.group_size,
-                                 quant.args.symmetric, linear.weight.element_size())
-                    for _, linear, quant in members) if members[0][2].args.type == "int" else None
+                                 quant.args.symmetric, module.weight.element_size(),
+                                 embedding=isinstance(module, torch.nn.Embedding))
+                    for _, module, quant in members) if members[0][2].args.type == "int" else None
         grids[grid] = {"linears": len(members), "bytes": saved,
                        **({"names": [name for name, _, _ in members]} if grid != largest else {})}
     mixed = model.__dict__.pop(MIXED_ATTR, None)  # this step's: a later step's record does not repeat it
-    return {"grids": grids, **({"kept_by_budget": mixed} if mixed else {})}
+    return {"grids": grids, **({"kept_by_budget": mixed} if mixed else {}), **untied}

@@ -504,10 +504,14 @@ def _return_freed_host_memory() -> None:
         trim(0)
 
 
+# a lookup reads one row per token: nothing to gain from a low-bit GEMM, so a quantized embedding is kept dequantized
+EMBEDDING_NOTE = "{name} is int8 on disk and runs dequantized (a lookup table; the packed kernels are for Linears)"
+
+
 @torch.no_grad()
 def pack_model(model: torch.nn.Module) -> list[str]:
     """Replace every quantized Linear of `model` by its packed module, in place; returns one note per setting that has
-    no kernel here (those Linears stay dequantized)."""
+    no kernel here (those Linears stay dequantized), and one per quantized embedding (it stays dequantized)."""
     from compress.modules import quantized_linears
 
     missing: Counter = Counter()
@@ -525,7 +529,10 @@ def pack_model(model: torch.nn.Module) -> list[str]:
                            functools.partial(linear_codes, linear, kind, quant), release)
     install_packed(model, grids)
     gc.collect()  # the replaced Linears sit in reference cycles: free what is left of them now
-    return [f"no packed kernel for {why}: {count} Linear(s) run dequantized" for why, count in missing.items()]
+    embeddings = [name for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Embedding) and hasattr(module, QUANT_ATTR)]
+    return [f"no packed kernel for {why}: {count} Linear(s) run dequantized" for why, count in missing.items()] + \
+        [EMBEDDING_NOTE.format(name=name) for name in embeddings]
 
 
 def packed_kernels(model: torch.nn.Module) -> dict[str, int]:

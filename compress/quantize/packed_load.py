@@ -11,13 +11,14 @@ the dense path and packs afterwards, as before."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from compress.errors import CompressError
-from compress.modules import WeightQuant, compute_rotary_frequencies
-from compress.quantize.packed import Grid, install_packed, packed_kind
+from compress.modules import QUANT_ATTR, WeightQuant, compute_rotary_frequencies
+from compress.quantize.packed import EMBEDDING_NOTE, Grid, install_packed, packed_kind
 
 
 def _eligible(config: dict) -> bool:
@@ -115,6 +116,21 @@ def _grid(module: str, scheme, tensors: _Tensors, dtype: torch.dtype, module_key
     return Grid(kind, in_features, out_features, quant, bias, dtype, codes)
 
 
+def _dequantized_embedding(embedding: torch.nn.Embedding, scheme, tensors: _Tensors, dtype: torch.dtype,
+                           key: str) -> None:
+    """A quantized embedding (int8 codes, compress.quantize.head_embed) dequantized in place of its meta weight, its
+    grid kept on it so the model is known as quantized."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+
+    local = {name.removeprefix(key + "."): tensors.get(name) for name in tensors.where
+             if name.startswith(key + ".weight")}
+    dense = IntQuantizationCompressor.decompress(local, scheme)  # int-quantized (compress.quantize.formats)
+    embedding.weight = torch.nn.Parameter(dense["weight"].to(dtype), requires_grad=False)
+    scale = local["weight_scale"]
+    zero = local.get("weight_zero_point", torch.zeros(scale.shape, dtype=torch.int8, device=scale.device))
+    setattr(embedding, QUANT_ATTR, WeightQuant(scheme.weights, scale, zero.reshape(scale.shape)))
+
+
 def _materialize(model: torch.nn.Module, tensors: _Tensors, device: str, dtype: torch.dtype, checkpoint_key) -> None:
     """Every tensor still on the meta device (float weights, norms, rotary frequencies) allocated on `device` and filled
     from the checkpoint (rotary frequencies computed), one at a time."""
@@ -176,10 +192,14 @@ def load_packed(folder: Path, dtype: torch.dtype, device: str):
     def module_key(module: str) -> str:
         return checkpoint_key(f"{module}.weight_scale").removesuffix(".weight_scale")
 
-    grids = {}
+    grids, built = {}, dict(model.named_modules())
     for module in sorted(modules - ignore):
-        scheme = next((s for s in schemes if "Linear" in s.targets
-                       or module in {module_name(config, t) for t in s.targets}), None)
+        scheme = next((s for s in schemes if module in {module_name(config, t) for t in s.targets}
+                       or ("Linear" in s.targets and isinstance(built.get(module), torch.nn.Linear))), None)
+        if isinstance(built.get(module), torch.nn.Embedding) and scheme is not None:
+            _dequantized_embedding(built[module], scheme, tensors, dtype, module_key(module))
+            warnings.warn(EMBEDDING_NOTE.format(name=module), stacklevel=3)
+            continue
         grid = None if scheme is None else _grid(module, scheme, tensors, dtype, module_key)
         if grid is None:  # no scheme (a damaged config: the dense path says so) or no packed kernel for it
             return None

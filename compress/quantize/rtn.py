@@ -21,18 +21,22 @@ from compress.quantize.grid import (
     minmax_qparams,
     quantizable_linears,
 )
+from compress.quantize.head_embed import prepare, round_head
 from compress.quantize.mixed import linear_grids
 
 
 @torch.no_grad()
 def quantize_rtn(model: torch.nn.Module, config: RTN | WeightOnlyConfig, *, show_progress: bool = True
                  ) -> torch.nn.Module:
-    """Round every decoder Linear onto the grid in place; the grid is recorded on the module for saving."""
+    """Round every decoder Linear (and, where asked, the head and the embeddings) onto the grid in place; the grid is
+    recorded on the module for saving."""
     require_float(model, "quantize", "its weights already lie on a quantization grid")
     unfuse_experts(model)  # MoE: one Linear per expert projection (compress.moe)
     check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
     grids = linear_grids(model, config)  # overrides: a grid per Linear
+    prepare(model, config)  # asked for: a tied head untied, the embeddings rounded
+    round_head(model, config)
     fp4 = getattr(config, "grid", "int") != "int"
     inputs = fp4_input_args(config.grid) if fp4 and config.activations == "dynamic" else None
     linears = dict(quantizable_linears(model, keep_float=config.ignore))
