@@ -68,17 +68,17 @@ def test_a_packed_model_is_for_inference_only(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("config", [compress.RTN(bits=4, group_size=32, sym=False), compress.RTN(bits=4, group_size=64),
                                     compress.FP8()])
 def test_packed_on_gpu_equals_dequantized(tiny_model_dir, tmp_path, config):
-    from compress.quantize.packed import DEQUANTIZE_ABOVE_ROWS, gemlite_module
+    from compress.quantize.packed import DEQUANTIZE_ABOVE_ROWS, int4_backend
 
     folder = _saved(tiny_model_dir, tmp_path, config)
     dense, _ = compress.load(folder, dtype="bfloat16", device="cuda")
     packed, _ = compress.load(folder, dtype="bfloat16", device="cuda", runtime="packed")
-    fast = "int4 gemlite" if gemlite_module() else "int4 tinygemm"
+    fast = f"int4 {int4_backend(torch.device('cuda'))}"
     if isinstance(config, compress.FP8):
         fast = "fp8 _scaled_mm"
     assert packed_kernels(packed) == {fast: 14}
-    # a decode step, a short prompt (the low-bit kernels) and a long one (dequantize-then-GEMM / _scaled_mm)
-    for shape in ((1, 1), (2, 24), (1, DEQUANTIZE_ABOVE_ROWS + 72)):
+    # decode at batch 1 and 16, a short prompt (the low-bit kernels) and a long one (dequantize + GEMM / _scaled_mm)
+    for shape in ((1, 1), (2, 8), (2, 24), (1, DEQUANTIZE_ABOVE_ROWS + 72)):
         ids = torch.randint(0, dense.config.vocab_size, shape, device="cuda")
         expected, got = _logits(dense, ids).float(), _logits(packed, ids).float()
         assert (got - expected).abs().max() <= 0.03 * expected.abs().max()  # bf16 accumulation order
