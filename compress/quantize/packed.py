@@ -53,8 +53,6 @@ KERNEL_DTYPE = torch.bfloat16
 # crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
 DEQUANTIZE_ABOVE_ROWS = 64
 CPU_DEQUANTIZE_ABOVE_ROWS = 128
-# The 4-bit kernels on CUDA: ours ("triton": compress.quantize.kernels, on compressed-tensors' own layout) or gemlite's.
-INT4_CUDA_BACKEND = "gemlite"
 CUDA_EXTRA = 'pip install "compress-llm[cuda]" (in a clone: pip install -e ".[cuda]")'
 
 
@@ -164,22 +162,11 @@ class Int4Linear(_PackedLinear):
         self.group_size, self.backend = group_size, backend
         unsigned = (codes.int() + 8)
         symmetric = zero_point is None or not zero_point.any()
-        if backend == "triton":
-            self._pack_rows(unsigned, scale, zero_point, symmetric)
-        elif backend == "gemlite":
+        if backend == "gemlite":
             self._pack_gemlite(unsigned, scale, zero_point, symmetric)
         else:
             self._pack_tinygemm(unsigned, scale, zero_point)
         setattr(self, PACKED_ATTR, self.kernel)
-
-    def _pack_rows(self, unsigned, scale, zero_point, symmetric: bool) -> None:
-        from compress.quantize.kernels import pack_int4_rows, reserve_int4_workspace
-
-        self.register_buffer("words", pack_int4_rows(unsigned))  # [out, in/8]
-        self.register_buffer("scales", scale.to(KERNEL_DTYPE).contiguous())  # [out, in/group]
-        self.register_buffer("zeros", None if symmetric else (zero_point.float() + 8).to(KERNEL_DTYPE).contiguous())
-        reserve_int4_workspace(unsigned.device, self.out_features)
-        self.kernel = "int4 triton"
 
     def _pack_gemlite(self, unsigned, scale, zero_point, symmetric: bool) -> None:
         gemlite = gemlite_module()
@@ -210,10 +197,6 @@ class Int4Linear(_PackedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] bf16 weight (for long inputs, and for tests)."""
-        if self.backend == "triton":
-            from compress.quantize.kernels import dequantize_int4_rows
-
-            return dequantize_int4_rows(self.words, self.scales, self.zeros, self.group_size)
         if self.backend == "gemlite":
             from compress.quantize.kernels import dequantize_int4
 
@@ -230,14 +213,7 @@ class Int4Linear(_PackedLinear):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
         rows = flat.shape[0]
-        if self.backend == "triton":
-            from compress.quantize.kernels import MM_MAX_ROWS, int4_matmul
-
-            if rows > MM_MAX_ROWS:
-                out = F.linear(flat, self.dequantized_weight())
-            else:
-                out = int4_matmul(flat, self.words, self.scales, self.zeros, 8.0, self.group_size)
-        elif self.backend == "gemlite":
+        if self.backend == "gemlite":
             if rows > DEQUANTIZE_ABOVE_ROWS:
                 out = flat @ self.dequantized_weight().T
             else:
@@ -338,10 +314,6 @@ def int4_backend(device: torch.device) -> str:
     """gemlite on CUDA where it is installed, else tinygemm (with one warning naming the extra on CUDA)."""
     if device.type != "cuda":
         return "tinygemm"
-    from compress.quantize import kernels
-
-    if INT4_CUDA_BACKEND == "triton" and kernels.triton is not None:
-        return "triton"
     if gemlite_module() is None:
         _warn_once(f"gemlite is not installed: 4-bit Linears run on tinygemm, 3-16x slower than bf16 on long prompts; "
                    f"{CUDA_EXTRA} for the fast kernels")
@@ -405,8 +377,6 @@ def packed_linear(grid: Grid) -> _PackedLinear:
     if grid.kind == "int8 w8a8":
         return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
     backend = int4_backend(codes.device)
-    if backend == "triton":
-        return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
     if backend == "gemlite":
         try:
             return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
