@@ -47,7 +47,8 @@ def main() -> None:
         if name not in wanted:
             continue
         model = random_llama(LLAMA2_7B, torch.bfloat16, "cuda")
-        _, seconds, peak = timed(lambda: compress.quantize(model, config, ids, show_progress=False))
+        _, seconds, peak = timed(lambda model=model, config=config: compress.quantize(model, config, ids,
+                                                                                       show_progress=False))
         record({"row": name, "setting": config.describe(), "seconds": seconds, "peak_gib": peak / 2**30})
         del model
         torch.cuda.empty_cache()
@@ -60,8 +61,8 @@ def main() -> None:
         compress.quantize(student, compress.AWQ(**grid, loss="linear"), ids[:16], show_progress=False)
         config = compress.QAT(**grid, train=train, steps=args.qat_steps, batch_size=8, seq_len=256, lr=1e-5,
                               warmup_ratio=0.0, kd=compress.KD())
-        _, seconds, peak = timed(lambda: compress.quantize(student, config, train_data=windows, teacher=teacher,
-                                                           show_progress=False))
+        _, seconds, peak = timed(lambda student=student, teacher=teacher, config=config: compress.quantize(
+            student, config, train_data=windows, teacher=teacher, show_progress=False))
         record({"row": f"qat-kd {train}", "setting": config.describe(), "seconds": seconds,
                 "seconds_per_step": seconds / args.qat_steps, "peak_gib": peak / 2**30})
         del teacher, student

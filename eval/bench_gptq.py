@@ -112,7 +112,7 @@ def main() -> None:
                     for schedule in args.schedules.split(",") for tokens in args.batch_tokens.split(",")]
         for mode, schedule, tokens in variants:
             if args.model == "llama2-7b-shape" and reference is not None:  # a fresh random model, the same weights
-                del m
+                m = None  # the previous variant's model freed before the next is built
                 torch.cuda.empty_cache()
                 model = random_llama(LLAMA2_7B, getattr(torch, args.dtype), args.device)
                 m = model

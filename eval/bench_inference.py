@@ -179,7 +179,8 @@ def main() -> None:
             row["decode_vs_base"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
             row["decode_vs_base_by_batch"] = {
                 d["batch"]: round(d["decode_tokens_per_s"] / b["decode_tokens_per_s"], 3)
-                for d, b in zip(row["decode"], base["decode"]) if "decode_tokens_per_s" in d and "decode_tokens_per_s" in b}
+                for d, b in zip(row["decode"], base["decode"])
+                if "decode_tokens_per_s" in d and "decode_tokens_per_s" in b}
         row["weight_bytes_vs_base"] = round(row["weight_bytes"] / base["weight_bytes"], 3)
         row["prefill_time_vs_base_by_tokens"] = {
             p["tokens"]: round(p["ms"] / b["ms"], 3) for p, b in zip(row["prefill"], base["prefill"])

@@ -89,7 +89,9 @@ def main() -> None:
     protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
 
     def ppl(m):
-        return None if tokenizer is None else compress.perplexity(m, tokenizer, protocol, show_progress=False)["perplexity"]
+        if tokenizer is None:
+            return None
+        return compress.perplexity(m, tokenizer, protocol, show_progress=False)["perplexity"]
 
     base = {"importance": "base", "params": params(model), "forward_ms": forward_ms(model, latency_tokens),
             "perplexity": ppl(model)}
@@ -102,7 +104,8 @@ def main() -> None:
             model = random_llama(LLAMA2_7B, getattr(torch, args.dtype), args.device)
         config = compress.TaylorPrune(importance=importance, ratio=args.ratio, layers=(start, end))
         torch.manual_seed(0)
-        model, seconds, peak = timed(lambda: compress.prune(model, config, ids, show_progress=False))
+        model, seconds, peak = timed(lambda model=model, config=config: compress.prune(model, config, ids,
+                                                                                   show_progress=False))
         row = {"importance": importance, "prune_seconds": round(seconds, 2),
                "peak_cuda_gib": round(peak / GIB, 2) if peak else None, "params": params(model),
                "forward_ms": forward_ms(model, latency_tokens), "perplexity": ppl(model)}
@@ -110,7 +113,8 @@ def main() -> None:
             recovery = compress.LoRARecovery(steps=args.recover_steps, batch_size=args.recover_batch,
                                              seq_len=args.recover_seq_len)
             windows = training_examples(tokenizer, recovery.data, recovery.seq_len)
-            model, seconds, _ = timed(lambda: compress.finetune(model, recovery, windows, show_progress=False))
+            model, seconds, _ = timed(lambda model=model, recovery=recovery, windows=windows: compress.finetune(
+                model, recovery, windows, show_progress=False))
             row.update(recover_seconds=round(seconds, 1), recovered_perplexity=ppl(model))
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -120,8 +124,8 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
-    print(f"\n{args.model}, ratio {args.ratio} on layers [{start}, {end}), {args.samples} x {args.seq_len} calibration, "
-          f"{where}, {args.dtype}; forward = one [1, {latency_tokens}] prefill\n")
+    print(f"\n{args.model}, ratio {args.ratio} on layers [{start}, {end}), {args.samples} x {args.seq_len} "
+          f"calibration, {where}, {args.dtype}; forward = one [1, {latency_tokens}] prefill\n")
     print("| importance | prune s | peak GPU GiB | params | forward ms | ppl after pruning | recovery s | "
           "ppl after recovery |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -1,6 +1,7 @@
 """The llm-compressor side of bench_gptq.py and bench_recovery.py: the same model, calibration token ids and grid
-through llm-compressor's `oneshot` + `GPTQModifier` (or, `--method awq`, its `AWQModifier` then round-to-nearest). Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17
-and compressed-tensors 0.19, so it is never a dependency of compress); prints one JSON line."""
+through llm-compressor's `oneshot` + `GPTQModifier` (or, `--method awq`, its `AWQModifier` then round-to-nearest).
+Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17 and compressed-tensors 0.19, so it is never a
+dependency of compress); prints one JSON line."""
 
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ def main() -> None:
 
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
-
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     dtype = getattr(torch, args.dtype)
@@ -111,7 +111,8 @@ def main() -> None:
         save_weights(model, args.save_weights)
     import llmcompressor
 
-    print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__} {args.method}", "seconds": seconds, "peak_cuda_bytes": peak}))
+    print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__} {args.method}", "seconds": seconds,
+                      "peak_cuda_bytes": peak}))
 
 
 if __name__ == "__main__":

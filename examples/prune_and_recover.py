@@ -29,7 +29,8 @@ report("base")
 calibration = calibration_batches(tokenizer, "wikitext2-valid", samples=10, seq_len=128)  # LLM-Pruner: 10 samples
 model = compress.prune(model, compress.TaylorPrune(ratio=0.25, layers=(4, 28)), calibration)
 report("pruned 25 %")
-recovery = compress.LoRARecovery(lora=compress.LoRA(r=8, alpha=16), steps=args.steps, lr=1e-3, batch_size=8, seq_len=128)
+recovery = compress.LoRARecovery(lora=compress.LoRA(r=8, alpha=16), steps=args.steps, lr=1e-3, batch_size=8,
+                                  seq_len=128)
 model = compress.finetune(model, recovery, training_windows(tokenizer, "wikitext2-valid", seq_len=128))  # merged
 report("pruned + recovered")
 compress.save_model(model, tokenizer, args.output_dir)  # per-layer widths: load with compress.load

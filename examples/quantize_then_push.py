@@ -26,5 +26,7 @@ recipe = compress.Recipe(
 )
 report = compress.run(recipe, output_dir=args.output_dir, dry_run=args.dry_run)
 for row in report["steps"]:
-    print(f"{row['step']}: {row['size_bytes'] / 2**20:.1f} MiB, WikiText-2 perplexity {row['wikitext2_perplexity']:.2f}")
-print(f"{'staged' if args.dry_run else 'pushed'} {len(report['hub']['files'])} files: {report['hub']['commit_url'] or report['hub']['staging']}")
+    print(f"{row['step']}: {row['size_bytes'] / 2**20:.1f} MiB, "
+          f"WikiText-2 perplexity {row['wikitext2_perplexity']:.2f}")
+where = report['hub']['commit_url'] or report['hub']['staging']
+print(f"{'staged' if args.dry_run else 'pushed'} {len(report['hub']['files'])} files: {where}")
