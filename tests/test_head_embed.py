@@ -212,3 +212,17 @@ def test_bad_head_or_embedding_grids_are_refused_before_any_work(tiny_recipe, tm
     ]:
         with pytest.raises(RecipeError, match=problem):
             load_recipe(tiny_recipe(f"  - quantize: {step}"))
+
+
+def test_qat_after_the_step_leaves_the_quantized_head_and_embedding_on_their_grid():
+    """QAT trains the decoder's grids; the head and embedding an earlier step quantized are not its to train."""
+    model = _tiny("qwen2")
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    compress.quantize(model, compress.RTN(bits=4, group_size=32, lm_head=HEAD_8, embeddings={"bits": 8}),
+                      show_progress=False)
+    head, embedding = model.lm_head.weight.detach().clone(), model.model.embed_tokens.weight.detach().clone()
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    compress.quantize(model, compress.QAT(bits=4, group_size=32, train="weights_and_scales", steps=3, batch_size=4,
+                                          seq_len=32, lr=1e-4, warmup_ratio=0.0), train_data=ids, show_progress=False)
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # QAT did train
+    assert torch.equal(model.lm_head.weight, head) and torch.equal(model.model.embed_tokens.weight, embedding)

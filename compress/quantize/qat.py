@@ -139,6 +139,7 @@ def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | N
         linear.parametrizations.weight.original.requires_grad_(train != "scales")
         if hasattr(linear, QUANT_ATTR):
             delattr(linear, QUANT_ATTR)  # the grid now lives in the parametrization, and is written back at the end
+    _freeze_grids_not_trained(model)
     return model
 
 
@@ -242,6 +243,14 @@ def quantize_qat(model: torch.nn.Module, config: QAT, train_data: torch.Tensor |
     train(model, config, train_data, seed=seed, show_progress=show_progress, callbacks=[callback],
           step=f"quantize (QAT, train: {config.train})", **kwargs)
     return model.eval()  # the callback rounded the weights onto the grid when training ended
+
+
+def _freeze_grids_not_trained(model: torch.nn.Module) -> None:
+    """Modules an earlier step put on a grid that QAT does not train (a quantized head or embedding) keep their
+    weights: trained freely they would leave the grid their recorded scales describe."""
+    for module in model.modules():
+        if getattr(module, QUANT_ATTR, None) is not None and not parametrize.is_parametrized(module, "weight"):
+            module.weight.requires_grad_(False)
 
 
 def _distillation_trainer():
