@@ -30,10 +30,12 @@ import warnings
 
 import torch
 
+from compress import distributed
 from compress.architectures import Family, family
 from compress.config.rotate import Rotate
 from compress.errors import CompressError, StepConfigError
 from compress.modules import decoder_layers, require_float
+from compress.quantize.head_embed import UNTIED_ATTR
 
 NORMS = ("input_layernorm", "post_attention_layernorm")  # the two pre-norms of each decoder layer, as named in
 # every family of compress.architectures whose norms fold (each family's modeling file names them so)
@@ -146,18 +148,19 @@ def rotate_rows(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the verb
 
 
-def _untie(model: torch.nn.Module) -> bool:
-    """Give a head tied to the embedding its own copy of the weight; whether it was tied."""
+def _untie(model: torch.nn.Module) -> int:
+    """Give a head tied to the embedding its own copy of the weight; the bytes that adds to the checkpoint (0 when
+    it was not tied), recorded for step.json as a quantize step's untying is (compress.quantize.head_embed)."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
-    if tied:
+    cost = 0
+    if head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr():
         head.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+        cost = head.weight.numel() * head.weight.element_size()
+        setattr(model, UNTIED_ATTR, cost)
     for config in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
                    if c is not None}.values():
-        if getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False
-            tied = True
-    return tied
+        config.tie_word_embeddings = False
+    return cost
 
 
 def _fold_norm(norm: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
@@ -177,6 +180,19 @@ def _value_rows(attention: torch.nn.Module, known: Family, head_dim: int, heads:
 
 
 @torch.no_grad()
+def fold_norms(model: torch.nn.Module, known: Family) -> int:
+    """Step 1 alone: every RMSNorm's weight folded into the Linears that read it (the final norm's into the head,
+    untied first if tied) and set to 1; the float model computes the same logits. Returns the bytes untying the head
+    added (0: it was not tied)."""
+    untied = _untie(model)
+    _fold_norm(model.get_decoder().norm, [model.get_output_embeddings()])
+    for layer in decoder_layers(model):
+        for norm, names in _reads(known).items():
+            _fold_norm(layer.get_submodule(norm), [layer.get_submodule(name) for name in names])
+    return untied
+
+
+@torch.no_grad()
 def rotate(model: torch.nn.Module, config: Rotate, *, show_progress: bool = True) -> torch.nn.Module:
     """Rotate `model`'s residual stream (and, with `config.heads`, each head's values) by an orthogonal Q fused into
     its weights, in place; the float model computes the same logits (up to rounding). Returns the model."""
@@ -188,16 +204,14 @@ def rotate(model: torch.nn.Module, config: Rotate, *, show_progress: bool = True
     block = rotation_block(config.kind, block_size(model, config), generator)
     layers = decoder_layers(model)
     reads = _reads(known)
-    if _untie(model):
-        warnings.warn("rotate: the head was tied to the embedding and is now untied (config.tie_word_embeddings "
-                      "false, the head its own weight): the final norm folds into the head only; the checkpoint "
-                      "holds the head's weight besides the embedding", stacklevel=3)
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     # 1. fold every norm into its readers
-    _fold_norm(model.get_decoder().norm, [head])
-    for layer in layers:
-        for norm, names in reads.items():
-            _fold_norm(layer.get_submodule(norm), [layer.get_submodule(name) for name in names])
+    untied = fold_norms(model, known)
+    if untied and distributed.is_main():
+        warnings.warn(f"rotate: the head was tied to the embedding and is now untied (config.tie_word_embeddings "
+                      f"false, the head its own weight): the final norm folds into the head only; the checkpoint "
+                      f"holds the head apart, {untied / 2**20:,.1f} MiB more than the tied model's one tensor",
+                      stacklevel=3)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     # 2. rotate the stream: in through the embedding, read by W·Q, written by Qᵀ·W
     embedding.weight.copy_(rotate_columns(embedding.weight, block))
     head.weight.copy_(rotate_columns(head.weight, block))

@@ -6,8 +6,10 @@ calibration tokens, perplexity on 16,384 wikitext2-test tokens in 512-token wind
     python eval/bench_rotate.py --out eval/results/bench_rotate_smollm2_cpu.json
 
 Each variant starts from the same float weights; the rotated ones are rotated first (the float model's perplexity
-is unchanged by it: variant rotate-float). For each pair the gap closed is (ppl without - ppl with) / (ppl without -
-ppl float). GPTQ runs with act-order and damp 0.01 on `--samples` calibration windows.
+is unchanged by it: variant rotate-float). Variants fold-*: the rotation's first step alone (each RMSNorm's weight
+folded into the Linears that read it, no rotation), to tell the fold's effect on the rounding from the rotation's.
+For each pair the gap closed is (ppl without - ppl with) / (ppl without - ppl float). GPTQ runs with act-order and
+damp 0.01 on `--samples` calibration windows.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import time
 from pathlib import Path
 
 import compress
+from compress.architectures import family
+from compress.rotate import fold_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wikitext_bench import WikitextBench  # noqa: E402
 
 ROTATIONS = {"rotate": lambda: compress.Rotate(), "rotate-random": lambda: compress.Rotate(kind="random"),
-             "rotate-noheads": lambda: compress.Rotate(heads=False)}
+             "rotate-noheads": lambda: compress.Rotate(heads=False),
+             "fold": lambda: None}  # the rotation's first step alone: the norms folded into their readers, Q = I
 QUANTIZERS = {
     "float": None,
     "rtn-mxfp4-w4a4": lambda: compress.RTN(grid="mxfp4", activations="dynamic"),
@@ -83,8 +88,12 @@ def main() -> None:
         if rotation:
             config = ROTATIONS[rotation]()
             start = time.perf_counter()
-            compress.rotate(model, config)
-            entry.update(rotation=config.describe(), rotate_seconds=round(time.perf_counter() - start, 1))
+            if config is None:
+                fold_norms(model, family(model))
+            else:
+                compress.rotate(model, config)
+            entry.update(rotation=config.describe() if config else "norms folded into their readers only (Q = I)",
+                         rotate_seconds=round(time.perf_counter() - start, 1))
         if QUANTIZERS[quantizer]:
             config = QUANTIZERS[quantizer]()
             start = time.perf_counter()

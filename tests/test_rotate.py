@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import compress
 from compress.errors import CompressError, StepConfigError
 from compress.rotate import block_size, check_rotatable, hadamard, random_orthogonal, rotate_columns
-from test_families import IDS, _assert_stock_transformers_loads
+from stock_load import stock_logits
 
+IDS = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
 SMALL = dict(vocab_size=512, hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, head_dim=16)
 MODELS = {
@@ -164,7 +165,10 @@ def test_rotate_then_w4a4_recipe_and_the_rotated_step_loads_in_stock_transformer
     expected = _run(ours).logits
     torch.testing.assert_close(expected, _run(base).logits, rtol=0, atol=1e-4)
     assert not torch.equal(ours.model.embed_tokens.weight, base.model.embed_tokens.weight)
-    _assert_stock_transformers_loads(folder, expected)  # a process where compress cannot be imported
+    # stock transformers, in a process that never imports compress
+    torch.testing.assert_close(stock_logits(folder, IDS), expected, rtol=0, atol=1e-4)
+    step = json.loads((folder / "step.json").read_text())
+    assert step["untied_head_bytes"] == 512 * 64 * 4  # the head's float32 copy, recorded as a quantize step's is
 
 
 @pytest.mark.slow
