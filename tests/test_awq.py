@@ -207,3 +207,88 @@ def test_awq_on_a_biased_gqa_qwen2_keeps_the_float_function_and_beats_rtn():
     awq_error = (_logits(model, ids[:2]) - reference).pow(2).mean()
     rtn_error = (_logits(rtn, ids[:2]) - reference).pow(2).mean()
     assert awq_error < 0.7 * rtn_error, (awq_error, rtn_error)
+
+
+def _straightforward_awq(model, ids, args, grid_points: int, search_samples: int | None) -> list[torch.Tensor]:
+    """AWQ's scale search written out plainly, as the paper and AutoAWQ state it: the float model's inputs of every
+    block, and for every candidate the block that judges it (the attention, the MLP, or the Linear itself) run with
+    the rounded weights (the attention and the MLP on the first `search_samples` samples, a Linear on all), the
+    smallest squared output error kept and folded. Returns the chosen scales in the order they are folded."""
+    from compress.quantize.awq import _column_magnitude, _rounded, candidate_scales
+
+    seen: dict[str, tuple] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for name in ("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "self_attn.q_proj", "mlp.gate_proj"):
+            def record(module, args_, kwargs, output, key=f"{index}.{name}"):
+                seen[key] = (args_[0] if args_ else kwargs["hidden_states"], kwargs,
+                             output[0] if isinstance(output, tuple) else output)
+
+            handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    chosen = []
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            for group in layer_groups(layer, index, LLAMA):
+                linears = [layer.get_submodule(name) for name in group.linears]
+                originals = [linear.weight.detach().clone() for linear in linears]
+                x = seen[f"{index}.{group.linears[0]}"][0]
+                x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+                block = layer.get_submodule(group.inspect)
+                block_input, kwargs, reference = seen[f"{index}.{group.inspect}"]
+                take = ids.shape[0] if search_samples is None or group.inspect in group.linears else search_samples
+                kwargs = {k: (tuple(t[:take] for t in v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
+                          if k not in ("hidden_states", "past_key_values", "past_key_value")}
+                best, best_error = None, float("inf")
+                for scales in candidate_scales(x_mean, _column_magnitude(originals, args.group_size), grid_points):
+                    for linear, weight in zip(linears, originals):
+                        linear.weight.copy_(_rounded(weight * scales, args) / scales)
+                    output = block(block_input[:take], **kwargs)
+                    output = output[0] if isinstance(output, tuple) else output
+                    error = (output - reference[:take]).pow(2).sum().item()
+                    if error < best_error:
+                        best, best_error = scales, error
+                for linear, weight in zip(linears, originals):
+                    linear.weight.copy_(weight)
+                fold_scales(layer, group, best)
+                chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("search_samples", [None, 3])
+def test_awq_search_chooses_the_straightforward_scales_and_weights(monkeypatch, search_samples):
+    """The search's shortcuts (a lone Linear judged from XᵀX, the blocks run once per candidate on the recorded
+    inputs of the first samples only) choose the scales, and so the rounded weights, that running every block on
+    those samples for every candidate chooses: on a random Llama with full attention (v → o folds) and loud
+    channels."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.quantize import awq
+    from compress.quantize.grid import fake_quantize, minmax_qparams, quantization_args
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    _loud_channels(model)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    config = compress.AWQ(bits=3, group_size=32, grid_points=10, clip=False,
+                          search_tokens=None if search_samples is None else search_samples * ids.shape[1])
+    plain = copy.deepcopy(model)
+    expected = _straightforward_awq(plain, ids, quantization_args(config), config.grid_points, search_samples)
+    chosen = []
+    fold = awq.fold_scales
+    monkeypatch.setattr(awq, "fold_scales", lambda layer, group, scales: (chosen.append(scales.clone()),
+                                                                           fold(layer, group, scales)))
+    quantize_awq(model, config, ids, show_progress=False)
+    assert len(chosen) == len(expected) == 8  # 2 layers x (q/k/v, v → o, gate/up, up → down)
+    for ours, theirs in zip(chosen, expected):
+        assert torch.allclose(ours, theirs, rtol=1e-4), (ours - theirs).abs().max()
+    args = quantization_args(config)
+    for (name, linear), (_, reference) in zip(awq.quantizable_linears(model), awq.quantizable_linears(plain)):
+        rounded = fake_quantize(reference.weight, *minmax_qparams(reference.weight, args), args)
+        assert torch.allclose(linear.weight, rounded, atol=1e-5), name

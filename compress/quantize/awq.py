@@ -9,8 +9,11 @@ that read one input:
   2. search (paper §3.2): s = x̄^α / w̄^(1−α) for α on a grid in [0, 1), normalised to a geometric mean of 1; keep
      the s whose rounded weights Q(W·s)/s give the smallest output error of the block that reads the group (the
      attention block for q/k/v, the MLP for gate/up, the Linear itself otherwise), or with `loss: linear` of the
-     Linears themselves, computed from XᵀX. s = 1 (no scaling) is always a candidate, so the search never makes a
-     group worse than plain rounding;
+     Linears themselves. A Linear's own output error is computed from XᵀX, Σ‖(Q − W)x‖² = tr(D XᵀX Dᵀ), without
+     running it; the attention and the MLP run, for every candidate, on the first `search_tokens` calibration tokens
+     (AutoAWQ's budget: its whole default calibration set), so the search's cost stays bounded as the calibration
+     set grows while the statistics and the clipping read every token. s = 1 (no scaling) is always a candidate, so
+     the search never makes a group worse than plain rounding;
   3. fold: the op before the group (its norm, or the previous Linear's output rows) is divided by s and the group's
      columns multiplied by s: the float model computes exactly what it did;
   4. clip (paper's weight clipping): each quantization group's range is shrunk by the ratio, down to half, that
@@ -111,14 +114,24 @@ def layer_groups(layer: torch.nn.Module, index: int, known: Family, method: str 
 # ---------------------------------------------------------------- one decoder layer's calibration inputs
 
 
+def runs_block(group: ScaledGroup) -> bool:
+    """Whether the block loss of `group` needs its block run: the attention or the MLP; a lone Linear's output
+    error is exact from XᵀX."""
+    return group.inspect not in group.linears
+
+
 class LayerInputs:
     """One pass of the calibration set through a decoder layer records, chunk by chunk, the input of every group's
-    block (with the attention's keyword arguments) and that block's float output; and for every Linear the sum of
-    |x| per input channel and XᵀX of its input (Linears reading one tensor share them)."""
+    block that the search runs (with the attention's keyword arguments) and that block's float output, for the first
+    `search_samples` samples only (all when None); and for every Linear the sum of |x| per input channel and XᵀX of
+    its input over every sample (Linears reading one tensor share them)."""
 
     def __init__(self, calibration: LayerwiseCalibration, layer: torch.nn.Module, index: int,
-                 groups: list[ScaledGroup], linears: dict[str, torch.nn.Linear], record_blocks: bool = True):
-        inspected = {g.inspect for g in groups} if record_blocks else set()
+                 groups: list[ScaledGroup], linears: dict[str, torch.nn.Linear], record_blocks: bool = True,
+                 search_samples: int | None = None):
+        inspected = {g.inspect for g in groups if runs_block(g)} if record_blocks else set()
+        self._left = search_samples  # samples still to record in this chunk and the later ones
+        self._take = None  # how many samples of the current chunk are recorded
         self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in inspected}
         self.kwargs: dict[str, list[dict]] = {name: [] for name in inspected}
         self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in inspected}
@@ -153,18 +166,41 @@ class LayerInputs:
         self._seen.clear()
         hidden = args[0] if args else kwargs["hidden_states"]
         self.tokens += hidden.shape[:-1].numel()
+        batch = hidden.shape[0]
+        self._take = batch if self._left is None else min(batch, self._left)
+        if self._left is not None:
+            self._left -= self._take
+
+    def _first(self, value, batch: int):
+        """`value` cut to the chunk's recorded samples: tensors of two or more dimensions (also inside tuples, e.g.
+        the rotary cos/sin) whose first dimension is the chunk's batch; anything else (a broadcast mask, the 1-D cache
+        positions, None) as it is."""
+        if self._take == batch:
+            return value
+        if isinstance(value, tuple):
+            return tuple(self._first(v, batch) for v in value)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+            return value[:self._take]
+        return value
 
     def _record_input(self, name: str):
         def hook(module, args, kwargs):
-            self.inputs[name].append(args[0] if args else kwargs["hidden_states"])
-            self.kwargs[name].append({k: v for k, v in kwargs.items()
+            if not self._take:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch = hidden.shape[0]
+            self.inputs[name].append(self._first(hidden, batch))
+            self.kwargs[name].append({k: self._first(v, batch) for k, v in kwargs.items()
                                       if k not in ("hidden_states", "past_key_values", "past_key_value")})
 
         return hook
 
     def _record_output(self, name: str):
         def hook(module, args, output):
-            self.outputs[name].append(output[0] if isinstance(output, tuple) else output)
+            if not self._take:
+                return
+            output = output[0] if isinstance(output, tuple) else output
+            self.outputs[name].append(self._first(output, output.shape[0]))
 
         return hook
 
@@ -238,7 +274,7 @@ def search_scales(layer: torch.nn.Module, group: ScaledGroup, inputs: LayerInput
     originals = [linear.weight.detach().clone() for linear in linears]
     x_mean = inputs.mean_magnitude(group.linears[0])
     w_mean = _column_magnitude(originals, args.group_size) if config.duo_scaling else None
-    gram = inputs.grams[group.linears[0]] if config.loss == "linear" else None
+    gram = inputs.grams[group.linears[0]] if config.loss == "linear" or not runs_block(group) else None
     best, best_error = None, float("inf")
     try:
         for scales in candidate_scales(x_mean, w_mean, config.grid_points):
@@ -360,6 +396,10 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
     args = quantization_args(config)
     device = next(model.parameters()).device
     share = calibration_share(calibration)
+    search_samples = None
+    if config.search_tokens is not None:  # each process's part of the budget, in whole sequences
+        budget = -(-config.search_tokens // distributed.world_size())
+        search_samples = max(1, budget // share.shape[1])
     layerwise = LayerwiseCalibration(model, share, device, batch_tokens=share.numel())
     layers = layerwise.layers
     # every layer checked before any work
@@ -370,7 +410,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
         for index, (layer, groups) in enumerate(zip(layers, plan)):
             progress.update(task, description=f"AWQ layer {index + 1}/{len(layers)}")
             linears = dict(quantizable_linears(layer))
-            inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block")
+            inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block",
+                                 search_samples=search_samples)
             scales_of: dict[str, torch.Tensor] = {}
             for group in groups:
                 where = f"layer {index} ({group.prev} → {', '.join(group.linears)})"
