@@ -84,10 +84,11 @@ def _grid_lines(report: dict) -> list[str]:
             lines.append(f"- {row['step']}, {grid}: {entry['linears']} Linears{size}{names}")
         kept = row.get("kept_by_budget")
         if kept:
-            errors = ", ".join(f"`{names}` {error:.4f}" for names, error in kept["kept"].items())
-            lines.append(f"- {row['step']}: kept at {kept['grid']} by the budget ({kept['budget']}; {kept['probe']}):"
-                         f" {errors}; the highest error not kept: {kept['highest_not_kept']:.4f} (a group of Linears "
-                         f"that did not fit in what was left of the budget is passed over for smaller ones)")
+            errors = ", ".join(f"`{names}` {error:.4g}" for names, error in kept["kept"].items())
+            seconds = f", {kept['probe_seconds']:g} s" if "probe_seconds" in kept else ""
+            lines.append(f"- {row['step']}: kept at {kept['grid']} by the budget ({kept['budget']}; {kept['probe']}"
+                         f"{seconds}): {errors}; the highest score not kept: {kept['highest_not_kept']:.4g} (a group "
+                         f"of Linears that did not fit in what was left of the budget is passed over for smaller ones)")
     return lines
 
 

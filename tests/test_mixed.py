@@ -119,13 +119,54 @@ def _hand_errors(tiny_model_dir, ids) -> list[float]:
     return errors
 
 
-def test_budget_keeps_the_linears_a_hand_probe_ranks_highest(tiny_model_dir):
+def _hand_gains(tiny_model_dir, ids) -> list[float]:
+    """Each unit's loss saved by W4 g32 over W3 g32, summed over its Linears: ½ Σ g² ((Q − W) x)² over tokens and
+    output channels for each grid, x every Linear's input and g the summed next-token loss's gradient with respect to
+    its output in one float forward and backward (hooks, every parameter trainable), Q the Linear as a uniform RTN
+    run rounds it."""
+    model, _ = compress.load_model(str(tiny_model_dir))
+    inputs, outputs = {}, {}
+
+    def keep(module, args, output, name):
+        inputs[name] = args[0].detach()
+        output.retain_grad()
+        outputs[name] = output
+
+    hooks = [module.register_forward_hook(lambda m, a, o, n=name: keep(m, a, o, n))
+             for name, module in model.named_modules() if any(name.endswith(p) for p in LAYER)]
+    (model(ids, labels=ids).loss * ids.numel()).backward()
+    for hook in hooks:
+        hook.remove()
+    float_weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if name in inputs}
+    rounded = {}
+    for bits in (3, 4):
+        quantized, _ = compress.load_model(str(tiny_model_dir))
+        compress.quantize(quantized, compress.RTN(bits=bits, group_size=32), show_progress=False)
+        rounded[bits] = _weights(quantized)
+
+    def loss(name, bits):
+        change = inputs[name] @ (rounded[bits][name] - float_weights[name]).T
+        return 0.5 * (outputs[name].grad.pow(2) * change.pow(2)).sum().item() / ids.numel()
+
+    return [sum(loss(n, 3) - loss(n, 4) for n in unit) for unit in UNITS]
+
+
+@pytest.mark.parametrize("rank", ["loss", "output"])
+def test_budget_keeps_the_linears_a_hand_probe_ranks_highest(tiny_model_dir, rank):
     _, tokenizer = compress.load_model(str(tiny_model_dir))
     ids = _calibration(tokenizer)
-    errors = _hand_errors(tiny_model_dir, ids)
-    order = sorted(range(len(UNITS)), key=lambda i: -errors[i])
+    scores = (_hand_gains if rank == "loss" else _hand_errors)(tiny_model_dir, ids)
+    model, _ = compress.load_model(str(tiny_model_dir))
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    w3 = {n: linear_bytes(*shapes[n], 3, 32, True, 4) for n in shapes}
+    w4 = {n: linear_bytes(*shapes[n], 4, 32, True, 4) for n in shapes}
+    extra = {i: sum(w4[n] - w3[n] for n in unit) for i, unit in enumerate(UNITS)}
+    order = sorted(range(len(UNITS)), key=lambda i: -scores[i])
+    # a byte budget ranked by loss fills by the loss saved per extra byte
+    per_byte = sorted(range(len(UNITS)), key=lambda i: -scores[i] / extra[i]) if rank == "loss" else order
 
-    def fill(cost, budget):  # the most sensitive units first; one that does not fit is passed over
+    def fill(order, cost, budget):  # best first; a unit that does not fit is passed over
         chosen = []
         for i in order:
             if cost(i) <= budget:
@@ -133,25 +174,38 @@ def test_budget_keeps_the_linears_a_hand_probe_ranks_highest(tiny_model_dir):
                 budget -= cost(i)
         return chosen
 
-    model, _ = compress.load_model(str(tiny_model_dir))
-    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
-    w3 = {n: linear_bytes(*shapes[n], 3, 32, True, 4) for n in shapes}
-    w4 = {n: linear_bytes(*shapes[n], 4, 32, True, 4) for n in shapes}
-    extra = 0.1 * sum(w3.values())
-    threshold = (errors[order[1]] + errors[order[2]]) / 2
-    budgets = {"count": (4, fill(lambda i: len(UNITS[i]), 4)),
-               "extra_bytes": (0.1, fill(lambda i: sum(w4[n] - w3[n] for n in UNITS[i]), extra)),
+    # with rank loss, a byte budget under which filling by score alone would keep other Linears
+    total = sum(w3.values())
+    fraction = next(f for f in (0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25) if rank == "output" or
+                    set(fill(per_byte, extra.get, f * total)) != set(fill(order, extra.get, f * total)))
+    threshold = (scores[order[1]] + scores[order[2]]) / 2
+    budgets = {"count": (4, fill(order, lambda i: len(UNITS[i]), 4)),
+               "extra_bytes": (fraction, fill(per_byte, extra.get, fraction * total)),
                "above": (threshold, order[:2])}
     for key, (value, expected) in budgets.items():
         model, _ = compress.load_model(str(tiny_model_dir))
-        compress.quantize(model, compress.GPTQ(bits=3, group_size=32, keep={key: value, "bits": 4}), ids,
-                          show_progress=False)
+        before = {name: p.requires_grad for name, p in model.named_parameters()}
+        compress.quantize(model, compress.GPTQ(bits=3, group_size=32, keep={key: value, "bits": 4, "rank": rank}),
+                          ids, show_progress=False)
         kept = {name for name, grid in _grids(model).items() if grid[0] == 4}
         assert kept == {n for i in expected for n in UNITS[i]}, key
         recorded = model.__dict__["mixed_grids"]["kept"]
         for i in expected:
-            assert recorded[", ".join(UNITS[i])] == pytest.approx(errors[i], rel=1e-3)
+            assert recorded[", ".join(UNITS[i])] == pytest.approx(scores[i], rel=1e-3)
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == before  # the probe restores them
+
+
+def test_the_loss_probe_reads_only_its_first_sequences(tiny_model_dir):
+    """probe_samples: the ranking is the hand probe's on the first sequences alone, not on the whole set."""
+    _, tokenizer = compress.load_model(str(tiny_model_dir))
+    ids = _calibration(tokenizer, samples=6)
+    first, whole = _hand_gains(tiny_model_dir, ids[:2]), _hand_gains(tiny_model_dir, ids)
+    assert first != pytest.approx(whole, rel=1e-3)
+    model, _ = compress.load_model(str(tiny_model_dir))
+    compress.quantize(model, compress.GPTQ(bits=3, group_size=32, keep={"count": 4, "bits": 4, "probe_samples": 2}),
+                      ids, show_progress=False)
+    for unit, gain in model.__dict__["mixed_grids"]["kept"].items():
+        assert gain == pytest.approx(first[[", ".join(u) for u in UNITS].index(unit)], rel=1e-3)
 
 
 def _quiet_run(recipe):
@@ -210,7 +264,9 @@ def test_mixed_checkpoint_loads_in_stock_transformers_with_its_bytes_counted(tin
     (dict(keep={"fraction": 0.01, "bits": 4}), r"fraction 0.01 of 14 Linears keeps none"),
     (dict(keep={"extra_bytes": 0.001, "bits": 4}), r"extra_bytes 0.001 .* less than raising the cheapest"),
     (dict(keep={"extra_bytes": 5, "bits": 8}), r"extra_bytes 5 holds every Linear"),
-    (dict(keep={"above": 100.0, "bits": 4}), r"above 100 keeps no Linear \(the probe's output errors run from"),
+    (dict(keep={"above": 100.0, "bits": 4}), r"above 100 keeps no Linear \(the probe's loss gains \(nats\) run from"),
+    (dict(keep={"above": 100.0, "bits": 4, "rank": "output"}),
+     r"above 100 keeps no Linear \(the probe's output errors run from"),
 ])
 def test_bad_overrides_and_budgets_are_refused_naming_them(tiny_model_dir, change, problem):
     model, tokenizer = compress.load_model(str(tiny_model_dir))

@@ -131,19 +131,31 @@ class GridOverride(GridChange):
 
 
 class KeepSensitive(GridChange):
-    """`keep: {fraction: 0.1, bits: 4}`: the budget form. The Linears whose outputs the step's grid changes most, by
-    the relative output error ||(Q - W) X||² / ||W X||² of a round-to-nearest probe on the step's grid over its
-    calibration inputs X, take this (higher) grid. Exactly one of: `count` Linears, a `fraction` of the step's
-    Linears, every Linear whose error is `above` a threshold, or as many as fit in `extra_bytes` (a fraction of the
-    weight bytes every Linear would take on the step's grid). Linears that read one input (q/k/v, gate/up) are
-    kept or not together: serving engines fuse them into one Linear with one grid."""
+    """`keep: {fraction: 0.1, bits: 4}`: the budget form. The Linears the step's grid hurts most take this (higher)
+    grid, ranked by a round-to-nearest probe over the step's calibration data: with `rank: loss` (default) by how
+    much the model's next-token loss would drop were each kept on this grid rather than the step's (a second-order
+    estimate from one forward and backward, compress.quantize.mixed.loss_probe); with `rank: output` by the relative
+    output error ||(Q - W) X||² / ||W X||² on the step's grid over the Linear's calibration inputs X. Exactly one
+    of: `count` Linears, a `fraction` of the step's Linears, every Linear whose score is `above` a threshold (nats
+    of loss, or the relative error), or as many as fit in `extra_bytes` (a fraction of the weight bytes every Linear
+    would take on the step's grid; with `rank: loss` filled by the loss saved per extra byte). Linears that read one
+    input (q/k/v, gate/up) are kept or not together: serving engines fuse them into one Linear with one grid."""
 
     count: int | None = Field(None, ge=1, description="the N most sensitive Linears")
     fraction: float | None = Field(None, gt=0, lt=1, description="that fraction of the step's Linears, by count")
-    above: float | None = Field(None, gt=0, description="every Linear whose relative output error exceeds this")
+    above: float | None = Field(None, gt=0, description=(
+        "every Linear whose score exceeds this: the loss it saves in nats (rank loss), its relative output error "
+        "(rank output)"))
     extra_bytes: float | None = Field(None, gt=0, description=(
         "the most sensitive Linears that fit in this many more weight bytes than the step's grid alone, as a "
         "fraction of its bytes (0.12: at most 12 % more)"))
+    rank: Literal["loss", "output"] = Field("loss", description=(
+        "how Linears are ranked: loss (default) by the model's next-token loss increase that rounding each alone to "
+        "the step's grid causes, less that of the kept grid, estimated from one forward and backward (the byte budget "
+        "fills by that gain per extra byte); output by each Linear's own relative output error (the layers after it "
+        "ignored)"))
+    probe_samples: int = Field(8, ge=1, description=(
+        "calibration sequences the loss probe reads (the first ones; its forward and backward cost grows with them)"))
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -159,7 +171,7 @@ class KeepSensitive(GridChange):
         if self.fraction is not None:
             return f"the {self.fraction:.0%} most sensitive Linears"
         if self.above is not None:
-            return f"Linears with output error above {self.above:g}"
+            return f"Linears with {'loss gain' if self.rank == 'loss' else 'output error'} above {self.above:g}"
         return f"the most sensitive Linears within {self.extra_bytes:.0%} more weight bytes"
 
 

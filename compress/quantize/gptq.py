@@ -57,7 +57,7 @@ from compress.quantize.grid import (
 )
 from compress.quantize.head_embed import head_args, prepare
 from compress.quantize.layerwise import LayerwiseCalibration
-from compress.quantize.mixed import linear_grids
+from compress.quantize.mixed import linear_grids, loss_probe
 
 MAX_DAMP_RETRIES = 3  # dampening is raised tenfold per retry
 # on the model after quantize_gptq: {Linear name: the damp its solve used}, for every Linear whose Hessian needed more
@@ -549,7 +549,11 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQ, calibration: torch.Tenso
     check_fp4_widths(model, config)
     check_group_size(model, config.group_size)
     # every Linear's grid, decided before any solve (compress.quantize.mixed); the budget's probe runs here
-    grids = linear_grids(model, config, partial(probe_errors, model, config, calibration),
+    # (the loss probe reads the same first sequences on every process, so all rank alike)
+    by_loss = config.keep is not None and config.keep.rank == "loss"
+    probe = (partial(loss_probe, model, config, calibration[:config.keep.probe_samples]) if by_loss
+             else partial(probe_errors, model, config, calibration))
+    grids = linear_grids(model, config, probe,
                          "weight" if config.act_order else None)
     prepare(model, config)  # asked for: a tied head untied, the embeddings rounded (the layers calibrate on them)
     names = {id(module): name for name, module in model.named_modules()}

@@ -1,7 +1,7 @@
 """Mixed precision inside one weight-only quantize step (RTN, GPTQ): every Linear's grid, resolved once, before any
 rounding, by `linear_grids`: the step's grid, an override's where one matches (`overrides`), and the budget's higher
-grid for the most sensitive Linears (`keep`), ranked by a round-to-nearest probe on the step's grid over the
-calibration inputs.
+grid for the most sensitive Linears (`keep`), ranked by a round-to-nearest probe over the calibration data: by the
+model's loss each Linear's rounding costs (`loss_probe`, the default) or by the Linear's own output error.
 
 Linears that read one input (q/k/v, gate/up) share a grid: serving engines (vLLM) fuse them into one Linear that
 takes one quantization scheme, so a checkpoint whose q_proj and k_proj differ would not serve. The budget keeps such
@@ -10,6 +10,7 @@ given the Hessian, so Linears stacked under one Hessian on different grids are s
 
 from __future__ import annotations
 
+import time
 from fnmatch import fnmatch
 from typing import Callable
 
@@ -21,7 +22,7 @@ from compress.errors import StepConfigError
 from compress.estimate import linear_bytes
 from compress.modules import quantizable_linears, quantized_modules
 from compress.quantize.fp4 import check_fp4_widths, same_input_groups
-from compress.quantize.grid import quantization_args, weight_args
+from compress.quantize.grid import fake_quantize, minmax_qparams, quantization_args, weight_args
 from compress.quantize.head_embed import check_head_and_embeddings, untied_record
 
 MIXED_ATTR = "mixed_grids"  # on the model after the step: what the budget chose, for step.json
@@ -31,6 +32,14 @@ Grid = tuple[int, int, bool]  # bits, group_size (-1: per channel), sym
 
 def _step(config) -> str:
     return f"quantize ({config.method})"
+
+
+def _digits(score: float) -> float:
+    return float(f"{score:.6g}")  # significant digits: a small Linear's loss gain can be a millionth of a nat
+
+
+def _score(config) -> str:
+    return "loss gains (nats)" if config.keep.rank == "loss" else "output errors"
 
 
 def _base(config) -> Grid:
@@ -132,16 +141,19 @@ class _Budget:
                        f"smaller budget", "extra_bytes")
 
     def choose(self, config, errors: list[float]) -> list[int]:
-        """Indices of the units to raise, most sensitive first."""
-        order = sorted(range(len(self.units)), key=lambda i: -errors[i])
+        """Indices of the units to raise, most sensitive first: by score, or, filling a byte budget ranked by loss, by
+        the loss each saves per extra byte (a large unit must save more to be worth its bytes)."""
+        by_byte = self.bytes is not None and config.keep.rank == "loss"
+        order = sorted(range(len(self.units)), key=lambda i: -(errors[i] / self.extra[i] if by_byte else errors[i]))
         keep, chosen = config.keep, []
         if keep.above is not None:
             chosen = [i for i in order if errors[i] > keep.above]
             if not chosen or len(chosen) == len(order):
                 top, low = errors[order[0]], errors[order[-1]]
                 raise StepConfigError(f"{_step(config)} keep: above {keep.above:g} keeps "
-                                      f"{'no' if not chosen else 'every'} Linear (the probe's output errors run from "
-                                      f"{low:.4g} to {top:.4g}); choose a threshold between them", ("keep", "above"))
+                                      f"{'no' if not chosen else 'every'} Linear (the probe's {_score(config)} run "
+                                      f"from {low:.4g} to {top:.4g}); choose a threshold between them",
+                                      ("keep", "above"))
             return chosen
         left = self.count if self.count is not None else self.bytes
         for i in order:  # fill the budget: a unit that does not fit is passed over for smaller ones after it
@@ -165,9 +177,68 @@ def check_grids(model: torch.nn.Module, config) -> None:
         _Budget(model, config, linears, overridden)
 
 
-# {Linear: (||(Q − W) X||², ||W X||²)} for the named Linears, Q their round-to-nearest on the step's grid: the budget's
-# sensitivity probe, which the calibrating quantizer runs (compress.quantize.gptq.probe_errors)
+# The budget's sensitivity probe, which the calibrating quantizer runs on its calibration set: {Linear: (a, b)} for the
+# named Linears. rank "output" (compress.quantize.gptq.probe_errors): a = ||(Q − W) X||², b = ||W X||², Q the
+# Linear's round-to-nearest on the step's grid; rank "loss" (loss_probe): a and b the model's estimated loss increase
+# with the Linear rounded to the step's grid and to the kept grid.
 Probe = Callable[[set[str]], dict[str, tuple[float, float]]]
+
+PROBE_TOKENS = 2048  # tokens per forward and backward of the loss probe: its activations, not the weights, bound memory
+
+
+def loss_probe(model: torch.nn.Module, config, calibration: torch.Tensor, names: set[str]
+               ) -> dict[str, tuple[float, float]]:
+    """{Linear: (ΔL on the step's grid, ΔL on keep's grid)} for the Linears in `names`: the increase of the model's
+    next-token loss on `calibration` that rounding that Linear alone to nearest on each grid would cause, estimated
+    to second order from one forward and backward of the float model. With e = (Q − W) x the change of the Linear's
+    output at a token and g the loss's gradient there, ΔL ≈ ½ Σ g² e² over tokens and output channels (the empirical
+    Fisher's diagonal in the Linear's output space, as BRECQ weighs block outputs). Unlike the Linear's own output
+    error it counts how much the layers after it amplify or damp the change: a down_proj feeding the residual stream
+    early weighs more than one whose change the next norm absorbs."""
+    base = quantization_args(config)
+    high = weight_args(*config.keep.on(config))
+    linears = {name: module for name, module in model.named_modules() if name in names}
+    # the rounding error of each Linear on both grids, made once; the float weights are not touched
+    deltas = {name: torch.stack([fake_quantize(m.weight, *minmax_qparams(m.weight, args), args) - m.weight
+                                 for args in (base, high)]).detach() for name, m in linears.items()}
+    sums = {name: torch.zeros(2, dtype=torch.float64) for name in linears}
+
+    def capture(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()  # autograd keeps it for the backward anyway
+
+            def accumulate(grad: torch.Tensor) -> None:
+                g2 = grad.float().pow(2)
+                for k in range(2):
+                    e = x.float() @ deltas[name][k].float().T
+                    sums[name][k] += 0.5 * (g2 * e.pow(2)).sum().double().cpu()
+            output.register_hook(accumulate)
+        return hook
+
+    # the loss's gradient with respect to activations only: the embedding output is the one leaf that needs it
+    hooks = [module.register_forward_hook(capture(name)) for name, module in linears.items()]
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
+    needed = {p: p.requires_grad for p in model.parameters()}
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        for p in needed:
+            p.requires_grad_(False)
+        model.eval()
+        rows = max(1, PROBE_TOKENS // calibration.shape[1])
+        with torch.enable_grad():
+            for start in range(0, calibration.shape[0], rows):
+                ids = calibration[start:start + rows].to(device)
+                loss = model(ids, labels=ids).loss * ids.numel()  # summed: each sequence weighs by its tokens
+                loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, flag in needed.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    tokens = calibration.numel()
+    return {name: (value[0].item() / tokens, value[1].item() / tokens) for name, value in sums.items()}
 
 
 def linear_grids(model: torch.nn.Module, config: WeightOnlyConfig, probe: Probe | None = None,
@@ -185,18 +256,24 @@ def linear_grids(model: torch.nn.Module, config: WeightOnlyConfig, probe: Probe 
         if probe is None:
             raise StepConfigError(f"{_step(config)} keep needs a quantizer that reads calibration data (gptq)",
                                   ("keep",))
+        start = time.perf_counter()
         energies = probe({n for unit in budget.units for n in unit})
-        errors = [sum(energies[n][0] for n in unit) / max(sum(energies[n][1] for n in unit), 1e-30)
-                  for unit in budget.units]
+        seconds = time.perf_counter() - start
+        if keep.rank == "loss":  # the loss the unit saves on the kept grid
+            errors = [sum(energies[n][0] - energies[n][1] for n in unit) for unit in budget.units]
+        else:
+            errors = [sum(energies[n][0] for n in unit) / max(sum(energies[n][1] for n in unit), 1e-30)
+                      for unit in budget.units]
         kept = budget.choose(config, errors)
         for i in kept:
             chosen.update(dict.fromkeys(budget.units[i], budget.high))
         setattr(model, MIXED_ATTR, {
-            "probe": f"rtn {_grid_name(*_base(config))} on the calibration inputs, relative output error",
-            "budget": keep.budget(), "grid": _grid_name(*budget.high),
-            "kept": {", ".join(budget.units[i]): round(errors[i], 6) for i in kept},
-            "highest_not_kept": round(max((errors[i] for i in set(range(len(errors))) - set(kept)),
-                                               default=0.0), 6)})
+            "probe": (f"rtn {_grid_name(*_base(config))} vs {_grid_name(*budget.high)}, the model's loss saved "
+                      f"(nats, {keep.probe_samples} calibration sequences)" if keep.rank == "loss" else
+                      f"rtn {_grid_name(*_base(config))} on the calibration inputs, relative output error"),
+            "probe_seconds": round(seconds, 1), "budget": keep.budget(), "grid": _grid_name(*budget.high),
+            "kept": {", ".join(budget.units[i]): _digits(errors[i]) for i in kept},
+            "highest_not_kept": _digits(max((errors[i] for i in set(range(len(errors))) - set(kept)), default=0.0))})
     return {name: weight_args(*chosen[name], actorder, base.scale_dtype) if name in chosen else base
             for name in linears}
 
