@@ -101,7 +101,6 @@ SPECS = (
              check="compress.prune:check_prunable"),
     StepSpec("finetune", LoRARecovery, "compress.finetune:finetune", trains=True),
     StepSpec("distill", Distill, "compress.distill:distill", trains=True, teacher="always"),
-    StepSpec("rotate", Rotate, "compress.rotate:rotate", check="compress.rotate:check_rotatable"),
     StepSpec("quantize", RTN, "compress.quantize.rtn:quantize_rtn", quantizes=True, save_format=_config_format,
              check=_MIXED_GRIDS),
     StepSpec("quantize", GPTQ, "compress.quantize.gptq:quantize_gptq", calibrates=True, quantizes=True,
@@ -120,6 +119,7 @@ SPECS = (
     StepSpec("kv_cache", KVCache, "compress.quantize.kv_cache:quantize_kv_cache", calibrates=True,
              accepts_quantized=True, save_format=_compressed_tensors, check="compress.quantize.kv_cache:check_kv_cache",
              needs_final_weights=True),
+    StepSpec("rotate", Rotate, "compress.rotate:rotate", check="compress.rotate:check_rotatable"),
 )
 
 # not a recipe step: the model every run starts from, step 00

@@ -79,7 +79,8 @@ def main() -> None:
 
     command = " ".join(["python eval/bench_rotate.py", *sys.argv[1:]])
     bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out, command=command)
-    bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
+    if variants:  # with none, only the merged files' variants (and their float row)
+        bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
     for name, rotation, quantizer in variants:
         if name == "float":
             continue
