@@ -11,9 +11,9 @@ that read one input:
      attention block for q/k/v, the MLP for gate/up, the Linear itself otherwise), or with `loss: linear` of the
      Linears themselves. A Linear's own output error is computed from XᵀX, Σ‖(Q − W)x‖² = tr(D XᵀX Dᵀ), without
      running it; the attention and the MLP run, for every candidate, on the first `search_tokens` calibration tokens
-     (AutoAWQ's budget: its whole default calibration set), so the search's cost stays bounded as the calibration
-     set grows while the statistics and the clipping read every token. s = 1 (no scaling) is always a candidate, so
-     the search never makes a group worse than plain rounding;
+     only (16384 by default, a quarter of AutoAWQ's whole default calibration set), so the search's cost stays
+     bounded as the calibration set grows while the statistics and the clipping read every token. s = 1 (no
+     scaling) is always a candidate, so the search never makes a group worse than plain rounding;
   3. fold: the op before the group (its norm, or the previous Linear's output rows) is divided by s and the group's
      columns multiplied by s: the float model computes exactly what it did;
   4. clip (paper's weight clipping): each quantization group's range is shrunk by the ratio, down to half, that
