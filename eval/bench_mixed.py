@@ -1,38 +1,53 @@
-"""Mixed precision on SmolLM2-135M: GPTQ W3 g64, W4 g64, and W3 g64 with the most sensitive Linears at W4 g64 (a
-`keep` budget: the 10 % most sensitive Linears by count, and the byte-budget / threshold forms), on one calibration
-set, in one invocation:
+"""Mixed precision on SmolLM2-135M: GPTQ W3 g64, W4 g64, and W3 g64 with the Linears a `keep` budget ranks most
+sensitive at W4 g64 (or 8 bits), on one calibration set, with the shared protocol of eval/wikitext_bench.py
+(wikitext2-valid calibration token ids, WikiText-2 test perplexity in 512-token windows):
 
     python eval/bench_mixed.py --out eval/results/mixed_smollm2_cpu.json
 
-Each variant starts from the same float weights and takes the same calibration token ids (wikitext2-valid); the
-perplexity is WikiText-2 test's in 512-token windows. Weight bytes are the quantized Linears' as compressed-tensors
-saves them (compress.estimate.linear_bytes), and the whole checkpoint's (the float embedding and norms added). The
-gap closed is (ppl W3 - ppl mixed) / (ppl W3 - ppl W4); the extra bytes, (bytes mixed - bytes W3) / bytes W3.
+Variants: the budget by count (`keep10pct`: the 10 % most sensitive Linears) and by bytes (`keep12pctbytes`: as many
+as fit in 12 % more Linear bytes than pure W3), kept at W4 g64 or W8 g64, with the default ranking (`rank: loss`, the
+model's loss saved, from one forward and backward over `probe_samples` calibration sequences, 8 by default, 2 in
+`-probe2`) and with `-output` the Linears' own relative output error (`rank: output`). Each variant starts from the
+same float weights. Weight bytes are the quantized Linears' as compressed-tensors saves them
+(compress.estimate.linear_bytes), and the whole checkpoint's (the float embedding and norms added). The gap closed is
+(ppl W3 - ppl mixed) / (ppl W3 - ppl W4); the extra bytes, (bytes mixed - bytes W3) / bytes W3. The probe's seconds
+are recorded in each budget variant's `kept_by_budget`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import compress
-from compress.data import calibration_batches
 from compress.estimate import linear_bytes
 from compress.modules import quantized_linears
 from compress.quantize.mixed import grids_record
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wikitext_bench import WikitextBench  # noqa: E402
+
 BASE = dict(bits=3, group_size=64, act_order=True, damp=0.01)
+
+
+def _keep(rank: str = "loss", **budget):
+    return lambda: compress.GPTQ(**BASE, keep={**budget, "rank": rank})
+
+
 VARIANTS = {
     "w3g64": lambda: compress.GPTQ(**BASE),
     "w4g64": lambda: compress.GPTQ(**{**BASE, "bits": 4}),
-    "w3g64-keep10pct-w4": lambda: compress.GPTQ(**BASE, keep={"fraction": 0.1, "bits": 4}),
-    "w3g64-keep12pctbytes-w4": lambda: compress.GPTQ(**BASE, keep={"extra_bytes": 0.12, "bits": 4}),
-    "w3g64-keep20pct-w4": lambda: compress.GPTQ(**BASE, keep={"fraction": 0.2, "bits": 4}),
+    "w3g64-keep10pct-w4": _keep(fraction=0.1, bits=4),
+    "w3g64-keep12pctbytes-w4": _keep(extra_bytes=0.12, bits=4),
+    "w3g64-keep10pct-w8": _keep(fraction=0.1, bits=8),
+    "w3g64-keep12pctbytes-w8": _keep(extra_bytes=0.12, bits=8),
+    "w3g64-keep10pct-w4-probe2": _keep(fraction=0.1, bits=4, probe_samples=2),
+    "w3g64-keep10pct-w4-output": _keep("output", fraction=0.1, bits=4),
+    "w3g64-keep12pctbytes-w4-output": _keep("output", extra_bytes=0.12, bits=4),
 }
 
 
@@ -57,64 +72,42 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--variants", default=",".join(list(VARIANTS)[:4]), help="comma-separated: "
                         + ", ".join(VARIANTS))
+    parser.add_argument("--float", action="store_true", help="score the float model too")
     parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     parser.add_argument("--merge", nargs="*", default=[], help=(
         "results files of other invocations with the same model, calibration and protocol (e.g. variants run in "
-        "parallel): their variants join these before the comparison"))
+        "parallel or earlier): their variants that this one did not run join these before the comparison"))
+    parser.add_argument("--command", default="python eval/bench_mixed.py --out eval/results/mixed_smollm2_cpu.json",
+                        help="the command line to record with the results (several invocations merged)")
     args = parser.parse_args()
 
-    model, tokenizer = compress.load_model(args.model, "float32", "cpu")
-    ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, args.seq_len, seed=0)
-    protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
-    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    results = {"model": args.model, "calibration": f"wikitext2-valid, {args.samples} x {args.seq_len} tokens",
-               "perplexity_protocol": f"wikitext2-test, {args.ppl_tokens} tokens, windows of 512",
-               "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
-               "command": "python eval/bench_mixed.py --out eval/results/mixed_smollm2_cpu.json", "results": []}
-
-    def write() -> None:
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-
-    if args.variants:
-        results["results"].append({"variant": "float", "perplexity": compress.perplexity(
-            model, tokenizer, protocol, show_progress=False)["perplexity"]})
-        write()
+    bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out, command=args.command)
+    if args.float:
+        bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
     for name in filter(None, args.variants.split(",")):
-        fresh, _ = compress.load_model(args.model, "float32", "cpu")  # a new model: quantize marks its Linears
-        fresh.load_state_dict(pristine)
+        model = bench.fresh()
         config = VARIANTS[name]()
         start = time.perf_counter()
-        compress.quantize(fresh, config, ids, show_progress=False)
+        compress.quantize(model, config, bench.ids, show_progress=False)
         seconds = time.perf_counter() - start
-        ppl = compress.perplexity(fresh, tokenizer, protocol, show_progress=False)["perplexity"]
-        linears, whole = weight_bytes(fresh)
-        record = grids_record(fresh)
-        entry = {"variant": name, "config": config.describe(), "seconds": round(seconds, 1), "perplexity": ppl,
-                 "linear_bytes": linears, "model_bytes": whole,
-                 **record}
-        results["results"].append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k not in ("grids", "kept_by_budget")}), flush=True)
-        write()
-        del fresh
-    for other in args.merge:
-        merged = json.loads(Path(other).read_text())
-        for key in ("model", "calibration", "perplexity_protocol"):
-            if merged[key] != results[key]:
-                raise SystemExit(f"{other}: {key} {merged[key]!r} differs from this run's {results[key]!r}")
-        seen = {entry["variant"] for entry in results["results"]}
-        results["results"] += [entry for entry in merged["results"] if entry["variant"] not in seen]
-    by_name = {entry["variant"]: entry for entry in results["results"]}
+        linears, whole = weight_bytes(model)
+        record = grids_record(model)
+        bench.record({"variant": name, "config": config.describe(), "seconds": round(seconds, 1),
+                      "perplexity": bench.perplexity(model), "linear_bytes": linears, "model_bytes": whole, **record})
+        del model
+    bench.merge(args.merge)
+    results = bench.results["results"]
+    by_name = {entry["variant"]: entry for entry in results}
     if "w3g64" in by_name and "w4g64" in by_name:
         low, high = by_name["w3g64"], by_name["w4g64"]
-        for entry in results["results"]:
+        for entry in results:
             if entry["variant"].startswith("w3g64-"):
                 entry["gap_closed"] = round((low["perplexity"] - entry["perplexity"])
                                             / (low["perplexity"] - high["perplexity"]), 4)
                 entry["extra_linear_bytes"] = round(entry["linear_bytes"] / low["linear_bytes"] - 1, 4)
                 entry["extra_model_bytes"] = round(entry["model_bytes"] / low["model_bytes"] - 1, 4)
                 print(entry["variant"], entry["gap_closed"], entry["extra_linear_bytes"], flush=True)
-    write()
+    bench.write()
 
 
 if __name__ == "__main__":
