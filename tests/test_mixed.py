@@ -185,8 +185,10 @@ def test_budget_keeps_the_linears_a_hand_probe_ranks_highest(tiny_model_dir, ran
     for key, (value, expected) in budgets.items():
         model, _ = compress.load_model(str(tiny_model_dir))
         before = {name: p.requires_grad for name, p in model.named_parameters()}
-        compress.quantize(model, compress.GPTQ(bits=3, group_size=32, keep={key: value, "bits": 4, "rank": rank}),
-                          ids, show_progress=False)
+        config = compress.GPTQ(bits=3, group_size=32, keep={key: value, "bits": 4, "rank": rank})
+        # the description names a ranking other than the default, so two budgets that rank apart read apart
+        assert ("output error" in config.describe()) == (rank == "output"), key
+        compress.quantize(model, config, ids, show_progress=False)
         kept = {name for name, grid in _grids(model).items() if grid[0] == 4}
         assert kept == {n for i in expected for n in UNITS[i]}, key
         recorded = model.__dict__["mixed_grids"]["kept"]

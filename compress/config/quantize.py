@@ -166,6 +166,11 @@ class KeepSensitive(GridChange):
         return self
 
     def budget(self) -> str:
+        """What the budget keeps, for the step's description and record (the ranking named where it is not the
+        default's)."""
+        return self._budget() + (" by output error" if self.rank == "output" and self.above is None else "")
+
+    def _budget(self) -> str:
         if self.count is not None:
             return f"the {self.count} most sensitive Linears"
         if self.fraction is not None:
