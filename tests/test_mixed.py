@@ -247,6 +247,9 @@ def test_mixed_checkpoint_loads_in_stock_transformers_with_its_bytes_counted(tin
     assert 0.95 * file_size < saved_estimate["disk"] <= file_size  # the safetensors header is not counted
     markdown = (tmp_path / "runs" / "tiny" / "report.md").read_text()
     assert "## Mixed precision" in markdown and "`model.layers.1.mlp.down_proj`" in markdown
+    # the report names the default probe (the model's loss) and what it cost
+    assert f"the model's loss saved (nats, 8 calibration sequences), {step['kept_by_budget']['probe_seconds']:g} s" \
+        in markdown
     assert report["steps"][1]["grids"] == step["grids"]
 
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
