@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import WikitextBench  # noqa: E402
+from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
 
 import compress  # noqa: E402
 from compress.quantize import awq  # noqa: E402
@@ -62,15 +62,11 @@ def recording_scales(module, chosen: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    add_protocol_arguments(parser, samples=8, seq_len=256)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--variants", default="gptq,awq-before,awq-all,awq-quarter", help="in float32")
     parser.add_argument("--bf16-variants", default="gptq,awq-before,awq-quarter", help="in bfloat16")
     parser.add_argument("--before", default="b9a1950", help="the git revision whose awq.py is awq-before")
-    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     parser.add_argument("--command", default="python eval/bench_awq_cost.py --before b9a1950 "
                                               "--out eval/results/bench_awq_cost_smollm2_cpu.json",
                         help="the command line to record with the results")

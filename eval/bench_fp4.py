@@ -25,7 +25,7 @@ import torch
 import compress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import WikitextBench  # noqa: E402
+from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
 
 VARIANTS = {
     "rtn-nvfp4": lambda: compress.RTN(grid="nvfp4"),
@@ -41,13 +41,9 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    add_protocol_arguments(parser, samples=128)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor (llmcompressor-nvfp4a16)")
-    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     args = parser.parse_args()
 
     bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out)

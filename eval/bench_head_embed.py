@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ from compress.checkpoint import save_model
 from compress.data import calibration_batches
 from compress.estimate import linear_bytes
 from compress.modules import quantized_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wikitext_bench import add_protocol_arguments  # noqa: E402
 
 W4 = dict(bits=4, group_size=64)
 HEAD_8, HEAD_4 = {"bits": 8, "group_size": 64}, {"bits": 4, "group_size": 64}
@@ -70,13 +74,9 @@ def bytes_of(model: torch.nn.Module) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    add_protocol_arguments(parser)
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     args = parser.parse_args()
 
     model, tokenizer = compress.load_model(args.model, "float32", "cpu")

@@ -29,7 +29,7 @@ from compress.modules import quantized_linears
 from compress.quantize.mixed import grids_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import WikitextBench  # noqa: E402
+from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
 
 BASE = dict(bits=3, group_size=64, act_order=True, damp=0.01)
 
@@ -66,14 +66,10 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    add_protocol_arguments(parser)
     parser.add_argument("--variants", default=",".join(list(VARIANTS)[:4]), help="comma-separated: "
                         + ", ".join(VARIANTS))
     parser.add_argument("--float", action="store_true", help="score the float model too")
-    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     parser.add_argument("--merge", nargs="*", default=[], help=(
         "results files of other invocations with the same model, calibration and protocol (e.g. variants run in "
         "parallel or earlier): their variants that this one did not run join these before the comparison"))

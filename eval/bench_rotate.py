@@ -24,7 +24,7 @@ from compress.architectures import family
 from compress.rotate import fold_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import WikitextBench  # noqa: E402
+from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
 
 ROTATIONS = {"rotate": lambda: compress.Rotate(), "rotate-random": lambda: compress.Rotate(kind="random"),
              "rotate-noheads": lambda: compress.Rotate(heads=False),
@@ -64,13 +64,9 @@ def gaps(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    add_protocol_arguments(parser)
     parser.add_argument("--variants", default=DEFAULT, help="comma-separated [ROTATION-]QUANTIZER: rotations "
                         + ", ".join(ROTATIONS) + "; quantizers " + ", ".join(QUANTIZERS))
-    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
     parser.add_argument("--merge", nargs="*", default=[], help=(
         "results files of other invocations with the same model, calibration and protocol (e.g. variants run in "
         "parallel): their variants join these"))

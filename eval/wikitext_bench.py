@@ -14,6 +14,15 @@ import compress
 from compress.data import calibration_batches
 
 
+def add_protocol_arguments(parser, samples: int = 32, seq_len: int = 512) -> None:
+    """The command-line options every script on this protocol takes."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
+
+
 class WikitextBench:
     def __init__(self, model: str, samples: int, seq_len: int, ppl_tokens: int, out: str | None, **header):
         self.name, self.out = model, out
