@@ -207,12 +207,21 @@ def test_compress_commands_and_flags(page):
                 f"{rel(page)}: `{line}`: compress {' '.join(words)} has no {flag}")
 
 
+def script_source(path: Path) -> str:
+    """A script's text and that of the modules beside it that it imports (eval scripts share their options)."""
+    source = path.read_text()
+    for module in re.findall(r"^from (\w+) import", source, re.M):
+        if (path.parent / f"{module}.py").is_file():
+            source += (path.parent / f"{module}.py").read_text()
+    return source
+
+
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_script_commands_and_flags(page):
     for line, script, args in script_invocations(page):
         path = ROOT / script
         assert path.is_file(), f"{rel(page)}: `{line}`: no {script}"
-        source = path.read_text()
+        source = script_source(path)
         for flag in flags(args):
             assert f'"{flag}"' in source, f"{rel(page)}: `{line}`: {script} defines no {flag}"
 
