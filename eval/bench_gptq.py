@@ -6,7 +6,7 @@ Speed and memory at Llama-2-7B shape (random weights, random-token calibration) 
 
 Quality and CPU speed on SmolLM2-135M (WikiText-2 calibration and perplexity), with RTN at the same settings:
     python eval/bench_gptq.py --model smollm2-135m --device cpu --samples 128 --seq-len 512 \\
-        --group-size 64 --bits 4,3 --perplexity --peer-python /work/lcvenv/bin/python
+        --group-size 64 --bits 4,3 --perplexity --peer-python /path/to/llmc-venv/bin/python
 
 llm-compressor runs in its own virtualenv (`--peer-python`; it pins transformers <= 5.17) through
 eval/peer_llmcompressor.py on the same token ids and GPTQ settings (sym, static act-order, damp 0.01, block 128).
