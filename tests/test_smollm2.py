@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from typer.testing import CliRunner
 import compress
 from compress.cli import app
 from compress.errors import CompressError
+from compress.gguf_cache import gguf_as_folder
 from compress.models import resolve_source
+from compress.sources import ModelSource
 
 pytestmark = pytest.mark.slow
 PPL = compress.Perplexity(seq_len=512, max_tokens=4096)
@@ -103,11 +106,17 @@ def test_gguf_is_read_once_then_loaded_from_the_cache(smollm2, tmp_path, monkeyp
     start = time.process_time()  # CPU seconds: wall time on a loaded machine measures the machine
     first, first_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
     cold = time.process_time() - start
-    (folder,) = (tmp_path / "cache").iterdir()
+    (folder,) = [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]
     assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (folder / "model.safetensors").is_file()
     start = time.process_time()
     second, second_tokenizer = compress.load_model("smollm2-135m", dtype="bfloat16")
     assert time.process_time() - start < cold / 3
+    # keyed on content: a reinstalled copy of the file (new path, new mtime) finds the same folder, converting nothing
+    source = resolve_source("smollm2-135m")
+    (tmp_path / "reinstalled").mkdir()
+    shutil.copy(Path(source.location) / source.gguf_file, tmp_path / "reinstalled" / source.gguf_file)
+    assert gguf_as_folder(ModelSource("gguf", str(tmp_path / "reinstalled"), source.gguf_file)).location == str(folder)
+    assert [path for path in (tmp_path / "cache").iterdir() if path.is_dir()] == [folder]
     model, tokenizer, ids = smollm2  # the fixture's model: read from a cache of its own or from the GGUF
     assert first.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
@@ -265,7 +274,6 @@ def _run_example(example: str, *args: str, env: dict | None = None):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / example
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
