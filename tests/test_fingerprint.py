@@ -190,3 +190,24 @@ def test_a_large_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a clock tick later would
     assert checkpoint.sha256_cached(weights) == hashlib.sha256(b"y" * 1000).hexdigest() and len(hashed) == 2
+
+
+def test_the_gguf_cache_keeps_the_newest_versions_of_a_file_name_only(tmp_path):
+    """A new dequantized-GGUF folder removes the older folders of the same file name beyond KEPT_VERSIONS, newest
+    kept; other file names, unfinished folders and links are left alone."""
+    from compress.gguf_cache import KEPT_VERSIONS, _remove_older_versions
+
+    def folder(name: str, age: int) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        os.utime(path, (10**9 - age, 10**9 - age))
+        return path
+
+    versions = [folder(f"Model.Q4-{index:016x}", age=index) for index in range(4)]  # index 0 is the newest
+    other = folder("Other.Q4-0000000000000000", age=9)
+    partial = folder("Model.Q4-00000000000000ff.partial-123", age=9)
+    link = tmp_path / "Model.Q4-00000000000000fe"
+    link.symlink_to(other)
+    _remove_older_versions(versions[0])
+    assert [path.exists() for path in versions] == [True] * KEPT_VERSIONS + [False] * (4 - KEPT_VERSIONS)
+    assert other.is_dir() and partial.is_dir() and link.is_symlink()
