@@ -30,10 +30,9 @@ KEPT_VERSIONS = 2  # folders kept per GGUF file name: two installs with differen
 
 
 def _remove_older_versions(folder: Path) -> None:
-    stem = folder.name.rsplit("-", 1)[0]
-    versions = [path for path in folder.parent.glob(f"{stem}-*")
-                if path.is_dir() and not path.is_symlink() and ".partial-" not in path.name
-                and path.name.rsplit("-", 1)[0] == stem]
+    stem = folder.name.rsplit("-", 1)[0]  # an unfinished folder's name ends in ".partial-PID": another stem
+    versions = [path for path in folder.parent.iterdir()
+                if path.name.rsplit("-", 1)[0] == stem and path.is_dir() and not path.is_symlink()]
     versions.sort(key=lambda path: path.stat().st_mtime, reverse=True)
     for old in versions[KEPT_VERSIONS:]:
         shutil.rmtree(old, ignore_errors=True)
