@@ -1,0 +1,310 @@
+"""Our int4 × bf16 kernel for a few rows (decode), on the tensor cores, and the dequantization that serves long inputs.
+
+Why our own: the maintained kernels measured at the 7B shapes on an H200 read their 4-bit weights at 1.0-1.5 TB/s at
+one row (gemlite's GEMV; tinygemm 1.7 TB/s at q/k/v), a third of the memory's rate, which caps a W4 model's batch 1 at
+~1.6x bf16 (eval/results/tune_int4_h200.json). vLLM's Marlin, which reads near the memory's rate, is a C++ extension
+built with vLLM; this is the same idea, small enough to compile at run time with NVRTC (`torch.cuda._compile_kernel`,
+no CUDA toolkit build step): eval/bench_int4_mma.py measures it against gemlite and cuBLAS at every shape.
+
+The idea (Marlin's, "swap AB" as TensorRT-LLM calls it for small batches): one `mma.m16n8k16` multiplies 16 output
+rows of the weight (the A operand) by 8 rows of the input (the B operand), so a decode step's 1-8 rows waste at most
+7/8 of a tensor-core instruction instead of 15/16, and the weight is dequantized in registers only, two codes per
+instruction: a code q in the low 4 bits of a bf16 whose bits are 0x4300 (128.0) is the number 128 + q exactly, so
+`(pair | 0x43004300) − (128 + z)` gives (q − z) in bf16 with no integer-to-float conversion, then × s rounds once,
+as the checkpoint's w = (q − z)·s. Products accumulate in float32.
+
+Layout (`pack`): the weight is stored so that each lane of a warp reads its operand for four consecutive 16-wide k
+tiles as one 16-byte load, and a warp's 32 loads are 512 consecutive bytes. For 16 output rows n0..n0+15 and 64
+inputs k0..k0+63, lane (g = lane / 4, p = lane % 4) holds four words, one per k tile t; nibble i + 4·e of word t is
+the code of row n0 + g + 8·(i % 2), input k0 + 16·t + 2·p + 8·(i // 2) + e: exactly the A fragment of
+`mma.m16n8k16.row` (PTX ISA, "Matrix Fragments for mma.m16n8k16"), pair i in register i. Scales and zero points are
+stored [N/16, K/group, 16] so that one 32-byte sector holds a tile's 16. The packed bytes are the checkpoint's: half
+a byte per weight.
+
+Limits: outputs a multiple of 16, inputs of 64, groups a multiple of 64 (32 runs on gemlite); up to MAX_ROWS rows;
+an NVIDIA GPU of compute capability 8.0 or newer (bf16 `mma.sync`)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+MAX_ROWS = 64  # above this the runtime dequantizes (`dequantize`) and calls cuBLAS
+TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
+
+_COMMON = r"""
+typedef unsigned short bf16_t;
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned c) {
+    unsigned d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// 16 codes of `word` as 4 bf16 pairs (nibbles i and i + 4 of the word), each (q - z)·s, rounded once.
+// neg_zero_a/b hold -(128 + z) twice (the bits 0xC300 | z), scale_a/b the scale twice, for rows g and g + 8.
+__device__ __forceinline__ void dequantize_word(unsigned word, unsigned neg_zero_a, unsigned neg_zero_b,
+                                                unsigned scale_a, unsigned scale_b, unsigned (&a)[4]) {
+    const unsigned ONE2 = 0x3F803F80u, NEG_ZERO2 = 0x80008000u;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        unsigned pair = ((word >> (4 * i)) & 0x000F000Fu) | 0x43004300u;   // 128 + q, two of them
+        unsigned centred = bf16x2_fma(pair, ONE2, (i & 1) ? neg_zero_b : neg_zero_a);  // q - z, exact
+        a[i] = bf16x2_fma(centred, (i & 1) ? scale_b : scale_a, NEG_ZERO2);
+    }
+}
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* pointer) {
+    uint4 v;  // read once: keep it out of L1, where the input stays
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(pointer));
+    return v;
+}
+
+__device__ __forceinline__ unsigned twice(unsigned short half) { return (unsigned)half * 0x00010001u; }
+
+__device__ __forceinline__ bf16_t to_bf16(float f) {  // round to nearest even (no NaN can arise here)
+    unsigned u = __float_as_uint(f);
+    return (bf16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+"""
+
+_MATMUL = r"""
+// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) for M <= 8·MT. A block = 16 output rows; its SPLIT_K warps share K
+// (warp w takes k blocks w, w + SPLIT_K, ...) and add their partial tiles in shared memory at the end.
+extern "C" __global__ void __launch_bounds__(SPLIT_K * 32)
+int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, const unsigned char* __restrict__ zeros,
+         const bf16_t* __restrict__ bias, const bf16_t* __restrict__ x, bf16_t* __restrict__ y,
+         int M, int N, int K, int group) {
+    __shared__ float partial[SPLIT_K][MT * 4 * 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, p = lane & 3;
+    const int tile = blockIdx.x, k_blocks = K / 64, groups = K / group, blocks_per_group = group / 64;
+    const uint4* tile_words = words + (size_t)tile * k_blocks * 32 + lane;
+    const bf16_t* tile_scales = scales + (size_t)tile * groups * 16;
+    const unsigned char* tile_zeros = zeros + (size_t)tile * groups * 16;
+    float acc[MT][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
+
+    for (int first = warp; first < k_blocks; first += SPLIT_K * UNROLL) {
+        uint4 w[UNROLL];
+        unsigned short s_a[UNROLL], s_b[UNROLL];
+        unsigned char z_a[UNROLL], z_b[UNROLL];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {   // every load of this round first, then the arithmetic
+            const int kb = first + u * SPLIT_K;
+            if (kb < k_blocks) {
+                w[u] = load_streaming(tile_words + (size_t)kb * 32);
+                const int at = (kb / blocks_per_group) * 16 + g;
+                s_a[u] = tile_scales[at];
+                s_b[u] = tile_scales[at + 8];
+                if (ASYMMETRIC) { z_a[u] = tile_zeros[at]; z_b[u] = tile_zeros[at + 8]; }
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = first + u * SPLIT_K;
+            if (kb >= k_blocks) break;
+            const unsigned scale_a = twice(s_a[u]), scale_b = twice(s_b[u]);
+            const unsigned neg_zero_a = ASYMMETRIC ? twice(0xC300u | z_a[u]) : 0xC308C308u;
+            const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | z_b[u]) : 0xC308C308u;
+            const unsigned word[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+            #pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                unsigned a[4];
+                dequantize_word(word[t], neg_zero_a, neg_zero_b, scale_a, scale_b, a);
+                const int k = kb * 64 + t * 16 + 2 * p;
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int m = mt * 8 + g;    // B fragment: input row g of this 8-row tile, inputs k, k+1, k+8, k+9
+                    unsigned b0 = 0u, b1 = 0u;
+                    if (m < M) {
+                        const unsigned* row = reinterpret_cast<const unsigned*>(x + (size_t)m * K + k);
+                        b0 = __ldg(row);
+                        b1 = __ldg(row + 4);
+                    }
+                    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                        : "+f"(acc[mt][0]), "+f"(acc[mt][1]), "+f"(acc[mt][2]), "+f"(acc[mt][3])
+                        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) partial[warp][(mt * 4 + r) * 32 + lane] = acc[mt][r];
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * 128; e += SPLIT_K * 32) {
+        float sum = 0.f;
+        #pragma unroll
+        for (int v = 0; v < SPLIT_K; ++v) sum += partial[v][e];
+        // C fragment: register r of lane l is output row g + 8·(r / 2), input row 2·p + r % 2 of its 8-row tile
+        const int l = e & 31, r = (e >> 5) & 3, mt = e >> 7;
+        const int n = tile * 16 + (l >> 2) + ((r & 2) ? 8 : 0);
+        const int m = mt * 8 + 2 * (l & 3) + (r & 1);
+        if (m < M) {
+            if (HAS_BIAS) sum += __uint_as_float(((unsigned)bias[n]) << 16);
+            y[(size_t)m * N + n] = to_bf16(sum);
+        }
+    }
+}
+"""
+
+_DEQUANTIZE = r"""
+// w[N, K] in bf16 from the packed layout: one thread per 16-byte word group, the same arithmetic as the matmul.
+extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, const bf16_t* __restrict__ scales,
+                                           const unsigned char* __restrict__ zeros, unsigned* __restrict__ out,
+                                           int N, int K, int group) {
+    const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int k_blocks = K / 64, groups = K / group;
+    if (index >= (long long)(N / 16) * k_blocks * 32) return;
+    const int lane = index & 31, g = lane >> 2, p = lane & 3;
+    const long long block = index >> 5;
+    const int tile = block / k_blocks, kb = block % k_blocks;
+    const int at = tile * groups * 16 + (kb / (group / 64)) * 16 + g;
+    const unsigned scale_a = twice(scales[at]), scale_b = twice(scales[at + 8]);
+    const unsigned neg_zero_a = ASYMMETRIC ? twice(0xC300u | zeros[at]) : 0xC308C308u;
+    const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | zeros[at + 8]) : 0xC308C308u;
+    const uint4 w = words[index];
+    const unsigned word[4] = {w.x, w.y, w.z, w.w};
+    const int row = tile * 16 + g;
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        unsigned a[4];
+        dequantize_word(word[t], neg_zero_a, neg_zero_b, scale_a, scale_b, a);
+        const int k = kb * 64 + t * 16 + 2 * p;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i)   // pair i: row g + 8·(i % 2), inputs k + 8·(i / 2) and the next
+            out[((size_t)(row + 8 * (i & 1)) * K + k + 8 * (i >> 1)) / 2] = a[i];
+    }
+}
+"""
+
+
+def supports(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether the layout can hold this Linear (see the module's limits)."""
+    return (out_features % TILE_N == 0 and in_features % TILE_K == 0 and group_size % MIN_GROUP == 0
+            and in_features % group_size == 0)
+
+
+def pack(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The kernel's tensors from unsigned codes q [N, K] in [0, 15], scales [N, K/group] and the unsigned zero points
+    z + 8 [N, K/group] (None: symmetric, z + 8 = 8): words [N/16, K/64, 32, 4] int32, scales and zeros
+    [N/16, K/group, 16] (bf16, uint8)."""
+    n, k = unsigned.shape
+    # rows (tile, i % 2, g) x inputs (k block, t, i // 2, p, e) -> word (tile, k block, g, p, t), nibble i + 4·e
+    codes = unsigned.to(torch.int64).view(n // 16, 2, 8, k // 64, 4, 2, 4, 2)
+    nibbles = codes.permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(n // 16, k // 64, 32, 4, 8)
+    shifts = torch.arange(0, 32, 4, device=unsigned.device)
+    words = (nibbles << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    def by_tile(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return values.to(dtype).reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
+
+    zeros = None if zero is None else by_tile(zero, torch.uint8)
+    return {"words": words.contiguous(), "scales": by_tile(scale, torch.bfloat16), "zeros": zeros}
+
+
+def unpack_codes(words: torch.Tensor) -> torch.Tensor:
+    """The unsigned codes [N, K] of a packed weight (the inverse of `pack`'s reordering; for checks and the CPU)."""
+    tiles, k_blocks = words.shape[:2]
+    shifts = torch.arange(0, 32, 4, device=words.device)
+    nibbles = (words.to(torch.int64)[..., None] >> shifts) & 15  # (tile, kb, g, p, t), nibble i + 4·e
+    nibbles = nibbles.view(tiles, k_blocks, 8, 4, 4, 2, 2, 2)     # ..., t, e, i // 2, i % 2
+    codes = nibbles.permute(0, 7, 2, 1, 4, 6, 3, 5)               # tile, i % 2, g, kb, t, i // 2, p, e
+    return codes.reshape(tiles * 16, k_blocks * 64).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, row_tiles: int, split_k: int, unroll: int, asymmetric: bool, bias: bool, device: int):
+    defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
+               f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
+    source = defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
+    with torch.cuda.device(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        # torch.cuda._compile_kernel: PyTorch's NVRTC wrapper (private, present since 2.8): no toolkit build step
+        return torch.cuda._compile_kernel(source, name, compute_capability=f"{major}{minor}",
+                                          nvcc_options=["-std=c++17"])
+
+
+def available(device: torch.device) -> str | None:
+    """None where the kernel runs on `device`, else why not (compiles it once to find out)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "not a CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "bf16 mma needs compute capability 8.0"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
+    try:
+        _kernel("int4_mma", 1, 8, 2, False, False, device.index or 0)
+    except Exception as error:  # noqa: BLE001 -- NVRTC missing or refusing: the caller falls back to another kernel
+        return f"NVRTC could not build the kernel ({type(error).__name__}: {str(error)[:160]})"
+    return None
+
+
+# Launch settings by row tiles (8 rows each): warps sharing K in a block, and k blocks each warp loads ahead.
+# Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result.
+SETTINGS = {1: (8, 4), 2: (8, 2), 4: (8, 2), 8: (4, 2)}
+
+
+def _row_tiles(rows: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, -(-rows // 8)))))
+
+
+def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+           bias: torch.Tensor | None, group: int, out: torch.Tensor, settings: tuple[int, int] | None = None) -> None:
+    """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous, M <= MAX_ROWS."""
+    rows, k = x.shape
+    n = words.shape[0] * TILE_N
+    row_tiles = _row_tiles(rows)
+    split_k, unroll = settings or SETTINGS[row_tiles]
+    kernel = _kernel("int4_mma", row_tiles, split_k, unroll, zeros is not None, bias is not None,
+                     x.device.index or 0)
+    # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
+    kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1),
+           args=[words, scales, scales if zeros is None else zeros, scales if bias is None else bias, x, out,
+                 rows, n, k, group])
+
+
+def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int) -> torch.Tensor:
+    """The [N, K] bf16 weight, computed as the matmul computes it (for long inputs: dequantize, then cuBLAS); on the
+    CPU in PyTorch, for checks."""
+    n, k = words.shape[0] * TILE_N, words.shape[1] * TILE_K
+    if not words.is_cuda:
+        def by_row(values: torch.Tensor) -> torch.Tensor:  # [N/16, K/group, 16] -> [N, K]
+            return values.transpose(1, 2).reshape(n, -1).float().repeat_interleave(group, 1)
+
+        centred = unpack_codes(words).float() - (8 if zeros is None else by_row(zeros))
+        return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
+    out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
+    kernel = _kernel("int4_dequantize", 1, 1, 1, zeros is not None, False, words.device.index or 0)
+    threads = words.numel() // 4
+    kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
+           args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
+    return out
+
+
+@torch.library.custom_op("compress::int4_mma", mutates_args=())
+def int4_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x [M, K] bf16 times the packed weight: the few-row kernel up to MAX_ROWS rows, else dequantize + cuBLAS."""
+    if x.shape[0] > MAX_ROWS or not x.is_cuda:
+        out = x @ dequantize(words, scales, zeros, group).T
+        return out if bias is None else out + bias
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], words.shape[0] * TILE_N, dtype=torch.bfloat16, device=x.device)
+    launch(x, words, scales, zeros, bias, group, out)
+    return out
+
+
+@int4_mma.register_fake
+def _(x, words, scales, zeros, bias, group):
+    return x.new_empty(x.shape[0], words.shape[0] * TILE_N)

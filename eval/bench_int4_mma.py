@@ -1,0 +1,175 @@
+"""Our int4 tensor-core kernel (compress.quantize.int4_mma) against gemlite and the bf16 weight with cuBLAS, at the
+4-bit Linear shapes of a Llama-2-7B-shape model (fused q/k/v and gate/up, before and after 25 % pruning), on one GPU:
+
+    python eval/bench_int4_mma.py --out eval/results/bench_int4_mma_h200.json
+
+For each grid (g128 symmetric; g64 asymmetric, the demo's, on the unpruned shapes) and row count (1, 4, 16, 64: decode
+at those batch sizes) it times every launch setting of ours, checks its output against the dequantized weight in
+float32, and times gemlite (our tuned table) and cuBLAS on the same input. Each time is one call's share of a CUDA graph
+that calls the kernel on enough copies of the weight to exceed the L2 cache, as a decode step does (a graph replaying
+one Linear would read it from L2; a graph also leaves out the Python launch cost, as the compiled decode step does).
+At 2048 rows (a prompt) it times dequantize-then-cuBLAS for both layouts against cuBLAS on the bf16 weight, and checks
+that our dequantized weight equals gemlite's bit for bit. Last, the kernel inside torch.compile (a CUDA graph)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import LLAMA2_7B  # noqa: E402
+
+from compress.quantize import int4_mma, packed  # noqa: E402
+from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # noqa: E402
+
+SETTINGS = [(split_k, unroll) for split_k in (4, 8, 16) for unroll in (1, 2, 4)]
+
+
+def chain_us(calls: list, replays: int = 10) -> float:
+    """Median µs per call of `calls` (each on its own copy of the weight) replayed as one CUDA graph."""
+    with torch.inference_mode():
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] * 1e3 / len(calls)
+
+
+def copies_for(size: int) -> int:
+    return max(2, -(-256 * 2**20 // size))
+
+
+def grid_of(in_features: int, out_features: int, group: int, sym: bool):
+    weight = torch.randn(out_features, in_features, device="cuda")
+    args = weight_args(4, group, sym=sym)
+    scale, zero = minmax_qparams(weight, args)
+    quant = WeightQuant(args, scale.to(torch.bfloat16), zero)
+    codes = packed.integer_codes(weight, quant)
+    lite = packed.Int4Linear(codes, quant.scale, zero, group, None, quant, "gemlite")
+    unsigned = (codes.int() + 8).to(torch.uint8)
+    symmetric = zero is None or not zero.any()
+    ours = int4_mma.pack(unsigned, quant.scale, None if symmetric else (zero.int() + 8))
+    return lite, ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,4,16,64")
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--budget", type=float, default=420, help="seconds; shapes left after it are skipped")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    import gemlite
+
+    start = time.time()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemlite": gemlite.__version__,
+               "command": "python eval/bench_int4_mma.py " + " ".join(
+                   a for a in sys.argv[1:] if not a.startswith(("/", "OUT"))),
+               "settings_tried": SETTINGS, "rows": [], "prefill": [], "skipped": []}
+    rows_list = [int(r) for r in args.rows.split(",")]
+    grids = [(name, 128, True) for name in LLAMA2_7B] + [(n, 64, False) for n in LLAMA2_7B if "pruned" not in n]
+    for name, group, sym in grids:
+        if time.time() - start > args.budget:
+            results["skipped"].append(f"{name} g{group}")
+            continue
+        in_features, out_features = LLAMA2_7B[name]
+        lite, ours = grid_of(in_features, out_features, group, sym)
+        dequantized = lite.dequantized_weight()
+        size = in_features * out_features // 2 + in_features // group * out_features * (2 if sym else 3)
+        copies = copies_for(size)
+        lites = [lite] + [
+            grid_of(in_features, out_features, group, sym)[0] for _ in range(copies - 1)]
+        ours_copies = [{key: None if t is None else t.clone() for key, t in ours.items()} for _ in range(copies)]
+        denses = [dequantized.clone() for _ in range(copies_for(in_features * out_features * 2))]
+        ours_weight = int4_mma.dequantize(ours["words"], ours["scales"], ours["zeros"], group)
+        same_weight = bool(torch.equal(ours_weight, dequantized))
+        for rows in rows_list:
+            x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+            reference = x.float() @ dequantized.float().T
+            out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
+            timed, errors = {}, {}
+            for setting in SETTINGS:
+                if setting[0] * int4_mma._row_tiles(rows) > 64:  # its shared memory would exceed 48 KB
+                    continue
+                try:
+                    out.zero_()
+                    int4_mma.launch(x, ours["words"], ours["scales"], ours["zeros"], None, group, out, setting)
+                    error = ((out.float() - reference).norm() / reference.norm()).item()
+                    errors[str(setting)] = round(error, 6)
+                    if not error < 1e-2:
+                        print(f"  {name} rows {rows} {setting}: wrong result (relative error {error:.3g})", flush=True)
+                        continue
+                    timed[setting] = chain_us([
+                        lambda c=c, setting=setting: int4_mma.launch(x, c["words"], c["scales"], c["zeros"], None,
+                                                                     group, out, setting) for c in ours_copies])
+                except Exception as exception:  # noqa: BLE001 -- a setting this GPU refuses
+                    print(f"  {name} rows {rows} {setting}: {type(exception).__name__}: {str(exception)[:300]}",
+                          flush=True)
+            gemlite_us = chain_us([lambda lite=lite: lite(x) for lite in lites])
+            bf16_us = chain_us([lambda dense=dense: F.linear(x, dense) for dense in denses])
+            best = min(timed, key=timed.get) if timed else None
+            ours_us = timed[best] if best else float("nan")
+            row = {"shape": name, "in": in_features, "out": out_features, "group": group, "sym": sym, "rows": rows,
+                   "ours_us": round(ours_us, 2), "gemlite_us": round(gemlite_us, 2), "bf16_us": round(bf16_us, 2),
+                   "ours_vs_gemlite": round(gemlite_us / ours_us, 3), "ours_vs_bf16": round(bf16_us / ours_us, 3),
+                   "ours_tb_per_s": round(size / ours_us / 1e6, 3),
+                   "gemlite_tb_per_s": round(size / gemlite_us / 1e6, 3),
+                   "bf16_tb_per_s": round(in_features * out_features * 2 / bf16_us / 1e6, 3),
+                   "best_setting": best, "all_us": {str(s): round(u, 2) for s, u in timed.items()},
+                   "relative_errors": errors, "copies": copies}
+            results["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("all_us", "relative_errors")}), flush=True)
+        x = torch.randn(args.prefill, in_features, device="cuda", dtype=torch.bfloat16)
+        pair = [ours_copies[0], ours_copies[1 % copies]]
+        prefill = {"shape": name, "group": group, "sym": sym, "rows": args.prefill,
+                   "dequantized_equal_to_gemlite": same_weight,
+                   "ours_dequantize_us": round(chain_us([lambda c=c: int4_mma.dequantize(
+                       c["words"], c["scales"], c["zeros"], group) for c in pair]), 2),
+                   "ours_us": round(chain_us([lambda c=c: torch.ops.compress.int4_mma(
+                       x, c["words"], c["scales"], c["zeros"], None, group) for c in pair]), 2),
+                   "gemlite_path_us": round(chain_us([lambda lite=lite: lite(x) for lite in lites[:2]]), 2),
+                   "bf16_us": round(chain_us([lambda dense=dense: F.linear(x, dense) for dense in denses[:2]]), 2)}
+        results["prefill"].append(prefill)
+        print(json.dumps(prefill), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        del lites, ours_copies, denses
+        torch.cuda.empty_cache()
+
+    # the op inside a compiled CUDA graph, as the decode step runs it
+    in_features, out_features = LLAMA2_7B["qkv"]
+    lite, ours = grid_of(in_features, out_features, 128, True)
+    x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+    step = torch.compile(lambda x: torch.ops.compress.int4_mma(x, ours["words"], ours["scales"], None, None, 128) * 2,
+                         mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        compiled = step(x).clone()
+    eager = torch.ops.compress.int4_mma(x, ours["words"], ours["scales"], None, None, 128) * 2
+    results["compiled_equal_to_eager"] = bool(torch.equal(compiled, eager))
+    results["seconds"] = round(time.time() - start, 1)
+    print("compiled equal to eager:", results["compiled_equal_to_eager"], "seconds", results["seconds"], flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

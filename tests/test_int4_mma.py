@@ -1,0 +1,121 @@
+"""The int4 tensor-core kernel's layout and arithmetic (compress.quantize.int4_mma). On the CPU: the packed words read
+back as the kernel reads them, register by register, land where PTX's fragment table for mma.m16n8k16 puts them, and
+the bf16 bit tricks give the numbers claimed. On a GPU: the kernel against the dequantized weight in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.quantize import int4_mma
+
+
+def _grid(n: int, k: int, group: int, asymmetric: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    unsigned = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    scale = (torch.rand(n, k // group, generator=generator) + 0.05).to(torch.bfloat16)
+    zero = torch.randint(0, 16, (n, k // group), generator=generator) if asymmetric else None
+    return unsigned, scale, zero
+
+
+def _reference_weight(unsigned, scale, zero, group: int) -> torch.Tensor:
+    """w = (q − z)·s (z = 8 when symmetric), rounded once to bf16, as the checkpoint defines it."""
+    zero_points = torch.full_like(scale, 8, dtype=torch.int64) if zero is None else zero
+    centred = unsigned.long() - zero_points.long().repeat_interleave(group, 1)
+    return (centred.float() * scale.float().repeat_interleave(group, 1)).to(torch.bfloat16)
+
+
+def _bf16(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).item()
+
+
+def _emulated_matmul(x: torch.Tensor, tensors: dict, group: int) -> torch.Tensor:
+    """x · wᵀ computed the way the kernel does, one warp lane's registers at a time, with the A operand assembled
+    from PTX's table for mma.m16n8k16 (a_j: row groupID + 8 for j in {2,3,6,7}, column 2·threadID_in_group + j % 2,
+    + 8 for j >= 4; register r holds a_2r in its low half and a_2r+1 in its high half)."""
+    words, scales, zeros = tensors["words"], tensors["scales"], tensors["zeros"]
+    tiles, k_blocks = words.shape[:2]
+    weight = torch.zeros(tiles * 16, k_blocks * 64)
+    for tile in range(tiles):
+        for kb in range(k_blocks):
+            for lane in range(32):
+                group_id, thread_in_group = lane // 4, lane % 4
+                at = kb * 64 // group
+                for t in range(4):
+                    word = int(words[tile, kb, lane, t]) & 0xFFFFFFFF
+                    for register in range(4):   # what dequantize_word makes of pair `register`
+                        pair = ((word >> (4 * register)) & 0x000F000F) | 0x43004300
+                        for half in range(2):
+                            j = 2 * register + half
+                            row = group_id + (8 if j in (2, 3, 6, 7) else 0)
+                            column = 2 * thread_in_group + j % 2 + (8 if j >= 4 else 0)
+                            value = _bf16((pair >> (16 * half)) & 0xFFFF)       # 128 + q
+                            zero = 8 if zeros is None else int(zeros[tile, at, row])
+                            scale = float(scales[tile, at, row])
+                            weight[tile * 16 + row, kb * 64 + t * 16 + column] = (value - (128 + zero)) * scale
+    return x.float() @ weight.to(torch.bfloat16).float().T
+
+
+def test_bf16_bit_tricks_are_exact():
+    for q in range(16):
+        assert _bf16(0x4300 | q) == 128 + q       # a code in the low bits of 128.0
+        assert _bf16(0xC300 | q) == -(128 + q)    # the zero point's negated offset
+    assert _bf16(0x3F80) == 1.0 and _bf16(0xC308) == -136.0
+
+
+@pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
+def test_packed_layout_is_the_mma_fragment(asymmetric, group):
+    unsigned, scale, zero = _grid(32, 256, group, asymmetric)
+    tensors = int4_mma.pack(unsigned, scale, zero)
+    assert tensors["words"].dtype == torch.int32 and tensors["words"].numel() * 4 == unsigned.numel() // 2
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    expected = x.float() @ _reference_weight(unsigned, scale, zero, group).float().T
+    torch.testing.assert_close(_emulated_matmul(x, tensors, group), expected, rtol=0, atol=1e-4)
+    assert torch.equal(int4_mma.unpack_codes(tensors["words"]), unsigned)
+    weight = _reference_weight(unsigned, scale, zero, group)
+    assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
+
+
+def test_supports_names_the_shapes_the_layout_holds():
+    assert int4_mma.supports(4096, 12288, 128) and int4_mma.supports(576, 960, 64)
+    assert not int4_mma.supports(4096, 12288, 32)    # groups below 64 run on gemlite
+    assert not int4_mma.supports(4096 + 32, 4096, 64)
+    assert not int4_mma.supports(4096, 4096 + 8, 128)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64, 100])
+@pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
+def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
+    if reason := int4_mma.available(torch.device("cuda")):
+        pytest.skip(reason)
+    unsigned, scale, zero = _grid(96, 576, group, asymmetric)
+    weight = _reference_weight(unsigned, scale, zero, group).cuda()
+    tensors = {key: None if t is None else t.cuda() for key, t in int4_mma.pack(unsigned, scale, zero).items()}
+    bias = torch.randn(96, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(rows, 576, dtype=torch.bfloat16, device="cuda")
+    out = torch.ops.compress.int4_mma(x, tensors["words"], tensors["scales"], tensors["zeros"], bias, group)
+    expected = x.float() @ weight.float().T + bias.float()
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
+
+
+def test_packed_linear_on_the_mma_layout_computes_its_grid():
+    """Int4Linear's mma backend (built here on the CPU, where the op dequantizes) against a dense Linear with the
+    grid's weight, bias included: the wiring the GPU runs, with the same tensors."""
+    from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args
+    from compress.quantize.packed import Int4Linear, integer_codes
+
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(64, 128, generator=generator), torch.randn(64, generator=generator)
+    args = weight_args(4, 64, sym=False)
+    scale, zero = minmax_qparams(weight, args)
+    quant = WeightQuant(args, scale.to(torch.bfloat16), zero)
+    codes = integer_codes(weight, quant)
+    linear = Int4Linear(codes, quant.scale, zero, 64, bias.to(torch.bfloat16), quant, "mma")
+    grid_weight = ((codes.float() - zero.float().repeat_interleave(64, 1))
+                   * quant.scale.float().repeat_interleave(64, 1)).to(torch.bfloat16)
+    x = torch.randn(2, 5, 128, generator=generator).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), grid_weight.float(), bias.to(torch.bfloat16).float())
+    assert linear.kernel == "int4 mma" and torch.equal(linear.dequantized_weight(), grid_weight)
+    torch.testing.assert_close(linear(x).float(), expected, rtol=1e-2, atol=2e-2)
