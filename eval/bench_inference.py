@@ -8,8 +8,9 @@ Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Lla
 refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
-today), for the memory comparison. The physical limit is reported beside each: bytes of weights in memory / GPU memory
-bandwidth = the fastest batch-1 decode step.
+today), for the memory comparison. A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel
+instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit
+is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -37,7 +38,7 @@ from bench_models import LLAMA2_7B, random_llama  # noqa: E402
 
 import compress  # noqa: E402
 from compress.bench import bench_model  # noqa: E402
-from compress.quantize.packed import pack_model  # noqa: E402
+from compress.quantize.packed import INT4_KERNEL_VARIABLE, pack_model  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
@@ -59,7 +60,13 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     if "W8A8 int8" in name:  # SmoothQuant reads calibration ids; random ones serve (speed does not depend on values)
         ids = torch.randint(0, shape["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
         compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
-    notes = [] if "dequantized" in name else pack_model(model)
+    kernel = next((k for k in ("gemlite", "mma", "tinygemm") if k in name), None)  # "W4 g128 mma": that kernel
+    previous = os.environ.get(INT4_KERNEL_VARIABLE)
+    os.environ[INT4_KERNEL_VARIABLE] = kernel or previous or ""
+    try:
+        notes = [] if "dequantized" in name else pack_model(model)
+    finally:
+        os.environ[INT4_KERNEL_VARIABLE] = previous or ""
     return model, notes
 
 

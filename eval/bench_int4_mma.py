@@ -76,6 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4,16,64")
     parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--shapes", help="comma-separated Linear names of bench_kernels.LLAMA2_7B (default: all)")
+    parser.add_argument("--asym", action=argparse.BooleanOptionalAction, default=True,
+                        help="also g64 asymmetric on the unpruned shapes")
     parser.add_argument("--budget", type=float, default=420, help="seconds; shapes left after it are skipped")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -87,7 +90,8 @@ def main() -> None:
                    a for a in sys.argv[1:] if not a.startswith(("/", "OUT"))),
                "settings_tried": SETTINGS, "rows": [], "prefill": [], "skipped": []}
     rows_list = [int(r) for r in args.rows.split(",")]
-    grids = [(name, 128, True) for name in LLAMA2_7B] + [(n, 64, False) for n in LLAMA2_7B if "pruned" not in n]
+    names = args.shapes.split(",") if args.shapes else list(LLAMA2_7B)
+    grids = [(name, 128, True) for name in names] + [(n, 64, False) for n in names if "pruned" not in n and args.asym]
     for name, group, sym in grids:
         if time.time() - start > args.budget:
             results["skipped"].append(f"{name} g{group}")

@@ -30,30 +30,42 @@ def _bf16(bits: int) -> float:
 
 
 def _emulated_matmul(x: torch.Tensor, tensors: dict, group: int) -> torch.Tensor:
-    """x · wᵀ computed the way the kernel does, one warp lane's registers at a time, with the A operand assembled
-    from PTX's table for mma.m16n8k16 (a_j: row groupID + 8 for j in {2,3,6,7}, column 2·threadID_in_group + j % 2,
-    + 8 for j >= 4; register r holds a_2r in its low half and a_2r+1 in its high half)."""
+    """x · wᵀ computed the way the kernel does: for every 16-row tile, block of 64 inputs and k tile, each lane's A
+    registers (bitwise ops on its word) and B registers (its inputs, loaded as the kernel indexes them) are placed
+    where PTX's tables for mma.m16n8k16 put them (A: a_j at row groupID + 8 for j in {2,3,6,7}, column
+    2·threadID_in_group + j % 2, + 8 for j >= 4; B: b_j at row 2·threadID_in_group + j % 2, + 8 for j >= 2, column
+    groupID; register r holds elements 2r (low half) and 2r + 1), then the two mmas and the scale, in float64."""
     words, scales, zeros = tensors["words"], tensors["scales"], tensors["zeros"]
     tiles, k_blocks = words.shape[:2]
-    weight = torch.zeros(tiles * 16, k_blocks * 64)
+    rows, k = x.shape
+    x_bits = x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    out = torch.zeros(rows, tiles * 16, dtype=torch.float64)
     for tile in range(tiles):
         for kb in range(k_blocks):
-            for lane in range(32):
-                group_id, thread_in_group = lane // 4, lane % 4
-                at = kb * 64 // group
-                for t in range(4):
+            at = kb * 64 // group
+            zero = torch.tensor([8 if zeros is None else int(zeros[tile, at, r]) for r in range(16)])
+            scale = torch.tensor([float(scales[tile, at, r]) for r in range(16)], dtype=torch.float64)
+            block = torch.zeros(16, rows, dtype=torch.float64)
+            for t in range(4):
+                a = torch.zeros(16, 16, dtype=torch.float64)
+                b = torch.zeros(16, 8 * (-(-rows // 8)), dtype=torch.float64)
+                for lane in range(32):
+                    group_id, thread_in_group = lane // 4, lane % 4
                     word = int(words[tile, kb, lane, t]) & 0xFFFFFFFF
-                    for register in range(4):   # what dequantize_word makes of pair `register`
-                        pair = ((word >> (4 * register)) & 0x000F000F) | 0x43004300
-                        for half in range(2):
-                            j = 2 * register + half
-                            row = group_id + (8 if j in (2, 3, 6, 7) else 0)
-                            column = 2 * thread_in_group + j % 2 + (8 if j >= 4 else 0)
-                            value = _bf16((pair >> (16 * half)) & 0xFFFF)       # 128 + q
-                            zero = 8 if zeros is None else int(zeros[tile, at, row])
-                            scale = float(scales[tile, at, row])
-                            weight[tile * 16 + row, kb * 64 + t * 16 + column] = (value - (128 + zero)) * scale
-    return x.float() @ weight.to(torch.bfloat16).float().T
+                    for j in range(8):   # A: register j // 2 = ((word >> 4·(j // 2)) & 0x000F000F) | 0x43004300
+                        register = ((word >> (4 * (j // 2))) & 0x000F000F) | 0x43004300
+                        row = group_id + (8 if j in (2, 3, 6, 7) else 0)
+                        a[row, 2 * thread_in_group + j % 2 + (8 if j >= 4 else 0)] = \
+                            _bf16((register >> (16 * (j % 2))) & 0xFFFF)
+                    for m in range(group_id, b.shape[1], 8):   # B: inputs 16p + 4t + 2·(j // 2) + j % 2 of row m
+                        for j in range(4):
+                            column = kb * 64 + 16 * thread_in_group + 4 * t + j
+                            value = _bf16(int(x_bits[m, column])) if m < rows else 0.0
+                            b[2 * thread_in_group + j % 2 + (8 if j >= 2 else 0), m] = value
+                neg_zero = -(128.0 + zero.double())[:, None].expand(16, 16)
+                block += ((a + neg_zero) @ b)[:, :rows]
+            out[:, tile * 16:(tile + 1) * 16] += (scale[:, None] * block).T
+    return out
 
 
 def test_bf16_bit_tricks_are_exact():
@@ -69,8 +81,9 @@ def test_packed_layout_is_the_mma_fragment(asymmetric, group):
     tensors = int4_mma.pack(unsigned, scale, zero)
     assert tensors["words"].dtype == torch.int32 and tensors["words"].numel() * 4 == unsigned.numel() // 2
     x = torch.randn(3, 256).to(torch.bfloat16)
-    expected = x.float() @ _reference_weight(unsigned, scale, zero, group).float().T
-    torch.testing.assert_close(_emulated_matmul(x, tensors, group), expected, rtol=0, atol=1e-4)
+    centred = unsigned.double() - (8 if zero is None else zero.double().repeat_interleave(group, 1))
+    expected = x.double() @ (centred * scale.double().repeat_interleave(group, 1)).T
+    torch.testing.assert_close(_emulated_matmul(x, tensors, group), expected, rtol=1e-9, atol=1e-9)
     assert torch.equal(int4_mma.unpack_codes(tensors["words"]), unsigned)
     weight = _reference_weight(unsigned, scale, zero, group)
     assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
@@ -98,6 +111,10 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
     expected = x.float() @ weight.float().T + bias.float()
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
     assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
+    shifted = torch.empty(rows * 576 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(rows, 576)  # 2-byte aligned
+    shifted.copy_(x)
+    assert torch.equal(torch.ops.compress.int4_mma(shifted, tensors["words"], tensors["scales"], tensors["zeros"],
+                                                   bias, group), out)
 
 
 def test_packed_linear_on_the_mma_layout_computes_its_grid():

@@ -232,3 +232,24 @@ def test_gemlite_loads_our_tuned_table_on_the_gpu_it_was_tuned_for(monkeypatch):
             rows, out_features, in_features, group, per_word, _ = eval(signature)  # noqa: S307 -- gemlite's format
             assert per_word == 8 and in_features % group == 0 and rows >= 1 and out_features % 128 == 0
             assert {"num_warps", "num_stages"} <= set(setting)
+
+
+def test_int4_kernel_variable_picks_a_kernel_or_names_the_choices(monkeypatch, recwarn):
+    """COMPRESS_INT4_KERNEL (for same-run comparisons) chooses the CUDA int4 kernel; an unknown value is refused with
+    the valid ones before anything is packed, and the CPU keeps tinygemm whatever it says."""
+    from compress.quantize import packed
+
+    cuda = torch.device("cuda")
+    monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "marlin")
+    with pytest.raises(ValueError, match="gemlite, tinygemm or mma"):
+        packed.int4_backend(cuda)
+    assert packed.int4_backend(torch.device("cpu")) == "tinygemm"
+    monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "tinygemm")
+    assert packed.int4_backend(cuda) == "tinygemm"
+    monkeypatch.setattr(packed, "gemlite_module", lambda: object())
+    monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "gemlite")
+    assert packed.int4_backend(cuda) == "gemlite"
+    monkeypatch.setattr(packed, "gemlite_module", lambda: None)
+    monkeypatch.setattr(packed, "_mma_unavailable", lambda device: "no NVRTC here")
+    assert packed.int4_backend(cuda) == "tinygemm"   # named but missing: the next available one, with a warning
+    assert any("gemlite is not installed" in str(w.message) for w in recwarn)

@@ -8,18 +8,20 @@ no CUDA toolkit build step): eval/bench_int4_mma.py measures it against gemlite 
 
 The idea (Marlin's, "swap AB" as TensorRT-LLM calls it for small batches): one `mma.m16n8k16` multiplies 16 output
 rows of the weight (the A operand) by 8 rows of the input (the B operand), so a decode step's 1-8 rows waste at most
-7/8 of a tensor-core instruction instead of 15/16, and the weight is dequantized in registers only, two codes per
-instruction: a code q in the low 4 bits of a bf16 whose bits are 0x4300 (128.0) is the number 128 + q exactly, so
-`(pair | 0x43004300) − (128 + z)` gives (q − z) in bf16 with no integer-to-float conversion, then × s rounds once,
-as the checkpoint's w = (q − z)·s. Products accumulate in float32.
+7/8 of a tensor-core instruction instead of 15/16, and nothing is dequantized outside registers. A code q in the low
+4 bits of a bf16 whose bits are 0x4300 (128.0) is the number 128 + q exactly, so one bitwise op makes two A operands
+of the codes; a second mma with the constant −(128 + z) on the same inputs takes the offset and the zero point back
+out, so the tensor cores sum Σ (q − z)·x in float32 with no other arithmetic, and one multiply by the group's scale
+per 64 inputs follows. The inputs' order inside each block of 64 is permuted (the same way in both operands, which
+leaves the sum alone) so that a lane reads its 16 inputs as two 16-byte loads.
 
-Layout (`pack`): the weight is stored so that each lane of a warp reads its operand for four consecutive 16-wide k
-tiles as one 16-byte load, and a warp's 32 loads are 512 consecutive bytes. For 16 output rows n0..n0+15 and 64
-inputs k0..k0+63, lane (g = lane / 4, p = lane % 4) holds four words, one per k tile t; nibble i + 4·e of word t is
-the code of row n0 + g + 8·(i % 2), input k0 + 16·t + 2·p + 8·(i // 2) + e: exactly the A fragment of
-`mma.m16n8k16.row` (PTX ISA, "Matrix Fragments for mma.m16n8k16"), pair i in register i. Scales and zero points are
-stored [N/16, K/group, 16] so that one 32-byte sector holds a tile's 16. The packed bytes are the checkpoint's: half
-a byte per weight.
+Layout (`pack`): the weight is stored so that each lane of a warp reads its A operand for the four 16-wide k tiles of
+a block of 64 inputs as one 16-byte load, and a warp's 32 loads are 512 consecutive bytes. For 16 output rows
+n0..n0+15 and 64 inputs k0..k0+63, lane (g = lane / 4, p = lane % 4) holds four words, one per k tile t; nibble
+i + 4·e of word t is the code of row n0 + g + 8·(i % 2), input k0 + 16·p + 4·t + 2·(i // 2) + e: in the A fragment of
+`mma.m16n8k16.row` (PTX ISA, "Matrix Fragments for mma.m16n8k16") it is register i, half e, whose fragment column
+2·p + e + 8·(i // 2) stands for that input. Scales and zero points are stored [N/16, K/group, 16] so that one 32-byte
+sector holds a tile's 16. The packed bytes are the checkpoint's: half a byte per weight.
 
 Limits: outputs a multiple of 16, inputs of 64, groups a multiple of 64 (32 runs on gemlite); up to MAX_ROWS rows;
 an NVIDIA GPU of compute capability 8.0 or newer (bf16 `mma.sync`)."""
@@ -44,7 +46,7 @@ __device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned 
     return d;
 }
 
-// 16 codes of `word` as 4 bf16 pairs (nibbles i and i + 4 of the word), each (q - z)·s, rounded once.
+// 8 codes of `word` as 4 bf16 pairs (nibbles i and i + 4 of the word), each (q - z)·s, rounded once.
 // neg_zero_a/b hold -(128 + z) twice (the bits 0xC300 | z), scale_a/b the scale twice, for rows g and g + 8.
 __device__ __forceinline__ void dequantize_word(unsigned word, unsigned neg_zero_a, unsigned neg_zero_b,
                                                 unsigned scale_a, unsigned scale_b, unsigned (&a)[4]) {
@@ -66,6 +68,15 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* pointer) {
 
 __device__ __forceinline__ unsigned twice(unsigned short half) { return (unsigned)half * 0x00010001u; }
 
+__device__ __forceinline__ float bf16_to_float(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ bf16_t to_bf16(float f) {  // round to nearest even (no NaN can arise here)
     unsigned u = __float_as_uint(f);
     return (bf16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
@@ -75,6 +86,8 @@ __device__ __forceinline__ bf16_t to_bf16(float f) {  // round to nearest even (
 _MATMUL = r"""
 // y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) for M <= 8·MT. A block = 16 output rows; its SPLIT_K warps share K
 // (warp w takes k blocks w, w + SPLIT_K, ...) and add their partial tiles in shared memory at the end.
+// Per k block: the codes enter the tensor cores as 128 + q (no arithmetic), a second mma adds −(128 + z) times the
+// same inputs, so the block's sum is Σ (q − z)·x exactly in float32, and one multiply by the group's scale follows.
 extern "C" __global__ void __launch_bounds__(SPLIT_K * 32)
 int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, const unsigned char* __restrict__ zeros,
          const bf16_t* __restrict__ bias, const bf16_t* __restrict__ x, bf16_t* __restrict__ y,
@@ -110,29 +123,48 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = first + u * SPLIT_K;
             if (kb >= k_blocks) break;
-            const unsigned scale_a = twice(s_a[u]), scale_b = twice(s_b[u]);
             const unsigned neg_zero_a = ASYMMETRIC ? twice(0xC300u | z_a[u]) : 0xC308C308u;
             const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | z_b[u]) : 0xC308C308u;
+            const unsigned neg_zero[4] = {neg_zero_a, neg_zero_b, neg_zero_a, neg_zero_b};  // rows g, g+8, g, g+8
+            // B operand: lane p holds inputs 16p .. 16p+15 of the k block for input row g (k order permuted to match)
+            uint4 x_low[MT], x_high[MT];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int m = mt * 8 + g;
+                x_low[mt] = make_uint4(0u, 0u, 0u, 0u);
+                x_high[mt] = x_low[mt];
+                if (m < M) {
+                    const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)m * K + kb * 64 + 16 * p);
+                    x_low[mt] = __ldg(row);
+                    x_high[mt] = __ldg(row + 1);
+                }
+            }
+            float block[MT][4];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int r = 0; r < 4; ++r) block[mt][r] = 0.f;
             const unsigned word[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
             #pragma unroll
             for (int t = 0; t < 4; ++t) {
                 unsigned a[4];
-                dequantize_word(word[t], neg_zero_a, neg_zero_b, scale_a, scale_b, a);
-                const int k = kb * 64 + t * 16 + 2 * p;
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) a[i] = ((word[t] >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // 128 + q
                 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    const int m = mt * 8 + g;    // B fragment: input row g of this 8-row tile, inputs k, k+1, k+8, k+9
-                    unsigned b0 = 0u, b1 = 0u;
-                    if (m < M) {
-                        const unsigned* row = reinterpret_cast<const unsigned*>(x + (size_t)m * K + k);
-                        b0 = __ldg(row);
-                        b1 = __ldg(row + 4);
-                    }
-                    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                        : "+f"(acc[mt][0]), "+f"(acc[mt][1]), "+f"(acc[mt][2]), "+f"(acc[mt][3])
-                        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                    const uint4 inputs = t < 2 ? x_low[mt] : x_high[mt];
+                    const unsigned b0 = (t & 1) ? inputs.z : inputs.x, b1 = (t & 1) ? inputs.w : inputs.y;
+                    mma_bf16(block[mt], a, b0, b1);
+                    mma_bf16(block[mt], neg_zero, b0, b1);
                 }
+            }
+            const float scale_a = bf16_to_float(s_a[u]), scale_b = bf16_to_float(s_b[u]);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {   // C fragment: registers 0, 1 are row g, 2, 3 row g + 8
+                acc[mt][0] = fmaf(scale_a, block[mt][0], acc[mt][0]);
+                acc[mt][1] = fmaf(scale_a, block[mt][1], acc[mt][1]);
+                acc[mt][2] = fmaf(scale_b, block[mt][2], acc[mt][2]);
+                acc[mt][3] = fmaf(scale_b, block[mt][3], acc[mt][3]);
             }
         }
     }
@@ -150,7 +182,7 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         const int n = tile * 16 + (l >> 2) + ((r & 2) ? 8 : 0);
         const int m = mt * 8 + 2 * (l & 3) + (r & 1);
         if (m < M) {
-            if (HAS_BIAS) sum += __uint_as_float(((unsigned)bias[n]) << 16);
+            if (HAS_BIAS) sum += bf16_to_float(bias[n]);
             y[(size_t)m * N + n] = to_bf16(sum);
         }
     }
@@ -158,9 +190,10 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
 """
 
 _DEQUANTIZE = r"""
-// w[N, K] in bf16 from the packed layout: one thread per 16-byte word group, the same arithmetic as the matmul.
+// w[N, K] in bf16 from the packed layout, (q − z)·s rounded once: one thread per 16-byte word group, which holds
+// inputs 16p .. 16p+15 of a k block for rows g and g + 8, written as two 32-byte runs.
 extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, const bf16_t* __restrict__ scales,
-                                           const unsigned char* __restrict__ zeros, unsigned* __restrict__ out,
+                                           const unsigned char* __restrict__ zeros, uint4* __restrict__ out,
                                            int N, int K, int group) {
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int k_blocks = K / 64, groups = K / group;
@@ -174,16 +207,18 @@ extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, cons
     const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | zeros[at + 8]) : 0xC308C308u;
     const uint4 w = words[index];
     const unsigned word[4] = {w.x, w.y, w.z, w.w};
-    const int row = tile * 16 + g;
+    unsigned row_a[8], row_b[8];   // inputs 16p + 4t + 2j, +1 at [2t + j]
     #pragma unroll
     for (int t = 0; t < 4; ++t) {
         unsigned a[4];
         dequantize_word(word[t], neg_zero_a, neg_zero_b, scale_a, scale_b, a);
-        const int k = kb * 64 + t * 16 + 2 * p;
-        #pragma unroll
-        for (int i = 0; i < 4; ++i)   // pair i: row g + 8·(i % 2), inputs k + 8·(i / 2) and the next
-            out[((size_t)(row + 8 * (i & 1)) * K + k + 8 * (i >> 1)) / 2] = a[i];
+        row_a[2 * t] = a[0]; row_b[2 * t] = a[1]; row_a[2 * t + 1] = a[2]; row_b[2 * t + 1] = a[3];
     }
+    const size_t at_a = ((size_t)(tile * 16 + g) * K + kb * 64 + 16 * p) / 8, at_b = at_a + (size_t)K;  // +8 rows
+    out[at_a] = make_uint4(row_a[0], row_a[1], row_a[2], row_a[3]);
+    out[at_a + 1] = make_uint4(row_a[4], row_a[5], row_a[6], row_a[7]);
+    out[at_b] = make_uint4(row_b[0], row_b[1], row_b[2], row_b[3]);
+    out[at_b + 1] = make_uint4(row_b[4], row_b[5], row_b[6], row_b[7]);
 }
 """
 
@@ -199,9 +234,9 @@ def pack(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None)
     z + 8 [N, K/group] (None: symmetric, z + 8 = 8): words [N/16, K/64, 32, 4] int32, scales and zeros
     [N/16, K/group, 16] (bf16, uint8)."""
     n, k = unsigned.shape
-    # rows (tile, i % 2, g) x inputs (k block, t, i // 2, p, e) -> word (tile, k block, g, p, t), nibble i + 4·e
-    codes = unsigned.to(torch.int64).view(n // 16, 2, 8, k // 64, 4, 2, 4, 2)
-    nibbles = codes.permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(n // 16, k // 64, 32, 4, 8)
+    # rows (tile, i % 2, g) x inputs (k block, p, t, i // 2, e) -> word (tile, k block, g, p, t), nibble i + 4·e
+    codes = unsigned.to(torch.int64).view(n // 16, 2, 8, k // 64, 4, 4, 2, 2)
+    nibbles = codes.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(n // 16, k // 64, 32, 4, 8)
     shifts = torch.arange(0, 32, 4, device=unsigned.device)
     words = (nibbles << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -218,8 +253,8 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
     tiles, k_blocks = words.shape[:2]
     shifts = torch.arange(0, 32, 4, device=words.device)
     nibbles = (words.to(torch.int64)[..., None] >> shifts) & 15  # (tile, kb, g, p, t), nibble i + 4·e
-    nibbles = nibbles.view(tiles, k_blocks, 8, 4, 4, 2, 2, 2)     # ..., t, e, i // 2, i % 2
-    codes = nibbles.permute(0, 7, 2, 1, 4, 6, 3, 5)               # tile, i % 2, g, kb, t, i // 2, p, e
+    nibbles = nibbles.view(tiles, k_blocks, 8, 4, 4, 2, 2, 2)     # ..., p, t, e, i // 2, i % 2
+    codes = nibbles.permute(0, 7, 2, 1, 3, 4, 6, 5)               # tile, i % 2, g, kb, p, t, i // 2, e
     return codes.reshape(tiles * 16, k_blocks * 64).to(torch.uint8)
 
 
@@ -250,9 +285,10 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-# Launch settings by row tiles (8 rows each): warps sharing K in a block, and k blocks each warp loads ahead.
-# Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result.
-SETTINGS = {1: (8, 4), 2: (8, 2), 4: (8, 2), 8: (4, 2)}
+def settings_for(row_tiles: int, out_features: int) -> tuple[int, int]:
+    """Warps sharing K in a block, and k blocks each warp loads ahead: more warps where there are few blocks (16 rows
+    each). Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result."""
+    return (16 if out_features <= 8192 or row_tiles > 2 else 8), 1
 
 
 def _row_tiles(rows: int) -> int:
@@ -261,11 +297,11 @@ def _row_tiles(rows: int) -> int:
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, group: int, out: torch.Tensor, settings: tuple[int, int] | None = None) -> None:
-    """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous, M <= MAX_ROWS."""
+    """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous (x 16-byte aligned), M <= MAX_ROWS."""
     rows, k = x.shape
     n = words.shape[0] * TILE_N
     row_tiles = _row_tiles(rows)
-    split_k, unroll = settings or SETTINGS[row_tiles]
+    split_k, unroll = settings or settings_for(row_tiles, n)
     kernel = _kernel("int4_mma", row_tiles, split_k, unroll, zeros is not None, bias is not None,
                      x.device.index or 0)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
@@ -299,7 +335,8 @@ def int4_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: 
     if x.shape[0] > MAX_ROWS or not x.is_cuda:
         out = x @ dequantize(words, scales, zeros, group).T
         return out if bias is None else out + bias
-    x = x.contiguous()
+    if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads inputs 16 bytes at a time
+        x = x.clone(memory_format=torch.contiguous_format)
     out = torch.empty(x.shape[0], words.shape[0] * TILE_N, dtype=torch.bfloat16, device=x.device)
     launch(x, words, scales, zeros, bias, group, out)
     return out

@@ -12,6 +12,8 @@ Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernel
                                     tinygemm (aten._weight_int4pack_mm, what torchao's int4 weight-only path calls),
                                     with one warning naming the extra; tinygemm is 3-16x slower than bf16 on long
                                     prompts and has no dequantize path, since its tile layout is private.
+    int4, CUDA, on request          ours (compress.quantize.int4_mma, tensor cores, built by NVRTC): COMPRESS_INT4_KERNEL=mma;
+                                    see INT4_CUDA_KERNELS for why it is not first
     int4, CPU                       tinygemm's CPU kernel for few rows; above CPU_DEQUANTIZE_ABOVE_ROWS its layout is
                                     unpacked (a rule checked exactly at pack time) and oneDNN's bf16 GEMM runs.
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -53,6 +56,13 @@ KERNEL_DTYPE = torch.bfloat16
 # crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
 DEQUANTIZE_ABOVE_ROWS = 64
 CPU_DEQUANTIZE_ABOVE_ROWS = 128
+# The CUDA int4 kernels, the first available one runs (eval/results/bench_int4_mma_h200_first.json, 7B shapes on an
+# H200): ours (int4_mma) read the weights 1.15-1.9x faster than gemlite at 1-4 rows in its first version, but gemlite
+# is faster at 16 rows and its dequantize kernel for long prompts is, so gemlite stays first; ours, rewritten since
+# and not yet timed on a GPU, runs only when asked for (COMPRESS_INT4_KERNEL=mma).
+INT4_CUDA_KERNELS = ("gemlite", "tinygemm", "mma")
+# Set, it names the int4 kernel to run on CUDA (for comparisons in one run); unset, INT4_CUDA_KERNELS decides.
+INT4_KERNEL_VARIABLE = "COMPRESS_INT4_KERNEL"
 CUDA_EXTRA = 'pip install "compress-llm[cuda]" (in a clone: pip install -e ".[cuda]")'
 
 
@@ -83,6 +93,13 @@ def gemlite_module():
         if table.stem in device:
             gemlite.load_config(str(table))
     return gemlite
+
+
+@functools.cache
+def _mma_unavailable(device: torch.device) -> str | None:
+    from compress.quantize import int4_mma
+
+    return int4_mma.available(device)
 
 
 @functools.cache
@@ -162,11 +179,22 @@ class Int4Linear(_PackedLinear):
         self.group_size, self.backend = group_size, backend
         unsigned = (codes.int() + 8)
         symmetric = zero_point is None or not zero_point.any()
-        if backend == "gemlite":
+        if backend == "mma":
+            self._pack_mma(unsigned, scale, zero_point, symmetric)
+        elif backend == "gemlite":
             self._pack_gemlite(unsigned, scale, zero_point, symmetric)
         else:
             self._pack_tinygemm(unsigned, scale, zero_point)
         setattr(self, PACKED_ATTR, self.kernel)
+
+    def _pack_mma(self, unsigned, scale, zero_point, symmetric: bool) -> None:
+        from compress.quantize import int4_mma
+
+        tensors = int4_mma.pack(unsigned.to(torch.uint8), scale, None if symmetric else zero_point.int() + 8)
+        self.register_buffer("words", tensors["words"])
+        self.register_buffer("mma_scales", tensors["scales"])
+        self.register_buffer("mma_zeros", tensors["zeros"])
+        self.kernel = "int4 mma"
 
     def _pack_gemlite(self, unsigned, scale, zero_point, symmetric: bool) -> None:
         gemlite = gemlite_module()
@@ -197,6 +225,10 @@ class Int4Linear(_PackedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] bf16 weight (for long inputs, and for tests)."""
+        if self.backend == "mma":
+            from compress.quantize import int4_mma
+
+            return int4_mma.dequantize(self.words, self.mma_scales, self.mma_zeros, self.group_size)
         if self.backend == "gemlite":
             from compress.quantize.kernels import dequantize_int4
 
@@ -213,6 +245,10 @@ class Int4Linear(_PackedLinear):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
         rows = flat.shape[0]
+        if self.backend == "mma":  # the bias is added inside the kernel
+            out = torch.ops.compress.int4_mma(flat, self.words, self.mma_scales, self.mma_zeros, self.bias,
+                                              self.group_size)
+            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.backend == "gemlite":
             if rows > DEQUANTIZE_ABOVE_ROWS:
                 out = flat @ self.dequantized_weight().T
@@ -310,15 +346,31 @@ class FP8Linear(_PackedLinear):
         return self._finish(out, shape)
 
 
+def _int4_kernel_unavailable(kernel: str, device: torch.device) -> str | None:
+    if kernel == "gemlite":
+        return None if gemlite_module() is not None else f"gemlite is not installed ({CUDA_EXTRA})"
+    return _mma_unavailable(device) if kernel == "mma" else None
+
+
 def int4_backend(device: torch.device) -> str:
-    """gemlite on CUDA where it is installed, else tinygemm (with one warning naming the extra on CUDA)."""
+    """The first of INT4_CUDA_KERNELS that runs here (or the one COMPRESS_INT4_KERNEL names) on CUDA, tinygemm on
+    the CPU. Falling back to tinygemm on CUDA warns once, naming the extra."""
     if device.type != "cuda":
         return "tinygemm"
-    if gemlite_module() is None:
-        _warn_once(f"gemlite is not installed: 4-bit Linears run on tinygemm, 3-16x slower than bf16 on long prompts; "
-                   f"{CUDA_EXTRA} for the fast kernels")
-        return "tinygemm"
-    return "gemlite"
+    chosen = os.environ.get(INT4_KERNEL_VARIABLE, "")
+    if chosen and chosen not in INT4_CUDA_KERNELS:
+        raise ValueError(f"{INT4_KERNEL_VARIABLE}={chosen!r}: use {', '.join(INT4_CUDA_KERNELS[:-1])} or "
+                         f"{INT4_CUDA_KERNELS[-1]} (or leave it unset)")
+    for kernel in ((chosen,) if chosen else ()) + INT4_CUDA_KERNELS:
+        reason = _int4_kernel_unavailable(kernel, device)
+        if reason and kernel == chosen:
+            _warn_once(f"{INT4_KERNEL_VARIABLE}={chosen}: {reason}; the next available int4 kernel runs")
+        if reason is None:
+            if kernel == "tinygemm" and not chosen:
+                _warn_once(f"no faster int4 kernel runs here: 4-bit Linears run on tinygemm, 3-16x slower than bf16 "
+                           f"on long prompts; {CUDA_EXTRA} for gemlite")
+            return kernel
+    raise AssertionError("tinygemm is always available")
 
 
 def packed_kind(in_features: int, out_features: int, quant: WeightQuant) -> tuple[str | None, str]:
@@ -377,6 +429,12 @@ def packed_linear(grid: Grid) -> _PackedLinear:
     if grid.kind == "int8 w8a8":
         return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
     backend = int4_backend(codes.device)
+    if backend == "mma":
+        from compress.quantize import int4_mma
+
+        if int4_mma.supports(grid.in_features, grid.out_features, quant.args.group_size):
+            return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
+        backend = "gemlite" if gemlite_module() is not None else "tinygemm"
     if backend == "gemlite":
         try:
             return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
