@@ -12,8 +12,8 @@ Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernel
                                     tinygemm (aten._weight_int4pack_mm, what torchao's int4 weight-only path calls),
                                     with one warning naming the extra; tinygemm is 3-16x slower than bf16 on long
                                     prompts and has no dequantize path, since its tile layout is private.
-    int4, CUDA, on request          ours (compress.quantize.int4_mma, tensor cores, built by NVRTC): COMPRESS_INT4_KERNEL=mma;
-                                    see INT4_CUDA_KERNELS for why it is not first
+    int4, CUDA, on request          ours (compress.quantize.int4_mma: tensor cores, built by NVRTC) with
+                                    COMPRESS_INT4_KERNEL=mma; INT4_CUDA_KERNELS says why it is not first
     int4, CPU                       tinygemm's CPU kernel for few rows; above CPU_DEQUANTIZE_ABOVE_ROWS its layout is
                                     unpacked (a rule checked exactly at pack time) and oneDNN's bf16 GEMM runs.
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
