@@ -97,9 +97,9 @@ def gemlite_module():
 
 @functools.cache
 def _mma_unavailable(device: torch.device) -> str | None:
-    from compress.quantize import int4_mma
+    from compress.quantize.int4_mma import available
 
-    return int4_mma.available(device)
+    return available(device)
 
 
 @functools.cache
@@ -188,9 +188,9 @@ class Int4Linear(_PackedLinear):
         setattr(self, PACKED_ATTR, self.kernel)
 
     def _pack_mma(self, unsigned, scale, zero_point, symmetric: bool) -> None:
-        from compress.quantize import int4_mma
+        from compress.quantize.int4_mma import pack
 
-        tensors = int4_mma.pack(unsigned.to(torch.uint8), scale, None if symmetric else zero_point.int() + 8)
+        tensors = pack(unsigned.to(torch.uint8), scale, None if symmetric else zero_point.int() + 8)
         self.register_buffer("words", tensors["words"])
         self.register_buffer("mma_scales", tensors["scales"])
         self.register_buffer("mma_zeros", tensors["zeros"])
@@ -226,9 +226,9 @@ class Int4Linear(_PackedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         """The [out, in] bf16 weight (for long inputs, and for tests)."""
         if self.backend == "mma":
-            from compress.quantize import int4_mma
+            from compress.quantize.int4_mma import dequantize
 
-            return int4_mma.dequantize(self.words, self.mma_scales, self.mma_zeros, self.group_size)
+            return dequantize(self.words, self.mma_scales, self.mma_zeros, self.group_size)
         if self.backend == "gemlite":
             from compress.quantize.kernels import dequantize_int4
 
@@ -430,9 +430,9 @@ def packed_linear(grid: Grid) -> _PackedLinear:
         return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
     backend = int4_backend(codes.device)
     if backend == "mma":
-        from compress.quantize import int4_mma
+        from compress.quantize.int4_mma import supports
 
-        if int4_mma.supports(grid.in_features, grid.out_features, quant.args.group_size):
+        if supports(grid.in_features, grid.out_features, quant.args.group_size):
             return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
         backend = "gemlite" if gemlite_module() is not None else "tinygemm"
     if backend == "gemlite":
