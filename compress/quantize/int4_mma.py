@@ -38,7 +38,6 @@ TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
 
 _COMMON = r"""
 typedef unsigned short bf16_t;
-#define FULL_MASK 0xffffffffu
 
 __device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned c) {
     unsigned d;
