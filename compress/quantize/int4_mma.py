@@ -234,11 +234,12 @@ def pack(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None)
     [N/16, K/group, 16] (bf16, uint8)."""
     n, k = unsigned.shape
     # rows (tile, i % 2, g) x inputs (k block, p, t, i // 2, e) -> word (tile, k block, g, p, t), nibble i + 4·e
-    codes = unsigned.to(torch.int64).view(n // 16, 2, 8, k // 64, 4, 4, 2, 2)
+    codes = unsigned.to(torch.uint8).view(n // 16, 2, 8, k // 64, 4, 4, 2, 2)
     nibbles = codes.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(n // 16, k // 64, 32, 4, 8)
-    shifts = torch.arange(0, 32, 4, device=unsigned.device)
-    words = (nibbles << shifts).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    # nibble j of a word is bits 4j..4j+3: bytes (j even | j odd << 4), four little-endian bytes to an int32 (the GPU's
+    # and the host's order), so packing holds 1.5 bytes a weight, not the 24 of int64 shifts and sums
+    packed_bytes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    words = packed_bytes.contiguous().view(torch.int32).squeeze(-1)
 
     def by_tile(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return values.to(dtype).reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
