@@ -1,5 +1,7 @@
-"""The llm-compressor side of bench_gptq.py and bench_recovery.py: the same model, calibration token ids and grid
-through llm-compressor's `oneshot` + `GPTQModifier` (or, `--method awq`, its `AWQModifier` then round-to-nearest).
+"""The llm-compressor side of bench_gptq.py, bench_recovery.py, bench_fp4.py and smoothquant_quality.py: the same
+model, calibration token ids and grid through llm-compressor's `oneshot` + `GPTQModifier` (or, `--method awq`, its
+`AWQModifier` then round-to-nearest; `--method smoothquant`, its `SmoothQuantModifier` then its W8A8 preset by
+round-to-nearest: int8 weights per channel, int8 inputs per token at run time).
 Runs in llm-compressor's own virtualenv (it pins transformers <= 5.17 and compressed-tensors 0.19, so it is never a
 dependency of compress); prints one JSON line."""
 
@@ -49,7 +51,8 @@ def main() -> None:
                                                               "weights of that shape (MoE experts are linearized "
                                                               "and all calibrated by oneshot itself)")
     parser.add_argument("--ids", required=True, help="calibration token ids saved with torch.save")
-    parser.add_argument("--method", choices=["gptq", "awq"], default="gptq")
+    parser.add_argument("--method", choices=["gptq", "awq", "smoothquant"], default="gptq")
+    parser.add_argument("--alpha", type=float, default=0.5, help="smoothquant: the migration strength")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--scheme", help="a preset scheme (e.g. NVFP4A16) in place of --bits / --group-size")
@@ -95,6 +98,12 @@ def main() -> None:
     elif args.method == "gptq":
         recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                               actorder="static", config_groups=grid)
+    elif args.method == "smoothquant":  # its default mappings: the norms into q/k/v and into gate/up
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        recipe = [SmoothQuantModifier(smoothing_strength=args.alpha),
+                  QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="W8A8")]
     else:  # AWQ (duo scaling, 20 grid points: its defaults) then the same grid by round-to-nearest
         if args.device == "cpu":  # its AWQ pins cached activations for faster GPU uploads, which fails without one
             from llmcompressor.pipelines.cache import IntermediatesCache

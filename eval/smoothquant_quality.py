@@ -1,8 +1,12 @@
 """What smoothing buys on SmolLM2: WikiText-2 perplexity (seq_len 512, the first 4,096 tokens, as the SmolLM2 tests
 score it) of the float model, of W8A8 int8 without smoothing (int8 weights per channel and int8 inputs per token,
 nothing folded), and of SmoothQuant with alpha 0.5 and alpha searched per group, on 128 x 512 calibration tokens.
+With `--peer-python` (a virtualenv with llm-compressor; it pins transformers <= 5.17, so never ours), also
+llm-compressor's SmoothQuantModifier (alpha 0.5) + W8A8 preset on the same token ids, its weights scored here with
+the same int8 inputs per token (eval/peer_llmcompressor.py --method smoothquant).
 
     python eval/smoothquant_quality.py --threads 1 --out OUT.json
+    python eval/smoothquant_quality.py --rows alpha0.5,peer --peer-python LLMC/bin/python --out OUT.json
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,12 +27,21 @@ from compress.data import calibration_batches
 from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears
 from compress.quantize.int8_runtime import WEIGHT_ARGS, enable_int8_activations
 
+ROWS = ("plain", "alpha0.5", "alphasearch", "peer")  # the float row always runs
+DEFAULT_ROWS = "plain,alpha0.5,alphasearch"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated: " + ", ".join(ROWS))
+    parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor (row peer)")
     args = parser.parse_args()
+    wanted = args.rows.split(",")
+    unknown = sorted(set(wanted) - set(ROWS))
+    if unknown or ("peer" in wanted and not args.peer_python):
+        parser.error(f"unknown rows {unknown}" if unknown else "row peer needs --peer-python")
     if args.threads:
         torch.set_num_threads(args.threads)
     ppl_config = compress.Perplexity(seq_len=512, max_tokens=4096)
@@ -35,31 +51,67 @@ def main() -> None:
         return round(compress.perplexity(m, tokenizer, ppl_config, show_progress=False)["perplexity"], 4)
 
     rows = {"float32": ppl(model)}
-    plain = copy.deepcopy(model)
-    with torch.no_grad():
-        for _, linear in quantizable_linears(plain):
-            scale, zero = minmax_qparams(linear.weight, WEIGHT_ARGS)
-            linear.weight.copy_(fake_quantize(linear.weight, scale, zero, WEIGHT_ARGS))
-            enable_int8_activations(linear)
-    rows["W8A8 int8, no smoothing"] = ppl(plain)
-    del plain
-    print(json.dumps(rows), flush=True)
+    if "plain" in wanted:
+        plain = copy.deepcopy(model)
+        with torch.no_grad():
+            for _, linear in quantizable_linears(plain):
+                scale, zero = minmax_qparams(linear.weight, WEIGHT_ARGS)
+                linear.weight.copy_(fake_quantize(linear.weight, scale, zero, WEIGHT_ARGS))
+                enable_int8_activations(linear)
+        rows["W8A8 int8, no smoothing"] = ppl(plain)
+        del plain
+        print(json.dumps(rows), flush=True)
     ids = calibration_batches(tokenizer, "wikitext2-valid", samples=128, seq_len=512)
     seconds = {}
-    for alpha in (0.5, "search"):
+    if "peer" in wanted:
+        peer, seconds["llm-compressor alpha 0.5"] = _peer(args.peer_python, model, tokenizer, ids)
+        rows["llm-compressor SmoothQuant alpha 0.5 + W8A8"] = ppl(peer)
+        del peer
+        print(json.dumps(rows), flush=True)
+    for alpha in [a for a in (0.5, "search") if f"alpha{a}" in wanted]:
         started = time.perf_counter()
         quantized = compress.quantize(copy.deepcopy(model), compress.SmoothQuant(alpha=alpha), ids,
                                       show_progress=False)
         seconds[f"alpha {alpha}"] = round(time.perf_counter() - started, 1)
         rows[f"SmoothQuant alpha {alpha}"] = ppl(quantized)
         print(json.dumps(rows), flush=True)
-    result = {"command": "python eval/smoothquant_quality.py" + (f" --threads {args.threads}" if args.threads else ""),
+    command = "python eval/smoothquant_quality.py" + (f" --threads {args.threads}" if args.threads else "")
+    if args.rows != DEFAULT_ROWS:
+        command += f" --rows {args.rows}"
+    if args.peer_python:
+        command += " --peer-python LLMC/bin/python"
+    result = {"command": command,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "protocol": "WikiText-2 test, seq_len 512, first 4,096 tokens; calibration wikitext2-valid 128 x 512",
               "perplexity": rows, "vs_float": {k: round(v / rows["float32"], 4) for k, v in rows.items()},
               "quantize_seconds": seconds}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _peer(python: str, model, tokenizer, ids: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """llm-compressor's SmoothQuant + W8A8 on `ids` in its own virtualenv; its weights (the smoothed norms and the
+    int8 grid's Linear weights) loaded into a copy of `model`, every quantized Linear's input on int8 per token."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="peer-smoothquant-") as work:
+        work = Path(work)
+        compress.save_model(model, tokenizer, work / "base")  # the peer reads a plain folder
+        torch.save(ids, work / "ids.pt")
+        command = [python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(work / "base"),
+                   "--ids", str(work / "ids.pt"), "--method", "smoothquant", "--alpha", "0.5", "--device", "cpu",
+                   "--dtype", "float32", "--save-weights", str(work / "peer.safetensors")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        peer = copy.deepcopy(model)
+        missing, _ = peer.load_state_dict(load_file(work / "peer.safetensors"), strict=False)
+        if missing:
+            sys.exit(f"llm-compressor's weights lack {missing[:5]}")
+    for _, linear in quantizable_linears(peer):
+        enable_int8_activations(linear)
+    return peer, round(seconds, 1)
 
 
 if __name__ == "__main__":
