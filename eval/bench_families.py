@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import random_tokens, timed  # noqa: E402
+import bench_models  # noqa: E402
+from bench_models import PeerFailed, random_tokens, timed  # noqa: E402
 
 GIB = 2**30
 PARTS = ("prune", "gptq", "gptq-resident", "gptq-offload", "peer")
@@ -125,14 +125,11 @@ def run_peer(shape: str, layers: int | None, args) -> dict:
         config.save_pretrained(work)
         ids_path = Path(work) / "ids.pt"
         torch.save(random_tokens(128, 2048, config.vocab_size), ids_path)
-        command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", work,
-                   "--random", "--ids", str(ids_path), "--bits", "4", "--group-size", "128"]
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": args.peer_pythonpath or ""})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {"shape": shape, "part": "peer", "error": done.stderr.strip().splitlines()[-3:]}
-    row = json.loads(lines[-1])
+        try:
+            row = bench_models.run_peer(args.peer_python, ["--model", work, "--random", "--ids", str(ids_path),
+                                                           "--bits", "4", "--group-size", "128"], args.peer_pythonpath)
+        except PeerFailed as failure:
+            return {"shape": shape, "part": "peer", "error": str(failure).splitlines()[-3:]}
     return {"shape": shape, "part": "peer", "tool": row["tool"], "seconds": round(row["seconds"], 1),
             "peak_gib": row["peak_cuda_bytes"] and round(row["peak_cuda_bytes"] / GIB, 2),
             "setting": "GPTQ W4 g128, 128 x 2048 tokens"}

@@ -13,19 +13,14 @@ eval/peer_llmcompressor.py (`--peer-python`; see eval/bench_gptq.py), and scores
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 import compress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
+from wikitext_bench import WikitextBench, add_protocol_arguments, peer_weights  # noqa: E402
 
 VARIANTS = {
     "rtn-nvfp4": lambda: compress.RTN(grid="nvfp4"),
@@ -64,24 +59,11 @@ def main() -> None:
 
 def _peer(args, bench: WikitextBench, fresh) -> dict:
     """llm-compressor's GPTQ onto NVFP4A16 on the same float model and token ids; its weights scored here."""
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="bench-fp4-") as folder:  # the base model and the peer's weights
-        work = Path(folder)
-        compress.save_model(bench.model, bench.tokenizer, work / "base")  # the peer reads a plain folder
-        torch.save(bench.ids, work / "ids.pt")
-        command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model",
-                   str(work / "base"), "--ids", str(work / "ids.pt"), "--scheme", "NVFP4A16", "--device", "cpu",
-                   "--dtype", "float32", "--save-weights", str(work / "peer.safetensors")]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"llm-compressor run failed (exit {done.returncode}): {done.stderr[-3000:]}")
-        peer = json.loads(done.stdout.strip().splitlines()[-1])
-        fresh.load_state_dict(load_file(work / "peer.safetensors"), strict=False)
-    ppl = bench.perplexity(fresh)
+    weights, peer = peer_weights(args.peer_python, bench.model, bench.tokenizer, bench.ids, ["--scheme", "NVFP4A16"])
+    fresh.load_state_dict(weights, strict=False)
     return {"variant": "llmcompressor-nvfp4a16", "config": f"{peer['tool']} GPTQModifier scheme NVFP4A16, act-order "
-            f"static, damp 0.01, block 128", "seconds": round(peer["seconds"], 1), "perplexity": ppl}
-
+            f"static, damp 0.01, block 128", "seconds": round(peer["seconds"], 1),
+            "perplexity": bench.perplexity(fresh)}
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import LLAMA2_7B, random_llama, random_tokens, timed  # noqa: E402
+from bench_models import LLAMA2_7B, random_llama, random_tokens, run_peer, timed  # noqa: E402
 
 import compress  # noqa: E402
 from compress.data import calibration_batches  # noqa: E402
@@ -34,21 +33,12 @@ GIB = 2**30
 
 
 def _peer(args, bits: int, ids_path: Path, weights_path: Path | None) -> dict:
-    command = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--ids", str(ids_path),
-               "--bits", str(bits), "--group-size", str(args.group_size), "--device", args.device,
-               "--dtype", args.dtype]
-    if args.model == "llama2-7b-shape":
-        command += ["--model", "llama2-7b-shape"]
-    else:
-        command += ["--model", str(args.base_folder)]
+    arguments = ["--ids", str(ids_path), "--bits", str(bits), "--group-size", str(args.group_size), "--device",
+                 args.device, "--dtype", args.dtype,
+                 "--model", "llama2-7b-shape" if args.model == "llama2-7b-shape" else str(args.base_folder)]
     if weights_path:
-        command += ["--save-weights", str(weights_path)]
-    env = {**os.environ, "PYTHONPATH": args.peer_pythonpath or ""}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(done.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"llm-compressor run failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        arguments += ["--save-weights", str(weights_path)]
+    return run_peer(args.peer_python, arguments, args.peer_pythonpath)
 
 
 def _model(args):

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -61,12 +62,8 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         ids = torch.randint(0, shape["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
         compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
     kernel = next((k for k in ("gemlite", "mma", "tinygemm") if k in name), None)  # "W4 g128 mma": that kernel
-    previous = os.environ.get(INT4_KERNEL_VARIABLE)
-    os.environ[INT4_KERNEL_VARIABLE] = kernel or previous or ""
-    try:
+    with mock.patch.dict(os.environ, {INT4_KERNEL_VARIABLE: kernel} if kernel else {}):  # restored as it was
         notes = [] if "dequantized" in name else pack_model(model)
-    finally:
-        os.environ[INT4_KERNEL_VARIABLE] = previous or ""
     return model, notes
 
 

@@ -1,9 +1,14 @@
 """Models and calibration for the GPTQ benchmark, shared by our side (bench_gptq.py) and the llm-compressor side
-(peer_llmcompressor.py, run in its own virtualenv). Imports only torch and transformers."""
+(peer_llmcompressor.py, run in its own virtualenv), and the one way our benchmarks start that side (`run_peer`).
+Imports only torch and transformers."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,3 +44,19 @@ def timed(fn):
     if cuda:
         torch.cuda.synchronize()
     return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() if cuda else None)
+
+
+class PeerFailed(RuntimeError):
+    """llm-compressor's side ended with an error or printed no report."""
+
+
+def run_peer(python: str, arguments: list[str], pythonpath: str | None = None) -> dict:
+    """eval/peer_llmcompressor.py with `arguments` under `python` (llm-compressor's own virtualenv: it pins
+    transformers <= 5.17); its report, the last JSON line it prints. PYTHONPATH is `pythonpath` or empty, so the
+    peer never imports our environment's packages."""
+    command = [python, str(Path(__file__).with_name("peer_llmcompressor.py")), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath or ""})
+    reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not reports:
+        raise PeerFailed(f"llm-compressor run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(reports[-1])

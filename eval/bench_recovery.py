@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +29,9 @@ import compress
 from compress.data import calibration_batches
 from compress.measure import measure
 from compress.training import training_examples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import run_peer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = {
@@ -69,15 +70,9 @@ def _adapted(args):
 
 
 def _peer(args, method: str, bits: int, folder: Path, ids_path: Path, weights: Path) -> dict:
-    command = [args.peer_python, str(REPO / "eval" / "peer_llmcompressor.py"), "--model", str(folder), "--ids",
-               str(ids_path), "--method", method, "--bits", str(bits), "--group-size", str(args.group_size),
-               "--device", args.device, "--dtype", args.dtype, "--save-weights", str(weights)]
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": args.peer_pythonpath})
-    if done.returncode:
-        sys.stderr.write(done.stderr[-3000:])
-        raise SystemExit(f"llm-compressor {method} failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_peer(args.peer_python, ["--model", str(folder), "--ids", str(ids_path), "--method", method, "--bits",
+                                       str(bits), "--group-size", str(args.group_size), "--device", args.device,
+                                       "--dtype", args.dtype, "--save-weights", str(weights)], args.peer_pythonpath)
 
 
 def main() -> None:

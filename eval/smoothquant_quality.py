@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,9 @@ import compress
 from compress.data import calibration_batches
 from compress.quantize.grid import fake_quantize, minmax_qparams, quantizable_linears
 from compress.quantize.int8_runtime import WEIGHT_ARGS, enable_int8_activations
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wikitext_bench import peer_weights  # noqa: E402
 
 ROWS = ("plain", "alpha0.5", "alphasearch", "peer")  # the float row always runs
 DEFAULT_ROWS = "plain,alpha0.5,alphasearch"
@@ -92,27 +93,14 @@ def main() -> None:
 def _peer(python: str, model, tokenizer, ids: torch.Tensor) -> tuple[torch.nn.Module, float]:
     """llm-compressor's SmoothQuant + W8A8 on `ids` in its own virtualenv; its weights (the smoothed norms and the
     int8 grid's Linear weights) loaded into a copy of `model`, every quantized Linear's input on int8 per token."""
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="peer-smoothquant-") as work:
-        work = Path(work)
-        compress.save_model(model, tokenizer, work / "base")  # the peer reads a plain folder
-        torch.save(ids, work / "ids.pt")
-        command = [python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", str(work / "base"),
-                   "--ids", str(work / "ids.pt"), "--method", "smoothquant", "--alpha", "0.5", "--device", "cpu",
-                   "--dtype", "float32", "--save-weights", str(work / "peer.safetensors")]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
-        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-        peer = copy.deepcopy(model)
-        missing, _ = peer.load_state_dict(load_file(work / "peer.safetensors"), strict=False)
-        if missing:
-            sys.exit(f"llm-compressor's weights lack {missing[:5]}")
+    weights, report = peer_weights(python, model, tokenizer, ids, ["--method", "smoothquant", "--alpha", "0.5"])
+    peer = copy.deepcopy(model)
+    missing, _ = peer.load_state_dict(weights, strict=False)
+    if missing:
+        sys.exit(f"llm-compressor's weights lack {missing[:5]}")
     for _, linear in quantizable_linears(peer):
         enable_int8_activations(linear)
-    return peer, round(seconds, 1)
-
+    return peer, round(report["seconds"], 1)
 
 if __name__ == "__main__":
     main()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+from bench_models import run_peer
 
 import compress
 from compress.data import calibration_batches
@@ -21,6 +23,20 @@ def add_protocol_arguments(parser, samples: int = 32, seq_len: int = 512) -> Non
     parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--out", help="write the results as JSON here (each variant as it finishes)")
+
+
+def peer_weights(python: str, model, tokenizer, ids: torch.Tensor, arguments: list[str]) -> tuple[dict, dict]:
+    """llm-compressor (eval/peer_llmcompressor.py, `arguments` naming the method) on `model`, saved as a plain folder,
+    calibrated on the same token ids, in float32 on the CPU: the weights it made (a state dict) and its report."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="peer-llmcompressor-") as folder:  # the base model and the peer's weights
+        work = Path(folder)
+        compress.save_model(model, tokenizer, work / "base")
+        torch.save(ids, work / "ids.pt")
+        report = run_peer(python, ["--model", str(work / "base"), "--ids", str(work / "ids.pt"), "--device", "cpu",
+                                   "--dtype", "float32", "--save-weights", str(work / "peer.safetensors"), *arguments])
+        return load_file(work / "peer.safetensors"), report
 
 
 class WikitextBench:

@@ -253,3 +253,10 @@ def test_int4_kernel_variable_picks_a_kernel_or_names_the_choices(monkeypatch, r
     monkeypatch.setattr(packed, "_mma_unavailable", lambda device: "no NVRTC here")
     assert packed.int4_backend(cuda) == "tinygemm"   # named but missing: the next available one, with a warning
     assert any("gemlite is not installed" in str(w.message) for w in recwarn)
+    monkeypatch.setattr(packed, "gemlite_module", lambda: object())
+    monkeypatch.setattr(packed, "_mma_unavailable", lambda device: None)
+    monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "mma")
+    assert packed.int4_backend(cuda, (576, 1536, 64)) == "mma"
+    # a shape its layout cannot hold (groups of 32) runs on the next kernel in INT4_CUDA_KERNELS, named in a warning
+    assert packed.int4_backend(cuda, (576, 1536, 32)) == "gemlite"
+    assert any("cannot hold 576 inputs x 1536 outputs in groups of 32" in str(w.message) for w in recwarn)

@@ -346,15 +346,22 @@ class FP8Linear(_PackedLinear):
         return self._finish(out, shape)
 
 
-def _int4_kernel_unavailable(kernel: str, device: torch.device) -> str | None:
+def _int4_kernel_unavailable(kernel: str, device: torch.device, shape: tuple[int, int, int] | None) -> str | None:
     if kernel == "gemlite":
         return None if gemlite_module() is not None else f"gemlite is not installed ({CUDA_EXTRA})"
-    return _mma_unavailable(device) if kernel == "mma" else None
+    if kernel == "mma":
+        from compress.quantize.int4_mma import supports
+
+        if shape is not None and not supports(*shape):
+            return f"int4_mma's layout cannot hold {shape[0]} inputs x {shape[1]} outputs in groups of {shape[2]}"
+        return _mma_unavailable(device)
+    return None
 
 
-def int4_backend(device: torch.device) -> str:
-    """The first of INT4_CUDA_KERNELS that runs here (or the one COMPRESS_INT4_KERNEL names) on CUDA, tinygemm on
-    the CPU. Falling back to tinygemm on CUDA warns once, naming the extra."""
+def int4_backend(device: torch.device, shape: tuple[int, int, int] | None = None) -> str:
+    """The first of INT4_CUDA_KERNELS that runs here (or the one COMPRESS_INT4_KERNEL names) on CUDA, for a Linear
+    of `shape` (inputs, outputs, group size) when given; tinygemm on the CPU. Falling back to tinygemm on CUDA warns
+    once, naming the extra."""
     if device.type != "cuda":
         return "tinygemm"
     chosen = os.environ.get(INT4_KERNEL_VARIABLE, "")
@@ -362,7 +369,7 @@ def int4_backend(device: torch.device) -> str:
         raise ValueError(f"{INT4_KERNEL_VARIABLE}={chosen!r}: use {', '.join(INT4_CUDA_KERNELS[:-1])} or "
                          f"{INT4_CUDA_KERNELS[-1]} (or leave it unset)")
     for kernel in ((chosen,) if chosen else ()) + INT4_CUDA_KERNELS:
-        reason = _int4_kernel_unavailable(kernel, device)
+        reason = _int4_kernel_unavailable(kernel, device, shape)
         if reason and kernel == chosen:
             _warn_once(f"{INT4_KERNEL_VARIABLE}={chosen}: {reason}; the next available int4 kernel runs")
         if reason is None:
@@ -428,13 +435,9 @@ def packed_linear(grid: Grid) -> _PackedLinear:
         return Int8Linear(codes, quant.scale, grid.bias, quant)
     if grid.kind == "int8 w8a8":
         return Int8W8A8Linear(codes, quant.scale, grid.bias, quant)
-    backend = int4_backend(codes.device)
+    backend = int4_backend(codes.device, (grid.in_features, grid.out_features, quant.args.group_size))
     if backend == "mma":
-        from compress.quantize.int4_mma import supports
-
-        if supports(grid.in_features, grid.out_features, quant.args.group_size):
-            return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
-        backend = "gemlite" if gemlite_module() is not None else "tinygemm"
+        return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
     if backend == "gemlite":
         try:
             return Int4Linear(codes, quant.scale, quant.zero_point, quant.args.group_size, grid.bias, quant, backend)
