@@ -241,7 +241,7 @@ def test_int4_kernel_variable_picks_a_kernel_or_names_the_choices(monkeypatch, r
 
     cuda = torch.device("cuda")
     monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "marlin")
-    with pytest.raises(ValueError, match="gemlite, tinygemm or mma"):
+    with pytest.raises(ValueError, match="mma, gemlite or tinygemm"):
         packed.int4_backend(cuda)
     assert packed.int4_backend(torch.device("cpu")) == "tinygemm"
     monkeypatch.setenv(packed.INT4_KERNEL_VARIABLE, "tinygemm")

@@ -4,16 +4,16 @@ when it runs, not only on disk, and faster than its source. Built from the grid'
 
 Kernels, chosen by measurement (eval/bench_kernels.py, eval/results/bench_kernels_h200.json, 7B shapes on an H200):
 
-    int4, groups of 32..256, CUDA   gemlite (Triton; the optional extra `compress-llm[cuda]`): its GEMV / split-K
-                                    kernels
-                                    for a few rows (decode), and above DEQUANTIZE_ABOVE_ROWS rows the weight dequantized
-                                    by one fused kernel and multiplied by cuBLAS (vLLM's rule for Marlin: a large
-                                    input is compute-bound, and cuBLAS is the fastest GEMM there). Without gemlite:
-                                    tinygemm (aten._weight_int4pack_mm, what torchao's int4 weight-only path calls),
-                                    with one warning naming the extra; tinygemm is 3-16x slower than bf16 on long
-                                    prompts and has no dequantize path, since its tile layout is private.
-    int4, CUDA, on request          ours (compress.quantize.int4_mma: tensor cores, built by NVRTC) with
-                                    COMPRESS_INT4_KERNEL=mma; INT4_CUDA_KERNELS says why it is not first
+    int4, groups of 64..256, CUDA   ours (compress.quantize.int4_mma: tensor cores, built at run time by NVRTC) for
+                                    up to DEQUANTIZE_ABOVE_ROWS rows (decode); above, the weight dequantized by one
+                                    kernel and multiplied by cuBLAS (vLLM's rule for Marlin: a large input is
+                                    compute-bound, and cuBLAS is the fastest GEMM there). INT4_CUDA_KERNELS says why.
+    int4, groups of 32, or no NVRTC gemlite (Triton; the optional extra `compress-llm[cuda]`): its GEMV / split-K
+                                    kernels, and the same dequantize-then-cuBLAS rule. Without it: tinygemm
+                                    (aten._weight_int4pack_mm, what torchao's int4 weight-only path calls), with one
+                                    warning naming the extra; tinygemm is 3-16x slower than bf16 on long prompts and
+                                    has no dequantize path, since its tile layout is private. COMPRESS_INT4_KERNEL
+                                    names one of them for comparisons in one run.
     int4, CPU                       tinygemm's CPU kernel for few rows; above CPU_DEQUANTIZE_ABOVE_ROWS its layout is
                                     unpacked (a rule checked exactly at pack time) and oneDNN's bf16 GEMM runs.
     int8, one scale per row         aten._weight_int8pack_mm (CPU and CUDA; bf16 compute)
@@ -56,11 +56,12 @@ KERNEL_DTYPE = torch.bfloat16
 # crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
 DEQUANTIZE_ABOVE_ROWS = 64
 CPU_DEQUANTIZE_ABOVE_ROWS = 128
-# The CUDA int4 kernels, the first available one runs (eval/results/bench_int4_mma_h200_first.json, 7B shapes on an
-# H200): ours (int4_mma) read the weights 1.15-1.9x faster than gemlite at 1-4 rows in its first version, but gemlite
-# is faster at 16 rows and its dequantize kernel for long prompts is, so gemlite stays first; ours, rewritten since
-# and not yet timed on a GPU, runs only when asked for (COMPRESS_INT4_KERNEL=mma).
-INT4_CUDA_KERNELS = ("gemlite", "tinygemm", "mma")
+# The CUDA int4 kernels, the first available one that holds the Linear's shape runs (eval/results/
+# bench_int4_mma_h200_v2.json, 7B shapes on an H200, g128): ours (int4_mma) is 1.32-1.36x gemlite's speed at 1 row,
+# 1.38-1.82x at 16 and 2.1-2.4x at 32, and decodes the 7B model 1.77x bf16 at batch 1 against gemlite's 1.54x
+# (eval/results/bench_inference_7b_h200_mma.json); its dequantize kernel for long prompts is ~3 % slower end to end than
+# gemlite's. Groups that are not a multiple of 64 (32) run on gemlite; tinygemm is the last resort.
+INT4_CUDA_KERNELS = ("mma", "gemlite", "tinygemm")
 # Set, it names the int4 kernel to run on CUDA (for comparisons in one run); unset, INT4_CUDA_KERNELS decides.
 INT4_KERNEL_VARIABLE = "COMPRESS_INT4_KERNEL"
 CUDA_EXTRA = 'pip install "compress-llm[cuda]" (in a clone: pip install -e ".[cuda]")'
