@@ -113,7 +113,7 @@ def main() -> None:
             out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
             timed, errors = {}, {}
             for setting in SETTINGS:
-                if setting[0] * int4_mma._row_tiles(rows) > 64:  # its shared memory would exceed 48 KB
+                if setting[0] > int4_mma.max_split_k(int4_mma._row_tiles(rows)):  # shared memory over 48 KB
                     continue
                 try:
                     out.zero_()

@@ -204,6 +204,15 @@ def test_packed_load_never_builds_the_dense_model(tmp_path, monkeypatch, config)
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(packed(input_ids=ids).logits, model(input_ids=ids).logits)
+    # the loader runs with the target device as the default (a GPU load: torch.device("cuda")); the buffer a tensor is
+    # read into from the file must stay on the host whatever that default is
+    from compress.quantize.packed_load import _Tensors
+
+    tensors = _Tensors(tmp_path / "q", "cpu")
+    key = next(k for k in tensors.where if k.endswith("weight_scale"))
+    on_host = tensors.get(key, torch.float64)  # converted: read through the buffer
+    with torch.device("meta"):
+        assert torch.equal(tensors.get(key, torch.float64), on_host)
 
 
 def test_gemlite_loads_our_tuned_table_on_the_gpu_it_was_tuned_for(monkeypatch):

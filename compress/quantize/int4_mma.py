@@ -35,6 +35,7 @@ import torch
 
 MAX_ROWS = 64  # above this the runtime dequantizes (`dequantize`) and calls cuBLAS
 TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
+STATIC_SHARED_BYTES = 48 * 1024  # the most a kernel may declare without opting in to more
 
 _COMMON = r"""
 typedef unsigned short bf16_t;
@@ -287,8 +288,17 @@ def available(device: torch.device) -> str | None:
 
 def settings_for(row_tiles: int, out_features: int) -> tuple[int, int]:
     """Warps sharing K in a block, and k blocks each warp loads ahead: more warps where there are few blocks (16 rows
-    each). Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result."""
-    return (16 if out_features <= 8192 or row_tiles > 2 else 8), 1
+    each). Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result. The warps' partial tiles
+    (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare statically, which caps the warps
+    at 8 for 33-64 rows."""
+    split_k = 16 if out_features <= 8192 or row_tiles > 2 else 8
+    return min(split_k, max_split_k(row_tiles)), 1
+
+
+def max_split_k(row_tiles: int) -> int:
+    """The most warps whose partial tiles fit in 48 KB of static shared memory, a power of two."""
+    fits = STATIC_SHARED_BYTES // (row_tiles * 4 * 32 * 4)
+    return 1 << (fits.bit_length() - 1)
 
 
 def _row_tiles(rows: int) -> int:

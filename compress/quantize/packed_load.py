@@ -68,7 +68,8 @@ class _Tensors:
         flat = out.view(-1)
         direct = flat.dtype == stored and flat.device.type == "cpu"  # read straight into place: no buffer at all
         step = max(1, flat.numel() if direct else self.SLICE_BYTES // stored.itemsize)
-        buffer = None if direct else torch.empty(min(step, flat.numel()), dtype=stored)  # one, reused
+        # one, reused; on the host whatever default device the caller has set (the file is read into it)
+        buffer = None if direct else torch.empty(min(step, flat.numel()), dtype=stored, device="cpu")
         with open(path, "rb") as file:
             file.seek(start + entry["data_offsets"][0])
             for first in range(0, flat.numel(), step):
