@@ -223,7 +223,9 @@ def test_script_commands_and_flags(page):
         assert path.is_file(), f"{rel(page)}: `{line}`: no {script}"
         source = script_source(path)
         for flag in flags(args):
-            assert f'"{flag}"' in source, f"{rel(page)}: `{line}`: {script} defines no {flag}"
+            negated = flag.startswith("--no-") and re.search(  # argparse's --no-X of a BooleanOptionalAction --X
+                rf'"--{re.escape(flag[5:])}",[^)]*BooleanOptionalAction', source)
+            assert f'"{flag}"' in source or negated, f"{rel(page)}: `{line}`: {script} defines no {flag}"
 
 
 def test_the_extraction_finds_commands():
