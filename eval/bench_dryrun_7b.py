@@ -3,7 +3,7 @@ its model replaced by `{config: llama2-7b, init: random}` and its budgets shorte
 recipe has it. Proves each step fits the GPU and times it; the accuracy figures of random weights mean nothing.
 Rerunning resumes after the last complete step (the pipeline's own resume).
 
-    python eval/bench_dryrun_7b.py --output-dir /tmp/dryrun-7b --out eval/results/dryrun_7b_h100.json
+    python eval/bench_dryrun_7b.py --output-dir DRYRUN_DIR --out eval/results/dryrun_7b_h100.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ memory do not depend on the values), one GPU, each (shape, part) in its own proc
     python eval/bench_families.py --shapes llama3.1-8b,qwen3-8b,mixtral-8x7b --parts prune,gptq \\
         --out eval/results/bench_families_h200.json
     python eval/bench_families.py --shapes mixtral-8x7b --layers 2 --parts gptq-resident,gptq-offload,peer \\
-        --peer-python python3 --peer-pythonpath /tmp/peer:/tmp/site --out eval/results/bench_families_peer_h200.json
+        --peer-python python3 --peer-pythonpath PEER_SITE:DEVICE_SITE --out eval/results/bench_families_peer_h200.json
 
 prune: Taylor element1 on 10 x 128 calibration tokens, 25 % of heads and MLP channels in every layer (MoE: also 25 %
 of the experts by REAP). When element1 is refused before any work because its float32 gradient sums do not fit

@@ -10,7 +10,7 @@ virtualenv) run on the same adapted weights and calibration ids, and their weigh
 
     python eval/bench_recovery.py --bits 4,3 --qat 100 --control --out eval/results/bench_recovery_smollm2_h200.json
     python eval/bench_recovery.py --bits 4 --methods awq-gptq,gptq --tasks wikitext2 \\
-        --peer-python /work/peer-venv/bin/python --out eval/results/bench_recovery_peer_smollm2_cpu.json
+        --peer-python LLMC/bin/python --out eval/results/bench_recovery_peer_smollm2_cpu.json
 """
 
 from __future__ import annotations

@@ -68,3 +68,22 @@ def test_reports_card_and_hub_upload_name_no_local_path(tiny_model_dir, tmp_path
     assert published["steps"][1]["quantize"]["calibration"]["dataset"] == "calibration.txt"
     card = uploaded["README.md"].decode()
     assert "`tiny-llama`" in card and f"`heldout.txt` {report['datasets']['heldout.txt'][:16]}" in card
+
+
+def test_no_tracked_file_names_a_machine_path():
+    """Docstrings, docs, recipes and results name folders by placeholder (LLMC/bin/python, OUT, RUN), never by where
+    they lay on the machine that ran them: no tracked text file names a folder under the root's work, tmp, root or
+    home."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    machine_path = re.compile(rb"(?:^|[^\w.~-])/(?:work|tmp|root|home)/")
+    found = []
+    for name in filter(None, listed.decode().split("\0")):
+        path = root / name
+        if path.is_file() and b"\0" not in (data := path.read_bytes()[:1 << 20]) and machine_path.search(data):
+            found.append(name)
+    assert not found, f"machine paths in {found}: name the folder by a placeholder (OUT, RUN, LLMC/bin/python)"
