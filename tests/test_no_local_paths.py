@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 from huggingface_hub import constants
 
@@ -79,7 +80,10 @@ def test_no_tracked_file_names_a_machine_path():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    listing = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listing.returncode or not listing.stdout:
+        pytest.skip("not a git checkout: no list of tracked files")
+    listed = listing.stdout
     machine_path = re.compile(rb"(?:^|[^\w.~-])/(?:work|tmp|root|home)/")
     found = []
     for name in filter(None, listed.decode().split("\0")):
