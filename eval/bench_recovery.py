@@ -16,8 +16,10 @@ virtualenv) run on the same adapted weights and calibration ids, and their weigh
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 import yaml
 
 import compress
-from compress.data import calibration_batches
+from compress.data import calibration_batches, load_text
 from compress.measure import measure
 from compress.training import training_examples
 
@@ -45,12 +47,28 @@ METHODS = {
 RECOVERY_DATA = ("politeness-train", "rte-train", "wikitext2-valid")
 
 
-def _scores(model, tokenizer, tasks) -> dict:
+def independent_perplexity(model, tokenizer, windows: int, seq_len: int = 512) -> float:
+    """WikiText-2 test perplexity from transformers' own loss (labels = the inputs), not compress's evaluator: the
+    raw test text tokenized whole, as Hugging Face's perplexity guide does, and its first `windows` windows of
+    `seq_len` tokens side by side, each scored alone."""
+    ids = tokenizer(load_text("wikitext2-test"), return_tensors="pt").input_ids[0]
+    device = next(model.parameters()).device
+    losses = []
+    with torch.inference_mode():
+        for first in range(0, min(windows, len(ids) // seq_len) * seq_len, seq_len):
+            window = ids[first:first + seq_len][None].to(device)
+            losses.append(model(input_ids=window, labels=window).loss.float().item())
+    return float(torch.tensor(losses).mean().exp())
+
+
+def _scores(model, tokenizer, tasks, independent_windows: int = 0) -> dict:
     metrics = compress.evaluate(model, tokenizer, tasks, wikitext2=compress.Perplexity(
         seq_len=512, stride=512, max_tokens=16384), choice=compress.ChoiceEval(num_fewshot=0), show_progress=False)
     row = {}
     if "wikitext2" in metrics:
         row["wikitext2_ppl"] = metrics["wikitext2"]["perplexity"]
+    if independent_windows:
+        row["wikitext2_ppl_independent"] = independent_perplexity(model, tokenizer, independent_windows)
     for task in ("rte", "politeness"):
         if task in metrics:
             row[f"{task}_acc"] = metrics[task]["accuracy"]
@@ -78,7 +96,8 @@ def _peer(args, method: str, bits: int, folder: Path, ids_path: Path, weights: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--adapted", help="a folder holding the task-adapted model (skips the adaptation)")
+    parser.add_argument("--adapted", help="skip the adaptation and quantize this model as it is: a task-adapted "
+                                          "folder, or a base model (folder, GGUF file or model name)")
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--methods", default="rtn,gptq,awq,awq-gptq")
@@ -93,14 +112,20 @@ def main() -> None:
     parser.add_argument("--peer-pythonpath", default="", help="PYTHONPATH for the peer (e.g. a --target install)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--independent-windows", type=int, default=0,
+                        help="also WikiText-2 perplexity from transformers' own loss on this many 512-token windows")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     tasks = args.tasks.split(",")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))  # the adapted model, calibration ids, the peer's weights
+    atexit.register(shutil.rmtree, work, True)
     if args.adapted:
         adapted, tokenizer = compress.load_model(args.adapted, args.dtype, args.device)
         folder = Path(args.adapted)
+        if not (folder / "config.json").is_file():  # a GGUF file or a model name: the peer reads a plain folder
+            folder = work / "adapted"
+            compress.save_model(adapted, tokenizer, folder)
     else:
         with measure() as cost:
             adapted, tokenizer = _adapted(args)
@@ -119,14 +144,17 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "samples": args.samples,
                                               "group_size": args.group_size, "qat": budget, "rows": rows}, indent=1))
 
-    record({"method": "adapted float", "bits": 16, **_scores(adapted, tokenizer, tasks)})
+    def scores(model) -> dict:
+        return _scores(model, tokenizer, tasks, args.independent_windows)
+
+    record({"method": "adapted float", "bits": 16, **scores(adapted)})
     if args.control and args.qat:
         model = copy.deepcopy(adapted)
         config = compress.Distill(**budget, kd=compress.KD())
         with measure() as cost:
             model = compress.distill(model, config, recovery_data, teacher=adapted, seed=0, show_progress=False)
         record({"method": "float control (same KD budget)", "bits": 16, "seconds": cost["seconds"],
-                "peak_bytes": cost.get("peak_cuda_bytes", cost["peak_rss_bytes"]), **_scores(model, tokenizer, tasks)})
+                "peak_bytes": cost.get("peak_cuda_bytes", cost["peak_rss_bytes"]), **scores(model)})
         del model
     for bits in [int(b) for b in args.bits.split(",")]:
         grid = dict(bits=bits, group_size=args.group_size)
@@ -136,7 +164,7 @@ def main() -> None:
                 compress.quantize(model, METHODS[name](grid), ids, show_progress=False)
             record({"method": name, "bits": bits, "seconds": cost["seconds"],
                     "peak_bytes": cost.get("peak_cuda_bytes", cost["peak_rss_bytes"]),
-                    **_scores(model, tokenizer, tasks)})
+                    **scores(model)})
             if args.qat:
                 config = compress.QAT(**grid, **budget, train=args.qat_train, kd=compress.KD())
                 with measure() as cost:
@@ -144,7 +172,7 @@ def main() -> None:
                                       show_progress=False)
                 record({"method": f"{name} + QAT-KD ({args.qat_train})", "bits": bits, "seconds": cost["seconds"],
                         "peak_bytes": cost.get("peak_cuda_bytes", cost["peak_rss_bytes"]),
-                        **_scores(model, tokenizer, tasks)})
+                        **scores(model)})
             del model
         if args.peer_python:
             from safetensors.torch import load_file
@@ -155,7 +183,7 @@ def main() -> None:
                 model = copy.deepcopy(adapted)
                 model.load_state_dict(load_file(weights, device=args.device), strict=False)
                 record({"method": peer["tool"], "bits": bits, "seconds": peer["seconds"],
-                        "peak_bytes": peer["peak_cuda_bytes"], **_scores(model, tokenizer, tasks)})
+                        "peak_bytes": peer["peak_cuda_bytes"], **scores(model)})
                 del model
 
 
