@@ -79,18 +79,27 @@ def start(device: str) -> None:
     else:
         dist.init_process_group("gloo", timeout=timeout)
     store = _store()
+    watcher = None
     if store is not None:
         watcher = threading.Thread(target=_watch_for_failures, args=(store, rank()), name="compress-failure-watcher",
                                    daemon=True)
         watcher.start()
-        atexit.register(_stop_watching, watcher)
+    atexit.register(_shut_down, watcher)
 
 
-def _stop_watching(watcher: threading.Thread) -> None:
-    # A daemon thread still inside the store's C++ client while the process's destructors close that client made the
-    # process abort (SIGABRT) after a run that had succeeded; atexit handlers run before that teardown.
+def _shut_down(watcher: threading.Thread | None) -> None:
+    # C++ threads still running while the interpreter's teardown destroys their owners made a rank abort (SIGABRT,
+    # "terminate called without an active exception") after a run that had succeeded: first the watcher, inside the
+    # store's client; then, rarely, the process group's own threads. atexit handlers run before that teardown, so the
+    # watcher stops and the process group is destroyed here, in that order.
     _exiting.set()
-    watcher.join(timeout=WATCH_SECONDS + 10)
+    if watcher is not None:
+        watcher.join(timeout=WATCH_SECONDS + 10)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer or the launcher already gone: the process is ending anyway
+            pass
 
 
 def _store():
