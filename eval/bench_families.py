@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_models  # noqa: E402
-from bench_models import PeerFailed, random_tokens, timed  # noqa: E402
+from bench_models import PeerFailed, random_tokens, run_peer, timed  # noqa: E402
 
 GIB = 2**30
 PARTS = ("prune", "gptq", "gptq-resident", "gptq-offload", "peer")
@@ -118,7 +117,7 @@ def run_one(shape: str, part: str, layers: int | None) -> list[dict]:
              "setting": "GPTQ W4 g128, 128 x 2048 tokens"}]
 
 
-def run_peer(shape: str, layers: int | None, args) -> dict:
+def peer_part(shape: str, layers: int | None, args) -> dict:
     """llm-compressor in its own interpreter on the same config (random weights) and the same token ids."""
     config = shape_config(shape, layers)
     with tempfile.TemporaryDirectory(prefix="peer-") as work:
@@ -126,8 +125,8 @@ def run_peer(shape: str, layers: int | None, args) -> dict:
         ids_path = Path(work) / "ids.pt"
         torch.save(random_tokens(128, 2048, config.vocab_size), ids_path)
         try:
-            row = bench_models.run_peer(args.peer_python, ["--model", work, "--random", "--ids", str(ids_path),
-                                                           "--bits", "4", "--group-size", "128"], args.peer_pythonpath)
+            row = run_peer(args.peer_python, ["--model", work, "--random", "--ids", str(ids_path), "--bits", "4",
+                                              "--group-size", "128"], args.peer_pythonpath)
         except PeerFailed as failure:
             return {"shape": shape, "part": "peer", "error": str(failure).splitlines()[-3:]}
     return {"shape": shape, "part": "peer", "tool": row["tool"], "seconds": round(row["seconds"], 1),
@@ -155,7 +154,7 @@ def main() -> None:
             if part not in PARTS:
                 parser.error(f"unknown part {part!r}; the parts are {', '.join(PARTS)}")
             if part == "peer":
-                found = [run_peer(shape, args.layers, args)]
+                found = [peer_part(shape, args.layers, args)]
             else:
                 command = [sys.executable, __file__, "--one", shape, part]
                 command += ["--layers", str(args.layers)] if args.layers else []

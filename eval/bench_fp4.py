@@ -65,5 +65,6 @@ def _peer(args, bench: WikitextBench, fresh) -> dict:
             f"static, damp 0.01, block 128", "seconds": round(peer["seconds"], 1),
             "perplexity": bench.perplexity(fresh)}
 
+
 if __name__ == "__main__":
     main()

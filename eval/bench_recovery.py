@@ -47,11 +47,14 @@ METHODS = {
 RECOVERY_DATA = ("politeness-train", "rte-train", "wikitext2-valid")
 
 
-def independent_perplexity(model, tokenizer, windows: int, seq_len: int = 512) -> float:
+def wikitext2_test_ids(tokenizer) -> torch.Tensor:
+    """The raw WikiText-2 test text tokenized whole, as Hugging Face's perplexity guide does (once per run)."""
+    return tokenizer(load_text("wikitext2-test"), return_tensors="pt").input_ids[0]
+
+
+def independent_perplexity(model, ids: torch.Tensor, windows: int, seq_len: int = 512) -> float:
     """WikiText-2 test perplexity from transformers' own loss (labels = the inputs), not compress's evaluator: the
-    raw test text tokenized whole, as Hugging Face's perplexity guide does, and its first `windows` windows of
-    `seq_len` tokens side by side, each scored alone."""
-    ids = tokenizer(load_text("wikitext2-test"), return_tensors="pt").input_ids[0]
+    first `windows` windows of `seq_len` tokens of `ids` (wikitext2_test_ids) side by side, each scored alone."""
     device = next(model.parameters()).device
     losses = []
     with torch.inference_mode():
@@ -61,14 +64,14 @@ def independent_perplexity(model, tokenizer, windows: int, seq_len: int = 512) -
     return float(torch.tensor(losses).mean().exp())
 
 
-def _scores(model, tokenizer, tasks, independent_windows: int = 0) -> dict:
+def _scores(model, tokenizer, tasks, independent: tuple[torch.Tensor, int] | None = None) -> dict:
     metrics = compress.evaluate(model, tokenizer, tasks, wikitext2=compress.Perplexity(
         seq_len=512, stride=512, max_tokens=16384), choice=compress.ChoiceEval(num_fewshot=0), show_progress=False)
     row = {}
     if "wikitext2" in metrics:
         row["wikitext2_ppl"] = metrics["wikitext2"]["perplexity"]
-    if independent_windows:
-        row["wikitext2_ppl_independent"] = independent_perplexity(model, tokenizer, independent_windows)
+    if independent:
+        row["wikitext2_ppl_independent"] = independent_perplexity(model, *independent)
     for task in ("rte", "politeness"):
         if task in metrics:
             row[f"{task}_acc"] = metrics[task]["accuracy"]
@@ -144,8 +147,10 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "samples": args.samples,
                                               "group_size": args.group_size, "qat": budget, "rows": rows}, indent=1))
 
+    independent = (wikitext2_test_ids(tokenizer), args.independent_windows) if args.independent_windows else None
+
     def scores(model) -> dict:
-        return _scores(model, tokenizer, tasks, args.independent_windows)
+        return _scores(model, tokenizer, tasks, independent)
 
     record({"method": "adapted float", "bits": 16, **scores(adapted)})
     if args.control and args.qat:

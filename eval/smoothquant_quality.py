@@ -102,5 +102,6 @@ def _peer(python: str, model, tokenizer, ids: torch.Tensor) -> tuple[torch.nn.Mo
         enable_int8_activations(linear)
     return peer, round(report["seconds"], 1)
 
+
 if __name__ == "__main__":
     main()
