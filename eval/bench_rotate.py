@@ -8,6 +8,8 @@ calibration tokens, perplexity on 16,384 wikitext2-test tokens in 512-token wind
 Each variant starts from the same float weights; the rotated ones are rotated first (the float model's perplexity
 is unchanged by it: variant rotate-float). Variants fold-*: the rotation's first step alone (each RMSNorm's weight
 folded into the Linears that read it, no rotation), to tell the fold's effect on the rounding from the rotation's.
+Variants inputs16/32/64-*: MR-GPTQ's block-wise Hadamard of every Linear's input instead (simulated online; no
+stock loader runs it, see rotate_inputs).
 For each pair the gap closed is (ppl without - ppl with) / (ppl without - ppl float). GPTQ runs with act-order and
 damp 0.01 on `--samples` calibration windows.
 """
@@ -19,16 +21,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import compress
 from compress.architectures import family
-from compress.rotate import fold_norms
+from compress.rotate import fold_norms, hadamard, rotate_columns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wikitext_bench import WikitextBench, add_protocol_arguments  # noqa: E402
 
 ROTATIONS = {"rotate": lambda: compress.Rotate(), "rotate-random": lambda: compress.Rotate(kind="random"),
              "rotate-noheads": lambda: compress.Rotate(heads=False),
-             "fold": lambda: None}  # the rotation's first step alone: the norms folded into their readers, Q = I
+             "fold": lambda: None,  # the rotation's first step alone: the norms folded into their readers, Q = I
+             # MR-GPTQ's (arXiv 2509.23202) block-wise Hadamard on every Linear's input, online (a simulation only)
+             "inputs16": lambda: 16, "inputs32": lambda: 32, "inputs64": lambda: 64}
 QUANTIZERS = {
     "float": None,
     "rtn-mxfp4-w4a4": lambda: compress.RTN(grid="mxfp4", activations="dynamic"),
@@ -48,6 +54,20 @@ def parse(name: str) -> tuple[str | None, str]:
         raise SystemExit(f"unknown variant {name!r}: [ROTATION-]QUANTIZER with ROTATION one of {', '.join(ROTATIONS)}"
                          f" and QUANTIZER one of {', '.join(QUANTIZERS)}")
     return None, name
+
+
+def rotate_inputs(model: torch.nn.Module, size: int) -> None:
+    """Every Linear but the head computes (x·H)(W·H)ᵀ = x·Wᵀ with H = diag(hadamard(size), ...): W·H is fused into the
+    weight, x·H is taken on each call before the input is rounded (a forward pre-hook runs before the W4A4 forward).
+    A simulation: stock transformers 5.25 ignores compressed-tensors' transform_config, so such a checkpoint would
+    not run as it was measured, and compress.rotate does not offer it."""
+    block = hadamard(size)
+    for name, linear in model.named_modules():
+        if isinstance(linear, torch.nn.Linear) and linear is not model.get_output_embeddings():
+            linear.weight.data = rotate_columns(linear.weight.data, block)
+            on_input = block.to(linear.weight.dtype)
+            linear.register_forward_pre_hook(
+                lambda module, args, on_input=on_input: ((args[0].unflatten(-1, (-1, size)) @ on_input).flatten(-2),))
 
 
 def gaps(results: list[dict]) -> None:
@@ -87,9 +107,14 @@ def main() -> None:
             start = time.perf_counter()
             if config is None:
                 fold_norms(model, family(model))
+            elif isinstance(config, int):
+                rotate_inputs(model, config)
             else:
                 compress.rotate(model, config)
-            entry.update(rotation=config.describe() if config else "norms folded into their readers only (Q = I)",
+            described = (f"every Linear's input by a block-diagonal Hadamard of {config}, online (simulated)"
+                         if isinstance(config, int) else config.describe() if config
+                         else "norms folded into their readers only (Q = I)")
+            entry.update(rotation=described,
                          rotate_seconds=round(time.perf_counter() - start, 1))
         if QUANTIZERS[quantizer]:
             config = QUANTIZERS[quantizer]()
