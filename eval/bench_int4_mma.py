@@ -30,7 +30,7 @@ from bench_kernels import LLAMA2_7B  # noqa: E402
 from compress.quantize import int4_mma, packed  # noqa: E402
 from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # noqa: E402
 
-SETTINGS = [(split_k, unroll) for split_k in (4, 8, 16) for unroll in (1, 2, 4)]
+SETTINGS = [(split_k, unroll, alu) for alu in (False, True) for split_k in (4, 8, 16) for unroll in (1, 2, 4)]
 
 
 def chain_us(calls: list, replays: int = 10) -> float:

@@ -128,16 +128,34 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
         torch.testing.assert_close(from_shifted, out, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("setting", [(4, 1, False), (8, 4, False), (16, 2, True), (4, 4, True)])
+@pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
+def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group):
+    """Warps, loads ahead and where the zero point is taken out only change the order of float32 sums."""
+    if reason := int4_mma.available(torch.device("cuda")):
+        pytest.skip(reason)
+    n, k, rows = 48, 640, 9
+    unsigned, scale, zero = _grid(n, k, group, asymmetric)
+    zero_points = torch.full_like(scale, 8, dtype=torch.int64) if zero is None else zero
+    exact = ((unsigned.float() - zero_points.float().repeat_interleave(group, 1))
+             * scale.float().repeat_interleave(group, 1)).cuda()
+    tensors = {key: None if t is None else t.cuda() for key, t in int4_mma.pack(unsigned, scale, zero).items()}
+    x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
+    int4_mma.launch(x, tensors["words"], tensors["scales"], tensors["zeros"], None, group, out, setting)
+    torch.testing.assert_close(out.float(), x.float() @ exact.T, rtol=1e-2, atol=1e-2)
+
+
 def test_split_k_settings_fit_static_shared_memory():
     """Every row count up to MAX_ROWS gets a launch setting whose partial tiles fit the 48 KB of shared memory a
     kernel may declare statically (NVRTC refuses the kernel otherwise: 33-64 rows with 16 warps need 64 KB)."""
     for rows in range(1, int4_mma.MAX_ROWS + 1):
         row_tiles = int4_mma._row_tiles(rows)
         for out_features in (4096, 22016):
-            split_k, _ = int4_mma.settings_for(row_tiles, out_features)
+            split_k, _, _ = int4_mma.settings_for(row_tiles, out_features)
             assert split_k * row_tiles * 4 * 32 * 4 <= 48 * 1024, (rows, out_features, split_k)
-    assert int4_mma.settings_for(int4_mma._row_tiles(64), 4096) == (8, 1)
-    assert int4_mma.settings_for(int4_mma._row_tiles(32), 4096) == (16, 1)
+    assert (int4_mma.max_split_k(int4_mma._row_tiles(64)), int4_mma.max_split_k(int4_mma._row_tiles(32))) == (8, 16)
 
 
 def test_packed_linear_on_the_mma_layout_computes_its_grid():

@@ -88,6 +88,8 @@ _MATMUL = r"""
 // (warp w takes k blocks w, w + SPLIT_K, ...) and add their partial tiles in shared memory at the end.
 // Per k block: the codes enter the tensor cores as 128 + q (no arithmetic), a second mma adds −(128 + z) times the
 // same inputs, so the block's sum is Σ (q − z)·x exactly in float32, and one multiply by the group's scale follows.
+// With ZERO_IN_ALU one bf16x2 fma per register makes q − z (exact) before a single mma instead: half the tensor-core
+// work and a shorter chain of dependent mma, for more integer-unit work; which is faster is measured per shape.
 extern "C" __global__ void __launch_bounds__(SPLIT_K * 32)
 int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, const unsigned char* __restrict__ zeros,
          const bf16_t* __restrict__ bias, const bf16_t* __restrict__ x, bf16_t* __restrict__ y,
@@ -149,13 +151,16 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
             for (int t = 0; t < 4; ++t) {
                 unsigned a[4];
                 #pragma unroll
-                for (int i = 0; i < 4; ++i) a[i] = ((word[t] >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // 128 + q
+                for (int i = 0; i < 4; ++i) {
+                    a[i] = ((word[t] >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // 128 + q
+                    if (ZERO_IN_ALU) a[i] = bf16x2_fma(a[i], 0x3F803F80u, neg_zero[i]);  // q - z, exact
+                }
                 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const uint4 inputs = t < 2 ? x_low[mt] : x_high[mt];
                     const unsigned b0 = (t & 1) ? inputs.z : inputs.x, b1 = (t & 1) ? inputs.w : inputs.y;
                     mma_bf16(block[mt], a, b0, b1);
-                    mma_bf16(block[mt], neg_zero, b0, b1);
+                    if (!ZERO_IN_ALU) mma_bf16(block[mt], neg_zero, b0, b1);
                 }
             }
             const float scale_a = bf16_to_float(s_a[u]), scale_b = bf16_to_float(s_b[u]);
@@ -260,9 +265,11 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, row_tiles: int, split_k: int, unroll: int, asymmetric: bool, bias: bool, device: int):
+def _kernel(name: str, row_tiles: int, split_k: int, unroll: int, zero_in_alu: bool, asymmetric: bool, bias: bool,
+            device: int):
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
-               f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
+               f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define ASYMMETRIC {int(asymmetric)}\n"
+               f"#define HAS_BIAS {int(bias)}\n")
     source = defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability(device)
@@ -280,19 +287,26 @@ def available(device: torch.device) -> str | None:
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     try:
-        _kernel("int4_mma", 1, 8, 2, False, False, device.index or 0)
+        _kernel("int4_mma", 1, 8, 2, False, False, False, device.index or 0)
     except Exception as error:  # noqa: BLE001 -- NVRTC missing or refusing: the caller falls back to another kernel
         return f"NVRTC could not build the kernel ({type(error).__name__}: {str(error)[:160]})"
     return None
 
 
-def settings_for(row_tiles: int, out_features: int) -> tuple[int, int]:
-    """Warps sharing K in a block, and k blocks each warp loads ahead: more warps where there are few blocks (16 rows
-    each). Chosen by eval/bench_int4_mma.py on an H200; any setting computes the same result. The warps' partial tiles
-    (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare statically, which caps the warps
-    at 8 for 33-64 rows."""
-    split_k = 16 if out_features <= 8192 or row_tiles > 2 else 8
-    return min(split_k, max_split_k(row_tiles)), 1
+def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool]:
+    """Warps sharing K in a block, k blocks each warp loads ahead, and whether the zero point is taken out in the
+    integer units (else by a second mma): more warps where there are few blocks (16 rows each). The fastest measured by
+    eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json); any setting computes
+    the same result. The warps' partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel
+    may declare statically, which caps the warps at 8 for 33-64 rows."""
+    few_blocks = out_features <= 8192
+    if row_tiles == 1:
+        split_k, unroll = (16, 1) if few_blocks else (8, 4)
+    elif row_tiles == 2:
+        split_k, unroll = (16, 1) if few_blocks else (8, 1)
+    else:
+        split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
+    return min(split_k, max_split_k(row_tiles)), unroll, False
 
 
 def max_split_k(row_tiles: int) -> int:
@@ -306,13 +320,14 @@ def _row_tiles(rows: int) -> int:
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-           bias: torch.Tensor | None, group: int, out: torch.Tensor, settings: tuple[int, int] | None = None) -> None:
+           bias: torch.Tensor | None, group: int, out: torch.Tensor,
+           settings: tuple[int, int, bool] | None = None) -> None:
     """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous (x 16-byte aligned), M <= MAX_ROWS."""
     rows, k = x.shape
     n = words.shape[0] * TILE_N
     row_tiles = _row_tiles(rows)
-    split_k, unroll = settings or settings_for(row_tiles, n)
-    kernel = _kernel("int4_mma", row_tiles, split_k, unroll, zeros is not None, bias is not None,
+    split_k, unroll, zero_in_alu = settings or settings_for(row_tiles, n)
+    kernel = _kernel("int4_mma", row_tiles, split_k, unroll, zero_in_alu, zeros is not None, bias is not None,
                      x.device.index or 0)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
     kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1),
@@ -331,7 +346,7 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         centred = unpack_codes(words).float() - (8 if zeros is None else by_row(zeros))
         return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
-    kernel = _kernel("int4_dequantize", 1, 1, 1, zeros is not None, False, words.device.index or 0)
+    kernel = _kernel("int4_dequantize", 1, 1, 1, False, zeros is not None, False, words.device.index or 0)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
