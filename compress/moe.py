@@ -8,7 +8,7 @@ checkpoints name them (Mixtral: w1, w3, w2; Qwen-MoE: gate_proj, up_proj, down_p
 per-expert layout — what vLLM reads for a quantized MoE checkpoint and what transformers' loader fuses back for a
 float one — and the computation is the fused module's (same routing, same mixing).
 
-Calibration (state how, issue 18): while `calibrating_all_experts` is on, every expert computes on every token and
+Calibration: while `calibrating_all_experts` is on, every expert computes on every token and
 its output is mixed with the router's weight for that token (0 where the token was not routed to it), so the block's
 output is unchanged while each expert's Hessian sees all calibration tokens — llm-compressor's default for MoE
 calibration (`calibrate_all_experts`): an expert that few calibration tokens reach still gets well-conditioned

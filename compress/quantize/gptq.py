@@ -163,9 +163,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, where: str) -> tu
 
     With J the reversal permutation and J(H + λI)J = L Lᵀ, (H + λI)⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper
     triangular with a positive diagonal: it is U (the factor is unique). One factorisation and one triangular solve,
-    in place of the reference's factorisation, inverse and second factorisation. Measured on an H200 at Llama-2-7B
-    shape (eval/bench_distributed.py): the factorisations were 5.5 s of a 25.9 s run, which every process repeats;
-    with this, the run took 24.3 s on one GPU and 13.7 s on two."""
+    in place of the reference's factorisation, inverse and second factorisation: every process repeats them, so they
+    bound what several processes gain (eval/bench_distributed.py measures it)."""
     mean_diag = hessian.diagonal().mean()
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     for attempt in range(MAX_DAMP_RETRIES + 1):

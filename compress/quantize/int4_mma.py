@@ -1,8 +1,8 @@
 """Our int4 × bf16 kernel for a few rows (decode), on the tensor cores, and the dequantization that serves long inputs.
 
-Why our own: the maintained kernels measured at the 7B shapes on an H200 read their 4-bit weights at 1.0-1.5 TB/s at
-one row (gemlite's GEMV; tinygemm 1.7 TB/s at q/k/v), a third of the memory's rate, which caps a W4 model's batch 1 at
-~1.6x bf16 (eval/results/tune_int4_h200.json). vLLM's Marlin, which reads near the memory's rate, is a C++ extension
+Why our own: the maintained kernels measured at the 7B shapes on an H200 (gemlite's GEMV, tinygemm) read their 4-bit
+weights at about a third of the memory's rate at one row, which caps a W4 model's batch 1 far below what its bytes
+allow (eval/results/tune_int4_h200.json). vLLM's Marlin, which reads near the memory's rate, is a C++ extension
 built with vLLM; this is the same idea, small enough to compile at run time with NVRTC (`torch.cuda._compile_kernel`,
 no CUDA toolkit build step): eval/bench_int4_mma.py measures it against gemlite and cuBLAS at every shape.
 

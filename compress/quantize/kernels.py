@@ -74,9 +74,9 @@ def quantize_block(block: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor
 
 
 # The packed runtime's long inputs (compress.quantize.packed): the int4 weight dequantized to bf16 by one kernel, then
-# cuBLAS. Why ours: torch.compile's kernel for the same expression reached 1.3 TB/s on an H200 (eval/results/
-# bench_kernels_h200.json), a quarter of the memory bandwidth that this element-wise pass should run at, and gemlite's
-# own GEMM was 3x slower than cuBLAS at 2048 rows. Each program writes a tile of the [in, out] weight; the word holding
+# cuBLAS. Why ours: torch.compile's kernel for the same expression reached a quarter of the memory bandwidth that this
+# element-wise pass should run at on an H200, and gemlite's own GEMM was several times slower than cuBLAS at 2048 rows
+# (eval/results/bench_kernels_h200.json). Each program writes a tile of the [in, out] weight; the word holding
 # input k is row k // 8 of gemlite's (= compressed-tensors' transposed) layout, its code at bits 4·(k % 8).
 if triton is not None:
 

@@ -49,8 +49,8 @@ from compress.quantize.int8_runtime import quantize_activation as quantize_int8_
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # The int4 and int8 kernels take their input, scales and output in bf16: the CUDA kernels only so, and on the CPU their
-# float32 paths are reference loops (2 cores, a 576 x 1536 Linear, batch 64: int4 95 ms in float32, 2 ms in bf16; a
-# float32 matmul 3-7 ms). So a packed model computes these Linears in bf16 whatever its dtype.
+# float32 paths are reference loops, tens of times slower than bf16 and than a float32 matmul. So a packed model
+# computes these Linears in bf16 whatever its dtype.
 KERNEL_DTYPE = torch.bfloat16
 # Rows above which a 4-bit Linear dequantizes its weight and calls the dense GEMM: where the low-bit kernel's time
 # crosses dequantize + GEMM (measured: eval/results/bench_kernels_h200.json, bench_kernels_cpu.json).
@@ -335,7 +335,7 @@ class FP8Linear(_PackedLinear):
         if self.tensor_cores:
             # FP8 tensor cores with fast accumulation (gemlite's FP8 GEMV was slower at every row count measured). The
             # activation's rounding is plain PyTorch: a compiled decode step fuses it; wrapping it in its own
-            # torch.compile cost ~0.3 ms of guards per Linear in eager prefill (7B: 77 ms at 512 tokens)
+            # torch.compile added a guard check per Linear that dominated eager prefill
             x_fp8, x_scale = _quantize_activation(flat)
             out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale, scale_b=self.scales.T,
                                    out_dtype=x.dtype, use_fast_accum=True)
