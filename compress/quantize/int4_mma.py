@@ -296,16 +296,16 @@ def available(device: torch.device) -> str | None:
 def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool]:
     """Warps sharing K in a block, k blocks each warp loads ahead, and whether the zero point is taken out in the
     integer units (else by a second mma): more warps where there are few blocks (16 rows each). The fastest measured by
-    eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json); any setting computes
-    the same result. The warps' partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel
-    may declare statically, which caps the warps at 8 for 33-64 rows."""
+    eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16 rows with the
+    zero point in the integer units, bench_int4_mma_alu_h200.json); any setting computes the same result. The warps'
+    partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare statically, which
+    caps the warps at 8 for 33-64 rows."""
     few_blocks = out_features <= 8192
     if row_tiles == 1:
-        split_k, unroll = (16, 1) if few_blocks else (8, 4)
-    elif row_tiles == 2:
-        split_k, unroll = (16, 1) if few_blocks else (8, 1)
-    else:
-        split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
+        return ((16, 1) if few_blocks else (8, 4)) + (True,)
+    if row_tiles == 2:
+        return ((16, 2) if few_blocks else (8, 2)) + (True,)
+    split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
     return min(split_k, max_split_k(row_tiles)), unroll, False
 
 
