@@ -215,3 +215,61 @@ def test_a_recipe_that_would_change_a_quantized_cache_model_stops_before_any_wor
     with pytest.raises(CompressError, match="runs a quantized KV cache.*quantize \\(rtn\\) would change"):
         compress.run(recipe, show_progress=False)
     assert not any((tmp_path / "run").glob("0*"))
+
+
+def _qwen2_with_a_key_offset():
+    """A random Qwen2 whose first layer's keys carry a large constant on the RoPE pair that barely turns (pair 7 of
+    head_dim 16 at rope_theta 1e6 turns 0.18 rad over 32768 positions), as Qwen2.5's k_proj bias makes them."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                                         max_position_embeddings=32768)).eval()
+    with torch.no_grad():
+        bias = model.model.layers[0].self_attn.k_proj.bias.view(2, 16)
+        bias.normal_(0, 0.5)
+        bias[:, 7], bias[:, 15] = 200.0, -150.0
+        query_bias = model.model.layers[0].self_attn.q_proj.bias.view(4, 16)
+        query_bias[:, 7], query_bias[:, 15] = 10.0, 10.0  # queries that read the pair: its rounding moves the scores
+    return model, torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+
+
+def test_centred_keys_keep_the_float_model_and_make_the_fp8_cache_exact_again():
+    """The offset moves out of the still pair's bias only (the others keep theirs), the float model's logits stay
+    but for the pair's small turn (a constant in every key drops out of each query's softmax), and the FP8 cache's
+    error, which the offset made large (e4m3 rounds 200 + a small variation to a step of 16), shrinks to what the
+    cache costs elsewhere."""
+    import copy
+
+    from compress.quantize.kv_cache import centre_keys
+
+    model, calibration = _qwen2_with_a_key_offset()
+    ids = calibration[:1]
+    reference = _logits(model, ids)
+    centred = copy.deepcopy(model)
+    assert centre_keys(centred, calibration) == [0, 1]
+    before = model.model.layers[0].self_attn.k_proj.bias.view(2, 16)
+    after = centred.model.layers[0].self_attn.k_proj.bias.view(2, 16)
+    moved = (after - before).abs() > 0
+    assert moved[:, [7, 15]].all() and not moved[:, [c for c in range(16) if c not in (7, 15)]].any()
+    assert after[:, 7].abs().max() < 5 and after[:, 15].abs().max() < 5  # what is left: the mean's variation
+    float_change = (_logits(centred, ids) - reference).abs().max().item()
+
+    def fp8_error(centre: bool) -> float:
+        quantized = compress.quantize_kv_cache(copy.deepcopy(model), compress.KVCache(centre_keys=centre),
+                                               calibration, show_progress=False)
+        return (_logits(quantized, ids) - reference).abs().max().item()
+
+    plain, with_centring = fp8_error(False), fp8_error(True)
+    assert with_centring < plain / 5, (plain, with_centring)  # here 0.016 against 0.117
+    assert float_change < plain / 10  # the pair's small turn over 64 positions: 0.009
+
+
+def test_centring_leaves_a_model_without_key_bias_alone(tiny):
+    from compress.quantize.kv_cache import centre_keys
+
+    model, _, calibration, _ = tiny
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert centre_keys(model, calibration) == []
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())

@@ -30,7 +30,12 @@ class KVCache(Strict):
     dtype: Literal["fp8"] = Field("fp8", description="fp8: float8 e4m3 (max 448), half a 16-bit cache's bytes")
     scales: Literal["per_tensor", "per_head"] = Field(
         "per_tensor", description="; ".join(f"{k}: {v}" for k, v in KV_SCALES.items()))
+    centre_keys: bool = Field(True, description=(
+        "where k_proj has a bias (Qwen2): move the keys' constant offset on the RoPE pairs that barely turn out of "
+        "the bias before calibrating, so e4m3 rounds what varies, not the offset; attention is unchanged (a constant "
+        "per query drops out of its softmax)"))
     calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
 
     def describe(self) -> str:
-        return f"KV cache {self.dtype} e4m3, {self.scales.replace('_', '-')} scales"
+        centred = ", keys centred where k_proj has a bias" if self.centre_keys else ""
+        return f"KV cache {self.dtype} e4m3, {self.scales.replace('_', '-')} scales{centred}"

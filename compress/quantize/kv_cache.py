@@ -177,15 +177,73 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return sum(2 * kv_heads(attention, model.config) * attention.head_dim for _, attention in modules) * element
 
 
+# A RoPE pair counts as still where it turns less than this (radians) over the model's longest context: there a
+# constant taken out of the keys changes each attention score by at most about this fraction of its product with q.
+STILL_PAIR_RADIANS = 0.5
+
+
+def _rotary_frequencies(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's RoPE frequencies per pair of key channels (its rotary module's inv_freq, scaling included)."""
+    return next((module.inv_freq for name, module in model.named_modules()
+                 if name.endswith("rotary_emb") and isinstance(getattr(module, "inv_freq", None), torch.Tensor)), None)
+
+
+@torch.no_grad()
+def centre_keys(model: torch.nn.Module, calibration: torch.Tensor) -> list[int]:
+    """Where k_proj has a bias, subtract from it each layer's mean key (before RoPE, over the calibration tokens) on
+    the pairs of channels that RoPE barely turns over the model's context (STILL_PAIR_RADIANS), and return the layers
+    changed. Why: a large k_proj bias (Qwen2's first layers) makes a layer's keys one big constant plus a small
+    variation; e4m3 keeps 3 mantissa bits relative to the constant and rounds the variation away (measured on
+    Qwen2.5-Coder-1.5B in docs/quantization.md). Attention is unchanged up to that turn: a constant c in every key adds
+    q·c to all of a query's scores, which its softmax drops."""
+    frequencies = _rotary_frequencies(model)
+    modules = [(index, attention) for index, (_, attention) in enumerate(attention_modules(model))
+               if isinstance(getattr(attention, "k_proj", None), torch.nn.Linear)
+               and attention.k_proj.bias is not None]
+    if frequencies is None or not modules:
+        return []
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 32768
+    still = frequencies.float().cpu() * context < STILL_PAIR_RADIANS
+    sums = {index: torch.zeros(attention.k_proj.out_features, dtype=torch.float64) for index, attention in modules}
+    counts = dict.fromkeys(sums, 0)
+
+    def record(index):
+        def hook(_module, _args, keys):
+            sums[index] += keys.detach().double().sum(dim=tuple(range(keys.dim() - 1))).cpu()
+            counts[index] += keys[..., 0].numel()
+        return hook
+
+    hooks = [attention.k_proj.register_forward_hook(record(index)) for index, attention in modules]
+    device = next(model.parameters()).device
+    try:
+        for batch in calibration.split(CALIBRATION_BATCH):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    changed = []
+    for index, attention in modules:
+        head_dim = attention.head_dim
+        mask = torch.cat([still[: head_dim // 2]] * 2)  # rotate_half: channel j pairs with j + head_dim / 2
+        offset = (sums[index] / counts[index]).view(-1, head_dim) * mask
+        if offset.abs().max() > 0:
+            bias = attention.k_proj.bias
+            bias.copy_((bias.double() - offset.reshape(-1).to(bias.device)).to(bias.dtype))
+            changed.append(index)
+    return changed
+
+
 @torch.no_grad()
 def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torch.Tensor, *,
                       show_progress: bool = True) -> torch.nn.Module:
     """Calibrate each layer's key and value scales on `calibration` (token ids [samples, seq_len]) with the cache in
-    full precision, then run the model with the FP8 cache."""
+    full precision (the keys centred first, `config.centre_keys`), then run the model with the FP8 cache."""
     check_kv_cache(model, config)
     modules = attention_modules(model)
     for _, attention in modules:
         remove(attention)  # calibrate on the float cache
+    if config.centre_keys:
+        centre_keys(model, calibration)
     per_head = config.scales == "per_head"
     amax: dict[int, list[torch.Tensor | None]] = {id(a): [None, None] for _, a in modules}
 
