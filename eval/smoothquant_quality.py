@@ -1,6 +1,7 @@
-"""What smoothing buys on SmolLM2: WikiText-2 perplexity (seq_len 512, the first 4,096 tokens, as the SmolLM2 tests
-score it) of the float model, of W8A8 int8 without smoothing (int8 weights per channel and int8 inputs per token,
-nothing folded), and of SmoothQuant with alpha 0.5 and alpha searched per group, on 128 x 512 calibration tokens.
+"""What smoothing buys (SmolLM2 by default; `--model` another): WikiText-2 perplexity (seq_len 512, the first 4,096
+tokens, as the SmolLM2 tests score it) of the float model, of W8A8 int8 without smoothing (int8 weights per channel and
+int8 inputs per token, nothing folded), and of SmoothQuant with alpha 0.5 and alpha searched per group, on 128 x 512
+calibration tokens (`--samples`).
 With `--peer-python` (a virtualenv with llm-compressor; it pins transformers <= 5.17, so never ours), also
 llm-compressor's SmoothQuantModifier (alpha 0.5) + W8A8 preset on the same token ids, its weights scored here with
 the same int8 inputs per token (eval/peer_llmcompressor.py --method smoothquant).
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated: " + ", ".join(ROWS))
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor (row peer)")
+    parser.add_argument("--model", default="smollm2-135m", help="a registry name, folder or GGUF file")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16 for larger models on a CPU)")
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     args = parser.parse_args()
     wanted = args.rows.split(",")
     unknown = sorted(set(wanted) - set(ROWS))
@@ -46,12 +50,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ppl_config = compress.Perplexity(seq_len=512, max_tokens=4096)
-    model, tokenizer = compress.load_model("smollm2-135m")
+    model, tokenizer = compress.load_model(args.model, args.dtype)
 
     def ppl(m) -> float:
         return round(compress.perplexity(m, tokenizer, ppl_config, show_progress=False)["perplexity"], 4)
 
-    rows = {"float32": ppl(model)}
+    rows = {args.dtype: ppl(model)}
     if "plain" in wanted:
         plain = copy.deepcopy(model)
         with torch.no_grad():
@@ -62,7 +66,7 @@ def main() -> None:
         rows["W8A8 int8, no smoothing"] = ppl(plain)
         del plain
         print(json.dumps(rows), flush=True)
-    ids = calibration_batches(tokenizer, "wikitext2-valid", samples=128, seq_len=512)
+    ids = calibration_batches(tokenizer, "wikitext2-valid", samples=args.samples, seq_len=512)
     seconds = {}
     if "peer" in wanted:
         peer, seconds["llm-compressor alpha 0.5"] = _peer(args.peer_python, model, tokenizer, ids)
@@ -81,10 +85,13 @@ def main() -> None:
         command += f" --rows {args.rows}"
     if args.peer_python:
         command += " --peer-python LLMC/bin/python"
+    if args.model != "smollm2-135m":
+        command += f" --model {Path(args.model).name} --dtype {args.dtype} --samples {args.samples}"
     result = {"command": command,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "protocol": "WikiText-2 test, seq_len 512, first 4,096 tokens; calibration wikitext2-valid 128 x 512",
-              "perplexity": rows, "vs_float": {k: round(v / rows["float32"], 4) for k, v in rows.items()},
+              "protocol": f"WikiText-2 test, seq_len 512, first 4,096 tokens; calibration wikitext2-valid "
+                          f"{args.samples} x 512",
+              "perplexity": rows, "vs_float": {k: round(v / rows[args.dtype], 4) for k, v in rows.items()},
               "quantize_seconds": seconds}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
