@@ -273,3 +273,28 @@ def test_centring_leaves_a_model_without_key_bias_alone(tiny):
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     assert centre_keys(model, calibration) == []
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+def test_centring_under_partial_rope_moves_the_channels_rope_leaves_alone():
+    """Phi's RoPE turns only the first partial_rotary_factor of each head's channels: the rest never turn, so their
+    offset moves too, and the model's logits stay."""
+    import copy
+
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from compress.quantize.kv_cache import centre_keys
+
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, partial_rotary_factor=0.5,
+                                     max_position_embeddings=2048)).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.view(4, 16)[:, 8:] += 50.0  # the unrotated half of each head
+    calibration = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    reference = _logits(model, calibration[:1])
+    centred = copy.deepcopy(model)
+    assert centre_keys(centred, calibration) == [0]
+    moved = (centred.model.layers[0].self_attn.k_proj.bias - model.model.layers[0].self_attn.k_proj.bias).view(4, 16)
+    assert (moved[:, 8:].abs() > 40).all()  # the offset left the channels RoPE does not turn
+    torch.testing.assert_close(_logits(centred, calibration[:1]), reference, rtol=0,
+                               atol=1e-3 * reference.abs().max().item())

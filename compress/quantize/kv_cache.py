@@ -223,8 +223,9 @@ def centre_keys(model: torch.nn.Module, calibration: torch.Tensor) -> list[int]:
             hook.remove()
     changed = []
     for index, attention in modules:
-        head_dim = attention.head_dim
-        mask = torch.cat([still[: head_dim // 2]] * 2)  # rotate_half: channel j pairs with j + head_dim / 2
+        head_dim, rotated = attention.head_dim, 2 * still.numel()
+        # rotate_half: channel j pairs with j + rotated / 2; channels past `rotated` (partial RoPE) never turn
+        mask = torch.cat([still, still, torch.ones(head_dim - rotated, dtype=torch.bool)])
         offset = (sums[index] / counts[index]).view(-1, head_dim) * mask
         if offset.abs().max() > 0:
             bias = attention.k_proj.bias
