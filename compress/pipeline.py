@@ -46,7 +46,7 @@ from compress.measure import measure
 from compress.models import load_model, public_name, resolve_source, source_identity
 from compress.modules import is_quantized, quantized_linears
 from compress.quantize.grid import check_group_size
-from compress.quantize.kv_cache import kv_cache_precision, kv_quantized
+from compress.quantize.kv_cache import centred_key_layers, kv_cache_precision, kv_quantized
 from compress.quantize.mixed import grids_record
 from compress.recipe import Recipe, load_recipe, locate, resolved_yaml
 from compress.report import local_paths, write_report
@@ -413,7 +413,8 @@ def _run_step(step: _Step, model, tokenizer, previous: Path | None, run: _Run):
         "inputs": recorded_inputs(step.made_of), "summary": spec.describe(config),
         "eval_fingerprint": run.eval_fingerprint, "params": _param_count(model), "metrics": metrics,
         **({"eval_datasets": run.eval_datasets} if step.index in run.eval_at else {}),
-        "quantized": is_quantized(model), "kv_cache": kv_cache_precision(model), **_sensitivity(model),
+        "quantized": is_quantized(model), "kv_cache": kv_cache_precision(model), **centred_key_layers(model),
+        **_sensitivity(model),
         **grids_record(model),
         **_raised_damping(model),
         "save_format": spec.save_format(config),

@@ -242,7 +242,7 @@ def test_centred_keys_keep_the_float_model_and_make_the_fp8_cache_exact_again():
     cache costs elsewhere."""
     import copy
 
-    from compress.quantize.kv_cache import centre_keys
+    from compress.quantize.kv_cache import centre_keys, centred_key_layers
 
     model, calibration = _qwen2_with_a_key_offset()
     ids = calibration[:1]
@@ -259,6 +259,7 @@ def test_centred_keys_keep_the_float_model_and_make_the_fp8_cache_exact_again():
     def fp8_error(centre: bool) -> float:
         quantized = compress.quantize_kv_cache(copy.deepcopy(model), compress.KVCache(centre_keys=centre),
                                                calibration, show_progress=False)
+        assert centred_key_layers(quantized) == ({"kv_cache_keys_centred_layers": [0, 1]} if centre else {})
         return (_logits(quantized, ids) - reference).abs().max().item()
 
     plain, with_centring = fp8_error(False), fp8_error(True)

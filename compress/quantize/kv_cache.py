@@ -45,6 +45,7 @@ class KVQuant:
     args: QuantizationArgs
     k_scale: torch.Tensor
     v_scale: torch.Tensor
+    keys_centred: bool = False  # its k_proj bias lost the keys' offset before calibration (centre_keys)
 
     @property
     def scales(self) -> str:
@@ -141,7 +142,7 @@ def install(attention: torch.nn.Module, quant: KVQuant, device: torch.device) ->
     """Run this attention module with a quantized cache (replacing one it already has); the scales live on `device`,
     where the layer runs."""
     remove(attention)
-    quant = KVQuant(quant.args, quant.k_scale.to(device), quant.v_scale.to(device))
+    quant = KVQuant(quant.args, quant.k_scale.to(device), quant.v_scale.to(device), quant.keys_centred)
     setattr(attention, KV_ATTR, quant)
     setattr(attention, _HOOK_ATTR, _swap_cache_hook(attention, _round_kv))
 
@@ -168,6 +169,12 @@ def kv_cache_precision(model: torch.nn.Module) -> str:
     if quantized:
         return f"fp8 e4m3 {quantized[0][2].scales.replace('_', '-')}"
     return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def centred_key_layers(model: torch.nn.Module) -> dict:
+    """For step.json: the layers whose k_proj bias `centre_keys` changed, where any did."""
+    layers = [index for index, (_, _, quant) in enumerate(kv_quantized(model)) if quant.keys_centred]
+    return {"kv_cache_keys_centred_layers": layers} if layers else {}
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
@@ -243,8 +250,7 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torc
     modules = attention_modules(model)
     for _, attention in modules:
         remove(attention)  # calibrate on the float cache
-    if config.centre_keys:
-        centre_keys(model, calibration)
+    centred = set(centre_keys(model, calibration)) if config.centre_keys else set()
     per_head = config.scales == "per_head"
     amax: dict[int, list[torch.Tensor | None]] = {id(a): [None, None] for _, a in modules}
 
@@ -267,13 +273,13 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torc
             hook.remove()
     dtype = next(model.parameters()).dtype
     args = kv_args(config.scales)
-    for _, attention in modules:
+    for index, (_, attention) in enumerate(modules):
         k_amax, v_amax = amax[id(attention)]
         shape = (-1, 1, 1) if per_head else (1,)
         # saved in the model's dtype, as compressed-tensors initializes them: rounding uses the saved values
         k_scale, v_scale = ((a / E4M3_MAX).clamp(min=torch.finfo(torch.float16).tiny).reshape(shape).to(dtype)
                             for a in (k_amax, v_amax))
-        install(attention, KVQuant(args, k_scale, v_scale), device)
+        install(attention, KVQuant(args, k_scale, v_scale, index in centred), device)
     return model
 
 
