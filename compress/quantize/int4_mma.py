@@ -302,11 +302,12 @@ def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool]:
     caps the warps at 8 for 33-64 rows."""
     few_blocks = out_features <= 8192
     if row_tiles == 1:
-        return ((16, 1) if few_blocks else (8, 4)) + (True,)
-    if row_tiles == 2:
-        return ((16, 2) if few_blocks else (8, 2)) + (True,)
-    split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
-    return min(split_k, max_split_k(row_tiles)), unroll, False
+        split_k, unroll = (16, 1) if few_blocks else (8, 4)
+    elif row_tiles == 2:
+        split_k, unroll = (16, 2) if few_blocks else (8, 2)
+    else:
+        split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
+    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2
 
 
 def max_split_k(row_tiles: int) -> int:
