@@ -43,6 +43,9 @@ METHODS = {
     "awq-linear": lambda g: compress.AWQ(**g, loss="linear"),
     "awq-gptq": lambda g: compress.AWQ(**g, gptq={}),
     "awq-linear-gptq": lambda g: compress.AWQ(**g, loss="linear", gptq={}),
+    "awq-noclip": lambda g: compress.AWQ(**g, clip=False),
+    "rtn-asym": lambda g: compress.RTN(**g, sym=False),
+    "awq-asym": lambda g: compress.AWQ(**g, sym=False),
 }
 RECOVERY_DATA = ("politeness-train", "rte-train", "wikitext2-valid")
 
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--qat-train", default="weights_and_scales", choices=["scales", "weights_and_scales"])
     parser.add_argument("--qat-lr", type=float, default=2e-5)
     parser.add_argument("--control", action="store_true", help="the float model trained with the QAT budget")
+    parser.add_argument("--recovery-data", default=",".join(RECOVERY_DATA),
+                        help="what QAT-KD and the control train on (task rows need lm-eval)")
     parser.add_argument("--tasks", default="wikitext2,rte,politeness")
     parser.add_argument("--peer-python", help="python of a virtualenv with llm-compressor; omit to skip it")
     parser.add_argument("--peer-methods", default="gptq,awq")
@@ -137,8 +142,9 @@ def main() -> None:
         print(f"adapted in {cost['seconds']:.0f} s", flush=True)
     ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512, seed=0)
     torch.save(ids, work / "ids.pt")
-    recovery_data = training_examples(tokenizer, RECOVERY_DATA, 256)
-    budget = dict(steps=args.qat, lr=args.qat_lr, batch_size=8, seq_len=256, data=RECOVERY_DATA)
+    data = tuple(args.recovery_data.split(","))
+    recovery_data = training_examples(tokenizer, data, 256) if args.qat else None
+    budget = dict(steps=args.qat, lr=args.qat_lr, batch_size=8, seq_len=256, data=data)
     rows = []
 
     def record(row: dict) -> None:

@@ -13,13 +13,18 @@ so the network learns to live with the rounding; then round for real.
    Started on a quantized model (after GPTQ, AWQ or RTN on the same grid), the codes, scales and zero points are
    that step's, so training starts exactly at the PTQ result; on a float model, at round-to-nearest's.
 2. train: transformers' Trainer, optionally distilling from a teacher (quantization-aware distillation, through
-   DistillationTrainer). A scale that turns non-positive or NaN stops training with the layer named.
+   DistillationTrainer). After every optimizer step each learned scale is held at or above a thousandth of its
+   starting value (a projected step): Adam moves every parameter by about the learning rate whatever its size, so a
+   group of near-zero weights, whose scale is smaller than one step, would otherwise cross zero. The scales held are
+   counted and named in one warning; a NaN scale stops training with the layer named.
 3. convert: drop the parametrizations and write the weights on the grid (the trained codes and scales), recording
    the grid for saving: the same compressed-tensors (or GPTQ) checkpoint PTQ writes.
 
 `QATCallback` runs steps 1 and 3 around a user's own Trainer."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.nn.utils import parametrize
@@ -57,6 +62,9 @@ def _round_straight_through(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+SCALE_FLOOR = 1e-3  # of each group's starting scale: the lowest a learned scale may go (see the module's step 2)
+
+
 class _LearnedScales(torch.nn.Module):
     """train: scales or weights_and_scales. Each group's scale is a Parameter; the zero point stays fixed. With
     `codes`, the parametrized tensor holds the integer codes q and the forward is (q − z)·s; otherwise it holds float
@@ -66,10 +74,21 @@ class _LearnedScales(torch.nn.Module):
         super().__init__()
         self.args, self.codes = args, codes
         self.scale = torch.nn.Parameter(scale.detach().float().clone())
+        floor = (self.scale.detach().abs() * SCALE_FLOOR).clamp(min=torch.finfo(torch.float32).tiny)
+        self.register_buffer("floor", floor, persistent=False)
+        self.register_buffer("held", torch.zeros_like(self.scale, dtype=torch.bool), persistent=False)  # so far
         self.register_buffer("zero_point", torch.zeros_like(self.scale) if zero_point is None
                              else zero_point.detach().float().clone())
         self.qmin, self.qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
         self.zero_is_nonzero = bool(self.zero_point.any())  # the zero point never trains
+
+    @torch.no_grad()
+    def hold_above_floor(self) -> None:
+        """The projected step: scales below their floor go back up to it (a NaN stays NaN, to be reported)."""
+        low = self.scale < self.floor
+        if low.any():
+            self.held |= low
+            self.scale.copy_(torch.where(low, self.floor, self.scale))
 
     def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
         return values.repeat_interleave(width // values.shape[1], dim=1)
@@ -143,18 +162,33 @@ def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | N
     return model
 
 
-def check_scales(model: torch.nn.Module) -> None:
-    """Stop with the layer named if a learned scale has turned non-positive or NaN."""
+def _learned_scales(model: torch.nn.Module):
     for name, linear in quantizable_linears(model):
-        if not parametrize.is_parametrized(linear, "weight"):
-            continue
-        learned = linear.parametrizations.weight[0]
-        if isinstance(learned, _LearnedScales):
-            bad = ~(learned.scale > 0)  # NaN compares false
-            if bad.any():
-                value = learned.scale[bad][0].item()
-                raise CompressError(f"QAT: {int(bad.sum())} scales of {name} became non-positive or NaN (e.g. "
-                                    f"{value:g}); lower lr (now too large for the scales), or train: weights")
+        if parametrize.is_parametrized(linear, "weight") and isinstance(linear.parametrizations.weight[0],
+                                                                         _LearnedScales):
+            yield name, linear.parametrizations.weight[0]
+
+
+def check_scales(model: torch.nn.Module) -> None:
+    """After an optimizer step: every learned scale back above its floor, and a stop with the layer named if one
+    is NaN."""
+    for name, learned in _learned_scales(model):
+        learned.hold_above_floor()
+        bad = torch.isnan(learned.scale)
+        if bad.any():
+            raise CompressError(f"QAT: {int(bad.sum())} scales of {name} became NaN; lower lr (now too large for the "
+                                f"scales), or train: weights")
+
+
+def _warn_scales_held(model: torch.nn.Module) -> None:
+    held = {name: int(learned.held.sum()) for name, learned in _learned_scales(model) if learned.held.any()}
+    if held:
+        total = sum(held.values())
+        named = ", ".join(f"{name} ({count})" for name, count in list(held.items())[:3])
+        warnings.warn(f"QAT: {total} learned scale(s) were held at {SCALE_FLOOR:g} of their starting value, where "
+                      f"a step would have taken them to zero or below: {named}{', ...' if len(held) > 3 else ''}; "
+                      f"groups of near-zero weights do this at any lr, many of them mean lr is too large for the "
+                      f"scales", stacklevel=2)
 
 
 @torch.no_grad()
@@ -162,6 +196,7 @@ def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Mo
     """Remove the training parametrizations and write each weight onto its grid for real, recording the grid."""
     args = quantization_args(config)
     check_scales(model)
+    _warn_scales_held(model)
     minmax = []
     for name, linear in quantizable_linears(model):
         if not parametrize.is_parametrized(linear, "weight"):
