@@ -108,6 +108,23 @@ def _without_out(argv: list[str]) -> list[str]:
     return kept
 
 
+def _jobs_that_fit(shape: dict, jobs: int, device: str) -> int:
+    """At most as many variants at once as the GPU's free memory holds while each builds its model (random_llama
+    initialises in float32 before casting: 4 bytes a parameter, plus a quarter for compiling and the caches)."""
+    if device != "cuda":
+        return jobs
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**shape)).parameters())
+    fit = max(1, int(torch.cuda.mem_get_info()[0] // (parameters * 4 * 1.25)))
+    if fit < jobs:
+        print(f"--jobs {jobs}: {fit} at once fit in the GPU's free memory "
+              f"({torch.cuda.mem_get_info()[0] / 2**30:.0f} GiB, ~{parameters * 5 / 2**30:.0f} GiB a variant)",
+              flush=True)
+    return min(jobs, fit)
+
+
 def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
     """Each variant in a child process of this script (`--variant-only`), at most `jobs` at once."""
     ready = tempfile.mkdtemp(prefix="bench-ready-")
@@ -125,11 +142,15 @@ def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
             name, out, process = item
             if process.poll() is not None:
                 running.remove(item)
-                rows[name] = json.loads(Path(out).read_text()) if process.returncode == 0 and Path(out).is_file() \
+                succeeded = process.returncode == 0 and Path(out).is_file()
+                rows[name] = json.loads(Path(out).read_text()) if succeeded \
                     else {"variant": name, "error": f"exit {process.returncode}"}
                 count -= 1
-                for done in os.listdir(ready):  # the next wave waits for its own members only
-                    os.remove(os.path.join(ready, done))
+                if succeeded:  # it passed the barrier: the next wave waits for its own members only
+                    for done in os.listdir(ready):
+                        os.remove(os.path.join(ready, done))
+                else:  # it may have died before the barrier: its wave must not wait for it
+                    Path(ready, "failed-" + name.replace(" ", "_").replace("%", "pc")).touch()
         time.sleep(1)
     return [rows[name] for name in names]
 
@@ -146,7 +167,8 @@ def main() -> None:
     parser.add_argument("--prefill", default="512,2048,8192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="static KV cache + compiled decode step")
-    parser.add_argument("--jobs", type=int, default=4, help="variants compiled at once (with --compile)")
+    parser.add_argument("--jobs", type=int, default=4, help="variants compiled at once (with --compile; fewer where "
+                                                            "the GPU's free memory holds fewer)")
     parser.add_argument("--out")
     parser.add_argument("--variant-only", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
@@ -166,7 +188,7 @@ def main() -> None:
         return
     names = [n for n in args.variants.split(",") if n]
     if args.compile:
-        rows = _in_processes(names, _without_out(sys.argv[1:]), args.jobs)
+        rows = _in_processes(names, _without_out(sys.argv[1:]), _jobs_that_fit(shape, args.jobs, args.device))
     else:
         rows = []
         for name in names:
