@@ -84,11 +84,10 @@ class _LearnedScales(torch.nn.Module):
 
     @torch.no_grad()
     def hold_above_floor(self) -> None:
-        """The projected step: scales below their floor go back up to it (a NaN stays NaN, to be reported)."""
-        low = self.scale < self.floor
-        if low.any():
-            self.held |= low
-            self.scale.copy_(torch.where(low, self.floor, self.scale))
+        """The projected step: scales below their floor go back up to it (a NaN stays NaN, to be reported); no
+        synchronisation with the GPU."""
+        self.held |= self.scale < self.floor
+        self.scale.copy_(torch.maximum(self.scale, self.floor))
 
     def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
         return values.repeat_interleave(width // values.shape[1], dim=1)
@@ -185,8 +184,9 @@ def _warn_scales_held(model: torch.nn.Module) -> None:
     if held:
         total = sum(held.values())
         named = ", ".join(f"{name} ({count})" for name, count in list(held.items())[:3])
+        more = ", ..." if len(held) > 3 else ""
         warnings.warn(f"QAT: {total} learned scale(s) were held at {SCALE_FLOOR:g} of their starting value, where "
-                      f"a step would have taken them to zero or below: {named}{', ...' if len(held) > 3 else ''}; "
+                      f"a step would have taken them lower (to zero or below, at worst): {named}{more}; "
                       f"groups of near-zero weights do this at any lr, many of them mean lr is too large for the "
                       f"scales", stacklevel=2)
 
