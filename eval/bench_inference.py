@@ -117,11 +117,11 @@ def _jobs_that_fit(shape: dict, jobs: int, device: str) -> int:
 
     with torch.device("meta"):
         parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**shape)).parameters())
-    fit = max(1, int(torch.cuda.mem_get_info()[0] // (parameters * 4 * 1.25)))
+    free = torch.cuda.mem_get_info()[0]
+    fit = max(1, int(free // (parameters * 4 * 1.25)))
     if fit < jobs:
         print(f"--jobs {jobs}: {fit} at once fit in the GPU's free memory "
-              f"({torch.cuda.mem_get_info()[0] / 2**30:.0f} GiB, ~{parameters * 5 / 2**30:.0f} GiB a variant)",
-              flush=True)
+              f"({free / 2**30:.0f} GiB, ~{parameters * 5 / 2**30:.0f} GiB a variant)", flush=True)
     return min(jobs, fit)
 
 

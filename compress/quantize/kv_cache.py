@@ -195,8 +195,22 @@ def _rotary_frequencies(model: torch.nn.Module) -> torch.Tensor | None:
                  if name.endswith("rotary_emb") and isinstance(getattr(module, "inv_freq", None), torch.Tensor)), None)
 
 
+def _calibration_pass(model: torch.nn.Module, calibration: torch.Tensor, hooks: list, description: str,
+                      show_progress: bool) -> None:
+    """Every calibration batch through the model (no cache) for the hooks to observe; the hooks removed after, also
+    on an error."""
+    device = next(model.parameters()).device
+    try:
+        for batch in track(calibration.split(CALIBRATION_BATCH), description=description, disable=not show_progress,
+                           transient=True):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
-def centre_keys(model: torch.nn.Module, calibration: torch.Tensor) -> list[int]:
+def centre_keys(model: torch.nn.Module, calibration: torch.Tensor, show_progress: bool = False) -> list[int]:
     """Where k_proj has a bias, subtract from it each layer's mean key (before RoPE, over the calibration tokens) on
     the pairs of channels that RoPE barely turns over the model's context (STILL_PAIR_RADIANS), and return the layers
     changed. Why: a large k_proj bias (Qwen2's first layers) makes a layer's keys one big constant plus a small
@@ -221,13 +235,7 @@ def centre_keys(model: torch.nn.Module, calibration: torch.Tensor) -> list[int]:
         return hook
 
     hooks = [attention.k_proj.register_forward_hook(record(index)) for index, attention in modules]
-    device = next(model.parameters()).device
-    try:
-        for batch in calibration.split(CALIBRATION_BATCH):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _calibration_pass(model, calibration, hooks, "KV cache: mean keys", show_progress)
     changed = []
     for index, attention in modules:
         head_dim, rotated = attention.head_dim, 2 * still.numel()
@@ -250,7 +258,7 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torc
     modules = attention_modules(model)
     for _, attention in modules:
         remove(attention)  # calibrate on the float cache
-    centred = set(centre_keys(model, calibration)) if config.centre_keys else set()
+    centred = set(centre_keys(model, calibration, show_progress)) if config.centre_keys else set()
     per_head = config.scales == "per_head"
     amax: dict[int, list[torch.Tensor | None]] = {id(a): [None, None] for _, a in modules}
 
@@ -263,14 +271,8 @@ def quantize_kv_cache(model: torch.nn.Module, config: KVCache, calibration: torc
         return key_states, value_states
 
     hooks = [_swap_cache_hook(attention, observe) for _, attention in modules]
+    _calibration_pass(model, calibration, hooks, "KV cache scales", show_progress)
     device = next(model.parameters()).device
-    try:
-        batches = calibration.split(CALIBRATION_BATCH)
-        for batch in track(batches, description="KV cache scales", disable=not show_progress, transient=True):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
     dtype = next(model.parameters()).dtype
     args = kv_args(config.scales)
     for index, (_, attention) in enumerate(modules):

@@ -168,7 +168,7 @@ def _learned_scales(model: torch.nn.Module):
             yield name, linear.parametrizations.weight[0]
 
 
-def check_scales(model: torch.nn.Module) -> None:
+def hold_and_check_scales(model: torch.nn.Module) -> None:
     """After an optimizer step: every learned scale back above its floor, and a stop with the layer named if one
     is NaN."""
     for name, learned in _learned_scales(model):
@@ -195,7 +195,7 @@ def _warn_scales_held(model: torch.nn.Module) -> None:
 def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Module:
     """Remove the training parametrizations and write each weight onto its grid for real, recording the grid."""
     args = quantization_args(config)
-    check_scales(model)
+    hold_and_check_scales(model)
     _warn_scales_held(model)
     minmax = []
     for name, linear in quantizable_linears(model):
@@ -243,7 +243,7 @@ class QATCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.train != "weights":
-            check_scales(model)
+            hold_and_check_scales(model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         convert_qat(model, self.config)
