@@ -7,7 +7,9 @@ swap is exact), scored by its negative log-likelihood on held-out windows B of w
         --out eval/results/awq_layer_sensitivity_qwen2.5-coder-1.5b_h100.json
 
 Per layer: the NLL increase over the float model's with RTN's layer and with AWQ's (nats per token); a layer where
-AWQ's is the larger is one where AWQ's lower output error (eval/awq_layer_errors.py) does not carry to the output."""
+AWQ's is the larger is one where AWQ's lower output error (eval/awq_layer_errors.py) does not carry to the output.
+Also per layer the AWQ model with that one layer from the RTN model (interactions), and at the end the RTN model with
+AWQ's layers wherever AWQ's alone was the better (with every layer measured)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="windows of 512 tokens in A (calibration) and in B")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    parser.add_argument("--awq-options", default="{}", help='AWQ settings as JSON, e.g. \'{"clip": false}\'')
     parser.add_argument("--out")
     args = parser.parse_args()
     model, tokenizer = compress.load_model(args.model, args.dtype, args.device)
@@ -53,10 +56,12 @@ def main() -> None:
     held_out = calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512, seed=1)
     grid = dict(bits=args.bits, group_size=args.group_size)
     quantized = {}
-    for name, config in (("rtn", compress.RTN(**grid)), ("awq", compress.AWQ(**grid))):
-        quantized[name] = copy.deepcopy(model)
+    quantized_configs = {}
+    for name, config in (("rtn", compress.RTN(**grid)), ("awq", compress.AWQ(**grid, **json.loads(args.awq_options)))):
+        quantized[name], quantized_configs[name] = copy.deepcopy(model), config
         compress.quantize(quantized[name], config, calibration, show_progress=False)
     result = {"model": Path(args.model).name, "dtype": args.dtype, "grid": f"W{args.bits} g{args.group_size} sym",
+              "awq": quantized_configs["awq"].describe(),
               "samples": args.samples, "whole": {}, "float_nll": mean_nll(model, held_out, args.batch), "layers": []}
     for name, whole in quantized.items():
         result["whole"][name] = mean_nll(whole, held_out, args.batch) - result["float_nll"]
@@ -71,8 +76,24 @@ def main() -> None:
             row[name] = mean_nll(model, held_out, args.batch) - result["float_nll"]
         layers[index] = original
         row["awq_worse"] = row["awq"] > row["rtn"]
+        # the other way round: the AWQ model with this one layer from the RTN model (interactions show here)
+        awq_layers = decoder_layers(quantized["awq"])
+        awq_layer = awq_layers[index]
+        awq_layers[index] = decoder_layers(quantized["rtn"])[index]
+        row["awq_model_with_rtn_layer"] = mean_nll(quantized["awq"], held_out, args.batch) - result["float_nll"]
+        awq_layers[index] = awq_layer
         result["layers"].append(row)
         print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if not args.layers:  # the RTN model with AWQ's layer wherever AWQ's alone did better
+        rtn_layers, awq_layers = decoder_layers(quantized["rtn"]), decoder_layers(quantized["awq"])
+        chosen = [row["layer"] for row in result["layers"] if not row["awq_worse"]]
+        for index in chosen:
+            rtn_layers[index] = awq_layers[index]
+        result["rtn_with_better_awq_layers"] = {"layers": chosen, "nll_increase": mean_nll(
+            quantized["rtn"], held_out, args.batch) - result["float_nll"]}
+        print(json.dumps(result["rtn_with_better_awq_layers"]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

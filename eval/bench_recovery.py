@@ -44,6 +44,8 @@ METHODS = {
     "awq-gptq": lambda g: compress.AWQ(**g, gptq={}),
     "awq-linear-gptq": lambda g: compress.AWQ(**g, loss="linear", gptq={}),
     "awq-noclip": lambda g: compress.AWQ(**g, clip=False),
+    "awq-qprop": lambda g: compress.AWQ(**g, propagate="quantized"),
+    "awq-noduo": lambda g: compress.AWQ(**g, duo_scaling=False),
     "rtn-asym": lambda g: compress.RTN(**g, sym=False),
     "awq-asym": lambda g: compress.AWQ(**g, sym=False),
 }

@@ -281,3 +281,39 @@ def test_awq_search_chooses_the_straightforward_scales_and_weights(monkeypatch, 
     for (name, linear), (_, reference) in zip(awq.quantizable_linears(model), awq.quantizable_linears(plain)):
         rounded = fake_quantize(reference.weight, *minmax_qparams(reference.weight, args), args)
         assert torch.allclose(linear.weight, rounded, atol=1e-5), name
+
+
+@pytest.mark.parametrize("propagate", ["float", "quantized"])
+def test_awq_searches_each_layer_on_the_float_or_the_rounded_layers_before_it(tiny_model_dir, propagate):
+    """What layer 1 is searched on: the float model's layer-1 inputs (float), or those of the model whose layer 0 AWQ
+    has already scaled, clipped and rounded (quantized): recorded during the search, recomputed afterwards by the
+    model's own forward."""
+    model, _, ids = _tiny(tiny_model_dir)
+    float_model, _, _ = _tiny(tiny_model_dir)
+    seen = []
+
+    def first_input(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    def layer1_input(m):
+        captured = []
+        handle = m.model.layers[1].register_forward_pre_hook(
+            lambda module, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+        _logits(m, ids)
+        handle.remove()
+        return captured[0]
+
+    handle = model.model.layers[1].register_forward_pre_hook(first_input, with_kwargs=True)
+    compress.quantize(model, compress.AWQ(bits=3, group_size=32, propagate=propagate), ids, show_progress=False)
+    handle.remove()
+    searched_on = seen[0]
+    from_quantized, from_float = layer1_input(model), layer1_input(float_model)
+    assert not torch.allclose(from_quantized, from_float, atol=1e-4)  # rounding layer 0 changed its outputs
+    expected = from_quantized if propagate == "quantized" else from_float
+    assert torch.allclose(searched_on, expected, atol=1e-5)
+
+
+def test_awq_propagate_quantized_refuses_gptq_rounding():
+    with pytest.raises(ValueError, match="propagate: quantized needs the layers rounded as AWQ goes"):
+        compress.AWQ(bits=4, propagate="quantized", gptq={})

@@ -278,3 +278,18 @@ def test_int4_kernel_variable_picks_a_kernel_or_names_the_choices(monkeypatch, r
     # a shape its layout cannot hold (groups of 32) runs on the next kernel in INT4_CUDA_KERNELS, named in a warning
     assert packed.int4_backend(cuda, (576, 1536, 32)) == "gemlite"
     assert any("cannot hold 576 inputs x 1536 outputs in groups of 32" in str(w.message) for w in recwarn)
+
+
+def test_gemlite_scales_have_zeros_after_them_for_the_split_k_kernel():
+    """gemlite's split-K kernel loads the scales of blocks past the last input unmasked: the scales it is given are a
+    view of a tensor that goes on with zero rows to the next multiple of the kernel's largest span."""
+    from compress.quantize.packed import GEMLITE_MAX_SPAN, _zeros_after
+
+    scales = torch.rand(11008 // 32, 96) + 0.5
+    padded = _zeros_after(scales, 11008, 32)
+    assert torch.equal(padded, scales) and padded.stride() == scales.stride()
+    # the whole allocation behind the view (float32: 4 bytes a value)
+    whole = torch.tensor([], dtype=padded.dtype).set_(padded.untyped_storage(), 0,
+                                                      (padded.untyped_storage().nbytes() // 4 // 96, 96))
+    assert whole.shape[0] * 32 == 2 * GEMLITE_MAX_SPAN  # 11008 inputs: two spans of 8192
+    assert torch.equal(whole[:len(scales)], scales) and not whole[len(scales):].any()

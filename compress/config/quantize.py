@@ -370,13 +370,25 @@ class AWQ(WeightOnlyConfig):
         "search costs about 20 block forwards per token it reads, so this bounds it: 16384 keeps AWQ within about 2x "
         "GPTQ's time at 128 x 2048 calibration tokens; None: every token"))
     clip: bool = Field(True, description="then search each group's clipping range (the paper's weight clipping)")
+    propagate: Literal["float", "quantized"] = Field("float", description=(
+        "what the next decoder layer is searched on: float: the float layers' outputs (AutoAWQ's and "
+        "llm-compressor's choice); quantized: the outputs of the layers already scaled, clipped and rounded, as GPTQ "
+        "does (with gptq: the rounding comes later, so float only)"))
     gptq: GPTQSolver | None = Field(None, description="round the scaled weights with GPTQ; None: round-to-nearest")
     calibration: CalibrationData | None = Field(None, description="default: the recipe's data.calibration")
+
+    @model_validator(mode="after")
+    def _propagate(self):
+        if self.propagate == "quantized" and self.gptq is not None:
+            raise ValueError("propagate: quantized needs the layers rounded as AWQ goes; with gptq: they are rounded "
+                             "after every layer is scaled: use propagate: float (the default)")
+        return self
 
     def describe(self) -> str:
         then = f" + {self.gptq.describe()}" if self.gptq else ""
         loss = " linear-loss" if self.loss == "linear" else ""
-        return f"awq {self.grid_summary()}{loss}{' clip' if self.clip else ''}{then}"
+        propagate = " quantized-propagation" if self.propagate == "quantized" else ""
+        return f"awq {self.grid_summary()}{loss}{' clip' if self.clip else ''}{propagate}{then}"
 
 
 class FP8(Strict):

@@ -21,7 +21,8 @@ that read one input:
      code: their outputs meet in a product);
   5. round: round-to-nearest per layer, or GPTQ over the whole scaled model (`gptq:`).
 Decoder layers are visited in order; each is searched on the float outputs of the layers before it (as the
-reference implementation does). Groups, statistics and the search follow AutoAWQ (`awq/quantize/quantizer.py`).
+reference implementation does), or with `propagate: quantized` on the outputs of the rounded layers before it (as
+GPTQ is). Groups, statistics and the search follow AutoAWQ (`awq/quantize/quantizer.py`).
 Under several processes each rank runs its share of the calibration samples; the statistics and the block output
 errors are summed over the ranks, and rank 0's result of each layer is broadcast.
 """
@@ -410,6 +411,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
         for index, (layer, groups) in enumerate(zip(layers, plan)):
             progress.update(task, description=f"AWQ layer {index + 1}/{len(layers)}")
             linears = dict(quantizable_linears(layer))
+            layer_inputs = list(layerwise.hidden)  # LayerInputs replaces them with the float layer's outputs
             inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block",
                                  search_samples=search_samples)
             scales_of: dict[str, torch.Tensor] = {}
@@ -422,6 +424,10 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
             _clip_and_round(rounded, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
             _same_on_every_rank(layer)
             del inputs
+            if config.propagate == "quantized" and index + 1 < len(layers):
+                layerwise.hidden[:] = layer_inputs
+                layerwise.propagate(layer, index)  # the rounded layer's outputs: the next layer's inputs
+            del layer_inputs
             progress.advance(task)
     del layerwise
     if config.gptq is not None:

@@ -155,6 +155,24 @@ def unpack_tinygemm_cpu(packed: torch.Tensor, out_features: int, in_features: in
     return codes
 
 
+# The most inputs one pass of gemlite's split-K kernel covers: BLOCK_SIZE_K × SPLIT_K, at most 512 × 16 in its
+# autotune space and tables. Its blocks past the last input load their group's scale and zero point unmasked (gemlite
+# 0.6.0, gemm_splitK_kernels.py), so where that span does not divide the inputs they read past the end of those
+# tensors: the inputs there are masked to zero, but zero times a stray inf or NaN is NaN (seen on the tiny test model,
+# 64 inputs, at 8-16 rows).
+GEMLITE_MAX_SPAN = 512 * 16
+
+
+def _zeros_after(meta: torch.Tensor, in_features: int, group_size: int) -> torch.nn.Parameter:
+    """gemlite's [groups, out] scales or zero points as a view of a tensor with zero rows after them, up to the next
+    multiple of GEMLITE_MAX_SPAN inputs: what the kernel reads past the end is then zero, never garbage. (Up to twice
+    the scales' bytes, on the groups of 32 that only gemlite runs.)"""
+    covered = -(-in_features // GEMLITE_MAX_SPAN) * GEMLITE_MAX_SPAN
+    padded = torch.zeros(covered // group_size, meta.shape[1], dtype=meta.dtype, device=meta.device)
+    padded[:meta.shape[0]] = meta
+    return torch.nn.Parameter(padded[:meta.shape[0]], requires_grad=False)  # gemlite keeps them as Parameters
+
+
 def dequantize_gemlite_reference(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | int,
                                  group: int) -> torch.Tensor:
     """gemlite's int4 layout back to the [in, out] weight: `packed` is [in/8, out] int32, code i of a word at bits
@@ -205,6 +223,9 @@ class Int4Linear(_PackedLinear):
         zero = 8 if symmetric else (zero_point.float() + 8).to(KERNEL_DTYPE)
         # fma_mode=False: w = (q − z)·s exactly as the checkpoint defines it (the fma form rounds −z·s to bf16)
         self.gemlite.pack(unsigned.to(torch.uint8), scale.to(KERNEL_DTYPE), zero, bias=None, fma_mode=False)
+        self.gemlite.scales = _zeros_after(self.gemlite.scales, self.in_features, self.group_size)
+        if isinstance(self.gemlite.zeros, torch.Tensor) and self.gemlite.zeros.numel() > 1:
+            self.gemlite.zeros = _zeros_after(self.gemlite.zeros, self.in_features, self.group_size)
         self.kernel = "int4 gemlite"
 
     def _pack_tinygemm(self, unsigned, scale, zero_point) -> None:
