@@ -9,13 +9,19 @@ of each window (where Qwen2's massive activations sit) and the rest; and the sha
         --out eval/results/awq_layer_errors_qwen2.5-coder-1.5b_cpu.json
 
 Each layer is searched on the float outputs of the float layers before it, as compress.quantize(AWQ) does (the
-whole pipeline gives the same errors on the first three layers); W4 symmetric, groups of --group-size."""
+whole pipeline gives the same errors on the first three layers); W4 symmetric, groups of --group-size. Also RTN with
+AWQ's clipping alone (no scales), and with `--nll` each variant's held-out NLL increase (the float model with that one
+layer swapped in, on set B's windows), which says whether a lower output error is a lower loss:
+
+    python eval/awq_layer_errors.py --model QWEN_GGUF --layers 0 --nll \
+        --out eval/results/awq_layer_parts_qwen2.5-coder-1.5b_cpu.json"""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +30,13 @@ import torch
 import compress
 from compress.architectures import family
 from compress.data import calibration_batches
+from compress.modules import decoder_layers
 from compress.quantize.awq import LayerInputs, _clip_and_round, _rounded, fold_scales, layer_groups, search_scales
 from compress.quantize.grid import quantizable_linears, quantization_args
 from compress.quantize.layerwise import LayerwiseCalibration
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from awq_layer_sensitivity import mean_nll  # noqa: E402
 
 
 class Frozen:
@@ -53,6 +63,16 @@ def errors(layer, calibration, reference) -> dict:
             "first": float(difference[:, 0].sum() / size[:, 0].sum())}
 
 
+def swapped_nll(model, index: int, layer, windows: torch.Tensor) -> float:
+    """The held-out NLL of `model` with decoder layer `index` replaced by `layer` (restored afterwards)."""
+    layers = decoder_layers(model)
+    original, layers[index] = layers[index], layer
+    try:
+        return mean_nll(model, windows, batch=4)
+    finally:
+        layers[index] = original
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +81,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="windows of 512 tokens in each of A and B")
     parser.add_argument("--search-samples", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--nll", action="store_true", help="also each variant's held-out NLL increase: the float "
+                        "model with that one layer swapped in, scored on set B's windows")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -72,6 +94,8 @@ def main() -> None:
     sets = {name: LayerwiseCalibration(model, calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512,
                                                                   seed=seed), torch.device("cpu"),
                                        batch_tokens=args.samples * 512) for name, seed in (("A", 0), ("B", 1))}
+    held_out = calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512, seed=1)  # set B's windows
+    float_nll = mean_nll(model, held_out, batch=4) if args.nll else None
     rows = []
     for index, layer in enumerate(sets["A"].layers):
         if index > max(targets):
@@ -93,12 +117,20 @@ def main() -> None:
                 name.split(".")[-1]: round(first / total, 4) for name, (first, total) in shares.items()}}
 
             def measured(candidate, only=("A", "B")):
-                return {name: errors(candidate, sets[name], reference[name]) for name in only}
+                result = {name: errors(candidate, sets[name], reference[name]) for name in only}
+                if args.nll:
+                    result["nll_increase"] = swapped_nll(model, index, candidate, held_out) - float_nll
+                return result
 
             rtn = copy.deepcopy(layer)
             for _, linear in quantizable_linears(rtn):
                 linear.weight.copy_(_rounded(linear.weight, grid))
             row["rtn"] = measured(rtn)
+            clipped = copy.deepcopy(layer)  # clipping alone: no scales, each group's range searched, then rounded
+            _clip_and_round(dict(quantizable_linears(clipped)), LayerInputs(
+                Frozen(sets["A"]), clipped, index, [], dict(quantizable_linears(clipped)), record_blocks=False),
+                {}, grid, clip=True, round_now=True)
+            row["rtn_clip"] = measured(clipped)
             groups = layer_groups(layer, index, known)
             scaled = copy.deepcopy(layer)
             inputs = LayerInputs(Frozen(sets["A"]), scaled, index, groups, dict(quantizable_linears(scaled)),
@@ -124,7 +156,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps({"model": Path(args.model).name, "config": config.describe(),
-                                                      "samples": args.samples, "rows": rows}, indent=1) + "\n")
+                                                      "samples": args.samples, "float_nll": float_nll, "rows": rows},
+                                                     indent=1) + "\n")
         for calibration in sets.values():
             calibration.propagate(layer, index)
 

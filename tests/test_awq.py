@@ -317,3 +317,36 @@ def test_awq_searches_each_layer_on_the_float_or_the_rounded_layers_before_it(ti
 def test_awq_propagate_quantized_refuses_gptq_rounding():
     with pytest.raises(ValueError, match="propagate: quantized needs the layers rounded as AWQ goes"):
         compress.AWQ(bits=4, propagate="quantized", gptq={})
+
+
+def test_awq_first_token_weight_counts_each_first_token_that_many_times(tiny_model_dir):
+    """With first_token_weight w, XᵀX gains (w − 1)·x₀ᵀx₀ of each sequence's first input, and the block's output
+    error counts the first tokens' squared error w times (both against a hand computation)."""
+    from compress.quantize.awq import LayerInputs
+    from compress.quantize.grid import quantizable_linears
+    from compress.quantize.layerwise import LayerwiseCalibration
+
+    model, _, ids = _tiny(tiny_model_dir)
+    layer = model.model.layers[0]
+    calibration = LayerwiseCalibration(model, ids, torch.device("cpu"), batch_tokens=ids.numel())
+    hidden = list(calibration.hidden)
+    seen = []
+    handle = layer.self_attn.q_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    linears, groups = dict(quantizable_linears(layer)), layer_groups(layer, 0, LLAMA)
+    plain = LayerInputs(calibration, layer, 0, groups, linears)
+    calibration.hidden[:] = hidden
+    weighted = LayerInputs(calibration, layer, 0, groups, linears, first_token_weight=5.0)
+    handle.remove()
+    first = seen[0][:, 0].double()
+    expected = plain.grams["self_attn.q_proj"].double() + 4 * first.T @ first
+    assert torch.allclose(weighted.grams["self_attn.q_proj"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(weighted.magnitude["self_attn.q_proj"], plain.magnitude["self_attn.q_proj"])
+
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.mul_(1.1)  # some output error to weigh
+        output = layer.self_attn(plain.inputs["self_attn"][0], **plain.kwargs["self_attn"][0])[0]
+    squared = (output - plain.outputs["self_attn"][0]).double().pow(2)
+    by_hand = (squared.sum() + 4 * squared[:, 0].sum()) / (squared.numel() + 4 * squared[:, 0].numel())
+    with torch.no_grad():  # as the search calls it
+        assert weighted.output_error(layer.self_attn, "self_attn") == pytest.approx(float(by_hand), rel=1e-5)
+        assert plain.output_error(layer.self_attn, "self_attn") == pytest.approx(float(squared.mean()), rel=1e-5)

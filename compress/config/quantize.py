@@ -370,6 +370,10 @@ class AWQ(WeightOnlyConfig):
         "search costs about 20 block forwards per token it reads, so this bounds it: 16384 keeps AWQ within about 2x "
         "GPTQ's time at 128 x 2048 calibration tokens; None: every token"))
     clip: bool = Field(True, description="then search each group's clipping range (the paper's weight clipping)")
+    first_token_weight: float = Field(1.0, ge=1, description=(
+        "how much each sequence's first token counts in the search's output error and the clipping's XᵀX, against "
+        "1 for every other token (the statistics x̄ count it once): the first position is where attention sinks and "
+        "massive activations sit, and every later token reads its key and value"))
     propagate: Literal["float", "quantized"] = Field("float", description=(
         "what the next decoder layer is searched on: float: the float layers' outputs (AutoAWQ's and "
         "llm-compressor's choice); quantized: the outputs of the layers already scaled, clipped and rounded, as GPTQ "
@@ -388,7 +392,8 @@ class AWQ(WeightOnlyConfig):
         then = f" + {self.gptq.describe()}" if self.gptq else ""
         loss = " linear-loss" if self.loss == "linear" else ""
         propagate = " quantized-propagation" if self.propagate == "quantized" else ""
-        return f"awq {self.grid_summary()}{loss}{' clip' if self.clip else ''}{propagate}{then}"
+        first = f" first-token-weight {self.first_token_weight:g}" if self.first_token_weight != 1 else ""
+        return f"awq {self.grid_summary()}{loss}{' clip' if self.clip else ''}{first}{propagate}{then}"
 
 
 class FP8(Strict):

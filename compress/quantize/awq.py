@@ -129,7 +129,8 @@ class LayerInputs:
 
     def __init__(self, calibration: LayerwiseCalibration, layer: torch.nn.Module, index: int,
                  groups: list[ScaledGroup], linears: dict[str, torch.nn.Linear], record_blocks: bool = True,
-                 search_samples: int | None = None):
+                 search_samples: int | None = None, first_token_weight: float = 1.0):
+        self.first_token_weight = first_token_weight
         inspected = {g.inspect for g in groups if runs_block(g)} if record_blocks else set()
         self._left = search_samples  # samples still to record in this chunk and the later ones
         self._take = None  # how many samples of the current chunk are recorded
@@ -212,12 +213,15 @@ class LayerInputs:
             if owner != name:  # q/k/v, gate/up: one input, summed once
                 self._share[name] = owner
                 return
+            first = x[:, 0] if x.dim() == 3 else None
             x = x.reshape(-1, x.shape[-1])
             if name not in self.grams:
                 self.magnitude[name] = torch.zeros(x.shape[1], device=x.device)
                 self.grams[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             self.magnitude[name] += x.abs().sum(0, dtype=torch.float32)
             add_gram(self.grams[name], x)  # GPTQ's: tensor cores for half inputs on CUDA, symmetric blocks on CPU
+            if self.first_token_weight != 1 and first is not None:
+                self.grams[name].addmm_(first.float().T, first.float(), alpha=self.first_token_weight - 1)
 
         return hook
 
@@ -231,8 +235,12 @@ class LayerInputs:
         for x, kwargs, reference in zip(self.inputs[name], self.kwargs[name], self.outputs[name]):
             output = block(x, **kwargs)
             output = output[0] if isinstance(output, tuple) else output
-            total += (output.float() - reference.float()).pow(2).sum().item()
+            squared = (output.float() - reference.float()).pow(2)
+            total += squared.sum().item()
             count += reference.numel()
+            if self.first_token_weight != 1:
+                total += (self.first_token_weight - 1) * squared[:, 0].sum().item()
+                count += (self.first_token_weight - 1) * reference[:, 0].numel()
         return distributed.all_sum(total) / distributed.all_sum(count)
 
 
@@ -413,7 +421,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
             linears = dict(quantizable_linears(layer))
             layer_inputs = list(layerwise.hidden)  # LayerInputs replaces them with the float layer's outputs
             inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block",
-                                 search_samples=search_samples)
+                                 search_samples=search_samples, first_token_weight=config.first_token_weight)
             scales_of: dict[str, torch.Tensor] = {}
             for group in groups:
                 where = f"layer {index} ({group.prev} → {', '.join(group.linears)})"
