@@ -30,13 +30,12 @@ import torch
 import compress
 from compress.architectures import family
 from compress.data import calibration_batches
-from compress.modules import decoder_layers
 from compress.quantize.awq import LayerInputs, _clip_and_round, _rounded, fold_scales, layer_groups, search_scales
 from compress.quantize.grid import quantizable_linears, quantization_args
 from compress.quantize.layerwise import LayerwiseCalibration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from awq_layer_sensitivity import mean_nll  # noqa: E402
+from awq_layer_sensitivity import mean_nll, swapped_nll  # noqa: E402
 
 
 class Frozen:
@@ -61,16 +60,6 @@ def errors(layer, calibration, reference) -> dict:
     size = reference.pow(2).sum(-1)
     return {"rest": float(difference[:, 1:].sum() / size[:, 1:].sum()),
             "first": float(difference[:, 0].sum() / size[:, 0].sum())}
-
-
-def swapped_nll(model, index: int, layer, windows: torch.Tensor) -> float:
-    """The held-out NLL of `model` with decoder layer `index` replaced by `layer` (restored afterwards)."""
-    layers = decoder_layers(model)
-    original, layers[index] = layers[index], layer
-    try:
-        return mean_nll(model, windows, batch=4)
-    finally:
-        layers[index] = original
 
 
 @torch.no_grad()
@@ -119,7 +108,7 @@ def main() -> None:
             def measured(candidate, only=("A", "B")):
                 result = {name: errors(candidate, sets[name], reference[name]) for name in only}
                 if args.nll:
-                    result["nll_increase"] = swapped_nll(model, index, candidate, held_out) - float_nll
+                    result["nll_increase"] = swapped_nll(model, index, candidate, held_out, batch=4) - float_nll
                 return result
 
             rtn = copy.deepcopy(layer)

@@ -38,6 +38,16 @@ def mean_nll(model, windows: torch.Tensor, batch: int) -> float:
     return total / count
 
 
+def swapped_nll(model, index: int, layer, windows: torch.Tensor, batch: int) -> float:
+    """The held-out NLL of `model` with decoder layer `index` replaced by `layer` (restored afterwards)."""
+    layers = decoder_layers(model)
+    original, layers[index] = layers[index], layer
+    try:
+        return mean_nll(model, windows, batch)
+    finally:
+        layers[index] = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -55,13 +65,13 @@ def main() -> None:
     calibration = calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512, seed=0).to(args.device)
     held_out = calibration_batches(tokenizer, "wikitext2-valid", args.samples, 512, seed=1)
     grid = dict(bits=args.bits, group_size=args.group_size)
+    awq = compress.AWQ(**grid, **json.loads(args.awq_options))
     quantized = {}
-    quantized_configs = {}
-    for name, config in (("rtn", compress.RTN(**grid)), ("awq", compress.AWQ(**grid, **json.loads(args.awq_options)))):
-        quantized[name], quantized_configs[name] = copy.deepcopy(model), config
+    for name, config in (("rtn", compress.RTN(**grid)), ("awq", awq)):
+        quantized[name] = copy.deepcopy(model)
         compress.quantize(quantized[name], config, calibration, show_progress=False)
     result = {"model": Path(args.model).name, "dtype": args.dtype, "grid": f"W{args.bits} g{args.group_size} sym",
-              "awq": quantized_configs["awq"].describe(),
+              "awq": awq.describe(),
               "samples": args.samples, "whole": {}, "float_nll": mean_nll(model, held_out, args.batch), "layers": []}
     for name, whole in quantized.items():
         result["whole"][name] = mean_nll(whole, held_out, args.batch) - result["float_nll"]
@@ -70,18 +80,13 @@ def main() -> None:
     chosen = range(len(layers)) if not args.layers else [int(i) for i in args.layers.split(",")]
     for index in chosen:
         row = {"layer": index}
-        original = layers[index]
         for name, whole in quantized.items():
-            layers[index] = decoder_layers(whole)[index]
-            row[name] = mean_nll(model, held_out, args.batch) - result["float_nll"]
-        layers[index] = original
+            row[name] = swapped_nll(model, index, decoder_layers(whole)[index], held_out, args.batch) \
+                - result["float_nll"]
         row["awq_worse"] = row["awq"] > row["rtn"]
         # the other way round: the AWQ model with this one layer from the RTN model (interactions show here)
-        awq_layers = decoder_layers(quantized["awq"])
-        awq_layer = awq_layers[index]
-        awq_layers[index] = decoder_layers(quantized["rtn"])[index]
-        row["awq_model_with_rtn_layer"] = mean_nll(quantized["awq"], held_out, args.batch) - result["float_nll"]
-        awq_layers[index] = awq_layer
+        row["awq_model_with_rtn_layer"] = swapped_nll(quantized["awq"], index, decoder_layers(quantized["rtn"])[index],
+                                                      held_out, args.batch) - result["float_nll"]
         result["layers"].append(row)
         print(json.dumps(row), flush=True)
         if args.out:

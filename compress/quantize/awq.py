@@ -419,7 +419,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
         for index, (layer, groups) in enumerate(zip(layers, plan)):
             progress.update(task, description=f"AWQ layer {index + 1}/{len(layers)}")
             linears = dict(quantizable_linears(layer))
-            layer_inputs = list(layerwise.hidden)  # LayerInputs replaces them with the float layer's outputs
+            # LayerInputs replaces the inputs with the float layer's outputs; kept only where the rounded layer reruns
+            layer_inputs = list(layerwise.hidden) if config.propagate == "quantized" else None
             inputs = LayerInputs(layerwise, layer, index, groups, linears, record_blocks=config.loss == "block",
                                  search_samples=search_samples, first_token_weight=config.first_token_weight)
             scales_of: dict[str, torch.Tensor] = {}
@@ -432,7 +433,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQ, calibration: torch.Tensor,
             _clip_and_round(rounded, inputs, scales_of, args, config.clip, round_now=config.gptq is None)
             _same_on_every_rank(layer)
             del inputs
-            if config.propagate == "quantized" and index + 1 < len(layers):
+            if layer_inputs is not None and index + 1 < len(layers):
                 layerwise.hidden[:] = layer_inputs
                 layerwise.propagate(layer, index)  # the rounded layer's outputs: the next layer's inputs
             del layer_inputs
