@@ -8,12 +8,15 @@ at those batch sizes) it times every launch setting of ours, checks its output a
 float32, and times gemlite (our tuned table) and cuBLAS on the same input. Each time is one call's share of a CUDA graph
 that calls the kernel on enough copies of the weight to exceed the L2 cache, as a decode step does (a graph replaying
 one Linear would read it from L2; a graph also leaves out the Python launch cost, as the compiled decode step does).
-At 2048 rows (a prompt) it times dequantize-then-cuBLAS for both layouts against cuBLAS on the bf16 weight, and checks
-that our dequantized weight equals gemlite's bit for bit. Last, the kernel inside torch.compile (a CUDA graph)."""
+Beside each, a kernel that only reads the same bytes gives the memory's limit in the same harness. At 2048 rows (a
+prompt) it times dequantize-then-cuBLAS for both layouts (ours whole and in slices of output rows, CHUNKS) against
+cuBLAS on the bf16 weight, and checks that our dequantized weight equals gemlite's bit for bit. Last, the kernel inside
+torch.compile (a CUDA graph)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,7 +33,42 @@ from bench_kernels import LLAMA2_7B  # noqa: E402
 from compress.quantize import int4_mma, packed  # noqa: E402
 from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # noqa: E402
 
-SETTINGS = [(split_k, unroll, alu) for alu in (False, True) for split_k in (4, 8, 16) for unroll in (1, 2, 4)]
+SETTINGS = [(split_k, unroll, alu, pipeline) for alu in (False, True) for split_k in (4, 8, 16)
+            for unroll in (1, 2, 4, 8) for pipeline in (False, True)]
+CHUNKS = (0, 1024, 2048, 4096, 8192)  # int4_mma.DEQUANTIZE_CHUNK candidates, timed at the prefill length
+
+# The memory's own limit in the same harness: a kernel that only reads the same bytes (16-byte streaming loads, four in
+# flight per thread, every block resident) and keeps nothing, timed as ours is, against which each shape's time is put.
+_STREAM = r"""
+extern "C" __global__ void stream_read(const uint4* __restrict__ data, unsigned* __restrict__ sink, long long n) {
+    unsigned acc = 0;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * step < n; i += 4 * step) {
+        const uint4 a = load_streaming(data + i), b = load_streaming(data + i + step);
+        const uint4 c = load_streaming(data + i + 2 * step), d = load_streaming(data + i + 3 * step);
+        acc ^= a.x ^ b.y ^ c.z ^ d.w;
+    }
+    for (; i < n; i += step) acc ^= load_streaming(data + i).x;
+    if (acc == 0x9E3779B9u) sink[0] = acc;  // never true in practice; keeps the loads
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def stream_kernel():
+    return torch.cuda._compile_kernel(int4_mma._COMMON + _STREAM, "stream_read")
+
+
+def stream_us(buffers: list[torch.Tensor], sink: torch.Tensor) -> tuple[float, int]:
+    """The fastest graph-replayed read of each buffer (16-byte words) over a few grid sizes, and its blocks per SM."""
+    kernel, sms = stream_kernel(), torch.cuda.get_device_properties(0).multi_processor_count
+    best = (float("inf"), 0)
+    for per_sm in (2, 4, 8):
+        us = chain_us([lambda b=b: kernel(grid=(sms * per_sm, 1, 1), block=(256, 1, 1),
+                                          args=[b, sink, b.numel() // 4]) for b in buffers])
+        best = min(best, (us, per_sm))
+    return best
 
 
 def chain_us(calls: list, replays: int = 10) -> float:
@@ -72,6 +110,23 @@ def grid_of(in_features: int, out_features: int, group: int, sym: bool):
     return lite, ours
 
 
+def launch_once(args) -> None:
+    """Each shape's kernel at each row count with the runtime's setting, and the read-only kernel, launched once."""
+    kernel, sms = stream_kernel(), torch.cuda.get_device_properties(0).multi_processor_count
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for name in args.shapes.split(",") if args.shapes else list(LLAMA2_7B):
+        in_features, out_features = LLAMA2_7B[name]
+        _, ours = grid_of(in_features, out_features, 128, True)
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
+            int4_mma.launch(x, ours["words"], ours["scales"], None, None, 128, out)
+            print(name, rows, int4_mma.settings_for(int4_mma._row_tiles(rows), out_features), flush=True)
+        words = ours["words"].view(-1)
+        kernel(grid=(sms * 4, 1, 1), block=(256, 1, 1), args=[words, sink, words.numel() // 4])
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1,4,16,64")
@@ -80,8 +135,15 @@ def main() -> None:
     parser.add_argument("--asym", action=argparse.BooleanOptionalAction, default=True,
                         help="also g64 asymmetric on the unpruned shapes")
     parser.add_argument("--budget", type=float, default=420, help="seconds; shapes left after it are skipped")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--ncu", action="store_true",
+                        help="launch the runtime's setting and the read-only kernel once per shape and row count, "
+                             "untimed, for `ncu` to read their counters; writes nothing")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if args.ncu:
+        return launch_once(args)
+    if not args.out:
+        parser.error("--out is required")
     import gemlite
 
     start = time.time()
@@ -105,6 +167,11 @@ def main() -> None:
             grid_of(in_features, out_features, group, sym)[0] for _ in range(copies - 1)]
         ours_copies = [{key: None if t is None else t.clone() for key, t in ours.items()} for _ in range(copies)]
         denses = [dequantized.clone() for _ in range(copies_for(in_features * out_features * 2))]
+        sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+        stream_buffers = [torch.cat([c["words"].view(-1), c["scales"].view(torch.int16).view(-1).view(torch.int32)])
+                          for c in ours_copies]
+        memory_us, memory_per_sm = stream_us(stream_buffers, sink)
+        del stream_buffers
         ours_weight = int4_mma.dequantize(ours["words"], ours["scales"], ours["zeros"], group)
         same_weight = bool(torch.equal(ours_weight, dequantized))
         for rows in rows_list:
@@ -137,6 +204,8 @@ def main() -> None:
                    "ours_us": round(ours_us, 2), "gemlite_us": round(gemlite_us, 2), "bf16_us": round(bf16_us, 2),
                    "ours_vs_gemlite": round(gemlite_us / ours_us, 3), "ours_vs_bf16": round(bf16_us / ours_us, 3),
                    "ours_tb_per_s": round(size / ours_us / 1e6, 3),
+                   "read_only_us": round(memory_us, 2), "read_only_blocks_per_sm": memory_per_sm,
+                   "ours_vs_read_only": round(memory_us / ours_us, 3),
                    "gemlite_tb_per_s": round(size / gemlite_us / 1e6, 3),
                    "bf16_tb_per_s": round(in_features * out_features * 2 / bf16_us / 1e6, 3),
                    "best_setting": best, "all_us": {str(s): round(u, 2) for s, u in timed.items()},
@@ -149,8 +218,9 @@ def main() -> None:
                    "dequantized_equal_to_gemlite": same_weight,
                    "ours_dequantize_us": round(chain_us([lambda c=c: int4_mma.dequantize(
                        c["words"], c["scales"], c["zeros"], group) for c in pair]), 2),
-                   "ours_us": round(chain_us([lambda c=c: torch.ops.compress.int4_mma(
-                       x, c["words"], c["scales"], c["zeros"], None, group) for c in pair]), 2),
+                   "ours_us_by_chunk": {chunk: round(chain_us([lambda c=c, chunk=chunk: int4_mma.dequantized_matmul(
+                       x, c["words"], c["scales"], c["zeros"], None, group, chunk) for c in pair]), 2)
+                       for chunk in CHUNKS},
                    "gemlite_path_us": round(chain_us([lambda lite=lite: lite(x) for lite in lites[:2]]), 2),
                    "bf16_us": round(chain_us([lambda dense=dense: F.linear(x, dense) for dense in denses[:2]]), 2)}
         results["prefill"].append(prefill)

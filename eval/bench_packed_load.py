@@ -6,14 +6,20 @@ it, and on CUDA the peak of allocated GPU memory; both are divided by the packed
 buffer once).
 
     python eval/bench_packed_load.py runs/smollm2-135m-rtn4/01-quantize --device cpu --out eval/results/...json
+    python eval/bench_packed_load.py --random-7b-layers 8 --device cuda --out ...   # a machine without the model
+
+`--random-7b-layers N` measures, instead of a folder, a Llama-2-7B-shape model with N layers and random weights (the
+bytes do not depend on the values), quantized W4 g128 (RTN) and saved with a stand-in tokenizer to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -68,9 +74,29 @@ def measure(folder: str, device: str, dtype: str, way: str) -> dict:
     return row
 
 
+def random_checkpoint(layers: int, device: str, folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_models import LLAMA2_7B, random_llama
+
+    import compress
+    from compress.checkpoint import save_model
+
+    model = random_llama(dict(LLAMA2_7B, num_hidden_layers=layers), torch.bfloat16, device)
+    compress.quantize(model, compress.RTN(bits=4, group_size=128), show_progress=False)
+    vocabulary = {f"t{i}": i for i in range(16)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
+                                        unk_token="t0")
+    save_model(model, tokenizer, folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder")
+    parser.add_argument("folder", nargs="?")
+    parser.add_argument("--random-7b-layers", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--way", help=argparse.SUPPRESS)
@@ -81,6 +107,22 @@ def main() -> None:
     if args.way:
         print(json.dumps(measure(args.folder, args.device, args.dtype, args.way)))
         return
+    if args.random_7b_layers:
+        with tempfile.TemporaryDirectory() as temporary:
+            args.folder = str(Path(temporary, f"llama2-7b-shape-{args.random_7b_layers}-layers-w4g128"))
+            random_checkpoint(args.random_7b_layers, args.device, Path(args.folder))
+            gc.collect()
+            if args.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # the children measure their own peaks; this one's cache only takes room
+            return run_ways(args)
+    if not args.folder:
+        parser.error("a step folder or --random-7b-layers")
+    run_ways(args)
+
+
+def run_ways(args) -> None:
     rows = []
     for way in ("packed from the checkpoint", "dense then packed"):
         for _ in range(args.runs):
@@ -89,8 +131,9 @@ def main() -> None:
             rows.append(json.loads(output.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     result = {"folder": Path(args.folder).name, "device": args.device, "dtype": args.dtype, "rows": rows,
-              "command": f"python eval/bench_packed_load.py RUN/{Path(args.folder).name} --device {args.device} "
-                         f"--dtype {args.dtype} --runs {args.runs}"}
+              "command": "python eval/bench_packed_load.py " + (
+                  f"--random-7b-layers {args.random_7b_layers}" if args.random_7b_layers else
+                  f"RUN/{Path(args.folder).name}") + f" --device {args.device} --dtype {args.dtype} --runs {args.runs}"}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -129,10 +129,12 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("setting", [(4, 1, False), (8, 4, False), (16, 2, True), (4, 4, True)])
+@pytest.mark.parametrize("setting", [(4, 1, False, False), (8, 4, False, True), (16, 2, True, False),
+                                     (4, 4, True, True), (8, 8, True, True)])
 @pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
 def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group):
-    """Warps, loads ahead and where the zero point is taken out only change the order of float32 sums."""
+    """Warps, loads per round, where the zero point is taken out and loading the next round ahead only change the order
+    of float32 sums."""
     if reason := int4_mma.available(torch.device("cuda")):
         pytest.skip(reason)
     n, k, rows = 48, 640, 9
@@ -153,7 +155,7 @@ def test_split_k_settings_fit_static_shared_memory():
     for rows in range(1, int4_mma.MAX_ROWS + 1):
         row_tiles = int4_mma._row_tiles(rows)
         for out_features in (4096, 22016):
-            split_k, _, _ = int4_mma.settings_for(row_tiles, out_features)
+            split_k = int4_mma.settings_for(row_tiles, out_features)[0]
             assert split_k * row_tiles * 4 * 32 * 4 <= 48 * 1024, (rows, out_features, split_k)
     assert (int4_mma.max_split_k(int4_mma._row_tiles(64)), int4_mma.max_split_k(int4_mma._row_tiles(32))) == (8, 16)
 
@@ -177,3 +179,19 @@ def test_packed_linear_on_the_mma_layout_computes_its_grid():
     expected = torch.nn.functional.linear(x.float(), grid_weight.float(), bias.to(torch.bfloat16).float())
     assert linear.kernel == "int4 mma" and torch.equal(linear.dequantized_weight(), grid_weight)
     torch.testing.assert_close(linear(x).float(), expected, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("asymmetric,group,chunk", [(False, 128, 32), (True, 64, 48), (False, 64, 1000)])
+def test_dequantizing_in_slices_of_output_rows_gives_the_whole_product(asymmetric, group, chunk):
+    """Long inputs may dequantize the weight a slice of output rows at a time (slices of the packed tensors, tile by
+    tile; the last slice shorter): the product and the bias land in the right columns, as with the whole weight."""
+    n, k = 96, 256
+    unsigned, scale, zero = _grid(n, k, group, asymmetric, seed=3)
+    tensors = int4_mma.pack(unsigned, scale, zero)
+    x = torch.randn(70, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    weight = _reference_weight(unsigned, scale, zero, group)
+    whole = int4_mma.dequantized_matmul(x, tensors["words"], tensors["scales"], tensors["zeros"], bias, group, 0)
+    sliced = int4_mma.dequantized_matmul(x, tensors["words"], tensors["scales"], tensors["zeros"], bias, group, chunk)
+    torch.testing.assert_close(whole.float(), (x.float() @ weight.float().T + bias.float()), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sliced, whole)  # the same sums; a CPU GEMM may block a narrower one otherwise

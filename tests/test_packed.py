@@ -293,3 +293,19 @@ def test_gemlite_scales_have_zeros_after_them_for_the_split_k_kernel():
                                                       (padded.untyped_storage().nbytes() // 4 // 96, 96))
     assert whole.shape[0] * 32 == 2 * GEMLITE_MAX_SPAN  # 11008 inputs: two spans of 8192
     assert torch.equal(whole[:len(scales)], scales) and not whole[len(scales):].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_fp8_input_rounding_equals_the_pytorch_rounding():
+    """An eager FP8 Linear rounds its input with gemlite's fused kernel: the same scales and e4m3 codes as the
+    PyTorch form that the simulation and the compiled decode step use, for token magnitudes from 1e-3 to 1e2."""
+    from compress.quantize.packed import _fused_fp8_activation, _quantize_activation
+
+    if (fused := _fused_fp8_activation()) is None:
+        pytest.skip("needs gemlite (the cuda extra)")
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    x = x * torch.logspace(-3, 2, 300, device="cuda", dtype=torch.bfloat16)[:, None]
+    codes, scales = fused(x, w_dtype=torch.float8_e4m3fn)
+    expected_codes, expected_scales = _quantize_activation(x)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))

@@ -34,6 +34,10 @@ import math
 import torch
 
 MAX_ROWS = 64  # above this the runtime dequantizes (`dequantize`) and calls cuBLAS
+# Above MAX_ROWS, the weight is dequantized this many output rows at a time, each slice multiplied as soon as it is
+# written, so that it is read back from the L2 cache instead of memory (0: the whole weight at once). Measured by
+# eval/bench_int4_mma.py's prefill rows.
+DEQUANTIZE_CHUNK = 0
 TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
 STATIC_SHARED_BYTES = 48 * 1024  # the most a kernel may declare without opting in to more
 
@@ -106,21 +110,35 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
 
+    // One round: UNROLL k blocks of this warp, every load first, then the arithmetic. With PIPELINE the next round's
+    // loads are issued before this round's arithmetic (two rounds of registers), so a warp never waits on memory with
+    // nothing of its own in flight.
+    uint4 w[UNROLL];
+    unsigned short s_a[UNROLL], s_b[UNROLL];
+    unsigned char z_a[UNROLL], z_b[UNROLL];
+#define LOAD_ROUND(FIRST, W, SA, SB, ZA, ZB)                                                   \
+    _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                                     \
+        const int kb = (FIRST) + u * SPLIT_K;                                                 \
+        if (kb < k_blocks) {                                                                  \
+            W[u] = load_streaming(tile_words + (size_t)kb * 32);                              \
+            const int at = (kb / blocks_per_group) * 16 + g;                                  \
+            SA[u] = tile_scales[at];                                                          \
+            SB[u] = tile_scales[at + 8];                                                      \
+            if (ASYMMETRIC) { ZA[u] = tile_zeros[at]; ZB[u] = tile_zeros[at + 8]; }           \
+        }                                                                                     \
+    }
+#if PIPELINE
+    LOAD_ROUND(warp, w, s_a, s_b, z_a, z_b)
+#endif
     for (int first = warp; first < k_blocks; first += SPLIT_K * UNROLL) {
-        uint4 w[UNROLL];
-        unsigned short s_a[UNROLL], s_b[UNROLL];
-        unsigned char z_a[UNROLL], z_b[UNROLL];
-        #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {   // every load of this round first, then the arithmetic
-            const int kb = first + u * SPLIT_K;
-            if (kb < k_blocks) {
-                w[u] = load_streaming(tile_words + (size_t)kb * 32);
-                const int at = (kb / blocks_per_group) * 16 + g;
-                s_a[u] = tile_scales[at];
-                s_b[u] = tile_scales[at + 8];
-                if (ASYMMETRIC) { z_a[u] = tile_zeros[at]; z_b[u] = tile_zeros[at + 8]; }
-            }
-        }
+#if PIPELINE
+        uint4 w_next[UNROLL];
+        unsigned short s_a_next[UNROLL], s_b_next[UNROLL];
+        unsigned char z_a_next[UNROLL], z_b_next[UNROLL];
+        LOAD_ROUND(first + SPLIT_K * UNROLL, w_next, s_a_next, s_b_next, z_a_next, z_b_next)
+#else
+        LOAD_ROUND(first, w, s_a, s_b, z_a, z_b)
+#endif
         #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = first + u * SPLIT_K;
@@ -172,7 +190,15 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
                 acc[mt][3] = fmaf(scale_b, block[mt][3], acc[mt][3]);
             }
         }
+#if PIPELINE
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            w[u] = w_next[u]; s_a[u] = s_a_next[u]; s_b[u] = s_b_next[u];
+            if (ASYMMETRIC) { z_a[u] = z_a_next[u]; z_b[u] = z_b_next[u]; }
+        }
+#endif
     }
+#undef LOAD_ROUND
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
@@ -265,11 +291,12 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, row_tiles: int, split_k: int, unroll: int, zero_in_alu: bool, asymmetric: bool, bias: bool,
+def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, bool], asymmetric: bool, bias: bool,
             device: int):
+    split_k, unroll, zero_in_alu, pipeline = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
-               f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define ASYMMETRIC {int(asymmetric)}\n"
-               f"#define HAS_BIAS {int(bias)}\n")
+               f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define PIPELINE {int(pipeline)}\n"
+               f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
     source = defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability(device)
@@ -287,15 +314,16 @@ def available(device: torch.device) -> str | None:
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     try:
-        _kernel("int4_mma", 1, 8, 2, False, False, False, device.index or 0)
+        _kernel("int4_mma", 1, (8, 2, False, False), False, False, device.index or 0)
     except Exception as error:  # noqa: BLE001 -- NVRTC missing or refusing: the caller falls back to another kernel
         return f"NVRTC could not build the kernel ({type(error).__name__}: {str(error)[:160]})"
     return None
 
 
-def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool]:
-    """Warps sharing K in a block, k blocks each warp loads ahead, and whether the zero point is taken out in the
-    integer units (else by a second mma): more warps where there are few blocks (16 rows each). The fastest measured by
+def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool, bool]:
+    """Warps sharing K in a block, k blocks each warp loads in a round, whether the zero point is taken out in the
+    integer units (else by a second mma) and whether the next round's loads go out before a round's arithmetic: more
+    warps where there are few blocks (16 rows each). The fastest measured by
     eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16 rows with the
     zero point in the integer units, bench_int4_mma_alu_h200.json); any setting computes the same result. The warps'
     partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare statically, which
@@ -307,7 +335,7 @@ def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool]:
         split_k, unroll = (16, 2) if few_blocks else (8, 2)
     else:
         split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
-    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2
+    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, False
 
 
 def max_split_k(row_tiles: int) -> int:
@@ -322,14 +350,14 @@ def _row_tiles(rows: int) -> int:
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, group: int, out: torch.Tensor,
-           settings: tuple[int, int, bool] | None = None) -> None:
+           settings: tuple[int, int, bool, bool] | None = None) -> None:
     """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous (x 16-byte aligned), M <= MAX_ROWS."""
     rows, k = x.shape
     n = words.shape[0] * TILE_N
     row_tiles = _row_tiles(rows)
-    split_k, unroll, zero_in_alu = settings or settings_for(row_tiles, n)
-    kernel = _kernel("int4_mma", row_tiles, split_k, unroll, zero_in_alu, zeros is not None, bias is not None,
-                     x.device.index or 0)
+    setting = settings or settings_for(row_tiles, n)
+    split_k = setting[0]
+    kernel = _kernel("int4_mma", row_tiles, setting, zeros is not None, bias is not None, x.device.index or 0)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
     kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, scales if bias is None else bias, x, out,
@@ -347,10 +375,32 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         centred = unpack_codes(words).float() - (8 if zeros is None else by_row(zeros))
         return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
-    kernel = _kernel("int4_dequantize", 1, 1, 1, False, zeros is not None, False, words.device.index or 0)
+    kernel = _kernel("int4_dequantize", 1, (1, 1, False, False), zeros is not None, False, words.device.index or 0)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
+    return out
+
+
+def dequantized_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bias: torch.Tensor | None, group: int, chunk: int = 0) -> torch.Tensor:
+    """x · wᵀ (+ bias) for long inputs: the weight dequantized, then cuBLAS; with `chunk`, `chunk` output rows of the
+    weight at a time (a slice of the packed tensors is the slice of the weight: they are stored tile by tile), each
+    multiplied into its columns of the output while it is still in the L2 cache."""
+    n = words.shape[0] * TILE_N
+    if not chunk or chunk >= n:
+        weight = dequantize(words, scales, zeros, group)
+        return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    tiles = max(1, chunk // TILE_N)
+    for first in range(0, words.shape[0], tiles):
+        last = min(first + tiles, words.shape[0])
+        part = dequantize(words[first:last], scales[first:last], None if zeros is None else zeros[first:last], group)
+        columns = out[:, first * TILE_N:last * TILE_N]
+        if bias is None:
+            torch.mm(x, part.T, out=columns)
+        else:
+            torch.addmm(bias[first * TILE_N:last * TILE_N], x, part.T, out=columns)
     return out
 
 
@@ -359,8 +409,7 @@ def int4_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: 
              bias: torch.Tensor | None, group: int) -> torch.Tensor:
     """x [M, K] bf16 times the packed weight: the few-row kernel up to MAX_ROWS rows, else dequantize + cuBLAS."""
     if x.shape[0] > MAX_ROWS or not x.is_cuda:
-        out = x @ dequantize(words, scales, zeros, group).T
-        return out if bias is None else out + bias
+        return dequantized_matmul(x, words, scales, zeros, bias, group, DEQUANTIZE_CHUNK if x.is_cuda else 0)
     if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads inputs 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     out = torch.empty(x.shape[0], words.shape[0] * TILE_N, dtype=torch.bfloat16, device=x.device)

@@ -333,6 +333,28 @@ def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_activation(x)
 
 
+@functools.cache
+def _fused_fp8_activation():
+    """gemlite's per-token e4m3 rounding of an activation, one Triton kernel (amax, scale, divide, clamp, cast), or
+    None without gemlite. In eager PyTorch the same rounding is ~7 kernels and two float32 copies of the input, which
+    cost a 2048-token FP8 prefill more than its GEMMs saved (eval/results/bench_inference_7b_h200_asym_fp8.json).
+    Its arithmetic is ours (amax / 448 in float32, x / scale rounded to nearest) except the floor of the scale: 1e-6
+    against quantize_activation's 1e-12, which changes only tokens whose largest magnitude is below 4.5e-4."""
+    if gemlite_module() is None:
+        return None
+    from gemlite.quant_utils import scale_activations_per_token
+
+    return scale_activations_per_token
+
+
+def _quantize_fp8_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 values and float32 scales [tokens, 1]: gemlite's fused kernel when run eagerly on a GPU; inside
+    torch.compile (the decode step) the PyTorch form, which Inductor fuses into the kernels around it."""
+    if x.is_cuda and not torch.compiler.is_compiling() and (fused := _fused_fp8_activation()) is not None:
+        return fused(x.contiguous(), w_dtype=torch.float8_e4m3fn)  # it writes its output at the input's strides
+    return _quantize_activation(x)
+
+
 class FP8Linear(_PackedLinear):
     """e4m3 weights (one byte each) with one scale per output row; W8A8 also rounds its input to e4m3 per token."""
 
@@ -355,9 +377,9 @@ class FP8Linear(_PackedLinear):
         flat = x.reshape(-1, shape[-1])
         if self.tensor_cores:
             # FP8 tensor cores with fast accumulation (gemlite's FP8 GEMV was slower at every row count measured). The
-            # activation's rounding is plain PyTorch: a compiled decode step fuses it; wrapping it in its own
-            # torch.compile added a guard check per Linear that dominated eager prefill
-            x_fp8, x_scale = _quantize_activation(flat)
+            # activation's rounding: one fused kernel eagerly (wrapping the PyTorch form in its own torch.compile
+            # added a guard check per Linear that dominated eager prefill)
+            x_fp8, x_scale = _quantize_fp8_input(flat)
             out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale, scale_b=self.scales.T,
                                    out_dtype=x.dtype, use_fast_accum=True)
         else:
