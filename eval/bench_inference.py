@@ -110,7 +110,7 @@ def _without_out(argv: list[str]) -> list[str]:
 
 def _jobs_that_fit(shape: dict, jobs: int, device: str) -> int:
     """At most as many variants at once as the GPU's free memory holds while each builds its model (random_llama
-    initialises in float32 before casting: 4 bytes a parameter, plus a quarter for compiling and the caches)."""
+    initialises in bfloat16: 2 bytes a parameter, plus half for quantizing, compiling and the caches)."""
     if device != "cuda":
         return jobs
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,10 +118,10 @@ def _jobs_that_fit(shape: dict, jobs: int, device: str) -> int:
     with torch.device("meta"):
         parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**shape)).parameters())
     free = torch.cuda.mem_get_info()[0]
-    fit = max(1, int(free // (parameters * 4 * 1.25)))
+    fit = max(1, int(free // (parameters * 2 * 1.5)))
     if fit < jobs:
         print(f"--jobs {jobs}: {fit} at once fit in the GPU's free memory "
-              f"({free / 2**30:.0f} GiB, ~{parameters * 5 / 2**30:.0f} GiB a variant)", flush=True)
+              f"({free / 2**30:.0f} GiB, ~{parameters * 3 / 2**30:.0f} GiB a variant)", flush=True)
     return min(jobs, fit)
 
 

@@ -18,13 +18,19 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 
 
 def random_llama(shape: dict, dtype: torch.dtype, device: str, seed: int = 0):
-    """A Llama of the given shape with random weights, initialised directly on `device` (fast on a GPU)."""
+    """A Llama of the given shape with random weights, initialised directly on `device` (fast on a GPU) and in
+    `dtype` (a 7B model built in float32 first would need twice the memory while it is cast)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**shape, dtype=dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 
