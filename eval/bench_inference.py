@@ -155,6 +155,16 @@ def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
     return [rows[name] for name in names]
 
 
+def _int4_table(device: str) -> dict | None:
+    """The int4 kernel's launch settings measured on this GPU that the W4 variants ran with (None: the rule)."""
+    if device != "cuda":
+        return None
+    from compress.quantize import int4_mma
+
+    table = int4_mma.tuned_table()
+    return {key: table[key] for key in ("settings", "dequantize_chunk", "command") if key in table} or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -218,7 +228,7 @@ def main() -> None:
               "torch": torch.__version__, "shape": args.shape, "compile": args.compile, "batches": list(batches),
               "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
               "command": "python eval/bench_inference.py " + " ".join(_without_out(sys.argv[1:])),
-              "variants": rows}
+              "int4_mma_table": _int4_table(args.device), "variants": rows}
     print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
                                                              "weight_bytes_vs_base", "memory_after_load_vs_base",
                                                              "error")}

@@ -33,8 +33,8 @@ from bench_kernels import LLAMA2_7B  # noqa: E402
 from compress.quantize import int4_mma, packed  # noqa: E402
 from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # noqa: E402
 
-SETTINGS = [(split_k, unroll, alu, pipeline) for alu in (False, True) for split_k in (4, 8, 16)
-            for unroll in (1, 2, 4, 8) for pipeline in (False, True)]
+SETTINGS = [(split_k, unroll, alu, pipeline, warps) for alu in (False, True) for split_k in (4, 8, 16)
+            for unroll in (1, 2, 4, 8) for pipeline in (False, True) for warps in (0, 48)]
 CHUNKS = (0, 1024, 2048, 4096, 8192)  # int4_mma.DEQUANTIZE_CHUNK candidates, timed at the prefill length
 
 # The memory's own limit in the same harness: a kernel that only reads the same bytes (16-byte streaming loads, four in
@@ -138,6 +138,10 @@ def main() -> None:
     parser.add_argument("--ncu", action="store_true",
                         help="launch the runtime's setting and the read-only kernel once per shape and row count, "
                              "untimed, for `ncu` to read their counters; writes nothing")
+    parser.add_argument("--zero-in-alu-only", action="store_true", help="only the settings that take the zero point "
+                        "out in the integer units (the faster way at 1-16 rows in every earlier run)")
+    parser.add_argument("--table-out", help="also write the fastest setting per shape and row tiles, and the fastest "
+                                            "slice size, as a table compress.quantize.int4_mma reads")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.ncu:
@@ -150,8 +154,12 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gemlite": gemlite.__version__,
                "command": "python eval/bench_int4_mma.py " + " ".join(
                    a for a in sys.argv[1:] if not a.startswith(("/", "OUT"))),
-               "settings_tried": SETTINGS, "rows": [], "prefill": [], "skipped": []}
+               "rows": [], "prefill": [], "skipped": []}
     rows_list = [int(r) for r in args.rows.split(",")]
+    settings = [s for s in SETTINGS if s[2] or not args.zero_in_alu_only]
+    results["settings_tried"] = settings
+    table = {"device": results["device"], "command": results["command"], "settings": {}}
+    chunk_totals = dict.fromkeys(CHUNKS, 0.0)
     names = args.shapes.split(",") if args.shapes else list(LLAMA2_7B)
     grids = [(name, 128, True) for name in names] + [(n, 64, False) for n in names if "pruned" not in n and args.asym]
     for name, group, sym in grids:
@@ -179,7 +187,7 @@ def main() -> None:
             reference = x.float() @ dequantized.float().T
             out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
             timed, errors = {}, {}
-            for setting in SETTINGS:
+            for setting in settings:
                 if setting[0] > int4_mma.max_split_k(int4_mma._row_tiles(rows)):  # shared memory over 48 KB
                     continue
                 try:
@@ -211,6 +219,8 @@ def main() -> None:
                    "best_setting": best, "all_us": {str(s): round(u, 2) for s, u in timed.items()},
                    "relative_errors": errors, "copies": copies}
             results["rows"].append(row)
+            if best:
+                table["settings"][f"{int4_mma._row_tiles(rows)},{out_features},{in_features}"] = list(best)
             print(json.dumps({k: v for k, v in row.items() if k not in ("all_us", "relative_errors")}), flush=True)
         x = torch.randn(args.prefill, in_features, device="cuda", dtype=torch.bfloat16)
         pair = [ours_copies[0], ours_copies[1 % copies]]
@@ -224,6 +234,11 @@ def main() -> None:
                    "gemlite_path_us": round(chain_us([lambda lite=lite: lite(x) for lite in lites[:2]]), 2),
                    "bf16_us": round(chain_us([lambda dense=dense: F.linear(x, dense) for dense in denses[:2]]), 2)}
         results["prefill"].append(prefill)
+        for chunk, us in prefill["ours_us_by_chunk"].items():
+            chunk_totals[chunk] += us
+        table["dequantize_chunk"] = min(chunk_totals, key=chunk_totals.get)
+        if args.table_out:
+            Path(args.table_out).write_text(json.dumps(table, indent=1) + "\n")
         print(json.dumps(prefill), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -124,17 +124,17 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
                                                group)
     if rows <= int4_mma.MAX_ROWS:  # the kernel's input is realigned, so the same bits come out
         assert torch.equal(from_shifted, out)
-    else:  # cuBLAS may pick another algorithm for an input of another alignment
-        torch.testing.assert_close(from_shifted, out, rtol=1e-2, atol=1e-2)
+    else:  # cuBLAS may pick another algorithm for an input of another alignment, rounding the product before the bias
+        torch.testing.assert_close(from_shifted.float(), expected, rtol=1e-2, atol=expected.abs().max().item() / 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("setting", [(4, 1, False, False), (8, 4, False, True), (16, 2, True, False),
-                                     (4, 4, True, True), (8, 8, True, True)])
+@pytest.mark.parametrize("setting", [(4, 1, False, False, 0), (8, 4, False, True, 48), (16, 2, True, False, 0),
+                                     (4, 4, True, True, 0), (8, 8, True, True, 48)])
 @pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
 def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group):
-    """Warps, loads per round, where the zero point is taken out and loading the next round ahead only change the order
-    of float32 sums."""
+    """Warps, loads per round, where the zero point is taken out, loading the next round ahead and a register cap only
+    change the order of float32 sums."""
     if reason := int4_mma.available(torch.device("cuda")):
         pytest.skip(reason)
     n, k, rows = 48, 640, 9
@@ -195,3 +195,24 @@ def test_dequantizing_in_slices_of_output_rows_gives_the_whole_product(asymmetri
     sliced = int4_mma.dequantized_matmul(x, tensors["words"], tensors["scales"], tensors["zeros"], bias, group, chunk)
     torch.testing.assert_close(whole.float(), (x.float() @ weight.float().T + bias.float()), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(sliced, whole)  # the same sums; a CPU GEMM may block a narrower one otherwise
+
+
+def test_a_table_measured_on_the_gpu_sets_launch_settings_and_slices(tmp_path, monkeypatch):
+    """A table written by eval/bench_int4_mma.py --table-out (named by COMPRESS_INT4_MMA_TABLE, or shipped per GPU)
+    sets the launch setting of the shapes it measured and the slice size of long inputs; other shapes keep the rule."""
+    import json
+
+    int4_mma.tuned_table.cache_clear()
+    monkeypatch.delenv(int4_mma.TABLE_VARIABLE, raising=False)
+    rule = int4_mma.settings_for(1, 12288, 11008)
+    table = {"settings": {"1,12288,4096": [16, 8, True, True, 48]}, "dequantize_chunk": 2048}
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    monkeypatch.setenv(int4_mma.TABLE_VARIABLE, str(tmp_path / "table.json"))
+    int4_mma.tuned_table.cache_clear()
+    try:
+        assert int4_mma.settings_for(1, 12288, 4096) == (16, 8, True, True, 48)
+        assert int4_mma.settings_for(1, 12288, 11008) == rule
+        assert int4_mma.dequantize_chunk(torch.device("cuda")) == 2048
+        assert int4_mma.dequantize_chunk(torch.device("cpu")) == 0
+    finally:
+        int4_mma.tuned_table.cache_clear()

@@ -29,15 +29,22 @@ an NVIDIA GPU of compute capability 8.0 or newer (bf16 `mma.sync`)."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 
 MAX_ROWS = 64  # above this the runtime dequantizes (`dequantize`) and calls cuBLAS
 # Above MAX_ROWS, the weight is dequantized this many output rows at a time, each slice multiplied as soon as it is
 # written, so that it is read back from the L2 cache instead of memory (0: the whole weight at once). Measured by
-# eval/bench_int4_mma.py's prefill rows.
+# eval/bench_int4_mma.py's prefill rows; a GPU's table below may set it.
 DEQUANTIZE_CHUNK = 0
+# Launch settings measured per GPU by eval/bench_int4_mma.py (--table-out): {"settings": {"row tiles,out,in": setting},
+# "dequantize_chunk": n}. The table whose file name is in the GPU's name is read, or the file TABLE_VARIABLE names.
+TABLES = Path(__file__).parent / "int4_mma_configs"
+TABLE_VARIABLE = "COMPRESS_INT4_MMA_TABLE"
 TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
 STATIC_SHARED_BYTES = 48 * 1024  # the most a kernel may declare without opting in to more
 
@@ -94,7 +101,7 @@ _MATMUL = r"""
 // same inputs, so the block's sum is Σ (q − z)·x exactly in float32, and one multiply by the group's scale follows.
 // With ZERO_IN_ALU one bf16x2 fma per register makes q − z (exact) before a single mma instead: half the tensor-core
 // work and a shorter chain of dependent mma, for more integer-unit work; which is faster is measured per shape.
-extern "C" __global__ void __launch_bounds__(SPLIT_K * 32)
+extern "C" __global__ void __launch_bounds__(SPLIT_K * 32, MIN_BLOCKS)
 int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, const unsigned char* __restrict__ zeros,
          const bf16_t* __restrict__ bias, const bf16_t* __restrict__ x, bf16_t* __restrict__ y,
          int M, int N, int K, int group) {
@@ -291,10 +298,11 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, bool], asymmetric: bool, bias: bool,
+def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, bool, int], asymmetric: bool, bias: bool,
             device: int):
-    split_k, unroll, zero_in_alu, pipeline = setting
+    split_k, unroll, zero_in_alu, pipeline, warps_per_sm = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
+               f"#define MIN_BLOCKS {max(1, warps_per_sm // split_k)}\n"
                f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define PIPELINE {int(pipeline)}\n"
                f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
     source = defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
@@ -314,20 +322,39 @@ def available(device: torch.device) -> str | None:
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     try:
-        _kernel("int4_mma", 1, (8, 2, False, False), False, False, device.index or 0)
+        _kernel("int4_mma", 1, (8, 2, False, False, 0), False, False, device.index or 0)
     except Exception as error:  # noqa: BLE001 -- NVRTC missing or refusing: the caller falls back to another kernel
         return f"NVRTC could not build the kernel ({type(error).__name__}: {str(error)[:160]})"
     return None
 
 
-def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool, bool]:
+@functools.cache
+def tuned_table() -> dict:
+    """This GPU's measured settings (see TABLES), or {} where none was measured."""
+    path = os.environ.get(TABLE_VARIABLE)
+    if not path and torch.cuda.is_available():
+        device = torch.cuda.get_device_name().lower().replace(" ", "_")
+        path = next((str(t) for t in sorted(TABLES.glob("*.json")) if t.stem in device), None)
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+def dequantize_chunk(device: torch.device) -> int:
+    return tuned_table().get("dequantize_chunk", DEQUANTIZE_CHUNK) if device.type == "cuda" else 0
+
+
+def settings_for(row_tiles: int, out_features: int, in_features: int | None = None
+                 ) -> tuple[int, int, bool, bool, int]:
     """Warps sharing K in a block, k blocks each warp loads in a round, whether the zero point is taken out in the
-    integer units (else by a second mma) and whether the next round's loads go out before a round's arithmetic: more
-    warps where there are few blocks (16 rows each). The fastest measured by
-    eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16 rows with the
-    zero point in the integer units, bench_int4_mma_alu_h200.json); any setting computes the same result. The warps'
-    partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare statically, which
-    caps the warps at 8 for 33-64 rows."""
+    integer units (else by a second mma), whether the next round's loads go out before a round's arithmetic, and the
+    warps per multiprocessor asked of the register allocator (0: its own choice): more warps where there are few
+    blocks (16 rows each). A table measured on this GPU (`tuned_table`) comes first; without one, the fastest
+    measured by eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16
+    rows with the zero point in the integer units, bench_int4_mma_alu_h200.json); any setting computes the same result.
+    The warps' partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare
+    statically, which caps the warps at 8 for 33-64 rows."""
+    tuned = tuned_table().get("settings", {}).get(f"{row_tiles},{out_features},{in_features}")
+    if tuned is not None:
+        return tuple(tuned)
     few_blocks = out_features <= 8192
     if row_tiles == 1:
         split_k, unroll = (16, 1) if few_blocks else (8, 4)
@@ -335,7 +362,7 @@ def settings_for(row_tiles: int, out_features: int) -> tuple[int, int, bool, boo
         split_k, unroll = (16, 2) if few_blocks else (8, 2)
     else:
         split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
-    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, False
+    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, False, 0
 
 
 def max_split_k(row_tiles: int) -> int:
@@ -350,12 +377,12 @@ def _row_tiles(rows: int) -> int:
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, group: int, out: torch.Tensor,
-           settings: tuple[int, int, bool, bool] | None = None) -> None:
+           settings: tuple[int, int, bool, bool, int] | None = None) -> None:
     """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous (x 16-byte aligned), M <= MAX_ROWS."""
     rows, k = x.shape
     n = words.shape[0] * TILE_N
     row_tiles = _row_tiles(rows)
-    setting = settings or settings_for(row_tiles, n)
+    setting = settings or settings_for(row_tiles, n, k)
     split_k = setting[0]
     kernel = _kernel("int4_mma", row_tiles, setting, zeros is not None, bias is not None, x.device.index or 0)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
@@ -375,7 +402,8 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         centred = unpack_codes(words).float() - (8 if zeros is None else by_row(zeros))
         return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
-    kernel = _kernel("int4_dequantize", 1, (1, 1, False, False), zeros is not None, False, words.device.index or 0)
+    kernel = _kernel("int4_dequantize", 1, (1, 1, False, False, 0), zeros is not None, False,
+                     words.device.index or 0)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
@@ -409,7 +437,7 @@ def int4_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: 
              bias: torch.Tensor | None, group: int) -> torch.Tensor:
     """x [M, K] bf16 times the packed weight: the few-row kernel up to MAX_ROWS rows, else dequantize + cuBLAS."""
     if x.shape[0] > MAX_ROWS or not x.is_cuda:
-        return dequantized_matmul(x, words, scales, zeros, bias, group, DEQUANTIZE_CHUNK if x.is_cuda else 0)
+        return dequantized_matmul(x, words, scales, zeros, bias, group, dequantize_chunk(x.device))
     if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads inputs 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     out = torch.empty(x.shape[0], words.shape[0] * TILE_N, dtype=torch.bfloat16, device=x.device)
