@@ -125,8 +125,9 @@ def _jobs_that_fit(shape: dict, jobs: int, device: str) -> int:
     return min(jobs, fit)
 
 
-def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
-    """Each variant in a child process of this script (`--variant-only`), at most `jobs` at once."""
+def _in_processes(names: list[str], argv: list[str], jobs: int, finished=lambda rows: None) -> list[dict]:
+    """Each variant in a child process of this script (`--variant-only`), at most `jobs` at once; `finished` gets the
+    rows so far as each variant ends (so a run cut short keeps what it measured)."""
     ready = tempfile.mkdtemp(prefix="bench-ready-")
     lock = os.path.join(ready, "..", os.path.basename(ready) + ".lock")
     rows, running, pending = {}, [], list(names)
@@ -146,6 +147,7 @@ def _in_processes(names: list[str], argv: list[str], jobs: int) -> list[dict]:
                 rows[name] = json.loads(Path(out).read_text()) if succeeded \
                     else {"variant": name, "error": f"exit {process.returncode}"}
                 count -= 1
+                finished([rows[n] for n in names if n in rows])
                 if succeeded:  # it passed the barrier: the next wave waits for its own members only
                     for done in os.listdir(ready):
                         os.remove(os.path.join(ready, done))
@@ -198,7 +200,8 @@ def main() -> None:
         return
     names = [n for n in args.variants.split(",") if n]
     if args.compile:
-        rows = _in_processes(names, _without_out(sys.argv[1:]), _jobs_that_fit(shape, args.jobs, args.device))
+        rows = _in_processes(names, _without_out(sys.argv[1:]), _jobs_that_fit(shape, args.jobs, args.device),
+                             lambda rows: write_result(rows, args, batches, prefills, partial=True))
     else:
         rows = []
         for name in names:
@@ -207,9 +210,15 @@ def main() -> None:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    base = rows[0] if rows else {}
+    write_result(rows, args, batches, prefills)
+
+
+def write_result(rows: list[dict], args, batches, prefills, partial: bool = False) -> None:
+    """Each row against the first (the base), printed and written to --out; `partial`: written as variants end."""
+    rows = [dict(row) for row in rows]
+    base = rows[0] if rows and rows[0]["variant"] == args.variants.split(",")[0] else {}
     for row in rows:
-        if "error" in row:
+        if "error" in row or not base or "error" in base:
             continue
         if row.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
             row["decode_vs_base"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
@@ -229,6 +238,12 @@ def main() -> None:
               "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
               "command": "python eval/bench_inference.py " + " ".join(_without_out(sys.argv[1:])),
               "int4_mma_table": _int4_table(args.device), "variants": rows}
+    if partial:
+        result["partial"] = True
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return
     print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
                                                              "weight_bytes_vs_base", "memory_after_load_vs_base",
                                                              "error")}

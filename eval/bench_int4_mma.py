@@ -140,6 +140,7 @@ def main() -> None:
                              "untimed, for `ncu` to read their counters; writes nothing")
     parser.add_argument("--zero-in-alu-only", action="store_true", help="only the settings that take the zero point "
                         "out in the integer units (the faster way at 1-16 rows in every earlier run)")
+    parser.add_argument("--split-k", help="only these warps-per-block counts, e.g. 8,16")
     parser.add_argument("--table-out", help="also write the fastest setting per shape and row tiles, and the fastest "
                                             "slice size, as a table compress.quantize.int4_mma reads")
     parser.add_argument("--out")
@@ -156,7 +157,8 @@ def main() -> None:
                    a for a in sys.argv[1:] if not a.startswith(("/", "OUT"))),
                "rows": [], "prefill": [], "skipped": []}
     rows_list = [int(r) for r in args.rows.split(",")]
-    settings = [s for s in SETTINGS if s[2] or not args.zero_in_alu_only]
+    split_ks = {int(k) for k in args.split_k.split(",")} if args.split_k else {s[0] for s in SETTINGS}
+    settings = [s for s in SETTINGS if (s[2] or not args.zero_in_alu_only) and s[0] in split_ks]
     results["settings_tried"] = settings
     table = {"device": results["device"], "command": results["command"], "settings": {}}
     chunk_totals = dict.fromkeys(CHUNKS, 0.0)
