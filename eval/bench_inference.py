@@ -8,7 +8,8 @@ Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Lla
 refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
-today), for the memory comparison. A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel
+today), for the memory comparison; `FP8 W8A8 fused` rounds its inputs with gemlite's fused kernel in eager prefill
+(COMPRESS_FUSED_FP8_INPUT). A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel
 instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit
 is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
@@ -39,7 +40,7 @@ from bench_models import LLAMA2_7B, random_llama  # noqa: E402
 
 import compress  # noqa: E402
 from compress.bench import bench_model  # noqa: E402
-from compress.quantize.packed import INT4_KERNEL_VARIABLE, pack_model  # noqa: E402
+from compress.quantize.packed import FUSED_FP8_INPUT_VARIABLE, INT4_KERNEL_VARIABLE, pack_model  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
@@ -62,7 +63,10 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         ids = torch.randint(0, shape["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
         compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
     kernel = next((k for k in ("gemlite", "mma", "tinygemm") if k in name), None)  # "W4 g128 mma": that kernel
-    with mock.patch.dict(os.environ, {INT4_KERNEL_VARIABLE: kernel} if kernel else {}):  # restored as it was
+    asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
+    if "fused" in name:  # "FP8 W8A8 fused": the input rounded by gemlite's fused kernel in eager prefill
+        asked[FUSED_FP8_INPUT_VARIABLE] = "1"
+    with mock.patch.dict(os.environ, asked):  # restored as it was
         notes = [] if "dequantized" in name else pack_model(model)
     return model, notes
 

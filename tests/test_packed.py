@@ -94,6 +94,18 @@ def test_tinygemm_cpu_layout_unpacks_to_the_exact_codes(out_features, in_feature
     assert torch.equal(unpack_tinygemm_cpu(packed, out_features, in_features), codes.to(torch.uint8))
 
 
+@pytest.mark.parametrize("out_features,in_features", [(208, 128), (64 * 3, 96), (528, 64)])
+def test_tinygemm_cpu_packing_in_slices_of_rows_is_the_whole_packing(out_features, in_features):
+    """The CPU packer takes int32 codes; packing 64 rows at a time (the last slice shorter, a block of fewer than 64
+    rows at the end) gives the bytes of packing the whole at once."""
+    from compress.quantize.packed import _inner_k_tiles, pack_tinygemm_cpu
+
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8)
+    tiles = _inner_k_tiles(in_features)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), tiles)
+    assert torch.equal(pack_tinygemm_cpu(codes, tiles, rows=64), whole)
+
+
 def test_gemlite_layout_is_compressed_tensors_packing_transposed():
     """The dequantize kernel of the CUDA path reads gemlite's words ([in/8, out] int32, code i at bits 4i): packed here
     by compressed-tensors' own packer, it gives back the grid's weights exactly."""

@@ -139,6 +139,15 @@ def _inner_k_tiles(in_features: int) -> int:
 CPU_BLOCK_ROWS = 64
 
 
+def pack_tinygemm_cpu(unsigned: torch.Tensor, inner_k_tiles: int, rows: int = 64 * CPU_BLOCK_ROWS) -> torch.Tensor:
+    """aten._convert_weight_to_int4pack_for_cpu of unsigned codes [out, in] (uint8), `rows` rows at a time: it takes
+    int32 codes, 4 bytes a weight, which whole would be the largest temporary of a load; its blocks of 64 rows are
+    stored one after another, so the slices' results stacked are the whole's (tested)."""
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned[first:first + rows].int(), inner_k_tiles)
+             for first in range(0, unsigned.shape[0], rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def unpack_tinygemm_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The unsigned codes [out, in] (uint8) of a weight packed by aten._convert_weight_to_int4pack_for_cpu; written
     straight into place (one byte per weight; no float temporaries: this runs on every long input)."""
@@ -196,7 +205,9 @@ class Int4Linear(_PackedLinear):
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, quant)
         self.group_size, self.backend = group_size, backend
-        unsigned = (codes.int() + 8)
+        # unsigned codes in one byte each: int8 codes (a checkpoint's) shift in place of a 4-byte-a-weight int32 copy,
+        # the largest temporary of a packed load (a fused gate/up of a 7B model: 360 MB)
+        unsigned = codes.view(torch.uint8) + 8 if codes.dtype == torch.int8 else (codes + 8).to(torch.uint8)
         symmetric = zero_point is None or not zero_point.any()
         if backend == "mma":
             self._pack_mma(unsigned, scale, zero_point, symmetric)
@@ -234,7 +245,7 @@ class Int4Linear(_PackedLinear):
             pairs = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, tiles)
+            packed = pack_tinygemm_cpu(unsigned, tiles)
         scale = scale.float()
         offset = torch.zeros_like(scale) if zero_point is None else -zero_point.float() * scale
         self.register_buffer("packed", packed)
@@ -347,10 +358,19 @@ def _fused_fp8_activation():
     return scale_activations_per_token
 
 
-def _quantize_fp8_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token e4m3 values and float32 scales [tokens, 1]: gemlite's fused kernel when run eagerly on a GPU; inside
-    torch.compile (the decode step) the PyTorch form, which Inductor fuses into the kernels around it."""
-    if x.is_cuda and not torch.compiler.is_compiling() and (fused := _fused_fp8_activation()) is not None:
+# Asks FP8 Linears packed while it is "1" to round their inputs with gemlite's fused kernel when run eagerly. Off by
+# default: neither its speed nor its equality with the PyTorch form has been measured on a GPU yet (Triton may divide
+# in float32 by the approximate instruction); eval/bench_inference.py's "FP8 W8A8 fused" variant and
+# tests/test_packed.py's GPU test are the two measurements that decide.
+FUSED_FP8_INPUT_VARIABLE = "COMPRESS_FUSED_FP8_INPUT"
+
+
+def _quantize_fp8_input(x: torch.Tensor, fused_allowed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 values and float32 scales [tokens, 1]: with `fused_allowed`, gemlite's fused kernel when run
+    eagerly on a GPU; otherwise, and inside torch.compile (the decode step, where Inductor fuses it into the kernels
+    around it), the PyTorch form."""
+    if (fused_allowed and x.is_cuda and not torch.compiler.is_compiling()
+            and (fused := _fused_fp8_activation()) is not None):
         return fused(x.contiguous(), w_dtype=torch.float8_e4m3fn)  # it writes its output at the input's strides
     return _quantize_activation(x)
 
@@ -370,6 +390,7 @@ class FP8Linear(_PackedLinear):
                              and dtype == torch.bfloat16 and self.in_features % 16 == 0
                              and self.out_features % 16 == 0)
         self.kernel = "fp8 _scaled_mm" if self.tensor_cores else "fp8 (simulated matmul)"
+        self.fused_input = os.environ.get(FUSED_FP8_INPUT_VARIABLE) == "1"
         setattr(self, PACKED_ATTR, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,9 +398,9 @@ class FP8Linear(_PackedLinear):
         flat = x.reshape(-1, shape[-1])
         if self.tensor_cores:
             # FP8 tensor cores with fast accumulation (gemlite's FP8 GEMV was slower at every row count measured). The
-            # activation's rounding: one fused kernel eagerly (wrapping the PyTorch form in its own torch.compile
-            # added a guard check per Linear that dominated eager prefill)
-            x_fp8, x_scale = _quantize_fp8_input(flat)
+            # activation's rounding is plain PyTorch (a compiled decode step fuses it; wrapping it in its own
+            # torch.compile added a guard check per Linear that dominated eager prefill), or asked for, gemlite's
+            x_fp8, x_scale = _quantize_fp8_input(flat, self.fused_input)
             out = torch._scaled_mm(x_fp8, self.weight_fp8.T, scale_a=x_scale, scale_b=self.scales.T,
                                    out_dtype=x.dtype, use_fast_accum=True)
         else:
