@@ -349,8 +349,9 @@ def _fused_fp8_activation():
     """gemlite's per-token e4m3 rounding of an activation, one Triton kernel (amax, scale, divide, clamp, cast), or
     None without gemlite. In eager PyTorch the same rounding is ~7 kernels and two float32 copies of the input, which
     cost a 2048-token FP8 prefill more than its GEMMs saved (eval/results/bench_inference_7b_h200_asym_fp8.json).
-    Its arithmetic is ours (amax / 448 in float32, x / scale rounded to nearest) except the floor of the scale: 1e-6
-    against quantize_activation's 1e-12, which changes only tokens whose largest magnitude is below 4.5e-4."""
+    Its arithmetic is ours (amax / 448 in float32, x / scale, clamped, cast rounding to nearest) except the floor of
+    the scale, 1e-6 against quantize_activation's 1e-12 (which changes only tokens whose largest magnitude is below
+    4.5e-4), and perhaps the division's last bit (see FUSED_FP8_INPUT_VARIABLE)."""
     if gemlite_module() is None:
         return None
     from gemlite.quant_utils import scale_activations_per_token
