@@ -216,3 +216,15 @@ def test_a_table_measured_on_the_gpu_sets_launch_settings_and_slices(tmp_path, m
         assert int4_mma.dequantize_chunk(torch.device("cpu")) == 0
     finally:
         int4_mma.tuned_table.cache_clear()
+
+
+@pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
+def test_packing_a_few_tiles_at_a_time_gives_the_whole_packing(asymmetric, group):
+    """pack reorders `tiles_per_slice` tiles of 16 rows at a time (the last slice shorter): the same tensors as one
+    slice, which the layout tests check against PTX's fragment tables."""
+    unsigned, scale, zero = _grid(16 * 7, 256, group, asymmetric, seed=5)
+    whole = int4_mma.pack(unsigned, scale, zero, tiles_per_slice=7)
+    sliced = int4_mma.pack(unsigned, scale, zero, tiles_per_slice=3)
+    assert whole.keys() == sliced.keys()
+    for key in whole:
+        assert (whole[key] is None and sliced[key] is None) or torch.equal(whole[key], sliced[key]), key

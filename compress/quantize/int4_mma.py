@@ -267,18 +267,25 @@ def supports(in_features: int, out_features: int, group_size: int) -> bool:
             and in_features % group_size == 0)
 
 
-def pack(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def pack(unsigned: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+         tiles_per_slice: int = 256) -> dict[str, torch.Tensor]:
     """The kernel's tensors from unsigned codes q [N, K] in [0, 15], scales [N, K/group] and the unsigned zero points
     z + 8 [N, K/group] (None: symmetric, z + 8 = 8): words [N/16, K/64, 32, 4] int32, scales and zeros
-    [N/16, K/group, 16] (bf16, uint8)."""
+    [N/16, K/group, 16] (bf16, uint8). Tiles are independent, so `tiles_per_slice` tiles (16 rows each) are reordered
+    at a time into the words: the reordering's temporaries (2 bytes a weight) stay a slice's, not a fused gate/up's,
+    which would be the largest temporaries of a packed load."""
     n, k = unsigned.shape
-    # rows (tile, i % 2, g) x inputs (k block, p, t, i // 2, e) -> word (tile, k block, g, p, t), nibble i + 4·e
-    codes = unsigned.to(torch.uint8).view(n // 16, 2, 8, k // 64, 4, 4, 2, 2)
-    nibbles = codes.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(n // 16, k // 64, 32, 4, 8)
-    # nibble j of a word is bits 4j..4j+3: bytes (j even | j odd << 4), four little-endian bytes to an int32 (the GPU's
-    # and the host's order), so packing holds 1.5 bytes a weight, not the 24 of int64 shifts and sums
-    packed_bytes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-    words = packed_bytes.contiguous().view(torch.int32).squeeze(-1)
+    words = torch.empty(n // 16, k // 64, 32, 4, dtype=torch.int32, device=unsigned.device)
+    for first in range(0, n // 16, tiles_per_slice):
+        rows = unsigned[first * 16:(first + tiles_per_slice) * 16].to(torch.uint8)
+        tiles = rows.shape[0] // 16
+        # rows (tile, i % 2, g) x inputs (k block, p, t, i // 2, e) -> word (tile, k block, g, p, t), nibble i + 4·e
+        codes = rows.view(tiles, 2, 8, k // 64, 4, 4, 2, 2)
+        nibbles = codes.permute(0, 3, 2, 4, 5, 7, 6, 1).reshape(tiles, k // 64, 32, 4, 8)
+        # nibble j of a word is bits 4j..4j+3: bytes (j even | j odd << 4), four little-endian bytes to an int32 (the
+        # GPU's and the host's order), so packing holds 1.5 bytes a weight, not the 24 of int64 shifts and sums
+        packed_bytes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+        words[first:first + tiles] = packed_bytes.contiguous().view(torch.int32).squeeze(-1)
 
     def by_tile(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return values.to(dtype).reshape(n // 16, 16, -1).transpose(1, 2).contiguous()
