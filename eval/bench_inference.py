@@ -244,14 +244,10 @@ def write_result(rows: list[dict], args, batches, prefills, partial: bool = Fals
               "int4_mma_table": _int4_table(args.device), "variants": rows}
     if partial:
         result["partial"] = True
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        return
-    print(json.dumps({r["variant"]: {k: r.get(k) for k in ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
-                                                             "weight_bytes_vs_base", "memory_after_load_vs_base",
-                                                             "error")}
-                      for r in rows}, indent=1))
+    else:
+        summary = ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens", "weight_bytes_vs_base",
+                   "memory_after_load_vs_base", "error")
+        print(json.dumps({r["variant"]: {k: r.get(k) for k in summary} for r in rows}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -15,7 +15,6 @@ bytes do not depend on the values), quantized W4 g128 (RTN) and saved with a sta
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -111,7 +110,6 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as temporary:
             args.folder = str(Path(temporary, f"llama2-7b-shape-{args.random_7b_layers}-layers-w4g128"))
             random_checkpoint(args.random_7b_layers, args.device, Path(args.folder))
-            gc.collect()
             if args.device == "cuda":
                 import torch
 

@@ -220,7 +220,7 @@ class Int4Linear(_PackedLinear):
     def _pack_mma(self, unsigned, scale, zero_point, symmetric: bool) -> None:
         from compress.quantize.int4_mma import pack
 
-        tensors = pack(unsigned.to(torch.uint8), scale, None if symmetric else zero_point.int() + 8)
+        tensors = pack(unsigned, scale, None if symmetric else zero_point.int() + 8)
         self.register_buffer("words", tensors["words"])
         self.register_buffer("mma_scales", tensors["scales"])
         self.register_buffer("mma_zeros", tensors["zeros"])
@@ -233,7 +233,7 @@ class Int4Linear(_PackedLinear):
                                                    output_dtype=gemlite.DType.BF16)
         zero = 8 if symmetric else (zero_point.float() + 8).to(KERNEL_DTYPE)
         # fma_mode=False: w = (q − z)·s exactly as the checkpoint defines it (the fma form rounds −z·s to bf16)
-        self.gemlite.pack(unsigned.to(torch.uint8), scale.to(KERNEL_DTYPE), zero, bias=None, fma_mode=False)
+        self.gemlite.pack(unsigned, scale.to(KERNEL_DTYPE), zero, bias=None, fma_mode=False)
         self.gemlite.scales = _zeros_after(self.gemlite.scales, self.in_features, self.group_size)
         if isinstance(self.gemlite.zeros, torch.Tensor) and self.gemlite.zeros.numel() > 1:
             self.gemlite.zeros = _zeros_after(self.gemlite.zeros, self.in_features, self.group_size)
@@ -242,7 +242,7 @@ class Int4Linear(_PackedLinear):
     def _pack_tinygemm(self, unsigned, scale, zero_point) -> None:
         tiles = _inner_k_tiles(self.in_features)
         if unsigned.is_cuda:  # the CUDA packer takes two codes per byte, high nibble first
-            pairs = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
+            pairs = unsigned[:, ::2] << 4 | unsigned[:, 1::2]
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         else:
             packed = pack_tinygemm_cpu(unsigned, tiles)
@@ -253,7 +253,7 @@ class Int4Linear(_PackedLinear):
                              .to(KERNEL_DTYPE))  # [groups, out, 2]
         # the CPU layout is unpacked for long inputs only where the unpacking rule gives back these exact codes
         self.cpu_dequantize = (not packed.is_cuda and torch.equal(
-            unpack_tinygemm_cpu(packed, self.out_features, self.in_features), unsigned.to(torch.uint8)))
+            unpack_tinygemm_cpu(packed, self.out_features, self.in_features), unsigned))
         self.kernel = "int4 tinygemm"
 
     def dequantized_weight(self) -> torch.Tensor:
