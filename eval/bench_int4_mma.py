@@ -33,8 +33,13 @@ from bench_kernels import LLAMA2_7B  # noqa: E402
 from compress.quantize import int4_mma, packed  # noqa: E402
 from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # noqa: E402
 
-SETTINGS = [(split_k, unroll, alu, pipeline, warps) for alu in (False, True) for split_k in (4, 8, 16)
-            for unroll in (1, 2, 4, 8) for pipeline in (False, True) for warps in (0, 48)]
+# (warps a block, k blocks a round, zero point in the integer units, PIPELINE, warps a multiprocessor for the register
+# allocator): loads in registers (PIPELINE 0, 1) under a register cap or none; a cp.async ring of 2-4 rounds (no cap:
+# it needs no registers to run ahead). Settings whose shared memory exceeds 48 KB at a row count are skipped.
+SETTINGS = ([(split_k, unroll, alu, pipeline, warps) for alu in (False, True) for split_k in (4, 8, 16)
+             for unroll in (1, 2, 4, 8) for pipeline in (0, 1) for warps in (0, 40, 48)]
+            + [(split_k, unroll, alu, pipeline, 0) for alu in (False, True) for split_k in (2, 4, 8)
+               for unroll in (1, 2) for pipeline in (2, 3, 4)])
 CHUNKS = (0, 1024, 2048, 4096, 8192)  # int4_mma.DEQUANTIZE_CHUNK candidates, timed at the prefill length
 
 # The memory's own limit in the same harness: a kernel that only reads the same bytes (16-byte streaming loads, four in
@@ -141,6 +146,7 @@ def main() -> None:
     parser.add_argument("--zero-in-alu-only", action="store_true", help="only the settings that take the zero point "
                         "out in the integer units (the faster way at 1-16 rows in every earlier run)")
     parser.add_argument("--split-k", help="only these warps-per-block counts, e.g. 8,16")
+    parser.add_argument("--warps", help="only these register caps (warps a multiprocessor; 0: none), e.g. 0,40")
     parser.add_argument("--table-out", help="also write the fastest setting per shape and row tiles, and the fastest "
                                             "slice size, as a table compress.quantize.int4_mma reads")
     parser.add_argument("--out")
@@ -158,7 +164,8 @@ def main() -> None:
                "rows": [], "prefill": [], "skipped": []}
     rows_list = [int(r) for r in args.rows.split(",")]
     split_ks = {int(k) for k in args.split_k.split(",")} if args.split_k else {s[0] for s in SETTINGS}
-    settings = [s for s in SETTINGS if (s[2] or not args.zero_in_alu_only) and s[0] in split_ks]
+    warps = {int(w) for w in args.warps.split(",")} if args.warps else {s[4] for s in SETTINGS}
+    settings = [s for s in SETTINGS if (s[2] or not args.zero_in_alu_only) and s[0] in split_ks and s[4] in warps]
     results["settings_tried"] = settings
     table = {"device": results["device"], "command": results["command"], "settings": {}}
     chunk_totals = dict.fromkeys(CHUNKS, 0.0)
@@ -190,7 +197,7 @@ def main() -> None:
             out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
             timed, errors = {}, {}
             for setting in settings:
-                if setting[0] > int4_mma.max_split_k(int4_mma._row_tiles(rows)):  # shared memory over 48 KB
+                if int4_mma.shared_bytes(int4_mma._row_tiles(rows), setting, not sym) > int4_mma.STATIC_SHARED_BYTES:
                     continue
                 try:
                     out.zero_()

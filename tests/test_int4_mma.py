@@ -129,12 +129,14 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("setting", [(4, 1, False, False, 0), (8, 4, False, True, 48), (16, 2, True, False, 0),
-                                     (4, 4, True, True, 0), (8, 8, True, True, 48)])
+@pytest.mark.parametrize("setting", [(4, 1, False, 0, 0), (8, 4, False, 1, 48), (16, 2, True, 0, 0),
+                                     (4, 4, True, 1, 0), (8, 8, True, 1, 48), (4, 1, True, 2, 0), (4, 1, False, 3, 40),
+                                     (2, 2, True, 2, 0)])
 @pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
 def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group):
-    """Warps, loads per round, where the zero point is taken out, loading the next round ahead and a register cap only
-    change the order of float32 sums."""
+    """Warps, loads per round, where the zero point is taken out, loading ahead (in registers or a cp.async ring in
+    shared memory, whose copies of the inputs are zero past the last row) and a register cap only change the order of
+    float32 sums."""
     if reason := int4_mma.available(torch.device("cuda")):
         pytest.skip(reason)
     n, k, rows = 48, 640, 9

@@ -101,6 +101,60 @@ _MATMUL = r"""
 // same inputs, so the block's sum is Σ (q − z)·x exactly in float32, and one multiply by the group's scale follows.
 // With ZERO_IN_ALU one bf16x2 fma per register makes q − z (exact) before a single mma instead: half the tensor-core
 // work and a shorter chain of dependent mma, for more integer-unit work; which is faster is measured per shape.
+//
+// Loads (PIPELINE): 0, a round of UNROLL k blocks is loaded into registers, then multiplied; 1, the next round's
+// loads are issued into a second set of registers before this round's arithmetic; 2 or more, a ring of PIPELINE
+// rounds in shared memory filled by cp.async (each lane copies the bytes it will read, and two lanes the group's
+// scales), PIPELINE − 1 rounds ahead: loads in flight without registers to hold them, which cap the warps a
+// multiprocessor keeps (ncu: 60 registers, 50 % occupancy, a third of the stalls on loads).
+
+// One k block's product into acc: w is this lane's 16-byte word of the block's codes, s_a/s_b and z_a/z_b the scales
+// and zero points of rows g and g + 8, x_low/x_high this lane's inputs (16p .. 16p+15 of the block, per 8-row tile).
+__device__ __forceinline__ void block_product(float (&acc)[MT][4], uint4 w, unsigned short s_a, unsigned short s_b,
+                                              unsigned char z_a, unsigned char z_b, const uint4 (&x_low)[MT],
+                                              const uint4 (&x_high)[MT]) {
+    const unsigned neg_zero_a = ASYMMETRIC ? twice(0xC300u | z_a) : 0xC308C308u;
+    const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | z_b) : 0xC308C308u;
+    const unsigned neg_zero[4] = {neg_zero_a, neg_zero_b, neg_zero_a, neg_zero_b};  // rows g, g+8, g, g+8
+    float block[MT][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) block[mt][r] = 0.f;
+    const unsigned word[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        unsigned a[4];
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            a[i] = ((word[t] >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // 128 + q
+            if (ZERO_IN_ALU) a[i] = bf16x2_fma(a[i], 0x3F803F80u, neg_zero[i]);  // q - z, exact
+        }
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const uint4 inputs = t < 2 ? x_low[mt] : x_high[mt];
+            const unsigned b0 = (t & 1) ? inputs.z : inputs.x, b1 = (t & 1) ? inputs.w : inputs.y;
+            mma_bf16(block[mt], a, b0, b1);
+            if (!ZERO_IN_ALU) mma_bf16(block[mt], neg_zero, b0, b1);
+        }
+    }
+    const float scale_a = bf16_to_float(s_a), scale_b = bf16_to_float(s_b);
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {   // C fragment: registers 0, 1 are row g, 2, 3 row g + 8
+        acc[mt][0] = fmaf(scale_a, block[mt][0], acc[mt][0]);
+        acc[mt][1] = fmaf(scale_a, block[mt][1], acc[mt][1]);
+        acc[mt][2] = fmaf(scale_b, block[mt][2], acc[mt][2]);
+        acc[mt][3] = fmaf(scale_b, block[mt][3], acc[mt][3]);
+    }
+}
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global, bool keep_in_l1, bool valid) {
+    const unsigned at = (unsigned)__cvta_generic_to_shared(shared);
+    const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are filled with zeros
+    if (keep_in_l1) asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(at), "l"(global), "r"(bytes));
+    else asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(at), "l"(global), "r"(bytes));
+}
+
 extern "C" __global__ void __launch_bounds__(SPLIT_K * 32, MIN_BLOCKS)
 int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, const unsigned char* __restrict__ zeros,
          const bf16_t* __restrict__ bias, const bf16_t* __restrict__ x, bf16_t* __restrict__ y,
@@ -117,6 +171,58 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
 
+#if PIPELINE >= 2
+    // The ring: per warp, PIPELINE rounds of UNROLL k blocks, each its words (a lane's 16 bytes), its group's 16
+    // scales (32 bytes) and zero points (16 bytes) and this lane's inputs of every 8-row tile (2 × 16 bytes).
+    __shared__ uint4 ring_words[SPLIT_K][PIPELINE][UNROLL][32];
+    __shared__ uint4 ring_scales[SPLIT_K][PIPELINE][UNROLL][ASYMMETRIC ? 3 : 2];
+    __shared__ uint4 ring_x[SPLIT_K][PIPELINE][UNROLL][MT][2][32];
+    const int rounds = warp < k_blocks ? ((k_blocks - warp + SPLIT_K - 1) / SPLIT_K + UNROLL - 1) / UNROLL : 0;
+    auto issue = [&](int round) {  // every lane commits a group, empty past the end, so the counts stay aligned
+        const int slot = round % PIPELINE;
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = warp + (round * UNROLL + u) * SPLIT_K;
+            if (round < rounds && kb < k_blocks) {
+                cp_async16(&ring_words[warp][slot][u][lane], tile_words + (size_t)kb * 32, false, true);
+                const int at = (kb / blocks_per_group) * 16;
+                if (lane < 2) cp_async16(&ring_scales[warp][slot][u][lane], tile_scales + at + 8 * lane, false, true);
+                if (ASYMMETRIC && lane == 2) cp_async16(&ring_scales[warp][slot][u][2], tile_zeros + at, false, true);
+                #pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int m = mt * 8 + g;
+                    const bf16_t* row = x + (size_t)(m < M ? m : 0) * K + kb * 64 + 16 * p;
+                    cp_async16(&ring_x[warp][slot][u][mt][0][lane], row, true, m < M);
+                    cp_async16(&ring_x[warp][slot][u][mt][1][lane], row + 8, true, m < M);
+                }
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    #pragma unroll
+    for (int round = 0; round < PIPELINE - 1; ++round) issue(round);
+    for (int round = 0; round < rounds; ++round) {
+        issue(round + PIPELINE - 1);  // into the slot the last round read (every lane is past it: __syncwarp below)
+        asm volatile("cp.async.wait_group %0;\n" :: "n"(PIPELINE - 1));
+        __syncwarp();  // the scales two lanes copied are visible to the warp
+        const int slot = round % PIPELINE;
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (warp + (round * UNROLL + u) * SPLIT_K >= k_blocks) break;
+            const bf16_t* s = reinterpret_cast<const bf16_t*>(&ring_scales[warp][slot][u][0]);
+            const unsigned char* z = reinterpret_cast<const unsigned char*>(&ring_scales[warp][slot][u][2]);
+            uint4 x_low[MT], x_high[MT];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                x_low[mt] = ring_x[warp][slot][u][mt][0][lane];
+                x_high[mt] = ring_x[warp][slot][u][mt][1][lane];
+            }
+            block_product(acc, ring_words[warp][slot][u][lane], s[g], s[g + 8], ASYMMETRIC ? z[g] : 0,
+                          ASYMMETRIC ? z[g + 8] : 0, x_low, x_high);
+        }
+        __syncwarp();
+    }
+#else
     // One round: UNROLL k blocks of this warp, every load first, then the arithmetic. With PIPELINE the next round's
     // loads are issued before this round's arithmetic (two rounds of registers), so a warp never waits on memory with
     // nothing of its own in flight.
@@ -150,9 +256,6 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = first + u * SPLIT_K;
             if (kb >= k_blocks) break;
-            const unsigned neg_zero_a = ASYMMETRIC ? twice(0xC300u | z_a[u]) : 0xC308C308u;
-            const unsigned neg_zero_b = ASYMMETRIC ? twice(0xC300u | z_b[u]) : 0xC308C308u;
-            const unsigned neg_zero[4] = {neg_zero_a, neg_zero_b, neg_zero_a, neg_zero_b};  // rows g, g+8, g, g+8
             // B operand: lane p holds inputs 16p .. 16p+15 of the k block for input row g (k order permuted to match)
             uint4 x_low[MT], x_high[MT];
             #pragma unroll
@@ -166,36 +269,8 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
                     x_high[mt] = __ldg(row + 1);
                 }
             }
-            float block[MT][4];
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-                #pragma unroll
-                for (int r = 0; r < 4; ++r) block[mt][r] = 0.f;
-            const unsigned word[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-            #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                unsigned a[4];
-                #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    a[i] = ((word[t] >> (4 * i)) & 0x000F000Fu) | 0x43004300u;  // 128 + q
-                    if (ZERO_IN_ALU) a[i] = bf16x2_fma(a[i], 0x3F803F80u, neg_zero[i]);  // q - z, exact
-                }
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const uint4 inputs = t < 2 ? x_low[mt] : x_high[mt];
-                    const unsigned b0 = (t & 1) ? inputs.z : inputs.x, b1 = (t & 1) ? inputs.w : inputs.y;
-                    mma_bf16(block[mt], a, b0, b1);
-                    if (!ZERO_IN_ALU) mma_bf16(block[mt], neg_zero, b0, b1);
-                }
-            }
-            const float scale_a = bf16_to_float(s_a[u]), scale_b = bf16_to_float(s_b[u]);
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {   // C fragment: registers 0, 1 are row g, 2, 3 row g + 8
-                acc[mt][0] = fmaf(scale_a, block[mt][0], acc[mt][0]);
-                acc[mt][1] = fmaf(scale_a, block[mt][1], acc[mt][1]);
-                acc[mt][2] = fmaf(scale_b, block[mt][2], acc[mt][2]);
-                acc[mt][3] = fmaf(scale_b, block[mt][3], acc[mt][3]);
-            }
+            block_product(acc, w[u], s_a[u], s_b[u], ASYMMETRIC ? z_a[u] : 0, ASYMMETRIC ? z_b[u] : 0, x_low,
+                          x_high);
         }
 #if PIPELINE
         #pragma unroll
@@ -206,6 +281,7 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
 #endif
     }
 #undef LOAD_ROUND
+#endif
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
@@ -305,7 +381,7 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, bool, int], asymmetric: bool, bias: bool,
+def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool, bias: bool,
             device: int):
     split_k, unroll, zero_in_alu, pipeline, warps_per_sm = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
@@ -329,7 +405,7 @@ def available(device: torch.device) -> str | None:
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} has no torch.cuda._compile_kernel (2.8 or newer)"
     try:
-        _kernel("int4_mma", 1, (8, 2, False, False, 0), False, False, device.index or 0)
+        _kernel("int4_mma", 1, (8, 2, False, 0, 0), False, False, device.index or 0)
     except Exception as error:  # noqa: BLE001 -- NVRTC missing or refusing: the caller falls back to another kernel
         return f"NVRTC could not build the kernel ({type(error).__name__}: {str(error)[:160]})"
     return None
@@ -350,9 +426,9 @@ def dequantize_chunk(device: torch.device) -> int:
 
 
 def settings_for(row_tiles: int, out_features: int, in_features: int | None = None
-                 ) -> tuple[int, int, bool, bool, int]:
+                 ) -> tuple[int, int, bool, int, int]:
     """Warps sharing K in a block, k blocks each warp loads in a round, whether the zero point is taken out in the
-    integer units (else by a second mma), whether the next round's loads go out before a round's arithmetic, and the
+    integer units (else by a second mma), how loads run ahead of the arithmetic (PIPELINE in the kernel), and the
     warps per multiprocessor asked of the register allocator (0: its own choice): more warps where there are few
     blocks (16 rows each). A table measured on this GPU (`tuned_table`) comes first; without one, the fastest
     measured by eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16
@@ -369,7 +445,16 @@ def settings_for(row_tiles: int, out_features: int, in_features: int | None = No
         split_k, unroll = (16, 2) if few_blocks else (8, 2)
     else:
         split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
-    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, False, 0
+    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, 0, 0
+
+
+def shared_bytes(row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool) -> int:
+    """Static shared memory the matmul declares: the warps' partial tiles, and with PIPELINE >= 2 the ring (per warp,
+    round and k block: 512 bytes of words, 32 of scales (+16 of zero points), 1,024 of inputs per 8-row tile)."""
+    split_k, unroll, _, pipeline, _ = setting
+    ring = 0 if pipeline < 2 else split_k * pipeline * unroll * (512 + 16 * (3 if asymmetric else 2)
+                                                                 + row_tiles * 1024)
+    return split_k * row_tiles * 4 * 32 * 4 + ring
 
 
 def max_split_k(row_tiles: int) -> int:
@@ -384,13 +469,16 @@ def _row_tiles(rows: int) -> int:
 
 def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, group: int, out: torch.Tensor,
-           settings: tuple[int, int, bool, bool, int] | None = None) -> None:
+           settings: tuple[int, int, bool, int, int] | None = None) -> None:
     """out[M, N] = x[M, K] · wᵀ (+ bias), all bf16 and contiguous (x 16-byte aligned), M <= MAX_ROWS."""
     rows, k = x.shape
     n = words.shape[0] * TILE_N
     row_tiles = _row_tiles(rows)
     setting = settings or settings_for(row_tiles, n, k)
     split_k = setting[0]
+    if (shared := shared_bytes(row_tiles, setting, zeros is not None)) > STATIC_SHARED_BYTES:
+        raise ValueError(f"int4_mma setting {setting} needs {shared} bytes of shared memory for {rows} rows; at most "
+                         f"{STATIC_SHARED_BYTES} may be declared statically")
     kernel = _kernel("int4_mma", row_tiles, setting, zeros is not None, bias is not None, x.device.index or 0)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
     kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1),
@@ -409,7 +497,7 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         centred = unpack_codes(words).float() - (8 if zeros is None else by_row(zeros))
         return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
-    kernel = _kernel("int4_dequantize", 1, (1, 1, False, False, 0), zeros is not None, False,
+    kernel = _kernel("int4_dequantize", 1, (1, 1, False, 0, 0), zeros is not None, False,
                      words.device.index or 0)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
