@@ -131,15 +131,16 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("setting", [(4, 1, False, 0, 0), (8, 4, False, 1, 48), (16, 2, True, 0, 0),
                                      (4, 4, True, 1, 0), (8, 8, True, 1, 48), (4, 1, True, 2, 0), (4, 1, False, 3, 40),
-                                     (2, 2, True, 2, 0)])
+                                     (2, 2, True, 2, 0), (8, 1, True, 3, 0)])
 @pytest.mark.parametrize("asymmetric,group", [(False, 128), (True, 64)])
-def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group):
+@pytest.mark.parametrize("rows", [5, 9])  # one 8-row tile (its inputs in the ring) and two (theirs read directly)
+def test_every_launch_setting_computes_the_same_product(setting, asymmetric, group, rows):
     """Warps, loads per round, where the zero point is taken out, loading ahead (in registers or a cp.async ring in
     shared memory, whose copies of the inputs are zero past the last row) and a register cap only change the order of
     float32 sums."""
     if reason := int4_mma.available(torch.device("cuda")):
         pytest.skip(reason)
-    n, k, rows = 48, 640, 9
+    n, k = 48, 640
     unsigned, scale, zero = _grid(n, k, group, asymmetric)
     zero_points = torch.full_like(scale, 8, dtype=torch.int64) if zero is None else zero
     exact = ((unsigned.float() - zero_points.float().repeat_interleave(group, 1))
@@ -149,6 +150,20 @@ def test_every_launch_setting_computes_the_same_product(setting, asymmetric, gro
     out = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
     int4_mma.launch(x, tensors["words"], tensors["scales"], tensors["zeros"], None, group, out, setting)
     torch.testing.assert_close(out.float(), x.float() @ exact.T, rtol=1e-2, atol=1e-2)
+
+
+def test_a_setting_over_the_static_shared_memory_is_refused_before_launch():
+    """A ring of 4 rounds × 2 k blocks for 16 warps needs ~150 KB at one row: refused by name, nothing compiled (CPU
+    tensors reach no GPU code); the bytes are those ptxas reports for the kernel (NVRTC, sm_90: 41,728 for 8 warps ×
+    3 rounds × 1 block at one row, 16,896 for 8 × 2 × 1 at 16 rows, whose inputs are not in the ring)."""
+    assert int4_mma.shared_bytes(1, (8, 1, True, 3, 0), False) == 41_728
+    assert int4_mma.shared_bytes(2, (8, 1, True, 2, 0), False) == 16_896
+    assert int4_mma.shared_bytes(1, (8, 4, True, 1, 0), False) == 8 * 512  # registers only: the partial tiles
+    words = torch.zeros(3, 10, 32, 4, dtype=torch.int32)
+    scales = torch.zeros(3, 5, 16, dtype=torch.bfloat16)
+    x, out = torch.zeros(1, 640, dtype=torch.bfloat16), torch.empty(1, 48, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        int4_mma.launch(x, words, scales, None, None, 128, out, (16, 2, True, 4, 0))
 
 
 def test_split_k_settings_fit_static_shared_memory():

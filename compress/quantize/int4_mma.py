@@ -173,10 +173,13 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
 
 #if PIPELINE >= 2
     // The ring: per warp, PIPELINE rounds of UNROLL k blocks, each its words (a lane's 16 bytes), its group's 16
-    // scales (32 bytes) and zero points (16 bytes) and this lane's inputs of every 8-row tile (2 × 16 bytes).
+    // scales (32 bytes) and zero points (16 bytes) and, for one 8-row tile, this lane's inputs (2 × 16 bytes). More
+    // tiles' inputs would take the shared memory that lets 8 warps a block run ahead; they are read with __ldg at the
+    // start of their round (from L1 or L2: every block reads the same inputs), before the wait for the ring.
+#define INPUTS_IN_RING (MT == 1)
     __shared__ uint4 ring_words[SPLIT_K][PIPELINE][UNROLL][32];
     __shared__ uint4 ring_scales[SPLIT_K][PIPELINE][UNROLL][ASYMMETRIC ? 3 : 2];
-    __shared__ uint4 ring_x[SPLIT_K][PIPELINE][UNROLL][MT][2][32];
+    __shared__ uint4 ring_x[SPLIT_K][PIPELINE][UNROLL][INPUTS_IN_RING ? MT : 1][2][INPUTS_IN_RING ? 32 : 1];
     const int rounds = warp < k_blocks ? ((k_blocks - warp + SPLIT_K - 1) / SPLIT_K + UNROLL - 1) / UNROLL : 0;
     auto issue = [&](int round) {  // every lane commits a group, empty past the end, so the counts stay aligned
         const int slot = round % PIPELINE;
@@ -188,12 +191,10 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
                 const int at = (kb / blocks_per_group) * 16;
                 if (lane < 2) cp_async16(&ring_scales[warp][slot][u][lane], tile_scales + at + 8 * lane, false, true);
                 if (ASYMMETRIC && lane == 2) cp_async16(&ring_scales[warp][slot][u][2], tile_zeros + at, false, true);
-                #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int m = mt * 8 + g;
-                    const bf16_t* row = x + (size_t)(m < M ? m : 0) * K + kb * 64 + 16 * p;
-                    cp_async16(&ring_x[warp][slot][u][mt][0][lane], row, true, m < M);
-                    cp_async16(&ring_x[warp][slot][u][mt][1][lane], row + 8, true, m < M);
+                if (INPUTS_IN_RING) {
+                    const bf16_t* row = x + (size_t)(g < M ? g : 0) * K + kb * 64 + 16 * p;
+                    cp_async16(&ring_x[warp][slot][u][0][0][lane], row, true, g < M);
+                    cp_async16(&ring_x[warp][slot][u][0][1][lane], row + 8, true, g < M);
                 }
             }
         }
@@ -203,6 +204,22 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
     for (int round = 0; round < PIPELINE - 1; ++round) issue(round);
     for (int round = 0; round < rounds; ++round) {
         issue(round + PIPELINE - 1);  // into the slot the last round read (every lane is past it: __syncwarp below)
+        uint4 x_low[UNROLL][MT], x_high[UNROLL][MT];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = warp + (round * UNROLL + u) * SPLIT_K;
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int m = mt * 8 + g;
+                x_low[u][mt] = make_uint4(0u, 0u, 0u, 0u);
+                x_high[u][mt] = x_low[u][mt];
+                if (!INPUTS_IN_RING && kb < k_blocks && m < M) {
+                    const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)m * K + kb * 64 + 16 * p);
+                    x_low[u][mt] = __ldg(row);
+                    x_high[u][mt] = __ldg(row + 1);
+                }
+            }
+        }
         asm volatile("cp.async.wait_group %0;\n" :: "n"(PIPELINE - 1));
         __syncwarp();  // the scales two lanes copied are visible to the warp
         const int slot = round % PIPELINE;
@@ -211,14 +228,12 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
             if (warp + (round * UNROLL + u) * SPLIT_K >= k_blocks) break;
             const bf16_t* s = reinterpret_cast<const bf16_t*>(&ring_scales[warp][slot][u][0]);
             const unsigned char* z = reinterpret_cast<const unsigned char*>(&ring_scales[warp][slot][u][2]);
-            uint4 x_low[MT], x_high[MT];
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                x_low[mt] = ring_x[warp][slot][u][mt][0][lane];
-                x_high[mt] = ring_x[warp][slot][u][mt][1][lane];
+            if (INPUTS_IN_RING) {
+                x_low[u][0] = ring_x[warp][slot][u][0][0][lane];
+                x_high[u][0] = ring_x[warp][slot][u][0][1][lane];
             }
             block_product(acc, ring_words[warp][slot][u][lane], s[g], s[g + 8], ASYMMETRIC ? z[g] : 0,
-                          ASYMMETRIC ? z[g + 8] : 0, x_low, x_high);
+                          ASYMMETRIC ? z[g + 8] : 0, x_low[u], x_high[u]);
         }
         __syncwarp();
     }
@@ -450,10 +465,11 @@ def settings_for(row_tiles: int, out_features: int, in_features: int | None = No
 
 def shared_bytes(row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool) -> int:
     """Static shared memory the matmul declares: the warps' partial tiles, and with PIPELINE >= 2 the ring (per warp,
-    round and k block: 512 bytes of words, 32 of scales (+16 of zero points), 1,024 of inputs per 8-row tile)."""
+    round and k block: 512 bytes of words, 32 of scales (+16 of zero points), and 1,024 of inputs for one 8-row tile;
+    with more tiles the inputs are not in the ring and ptxas drops its array)."""
     split_k, unroll, _, pipeline, _ = setting
     ring = 0 if pipeline < 2 else split_k * pipeline * unroll * (512 + 16 * (3 if asymmetric else 2)
-                                                                 + row_tiles * 1024)
+                                                                 + (1024 if row_tiles == 1 else 0))
     return split_k * row_tiles * 4 * 32 * 4 + ring
 
 
