@@ -39,6 +39,12 @@ def peer_weights(python: str, model, tokenizer, ids: torch.Tensor, arguments: li
         return load_file(work / "peer.safetensors"), report
 
 
+def _public(text: str) -> str:
+    """`text` with each absolute path of this machine (a model file, --out) cut to its file name: results are
+    published."""
+    return " ".join(Path(word).name if word.startswith(("/", "~")) else word for word in text.split(" "))
+
+
 class WikitextBench:
     def __init__(self, model: str, samples: int, seq_len: int, ppl_tokens: int, out: str | None, **header):
         self.name, self.out = model, out
@@ -46,9 +52,11 @@ class WikitextBench:
         self.ids = calibration_batches(self.tokenizer, "wikitext2-valid", samples, seq_len, seed=0)
         self.protocol = compress.Perplexity(seq_len=512, max_tokens=ppl_tokens, batch_size=8)
         self.pristine = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.results = {"model": model, "calibration": f"wikitext2-valid, {samples} x {seq_len} tokens",
+        public_header = {key: _public(value) if isinstance(value, str) else value for key, value in header.items()}
+        self.results = {"model": _public(model), "calibration": f"wikitext2-valid, {samples} x {seq_len} tokens",
                         "perplexity_protocol": f"wikitext2-test, {ppl_tokens} tokens, windows of 512",
-                        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", **header, "results": []}
+                        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", **public_header,
+                        "results": []}
 
     def fresh(self) -> torch.nn.Module:
         """A new model with the float weights (quantize marks its Linears, rotate unties its head)."""
