@@ -1,5 +1,5 @@
 """Rotations before low-bit quantization on SmolLM2-135M (or `--model`): WikiText-2 perplexity of W4A4 FP4
-(simulated: MXFP4 by RTN, NVFP4 by RTN or GPTQ, whose inputs' global scale needs calibration data), and of W3 g64 by
+(simulated: MXFP4 by RTN, NVFP4 by GPTQ, whose inputs' global scale needs calibration data), and of W3 g64 by
 GPTQ, each with and without a
 Hadamard rotation of the residual stream (compress.rotate), with the protocol of eval/bench_fp4.py (wikitext2-valid
 calibration tokens, perplexity on 16,384 wikitext2-test tokens in 512-token windows):
@@ -39,7 +39,6 @@ ROTATIONS = {"rotate": lambda: compress.Rotate(), "rotate-random": lambda: compr
 QUANTIZERS = {
     "float": None,
     "rtn-mxfp4-w4a4": lambda: compress.RTN(grid="mxfp4", activations="dynamic"),
-    "rtn-nvfp4-w4a4": lambda: compress.RTN(grid="nvfp4", activations="dynamic"),
     "gptq-nvfp4-w4a4": lambda: compress.GPTQ(grid="nvfp4", activations="dynamic", act_order=True, damp=0.01),
     "gptq-w3g64": lambda: compress.GPTQ(bits=3, group_size=64, act_order=True, damp=0.01),
 }
@@ -121,9 +120,7 @@ def main() -> None:
         if QUANTIZERS[quantizer]:
             config = QUANTIZERS[quantizer]()
             start = time.perf_counter()
-            # GPTQ's Hessians and NVFP4's input global scale are measured on the calibration ids
-            calibration = bench.ids if quantizer.startswith("gptq") or "nvfp4" in quantizer else None
-            compress.quantize(model, config, calibration, show_progress=False)
+            compress.quantize(model, config, bench.ids if quantizer.startswith("gptq") else None, show_progress=False)
             entry.update(config=config.describe(), seconds=round(time.perf_counter() - start, 1))
         entry["perplexity"] = bench.perplexity(model)
         bench.record(entry)
