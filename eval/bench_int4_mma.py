@@ -37,7 +37,7 @@ from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # n
 # allocator): loads in registers (PIPELINE 0, 1) under a register cap or none; a cp.async ring of 2-4 rounds (no cap:
 # it needs no registers to run ahead). Settings whose shared memory exceeds 48 KB at a row count are skipped.
 SETTINGS = ([(split_k, unroll, alu, pipeline, warps) for alu in (False, True) for split_k in (4, 8, 16)
-             for unroll in (1, 2, 4, 8) for pipeline in (0, 1) for warps in (0, 40, 48)]
+             for unroll in (1, 2, 4, 8) for pipeline in (0, 1) for warps in (0, 32, 40, 48)]
             + [(split_k, unroll, alu, pipeline, 0) for alu in (False, True) for split_k in (2, 4, 8)
                for unroll in (1, 2) for pipeline in (2, 3, 4)])
 CHUNKS = (0, 1024, 2048, 4096, 8192)  # int4_mma.DEQUANTIZE_CHUNK candidates, timed at the prefill length

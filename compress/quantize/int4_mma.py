@@ -395,15 +395,21 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
     return codes.reshape(tiles * 16, k_blocks * 64).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool, bias: bool,
-            device: int):
+def kernel_source(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool,
+                  bias: bool) -> str:
+    """The CUDA source of kernel `name` ("int4_mma" or "int4_dequantize") for one launch setting."""
     split_k, unroll, zero_in_alu, pipeline, warps_per_sm = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
                f"#define MIN_BLOCKS {max(1, warps_per_sm // split_k)}\n"
                f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define PIPELINE {int(pipeline)}\n"
                f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
-    source = defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
+    return defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool, bias: bool,
+            device: int):
+    source = kernel_source(name, row_tiles, setting, asymmetric, bias)
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability(device)
         # torch.cuda._compile_kernel: PyTorch's NVRTC wrapper (private, present since 2.8): no toolkit build step
@@ -449,7 +455,13 @@ def settings_for(row_tiles: int, out_features: int, in_features: int | None = No
     measured by eval/bench_int4_mma.py on an H200 at the 7B shapes (eval/results/bench_int4_mma_h200_v2.json; up to 16
     rows with the zero point in the integer units, bench_int4_mma_alu_h200.json); any setting computes the same result.
     The warps' partial tiles (SPLIT_K x MT x 512 bytes of shared memory) must fit the 48 KB a kernel may declare
-    statically, which caps the warps at 8 for 33-64 rows."""
+    statically, which caps the warps at 8 for 33-64 rows.
+
+    Up to 16 rows the rule asks for 32 warps a multiprocessor, at most 64 registers a thread: the budget the kernel
+    had when it was timed (no __launch_bounds__ then, so ptxas assumed 1,024 threads a block). Without it ptxas takes
+    66-72 registers in four of the rule's eight settings at 1 and 16 rows, sym and asym, which leaves 16 or 24 warps
+    resident instead of 32 (eval/ptxas_int4_mma.py, NVRTC for sm_90; no spills either way). Above 16 rows the same
+    cap spills 400-900 bytes a thread, so there ptxas chooses."""
     tuned = tuned_table().get("settings", {}).get(f"{row_tiles},{out_features},{in_features}")
     if tuned is not None:
         return tuple(tuned)
@@ -460,7 +472,8 @@ def settings_for(row_tiles: int, out_features: int, in_features: int | None = No
         split_k, unroll = (16, 2) if few_blocks else (8, 2)
     else:
         split_k, unroll = (8, 4) if few_blocks else (8, 1) if out_features <= 16384 else (4, 2)
-    return min(split_k, max_split_k(row_tiles)), unroll, row_tiles <= 2, 0, 0
+    decode = row_tiles <= 2
+    return min(split_k, max_split_k(row_tiles)), unroll, decode, 0, 32 if decode else 0
 
 
 def shared_bytes(row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool) -> int:
