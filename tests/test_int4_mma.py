@@ -4,6 +4,8 @@ the bf16 bit tricks give the numbers claimed. On a GPU: the kernel against the d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,6 +166,37 @@ def test_a_setting_over_the_static_shared_memory_is_refused_before_launch():
     x, out = torch.zeros(1, 640, dtype=torch.bfloat16), torch.empty(1, 48, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="shared memory"):
         int4_mma.launch(x, words, scales, None, None, 128, out, (16, 2, True, 4, 0))
+
+
+def _ptxas_tool():
+    """eval/ptxas_int4_mma.py, which compiles the kernel with NVRTC (no GPU needed; skipped where NVRTC is missing)."""
+    pytest.importorskip("nvidia.cuda_nvrtc", reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "eval" / "ptxas_int4_mma.py"
+    spec = importlib.util.spec_from_file_location("ptxas_int4_mma", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rules_decode_settings_keep_32_warps_resident_without_spilling():
+    """ptxas (NVRTC, sm_90) on every setting the rule picks for 1-16 rows at the 7B widths, sym and asym: no spills and
+    32 warps resident a multiprocessor. When the register cap became a launch setting, ptxas lost its 64-register
+    budget and four of these took 66-72 registers, 16 or 24 warps (eval/results/ptxas_int4_mma_sm90.json)."""
+    tool = _ptxas_tool()
+    library = tool.nvrtc()
+    settings = {(int4_mma._row_tiles(rows), int4_mma.settings_for(int4_mma._row_tiles(rows), n))
+                for rows in (1, 16) for n in (4096, 12288)}
+    assert len(settings) == 4
+    for row_tiles, setting in sorted(settings):
+        for asymmetric in (False, True):
+            source = int4_mma.kernel_source("int4_mma", row_tiles, setting, asymmetric, True)
+            report = tool.ptxas_report(library, source, "int4_mma", "sm_90")
+            assert report["spill_store_bytes"] == 0, (row_tiles, setting, asymmetric, report)
+            assert report["shared_bytes"] == int4_mma.shared_bytes(row_tiles, setting, asymmetric)
+            warps = tool.resident_warps(setting[0], report["registers"], report["shared_bytes"])
+            assert warps == 32, (row_tiles, setting, asymmetric, report)
 
 
 def test_split_k_settings_fit_static_shared_memory():
