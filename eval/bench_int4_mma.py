@@ -60,6 +60,18 @@ extern "C" __global__ void stream_read(const uint4* __restrict__ data, unsigned*
 """
 
 
+def spilling_settings() -> set[tuple]:
+    """(row tiles, setting, asymmetric) that ptxas spills on this GPU's architecture, from eval/ptxas_int4_mma.py's
+    results where they exist (sm_90: H100, H200): not worth device time (--keep-spilling times them anyway)."""
+    major, minor = torch.cuda.get_device_capability()
+    path = Path(__file__).resolve().parent / "results" / f"ptxas_int4_mma_sm{major}{minor}.json"
+    if not path.exists():
+        return set()
+    rows = json.loads(path.read_text())["rows"]
+    return {(int4_mma._row_tiles(r["rows"]), tuple(r["setting"]), r["asymmetric"]) for r in rows
+            if r["spill_store_bytes"]}
+
+
 @functools.lru_cache(maxsize=None)
 def stream_kernel():
     return torch.cuda._compile_kernel(int4_mma._COMMON + _STREAM, "stream_read")
@@ -147,6 +159,8 @@ def main() -> None:
                         "out in the integer units (the faster way at 1-16 rows in every earlier run)")
     parser.add_argument("--split-k", help="only these warps-per-block counts, e.g. 8,16")
     parser.add_argument("--warps", help="only these register caps (warps a multiprocessor; 0: none), e.g. 0,40")
+    parser.add_argument("--keep-spilling", action="store_true", help="also time the settings ptxas spills (by "
+                        "eval/results/ptxas_int4_mma_smXY.json for this GPU; skipped by default)")
     parser.add_argument("--table-out", help="also write the fastest setting per shape and row tiles, and the fastest "
                                             "slice size, as a table compress.quantize.int4_mma reads")
     parser.add_argument("--out")
@@ -167,6 +181,8 @@ def main() -> None:
     warps = {int(w) for w in args.warps.split(",")} if args.warps else {s[4] for s in SETTINGS}
     settings = [s for s in SETTINGS if (s[2] or not args.zero_in_alu_only) and s[0] in split_ks and s[4] in warps]
     results["settings_tried"] = settings
+    spilling = set() if args.keep_spilling else spilling_settings()
+    results["skipped_spilling"] = len(spilling)
     table = {"device": results["device"], "command": results["command"], "settings": {}}
     chunk_totals = dict.fromkeys(CHUNKS, 0.0)
     names = args.shapes.split(",") if args.shapes else list(LLAMA2_7B)
@@ -197,7 +213,9 @@ def main() -> None:
             out = torch.empty(rows, out_features, device="cuda", dtype=torch.bfloat16)
             timed, errors = {}, {}
             for setting in settings:
-                if int4_mma.shared_bytes(int4_mma._row_tiles(rows), setting, not sym) > int4_mma.STATIC_SHARED_BYTES:
+                row_tiles = int4_mma._row_tiles(rows)
+                if (int4_mma.shared_bytes(row_tiles, setting, not sym) > int4_mma.STATIC_SHARED_BYTES
+                        or (row_tiles, setting, not sym) in spilling):
                     continue
                 try:
                     out.zero_()
