@@ -186,7 +186,7 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = warp + (round * UNROLL + u) * SPLIT_K;
-            if (round < rounds && kb < k_blocks) {
+            if (kb < k_blocks) {  // past the last round every kb is too
                 cp_async16(&ring_words[warp][slot][u][lane], tile_words + (size_t)kb * 32, false, true);
                 const int at = (kb / blocks_per_group) * 16;
                 if (lane < 2) cp_async16(&ring_scales[warp][slot][u][lane], tile_scales + at + 8 * lane, false, true);
