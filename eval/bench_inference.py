@@ -9,8 +9,10 @@ refuses a uniform stock config and the widths are per layer, all alike, as compr
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
 today), for the memory comparison; `FP8 W8A8 fused` rounds its inputs with gemlite's fused kernel in eager prefill
-(COMPRESS_FUSED_FP8_INPUT). A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel
-instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit
+(COMPRESS_FUSED_FP8_INPUT); a name with `pdl` launches the int4 matmul and the compiled graph's kernels for
+programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile). A W4 variant whose
+name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
+(COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit
 is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
@@ -40,6 +42,7 @@ from bench_models import LLAMA2_7B, random_llama  # noqa: E402
 
 import compress  # noqa: E402
 from compress.bench import bench_model  # noqa: E402
+from compress.quantize.int4_mma import PDL_VARIABLE, dependent_launch  # noqa: E402
 from compress.quantize.packed import FUSED_FP8_INPUT_VARIABLE, INT4_KERNEL_VARIABLE, pack_model  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -66,6 +69,10 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
     if "fused" in name:  # "FP8 W8A8 fused": the input rounded by gemlite's fused kernel in eager prefill
         asked[FUSED_FP8_INPUT_VARIABLE] = "1"
+    if "pdl" in name:  # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's
+        os.environ[PDL_VARIABLE] = "1"  # own kernels, for the process (each variant runs in its own with --compile)
+        torch._inductor.config.triton.enable_pdl = True
+        dependent_launch.cache_clear()  # (eval/profile_decode.py runs variants in one process: pdl ones last)
     with mock.patch.dict(os.environ, asked):  # restored as it was
         notes = [] if "dequantized" in name else pack_model(model)
     return model, notes

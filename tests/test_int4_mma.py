@@ -154,6 +154,63 @@ def test_every_launch_setting_computes_the_same_product(setting, asymmetric, gro
     torch.testing.assert_close(out.float(), x.float() @ exact.T, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("setting", [(16, 1, True, 0, 32), (8, 2, False, 1, 0), (4, 1, True, 2, 0)])
+def test_a_dependent_launch_waits_for_the_kernel_that_writes_its_input(monkeypatch, setting):
+    """Programmatic dependent launch (COMPRESS_INT4_PDL=1): the matmul may start before the kernel ahead of it ends and
+    prefetches its codes meanwhile, but reads its input only once that kernel is done. Two matmuls in a chain, the
+    second reading the first's output, launched back to back on the stream and inside a CUDA graph (where the launch
+    attribute becomes a programmatic edge), equal the same chain launched plainly."""
+    if reason := int4_mma.available(torch.device("cuda")):
+        pytest.skip(reason)
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    n, k, group = 640, 640, 128
+    packed = []
+    for seed in (0, 1):
+        unsigned, scale, zero = _grid(n, k, group, False, seed)
+        packed.append({key: None if t is None else t.cuda() for key, t in int4_mma.pack(unsigned, scale * 0.05,
+                                                                                         zero).items()})
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+
+    def chain(into: list[torch.Tensor]) -> None:
+        int4_mma.launch(x, packed[0]["words"], packed[0]["scales"], None, None, group, into[0], setting)
+        int4_mma.launch(into[0], packed[1]["words"], packed[1]["scales"], None, None, group, into[1], setting)
+
+    plain = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    chain(plain)
+    monkeypatch.setenv(int4_mma.PDL_VARIABLE, "1")
+    int4_mma.dependent_launch.cache_clear()
+    try:
+        assert int4_mma.dependent_launch(torch.device("cuda", torch.cuda.current_device()))
+        eager = [torch.full_like(t, float("nan")) for t in plain]
+        chain(eager)
+        graphed = [torch.full_like(t, float("nan")) for t in plain]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(graphed)
+        for t in graphed:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        int4_mma.dependent_launch.cache_clear()
+    for result in (eager, graphed):
+        assert torch.equal(result[0], plain[0]) and torch.equal(result[1], plain[1])
+
+
+def test_the_dependent_launch_structures_have_the_drivers_layout():
+    """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute by their C layout (cuda.h): six grid and block
+    dimensions and the shared bytes (28 bytes), the stream at offset 32, the attributes at 40, their count at 48, 56 in
+    all; an attribute is its 4-byte id, padding to 8 and a 64-byte value union, 72 in all."""
+    import ctypes
+
+    config, attribute = int4_mma._LaunchConfig, int4_mma._LaunchAttribute
+    assert (config.stream.offset, config.attributes.offset, config.attribute_count.offset) == (32, 40, 48)
+    assert ctypes.sizeof(config) == 56
+    assert (attribute.value.offset, ctypes.sizeof(attribute)) == (8, 72)
+
+
 def test_a_setting_over_the_static_shared_memory_is_refused_before_launch():
     """A ring of 4 rounds × 2 k blocks for 16 warps needs ~150 KB at one row: refused by name, nothing compiled (CPU
     tensors reach no GPU code); the bytes are those ptxas reports for the kernel (NVRTC, sm_90: 41,728 for 8 warps ×
@@ -197,6 +254,25 @@ def test_the_rules_decode_settings_keep_32_warps_resident_without_spilling():
             assert report["shared_bytes"] == int4_mma.shared_bytes(row_tiles, setting, asymmetric)
             warps = tool.resident_warps(setting[0], report["registers"], report["shared_bytes"])
             assert warps == 32, (row_tiles, setting, asymmetric, report)
+
+
+def test_the_dependent_kernel_costs_the_rule_no_registers_and_needs_hopper():
+    """The kernel built for programmatic dependent launch (an L2 prefetch of its first codes, griddepcontrol.wait and
+    launch_dependents) compiles for sm_90 at the rule's decode settings with no more registers and no spills than the
+    plain one (so the same warps stay resident), and not for sm_80, whose PTX has no griddepcontrol: the runtime only
+    asks for it on compute capability 9.0 and newer."""
+    tool = _ptxas_tool()
+    library = tool.nvrtc()
+    for row_tiles, n in ((1, 4096), (1, 12288), (2, 4096)):
+        setting = int4_mma.settings_for(row_tiles, n)
+        plain, dependent = (tool.ptxas_report(library, int4_mma.kernel_source("int4_mma", row_tiles, setting, False,
+                                                                              True, pdl), "int4_mma", "sm_90")
+                            for pdl in (False, True))
+        assert dependent["spill_store_bytes"] == 0
+        assert dependent["registers"] <= plain["registers"], (row_tiles, setting, plain, dependent)
+    with pytest.raises(RuntimeError, match="griddepcontrol"):
+        tool.ptxas_report(library, int4_mma.kernel_source("int4_mma", 1, (8, 2, False, 0, 0), False, False, True),
+                          "int4_mma", "sm_80")
 
 
 def test_split_k_settings_fit_static_shared_memory():

@@ -28,6 +28,7 @@ an NVIDIA GPU of compute capability 8.0 or newer (bf16 `mma.sync`)."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
@@ -45,6 +46,11 @@ DEQUANTIZE_CHUNK = 0
 # "dequantize_chunk": n}. The table whose file name is in the GPU's name is read, or the file TABLE_VARIABLE names.
 TABLES = Path(__file__).parent / "int4_mma_configs"
 TABLE_VARIABLE = "COMPRESS_INT4_MMA_TABLE"
+# Programmatic dependent launch (Hopper and newer): "1" launches the matmul so that it starts while the kernel before it
+# ends, pulling its first codes into L2 meanwhile (PREFETCH_BLOCKS k blocks a warp); with TORCHINDUCTOR_ENABLE_PDL=1
+# the compiled graph's own kernels do the same. Off by default until measured (eval/bench_inference.py "pdl" variants).
+PDL_VARIABLE = "COMPRESS_INT4_PDL"
+PREFETCH_BLOCKS = 32
 TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
 STATIC_SHARED_BYTES = 48 * 1024  # the most a kernel may declare without opting in to more
 
@@ -170,6 +176,18 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
+#if PDL
+    // Programmatic dependent launch: this grid may start while the kernel before it (which computes x, and may read
+    // the buffer y will be) still runs. The codes depend on nothing, so until then each warp pulls its first
+    // PREFETCH_BLOCKS k blocks into L2 (a lane one 128-byte line: 8 k blocks a pass), then waits for that kernel to
+    // complete; x is read and y written only after the wait.
+    for (int i = lane >> 2; i < PREFETCH_BLOCKS; i += 8) {
+        const int kb = warp + i * SPLIT_K;
+        const uint4* line = words + ((size_t)tile * k_blocks + kb) * 32 + (lane & 3) * 8;
+        if (kb < k_blocks) asm volatile("prefetch.global.L2 [%0];" :: "l"(line));
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
 #if PIPELINE >= 2
     // The ring: per warp, PIPELINE rounds of UNROLL k blocks, each its words (a lane's 16 bytes), its group's 16
@@ -302,6 +320,11 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         #pragma unroll
         for (int r = 0; r < 4; ++r) partial[warp][(mt * 4 + r) * 32 + lane] = acc[mt][r];
     __syncthreads();
+#if PDL
+    // every load of this block is done: the next kernel may be scheduled (its own wait still holds its reads of y
+    // until this grid completes). After the wait above, so its start also implies the kernels before this one ended.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
     for (int e = threadIdx.x; e < MT * 128; e += SPLIT_K * 32) {
         float sum = 0.f;
         #pragma unroll
@@ -396,20 +419,22 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_source(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool,
-                  bias: bool) -> str:
-    """The CUDA source of kernel `name` ("int4_mma" or "int4_dequantize") for one launch setting."""
+                  bias: bool, dependent: bool = False) -> str:
+    """The CUDA source of kernel `name` ("int4_mma" or "int4_dequantize") for one launch setting; `dependent`: built
+    for programmatic dependent launch (`launch_dependent`; compute capability 9.0 and newer)."""
     split_k, unroll, zero_in_alu, pipeline, warps_per_sm = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
                f"#define MIN_BLOCKS {max(1, warps_per_sm // split_k)}\n"
                f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define PIPELINE {int(pipeline)}\n"
-               f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n")
+               f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n"
+               f"#define PDL {int(dependent)}\n#define PREFETCH_BLOCKS {PREFETCH_BLOCKS}\n")
     return defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool, bias: bool,
-            device: int):
-    source = kernel_source(name, row_tiles, setting, asymmetric, bias)
+            device: int, dependent: bool = False):
+    source = kernel_source(name, row_tiles, setting, asymmetric, bias, dependent)
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability(device)
         # torch.cuda._compile_kernel: PyTorch's NVRTC wrapper (private, present since 2.8): no toolkit build step
@@ -508,11 +533,53 @@ def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
     if (shared := shared_bytes(row_tiles, setting, zeros is not None)) > STATIC_SHARED_BYTES:
         raise ValueError(f"int4_mma setting {setting} needs {shared} bytes of shared memory for {rows} rows; at most "
                          f"{STATIC_SHARED_BYTES} may be declared statically")
-    kernel = _kernel("int4_mma", row_tiles, setting, zeros is not None, bias is not None, x.device.index or 0)
+    dependent = dependent_launch(x.device)
+    kernel = _kernel("int4_mma", row_tiles, setting, zeros is not None, bias is not None, x.device.index or 0,
+                     dependent)
     # unused pointers still take a device address: the launcher passes Python ints as 4-byte C ints
-    kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1),
-           args=[words, scales, scales if zeros is None else zeros, scales if bias is None else bias, x, out,
-                 rows, n, k, group])
+    args = [words, scales, scales if zeros is None else zeros, scales if bias is None else bias, x, out, rows, n, k,
+            group]
+    if dependent:
+        launch_dependent(kernel, (n // TILE_N, 1, 1), (split_k * 32, 1, 1), args)
+    else:
+        kernel(grid=(n // TILE_N, 1, 1), block=(split_k * 32, 1, 1), args=args)
+
+
+@functools.cache
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the matmul is launched for programmatic dependent launch: asked for by PDL_VARIABLE (1), on compute
+    capability 9.0 and newer."""
+    return os.environ.get(PDL_VARIABLE, "0") == "1" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte union aligned to 8 bytes
+    _fields_ = [("id", ctypes.c_int), ("_pad", ctypes.c_int), ("value", ctypes.c_int), ("_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attributes", ctypes.POINTER(_LaunchAttribute)),
+                ("attribute_count", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+    """Launch `kernel` (torch.cuda._compile_kernel's, built with dependent=True) on the current stream so that it may
+    start before the kernel ahead of it ends (cuLaunchKernelEx with programmatic stream serialization, which a CUDA
+    graph keeps as a programmatic edge). PyTorch's launcher takes no launch attributes, hence this one; its argument
+    handling is PyTorch's: tensors as device pointers, ints as 4-byte C ints."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), shared_bytes=0,
+                           stream=torch.cuda.current_stream().cuda_stream, attributes=ctypes.pointer(attribute),
+                           attribute_count=1)
+    library = torch.cuda._utils._get_gpu_runtime_library()
+    status = library.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {status}")
 
 
 def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int) -> torch.Tensor:
