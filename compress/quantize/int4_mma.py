@@ -565,6 +565,11 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")  # the driver PyTorch's CUDA context lives in
+
+
 def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
     """Launch `kernel` (torch.cuda._compile_kernel's, built with dependent=True) on the current stream so that it may
     start before the kernel ahead of it ends (cuLaunchKernelEx with programmatic stream serialization, which a CUDA
@@ -576,8 +581,7 @@ def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, 
     config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), shared_bytes=0,
                            stream=torch.cuda.current_stream().cuda_stream, attributes=ctypes.pointer(attribute),
                            attribute_count=1)
-    library = torch.cuda._utils._get_gpu_runtime_library()
-    status = library.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    status = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {status}")
 
