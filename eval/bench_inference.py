@@ -47,7 +47,13 @@ from compress.quantize.packed import FUSED_FP8_INPUT_VARIABLE, INT4_KERNEL_VARIA
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
-H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
+# GPU memory bandwidth by name (bytes/s): H200 HBM3e, H100 SXM HBM3; the batch-1 limit is given where it is known
+BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12}
+
+
+def memory_bandwidth() -> float | None:
+    name = torch.cuda.get_device_name().lower()
+    return next((value for key, value in BANDWIDTH.items() if key in name), None)
 
 
 def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
@@ -101,7 +107,8 @@ def measure_variant(name: str, args, shape, dtype, batches, prefills, barrier: d
         lock.close()
     if args.device == "cuda":
         row["gpu_memory_after_load_bytes"] = memory_after_load
-        row["bandwidth_limit_tokens_per_s"] = round(H200_BANDWIDTH / row["weight_bytes"], 1)
+        if bandwidth := memory_bandwidth():  # (an H100 was given the H200's 4.8 TB/s before)
+            row["bandwidth_limit_tokens_per_s"] = round(bandwidth / row["weight_bytes"], 1)
     return row
 
 
