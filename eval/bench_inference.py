@@ -75,12 +75,17 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
     if "fused" in name:  # "FP8 W8A8 fused": the input rounded by gemlite's fused kernel in eager prefill
         asked[FUSED_FP8_INPUT_VARIABLE] = "1"
-    if "pdl" in name:  # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's
-        os.environ[PDL_VARIABLE] = "1"  # own kernels, for the process (each variant runs in its own with --compile)
-        torch._inductor.config.triton.enable_pdl = True
-        dependent_launch.cache_clear()  # (eval/profile_decode.py runs variants in one process: pdl ones last)
+    # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's own kernels. Set for
+    # every variant, on or off, for the process: eval/profile_decode.py runs its variants in one
+    pdl, pdl_notes = "pdl" in name, []
+    os.environ[PDL_VARIABLE] = "1" if pdl else "0"
+    dependent_launch.cache_clear()
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # PyTorch 2.10 and newer
+        torch._inductor.config.triton.enable_pdl = pdl
+    elif pdl:
+        pdl_notes.append(f"torch {torch.__version__}: inductor has no PDL option, so only the int4 matmul used it")
     with mock.patch.dict(os.environ, asked):  # restored as it was
-        notes = [] if "dequantized" in name else pack_model(model)
+        notes = ([] if "dequantized" in name else pack_model(model)) + pdl_notes
     return model, notes
 
 

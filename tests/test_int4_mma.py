@@ -199,6 +199,52 @@ def test_a_dependent_launch_waits_for_the_kernel_that_writes_its_input(monkeypat
         assert torch.equal(result[0], plain[0]) and torch.equal(result[1], plain[1])
 
 
+_LATE_COPY = r"""
+extern "C" __global__ void late_copy(const unsigned short* __restrict__ source, unsigned short* __restrict__ target,
+                                     int n, int delay_ns) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // a dependent kernel may start at once
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < (unsigned long long)delay_ns);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) target[i] = source[i];
+}
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_dependent_launch_reads_and_writes_only_after_the_kernel_before_it(monkeypatch):
+    """A kernel that lets dependents start at once, then copies 100 µs later: the matmul launched after it for
+    programmatic dependent launch starts early, but reads its input only once that copy has written it (a NaN input
+    before), and writes its output only after that copy has read the output's old contents."""
+    if reason := int4_mma.available(torch.device("cuda")):
+        pytest.skip(reason)
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    late_copy = torch.cuda._compile_kernel(_LATE_COPY, "late_copy")
+    n, k, group = 640, 640, 128
+    unsigned, scale, zero = _grid(n, k, group, False)
+    packed = {key: None if t is None else t.cuda() for key, t in int4_mma.pack(unsigned, scale, zero).items()}
+    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    plain = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+    int4_mma.launch(x, packed["words"], packed["scales"], None, None, group, plain)
+    monkeypatch.setenv(int4_mma.PDL_VARIABLE, "1")
+    int4_mma.dependent_launch.cache_clear()
+    try:
+        late_input = torch.full_like(x, float("nan"))
+        out = torch.empty_like(plain)
+        late_copy(grid=(1, 1, 1), block=(256, 1, 1), args=[x, late_input, k, 100_000])
+        int4_mma.launch(late_input, packed["words"], packed["scales"], None, None, group, out)
+        old = torch.full_like(plain, 7.0)
+        seen = torch.empty_like(plain)
+        late_copy(grid=(1, 1, 1), block=(256, 1, 1), args=[old, seen, n, 100_000])
+        int4_mma.launch(x, packed["words"], packed["scales"], None, None, group, old)
+        torch.cuda.synchronize()
+    finally:
+        int4_mma.dependent_launch.cache_clear()
+    assert torch.equal(out, plain)
+    assert torch.equal(seen, torch.full_like(plain, 7.0)) and torch.equal(old, plain)
+
+
 def test_the_dependent_launch_structures_have_the_drivers_layout():
     """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute by their C layout (cuda.h): six grid and block
     dimensions and the shared bytes (28 bytes), the stream at offset 32, the attributes at 40, their count at 48, 56 in

@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +48,9 @@ DEQUANTIZE_CHUNK = 0
 TABLES = Path(__file__).parent / "int4_mma_configs"
 TABLE_VARIABLE = "COMPRESS_INT4_MMA_TABLE"
 # Programmatic dependent launch (Hopper and newer): "1" launches the matmul so that it starts while the kernel before it
-# ends, pulling its first codes into L2 meanwhile (PREFETCH_BLOCKS k blocks a warp); with TORCHINDUCTOR_ENABLE_PDL=1
-# the compiled graph's own kernels do the same. Off by default until measured (eval/bench_inference.py "pdl" variants).
+# ends, pulling its codes into L2 meanwhile (up to PREFETCH_BLOCKS k blocks a warp); with TORCHINDUCTOR_ENABLE_PDL=1
+# the compiled graph's own kernels do the same. Off: measured slower on an H100 (7B shape, W4 g128 decode 362.9 against
+# 371.9 tok/s at batch 1, 3,824 against 4,104 at 16; eval/results/bench_inference_7b_h100_pdl.json).
 PDL_VARIABLE = "COMPRESS_INT4_PDL"
 PREFETCH_BLOCKS = 32
 TILE_N, TILE_K, MIN_GROUP = 16, 64, 64
@@ -178,9 +180,9 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
         for (int r = 0; r < 4; ++r) acc[mt][r] = 0.f;
 #if PDL
     // Programmatic dependent launch: this grid may start while the kernel before it (which computes x, and may read
-    // the buffer y will be) still runs. The codes depend on nothing, so until then each warp pulls its first
-    // PREFETCH_BLOCKS k blocks into L2 (a lane one 128-byte line: 8 k blocks a pass), then waits for that kernel to
-    // complete; x is read and y written only after the wait.
+    // the buffer y will be) still runs. The codes depend on nothing, so until then each warp pulls its k blocks into
+    // L2, up to PREFETCH_BLOCKS of them (a lane one 128-byte line: 8 k blocks a pass; at the 7B shapes that is the
+    // block's whole tile), then waits for that kernel to complete; x is read and y written only after the wait.
     for (int i = lane >> 2; i < PREFETCH_BLOCKS; i += 8) {
         const int kb = warp + i * SPLIT_K;
         const uint4* line = words + ((size_t)tile * k_blocks + kb) * 32 + (lane & 3) * 8;
@@ -548,8 +550,15 @@ def launch(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
 @functools.cache
 def dependent_launch(device: torch.device) -> bool:
     """Whether the matmul is launched for programmatic dependent launch: asked for by PDL_VARIABLE (1), on compute
-    capability 9.0 and newer."""
-    return os.environ.get(PDL_VARIABLE, "0") == "1" and torch.cuda.get_device_capability(device) >= (9, 0)
+    capability 9.0 and newer, with a driver that keeps it in CUDA graphs (12.3; else one warning, plain launches)."""
+    if os.environ.get(PDL_VARIABLE, "0") != "1" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    version = ctypes.c_int(0)
+    if _driver().cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < 12030:
+        warnings.warn(f"{PDL_VARIABLE}=1 needs CUDA driver 12.3 or newer (this one: {version.value}): the int4 matmul "
+                      f"is launched plainly", stacklevel=2)
+        return False
+    return True
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte union aligned to 8 bytes
@@ -567,7 +576,11 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREA
 
 @functools.cache
 def _driver() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")  # the driver PyTorch's CUDA context lives in
+    driver = ctypes.CDLL("libcuda.so.1")  # the driver PyTorch's CUDA context lives in
+    driver.cuLaunchKernelEx.restype = ctypes.c_int
+    driver.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return driver
 
 
 def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
