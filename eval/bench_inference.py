@@ -8,12 +8,13 @@ Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Lla
 refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
-today), for the memory comparison; `FP8 W8A8 fused` rounds its inputs with gemlite's fused kernel in eager prefill
-(COMPRESS_FUSED_FP8_INPUT); a name with `pdl` launches the int4 matmul and the compiled graph's kernels for
-programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile). A W4 variant whose
-name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
-(COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit
-is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
+today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyTorch's kernels in eager prefill in
+place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `sliced` gives a long input's fused q/k/v and gate/up
+outputs each their own memory (COMPRESS_SLICED_OUTPUTS); a name with `pdl` launches the int4 matmul and the compiled
+graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile). A
+W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first
+choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes
+of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -43,7 +44,12 @@ from bench_models import LLAMA2_7B, random_llama  # noqa: E402
 import compress  # noqa: E402
 from compress.bench import bench_model  # noqa: E402
 from compress.quantize.int4_mma import PDL_VARIABLE, dependent_launch  # noqa: E402
-from compress.quantize.packed import FUSED_FP8_INPUT_VARIABLE, INT4_KERNEL_VARIABLE, pack_model  # noqa: E402
+from compress.quantize.packed import (  # noqa: E402
+    FUSED_FP8_INPUT_VARIABLE,
+    INT4_KERNEL_VARIABLE,
+    SLICED_OUTPUTS_VARIABLE,
+    pack_model,
+)
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
@@ -73,8 +79,10 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
     kernel = next((k for k in ("gemlite", "mma", "tinygemm") if k in name), None)  # "W4 g128 mma": that kernel
     asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
-    if "fused" in name:  # "FP8 W8A8 fused": the input rounded by gemlite's fused kernel in eager prefill
-        asked[FUSED_FP8_INPUT_VARIABLE] = "1"
+    if "unfused" in name:  # "FP8 W8A8 unfused": the input rounded by PyTorch's kernels in eager prefill too
+        asked[FUSED_FP8_INPUT_VARIABLE] = "0"
+    if "sliced" in name:  # "W4 g128 sliced": a long input's fused outputs each in their own memory
+        asked[SLICED_OUTPUTS_VARIABLE] = "1"
     # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's own kernels. Set for
     # every variant, on or off, for the process: eval/profile_decode.py runs its variants in one
     pdl, pdl_notes = "pdl" in name, []

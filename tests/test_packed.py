@@ -135,6 +135,44 @@ def test_long_inputs_on_cpu_dequantize_and_equal_the_short_path(tiny_model_dir, 
     assert (long.float() - short.float()).abs().max() <= 0.02 * short.float().abs().max()
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,config", [
+    ("cpu", compress.RTN(bits=4, group_size=32, sym=False)),
+    pytest.param("cuda", compress.RTN(bits=4, group_size=64), marks=_CUDA),
+    pytest.param("cuda", compress.FP8(), marks=_CUDA),
+])
+def test_a_fused_groups_long_input_gives_each_projection_its_own_memory(tiny_model_dir, tmp_path, device, config,
+                                                                         monkeypatch):
+    """gate/up packed as one Linear, asked for sliced outputs: a long input's two outputs are separate contiguous
+    tensors (the element-wise kernels after them vectorize), equal to the one GEMM's slices; a short input's are slices
+    of one launch's output."""
+    from compress.quantize.packed import (
+        CPU_DEQUANTIZE_ABOVE_ROWS,
+        DEQUANTIZE_ABOVE_ROWS,
+        SLICED_OUTPUTS_VARIABLE,
+        FusedPart,
+    )
+
+    monkeypatch.setenv(SLICED_OUTPUTS_VARIABLE, "1")
+    packed, _ = compress.load(_saved(tiny_model_dir, tmp_path, config), dtype="bfloat16", device=device,
+                              runtime="packed")
+    mlp = packed.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, FusedPart) and isinstance(mlp.up_proj, FusedPart)
+    fused = mlp.gate_proj.fused
+    long = (CPU_DEQUANTIZE_ABOVE_ROWS if device == "cpu" else DEQUANTIZE_ABOVE_ROWS) + 8
+    for rows in (8, long):
+        x = torch.randn(1, rows, fused.linear.in_features, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            whole = fused.linear(x)
+        assert gate.shape == (1, rows, fused.widths[0]) and up.shape == (1, rows, fused.widths[1])
+        assert gate.is_contiguous() == up.is_contiguous() == (rows == long)
+        for part, expected in zip((gate, up), whole.split(fused.widths, -1)):
+            assert (part.float() - expected.float()).abs().max() <= 0.01 * expected.float().abs().max()
+
+
 def _int4_kernel_g32() -> str:
     """The kernel the tiny model's int4 g32 Linears run on where the benchmark runs (a GPU when there is one)."""
     from compress.quantize.packed import int4_backend

@@ -124,6 +124,23 @@ class _PackedLinear(torch.nn.Module):
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
+    def output_slices(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor] | None:
+        """This Linear's output for a long input as one tensor per consecutive slice of `widths` output features,
+        each computed into its own memory (see FusedLinears.take), or None where it has no such path."""
+        return None
+
+    def _sliced(self, x: torch.Tensor, widths: list[int], matmul: Callable[[int, int], torch.Tensor]
+                ) -> list[torch.Tensor]:
+        """matmul(first, last): the [rows, last − first] product with the weight's rows first..last."""
+        outputs, first = [], 0
+        for width in widths:
+            out = matmul(first, first + width)
+            if self.bias is not None:
+                out = out + self.bias[first:first + width]
+            outputs.append(out.to(x.dtype).reshape(*x.shape[:-1], width))
+            first += width
+        return outputs
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -296,6 +313,19 @@ class Int4Linear(_PackedLinear):
                                                              self.scales_and_offsets)
         return self._finish(out.to(x.dtype), shape)
 
+    def output_slices(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor] | None:
+        """Where a long input dequantizes the weight (above the row counts of the module's table): dequantized once,
+        then one GEMM per slice of its rows."""
+        flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+        rows = flat.shape[0]
+        if flat.is_cuda:
+            if self.backend == "tinygemm" or rows <= DEQUANTIZE_ABOVE_ROWS:
+                return None
+        elif rows <= CPU_DEQUANTIZE_ABOVE_ROWS or not self.cpu_dequantize:
+            return None
+        weight = self.dequantized_weight()
+        return self._sliced(x, widths, lambda first, last: F.linear(flat, weight[first:last]))
+
 
 class Int8Linear(_PackedLinear):
     """8-bit weights (one byte each) with one scale per output row."""
@@ -359,10 +389,10 @@ def _fused_fp8_activation():
     return scale_activations_per_token
 
 
-# Asks FP8 Linears packed while it is "1" to round their inputs with gemlite's fused kernel when run eagerly. Off by
-# default: neither its speed nor its equality with the PyTorch form has been measured on a GPU yet (Triton may divide
-# in float32 by the approximate instruction); eval/bench_inference.py's "FP8 W8A8 fused" variant and
-# tests/test_packed.py's GPU test are the two measurements that decide.
+# FP8 Linears packed while it is "0" round their inputs with the PyTorch form in eager runs too (for comparisons in one
+# run). On by default: on an H100 its codes and scales equal the PyTorch form's (tests/test_packed.py's GPU test) and a
+# 2048-token prefill of the 7B shape took 48.2 ms against bf16's 61.9 (1.28x; eval/results/
+# bench_inference_7b_h100_table.json), where the PyTorch form's took 68.7 ms against 60.4 (0.88x, an earlier run).
 FUSED_FP8_INPUT_VARIABLE = "COMPRESS_FUSED_FP8_INPUT"
 
 
@@ -391,7 +421,7 @@ class FP8Linear(_PackedLinear):
                              and dtype == torch.bfloat16 and self.in_features % 16 == 0
                              and self.out_features % 16 == 0)
         self.kernel = "fp8 _scaled_mm" if self.tensor_cores else "fp8 (simulated matmul)"
-        self.fused_input = os.environ.get(FUSED_FP8_INPUT_VARIABLE) == "1"
+        self.fused_input = os.environ.get(FUSED_FP8_INPUT_VARIABLE, "1") != "0"
         setattr(self, PACKED_ATTR, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,6 +440,17 @@ class FP8Linear(_PackedLinear):
                 flat = x_fp8.float() * x_scale
             out = (flat.float() @ (self.weight_fp8.float() * self.scales).T).to(x.dtype)
         return self._finish(out, shape)
+
+    def output_slices(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor] | None:
+        """On FP8 tensor cores, for a long input: rounded to e4m3 once, then one _scaled_mm per slice of the
+        weight's rows (each a multiple of 16, as _scaled_mm's layout needs)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if not self.tensor_cores or flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS or any(w % 16 for w in widths):
+            return None
+        x_fp8, x_scale = _quantize_fp8_input(flat, self.fused_input)
+        return self._sliced(x, widths, lambda first, last: torch._scaled_mm(
+            x_fp8, self.weight_fp8[first:last].T, scale_a=x_scale, scale_b=self.scales[first:last].T,
+            out_dtype=x.dtype, use_fast_accum=True))
 
 
 def _int4_kernel_unavailable(kernel: str, device: torch.device, shape: tuple[int, int, int] | None) -> str | None:
@@ -553,6 +594,16 @@ def _concatenated(grids: list[Grid]) -> Grid:
                 grids[0].dtype, codes)
 
 
+# Asks groups packed while it is "1" to give a long input's outputs each their own memory where the kernel allows (one
+# GEMM per projection after one dequantization or rounding) in place of slices of one output: slices have strided rows,
+# and the eager element-wise kernels after them (SiLU, the product with up) lose vectorization, ~2 ms of a 7B model's
+# 2048-token prefill on an H100 (eval/results/profile_7b_h100.json: 2.09 against 0.92 ms for SiLU). Off: its one
+# measurement, in another harness than the unsliced one (bench_inference without --compile), was slower, W4 g128
+# 79.2 and FP8 73.3 ms against 70.1 and 48.2 (eval/results/bench_prefill_sliced_h100.json); an A/B in one invocation
+# (the bench's `sliced` variants) decides.
+SLICED_OUTPUTS_VARIABLE = "COMPRESS_SLICED_OUTPUTS"
+
+
 class FusedLinears(torch.nn.Module):
     """One packed Linear standing for several that read the same input (q/k/v, gate/up). The family's own forward still
     calls each projection (a FusedPart): the first call computes every output, the others take their slice, and the
@@ -561,11 +612,15 @@ class FusedLinears(torch.nn.Module):
     def __init__(self, linear: _PackedLinear, widths: list[int]):
         super().__init__()
         self.linear, self.widths = linear, widths
+        self.sliced = os.environ.get(SLICED_OUTPUTS_VARIABLE) == "1"
         self._input, self._outputs, self._taken = None, None, 0
 
     def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self._outputs is None or self._input is not x:
-            self._input, self._outputs, self._taken = x, self.linear(x).split(self.widths, -1), 0
+            outputs = self.linear.output_slices(x, self.widths) if self.sliced else None
+            if outputs is None:
+                outputs = self.linear(x).split(self.widths, -1)
+            self._input, self._outputs, self._taken = x, outputs, 0
         out = self._outputs[index]
         self._taken += 1
         if self._taken == len(self.widths):
