@@ -11,7 +11,8 @@ int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (w
 today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyTorch's kernels in eager prefill in
 place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `sliced` gives a long input's fused q/k/v and gate/up
 outputs each their own memory (COMPRESS_SLICED_OUTPUTS); a name with `pdl` launches the int4 matmul and the compiled
-graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile). A
+graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile), and
+one with `nocudnn` runs attention without cuDNN's kernel (torch.backends.cuda.enable_cudnn_sdp(False)). A
 W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first
 choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes
 of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
@@ -92,6 +93,11 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         torch._inductor.config.triton.enable_pdl = pdl
     elif pdl:
         pdl_notes.append(f"torch {torch.__version__}: inductor has no PDL option, so only the int4 matmul used it")
+    # "W4 g128 nocudnn": attention by PyTorch's next SDPA kernel (flash, or memory-efficient where a mask is passed)
+    # with cuDNN's turned off; cuDNN's took 8.1 us a layer for a batch-1 decode step's one query on an H100
+    # (eval/results/profile_7b_h100.json), 11 % of the W4 step. Set for every variant, as PDL above; read when a
+    # kernel is chosen, so a CUDA graph keeps the choice it was captured with
+    torch.backends.cuda.enable_cudnn_sdp("nocudnn" not in name)
     with mock.patch.dict(os.environ, asked):  # restored as it was
         notes = ([] if "dequantized" in name else pack_model(model)) + pdl_notes
     return model, notes
