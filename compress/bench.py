@@ -2,13 +2,13 @@
 weight bytes in memory and peak memory — for one model folder or every step folder of a run, side by side.
 
 Protocol (written into the result): random token ids (speed does not depend on them); greedy decoding of `new`
-tokens after a `prompt`-token prompt at each batch size, through transformers' `generate`, or with `compile=True` the
-path that measures the weights rather than Python: a static KV cache, the prompt in one forward and every later token
-by one compiled step (a CUDA graph on a GPU; gpt-fast's loop: generate's own per-token Python costs as much as a 4-bit
-7B model's weights take to stream); decode tokens/s =
-batch × (new − 1) / (time of the whole generation − time to first token); prefill = one forward of a `prefill`-token
-sequence. Each timing is the median of `repeats` runs after one warm-up. Quantized folders load with the packed
-runtime (compress.quantize.packed) unless told otherwise."""
+tokens after a `prompt`-token prompt at each batch size, through transformers' `generate`, or with `compile=True` (the
+default on a GPU: compiled_by_default) the path that measures the weights rather than Python: a static KV cache, the
+prompt in one forward and every later token by one compiled step (a CUDA graph on a GPU; gpt-fast's loop: generate's
+own per-token Python costs as much as a 4-bit 7B model's weights take to stream); a model the compiler refuses is
+timed eagerly, with a note; decode tokens/s = batch × (new − 1) / (time of the whole generation − time to first token);
+prefill = one forward of a `prefill`-token sequence. Each timing is the median of `repeats` runs after one warm-up.
+Quantized folders load with the packed runtime (compress.quantize.packed) unless told otherwise."""
 
 from __future__ import annotations
 
@@ -130,6 +130,14 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
                 decode.append({"batch": batch, "error": "out of memory"})
                 torch.cuda.empty_cache()
                 continue
+            except Exception as error:  # noqa: BLE001 -- a model the compiler refuses is timed eagerly, and says so
+                if not compile:
+                    raise
+                compile = False
+                row["compile_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" \
+                    if str(error) else type(error).__name__
+                first = _median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats)
+                whole = _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats)
             if whole <= first:  # timing noise larger than the decoding itself: no figure rather than a wrong one
                 decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
                                "error": f"decoding {new} tokens timed no longer than the first token; raise --new"})
@@ -143,6 +151,7 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
     row["decode_tokens_per_s"] = first_row.get("decode_tokens_per_s")
     row["time_to_first_token_ms"] = first_row.get("time_to_first_token_ms")
     row["peak_bytes"] = cost.get("peak_cuda_bytes", cost["peak_rss_bytes"])
+    row["decode_compiled"] = compile
     return row
 
 
@@ -174,10 +183,16 @@ def _loaded(folder: Path, dtype: str, device: str, runtime: str):
 def bench_folder(folder: Path, speed, dtype: str, device: str) -> dict:
     """A step folder loaded with the packed runtime and timed as `speed` (a SpeedBench) says: the pipeline's bench."""
     model, notes = _loaded(folder, dtype, device, "packed")
-    row = bench_model(model, tuple(speed.batches), speed.prompt, speed.new, speed.prefill, speed.repeats,
-                      speed.compile)
-    return {**row, "notes": notes, "protocol": _protocol(speed.batches, speed.prompt, speed.new, speed.prefill,
-                                                         speed.repeats, speed.compile, "packed", dtype, device)}
+    compile = compiled_by_default(speed.compile, device)
+    row = bench_model(model, tuple(speed.batches), speed.prompt, speed.new, speed.prefill, speed.repeats, compile)
+    protocol = _protocol(speed.batches, speed.prompt, speed.new, speed.prefill, speed.repeats, compile, "packed", dtype,
+                         device)
+    return {**row, "notes": notes + _compile_notes(row), "protocol": protocol}
+
+
+def _compile_notes(row: dict) -> list[str]:
+    return [f"the compiled decode step failed ({row['compile_error']}): decoding was timed eagerly"] \
+        if "compile_error" in row else []
 
 
 def _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype, device) -> dict:
@@ -205,6 +220,14 @@ DTYPE_NAMES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16"
 DEFAULT_MATRIX = {"cuda": ((1, 16, 64), (512, 2048, 8192)), "cpu": ((1, 16), (512,))}
 
 
+def compiled_by_default(compile: bool | None, device: str | torch.device) -> bool:
+    """`compile` as given, or where it is not (None): compiled on a GPU, where the decode step is a CUDA graph and
+    eager decoding times Python rather than the weights (a 7B W4 model read 0.57x bf16's tokens/s eagerly on an H100,
+    eval/results/bench_prefill_sliced_h100.json, and 2.48x compiled); eager on a CPU, where compiling costs ~40 s a
+    batch size and gains little."""
+    return str(device).startswith("cuda") if compile is None else compile
+
+
 def bench_settings(device: str, dtype: str, batches, prefill) -> tuple[str, str, tuple, tuple]:
     """(device, dtype, batches, prefill lengths) with "auto" and missing values resolved; a clear error for a dtype
     that is not one."""
@@ -222,10 +245,12 @@ def bench_settings(device: str, dtype: str, batches, prefill) -> tuple[str, str,
 
 
 def bench(path: str | Path, batches=None, prompt: int = 128, new: int = 128, prefill=None, repeats: int = 3,
-          compile: bool = False, runtime: str = "packed", dtype: str = "auto", device: str = "auto",
+          compile: bool | None = None, runtime: str = "packed", dtype: str = "auto", device: str = "auto",
           show_progress: bool = True) -> dict:
-    """`compress bench`: every step folder of a run (or one model folder), loaded with `runtime`, measured alike."""
+    """`compress bench`: every step folder of a run (or one model folder), loaded with `runtime`, measured alike;
+    `compile` None: compiled on a GPU (compiled_by_default)."""
     device, dtype, batches, prefill = bench_settings(device, dtype, batches, prefill)
+    compile = compiled_by_default(compile, device)
     folders = step_folders(Path(path))
     rows = []
     with Progress(transient=True, disable=not show_progress) as progress:
@@ -233,8 +258,8 @@ def bench(path: str | Path, batches=None, prompt: int = 128, new: int = 128, pre
         for folder in folders:
             progress.update(task, description=f"bench {folder.name}")
             model, notes = _loaded(folder, dtype, device, runtime)
-            rows.append({"step": folder.name, **bench_model(model, batches, prompt, new, prefill, repeats, compile),
-                         "notes": notes})
+            row = bench_model(model, batches, prompt, new, prefill, repeats, compile)
+            rows.append({"step": folder.name, **row, "notes": notes + _compile_notes(row)})
             del model
             progress.advance(task)
     return {"steps": rows, "protocol": _protocol(batches, prompt, new, prefill, repeats, compile, runtime, dtype,

@@ -135,7 +135,8 @@ def bench_(
     prefill: Optional[str] = typer.Option(None, "--prefill", help="comma-separated lengths of the one-sequence "
                                           "prefills timed [default: 512,2048,8192 on a GPU, 512 on a CPU]"),
     repeats: int = typer.Option(3, "--repeats", min=1, help="timed runs per figure (median), after a warm-up"),
-    compile: bool = typer.Option(False, "--compile", help="static KV cache and a compiled decode step"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="static KV cache and a compiled "
+                                           "decode step [default: on a GPU, not on a CPU]"),
     runtime: str = typer.Option("packed", "--runtime", help="packed (low-bit kernels) or dequantized"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, "
                               "bfloat16 or float16"),

@@ -212,6 +212,30 @@ def test_bench_measures_every_step_of_a_run(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "neither a model folder" in bad.output
 
 
+def test_bench_compiles_on_a_gpu_by_default_and_times_eagerly_what_the_compiler_refuses(tiny_model_dir, monkeypatch):
+    from compress import bench
+    from compress.config.evals import SpeedBench
+
+    assert bench.compiled_by_default(None, "cuda") and bench.compiled_by_default(None, torch.device("cuda", 1))
+    assert not bench.compiled_by_default(None, "cpu") and SpeedBench().compile is None
+    assert bench.compiled_by_default(True, "cpu") and not bench.compiled_by_default(False, "cuda")
+    model, _ = load_model(str(tiny_model_dir))
+    # the static-cache loop with the step uncompiled (compiling on the CPU would cost the suite ~40 s)
+    monkeypatch.setattr(bench, "_compiled_decode_one", lambda: bench._decode_one)
+    row = bench.bench_model(model, (1,), prompt=8, new=4, prefill=16, repeats=1, compile=True)
+    assert row["decode_compiled"] is True and "compile_error" not in row and row["decode_tokens_per_s"] > 0
+
+    def refused():
+        def step(*args, **kwargs):
+            raise RuntimeError("graph break in the decode step\nthe rest of the trace")
+        return step
+
+    monkeypatch.setattr(bench, "_compiled_decode_one", refused)
+    row = bench.bench_model(model, (1, 2), prompt=8, new=4, prefill=16, repeats=1, compile=True)
+    assert row["decode_compiled"] is False and row["compile_error"] == "RuntimeError: graph break in the decode step"
+    assert [d["batch"] for d in row["decode"]] == [1, 2] and all(d["decode_tokens_per_s"] > 0 for d in row["decode"])
+
+
 def test_a_recipe_with_eval_speed_times_each_step_folder_packed(tiny_recipe):
     import json
     import os

@@ -44,7 +44,8 @@ class SpeedBench(Strict):
     new: int = Field(64, ge=2, le=MAX_SEQ_LEN, description="tokens decoded greedily")
     prefill: int = Field(512, ge=1, le=MAX_SEQ_LEN, description="tokens of the one-sequence prefill timed")
     repeats: int = Field(3, ge=1, le=100, description="timed runs per figure (median), after a warm-up")
-    compile: bool = Field(False, description="static KV cache and a compiled decode step")
+    compile: bool | None = Field(None, description="static KV cache and a compiled decode step; default: on a GPU, "
+                                                   "not on a CPU")
 
     @model_validator(mode="after")
     def _batches_positive(self):
