@@ -44,10 +44,10 @@ def main() -> None:
     bench = WikitextBench(args.model, args.samples, args.seq_len, args.ppl_tokens, args.out)
     bench.record({"variant": "float", "perplexity": bench.perplexity(bench.model)})
     for name in args.variants.split(","):
-        fresh = bench.fresh()
         if name == "llmcompressor-nvfp4a16":
-            bench.record(_peer(args, bench, fresh))
+            bench.record(_peer(args, bench))
             continue
+        fresh = bench.fresh()
         config = VARIANTS[name]()
         start = time.perf_counter()
         compress.quantize(fresh, config, bench.ids if name.startswith("gptq") else None, show_progress=False)
@@ -57,9 +57,11 @@ def main() -> None:
         del fresh
 
 
-def _peer(args, bench: WikitextBench, fresh) -> dict:
-    """llm-compressor's GPTQ onto NVFP4A16 on the same float model and token ids; its weights scored here."""
+def _peer(args, bench: WikitextBench) -> dict:
+    """llm-compressor's GPTQ onto NVFP4A16 on the same float model and token ids; its weights scored here (on a copy
+    made once the peer's process has ended: the 1.5B model's float32 copies, ours and the peer's, fill 24 GiB)."""
     weights, peer = peer_weights(args.peer_python, bench.model, bench.tokenizer, bench.ids, ["--scheme", "NVFP4A16"])
+    fresh = bench.fresh()
     fresh.load_state_dict(weights, strict=False)
     return {"variant": "llmcompressor-nvfp4a16", "config": f"{peer['tool']} GPTQModifier scheme NVFP4A16, act-order "
             f"static, damp 0.01, block 128", "seconds": round(peer["seconds"], 1),
