@@ -120,12 +120,15 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
             except torch.OutOfMemoryError:
                 prefills.append({"tokens": length, "error": "out of memory"})
                 torch.cuda.empty_cache()
+        def first_and_whole(ids: torch.Tensor) -> tuple[float, float]:  # reads `compile` when called
+            return (_median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats),
+                    _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats))
+
         decode = []
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
             try:
-                first = _median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats)
-                whole = _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats)
+                first, whole = first_and_whole(ids)
             except torch.OutOfMemoryError:
                 decode.append({"batch": batch, "error": "out of memory"})
                 torch.cuda.empty_cache()
@@ -136,8 +139,7 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
                 compile = False
                 row["compile_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" \
                     if str(error) else type(error).__name__
-                first = _median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats)
-                whole = _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats)
+                first, whole = first_and_whole(ids)
             if whole <= first:  # timing noise larger than the decoding itself: no figure rather than a wrong one
                 decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
                                "error": f"decoding {new} tokens timed no longer than the first token; raise --new"})

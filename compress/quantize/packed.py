@@ -291,22 +291,28 @@ class Int4Linear(_PackedLinear):
         weight.copy_(unpack_tinygemm_cpu(self.packed, self.out_features, self.in_features).view_as(weight))
         return weight.mul_(scales[:, :, None]).add_((offsets - 8 * scales)[:, :, None]).view(self.out_features, -1)
 
+    def _dequantizes(self, flat: torch.Tensor) -> bool:
+        """Whether an input of these rows runs as the dequantized weight and the dense GEMM (the module's table; the
+        mma kernel's own rule, int4_mma.MAX_ROWS, is the same count)."""
+        if flat.is_cuda:
+            return self.backend != "tinygemm" and flat.shape[0] > DEQUANTIZE_ABOVE_ROWS
+        return self.cpu_dequantize and flat.shape[0] > CPU_DEQUANTIZE_ABOVE_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        rows = flat.shape[0]
         if self.backend == "mma":  # the bias is added inside the kernel
             out = torch.ops.compress.int4_mma(flat, self.words, self.mma_scales, self.mma_zeros, self.bias,
                                               self.group_size)
             return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.backend == "gemlite":
-            if rows > DEQUANTIZE_ABOVE_ROWS:
+            if self._dequantizes(flat):
                 out = flat @ self.dequantized_weight().T
             else:
                 out = self.gemlite(flat)
         elif self.packed.is_cuda:
             out = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_offsets)
-        elif rows > CPU_DEQUANTIZE_ABOVE_ROWS and self.cpu_dequantize:
+        elif self._dequantizes(flat):
             out = F.linear(flat, self.dequantized_weight())
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
@@ -317,11 +323,7 @@ class Int4Linear(_PackedLinear):
         """Where a long input dequantizes the weight (above the row counts of the module's table): dequantized once,
         then one GEMM per slice of its rows."""
         flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        rows = flat.shape[0]
-        if flat.is_cuda:
-            if self.backend == "tinygemm" or rows <= DEQUANTIZE_ABOVE_ROWS:
-                return None
-        elif rows <= CPU_DEQUANTIZE_ABOVE_ROWS or not self.cpu_dequantize:
+        if not self._dequantizes(flat):
             return None
         weight = self.dequantized_weight()
         return self._sliced(x, widths, lambda first, last: F.linear(flat, weight[first:last]))
