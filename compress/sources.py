@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.config.data import cache_root
 from compress.config.sources import ARCHITECTURES, HUB_ID, REGISTRY, RandomInit, looks_like_path
 from compress.errors import CompressError
 from compress.load_errors import load_error, one_line
@@ -44,6 +45,8 @@ def resolve_source(source: str | RandomInit) -> ModelSource:
         folder = _package_dir(entry.package) if entry.package else None
         if folder is not None and (folder / entry.gguf_file).is_file():
             return ModelSource("gguf", str(folder), entry.gguf_file)
+        if entry.cached_gguf and (cache_root() / "models" / entry.cached_gguf).is_file():
+            return ModelSource("gguf", str(cache_root() / "models"), entry.cached_gguf)
         return ModelSource("hub", entry.hub_id)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":

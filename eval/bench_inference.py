@@ -21,7 +21,7 @@ With `--compile` each variant runs in its own process (`--jobs` at once): they b
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
 no timing overlaps another variant's work. The measured matrix: decode at each --batches, prefill (one sequence,
 logits of the last token only, as a server computes them) at each --prefill length, time to first token, weight bytes,
-GPU memory after load, peak GPU memory."""
+GPU memory after load, peak GPU memory. `--batches ""` times the prefill alone (nothing to compile)."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def main() -> None:
 
     shape = LLAMA2_7B if args.shape == "llama2-7b" else SMOLLM2
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    batches = tuple(int(b) for b in args.batches.split(","))
+    batches = tuple(int(b) for b in args.batches.split(",") if b)  # --batches "": prefill alone
     prefills = tuple(int(n) for n in args.prefill.split(","))
     if args.variant_only:
         ready, count, lock = args.barrier.split(":")

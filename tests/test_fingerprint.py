@@ -175,6 +175,25 @@ def test_a_registry_name_is_keyed_by_the_files_it_resolved_to(tmp_path, monkeypa
     assert why.endswith(f"now hub {entry.hub_id} at commit cccccccccccc)")
 
 
+def test_the_real_15b_model_is_found_where_its_download_script_puts_it(tmp_path, monkeypatch, offline_hub_cache):
+    from compress.load_errors import load_error
+
+    entry = models.REGISTRY["qwen2.5-coder-1.5b"]
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    absent = sources.resolve_source("qwen2.5-coder-1.5b")  # not fetched: the hub's checkpoint, with the fix named
+    assert (absent.kind, absent.location) == ("hub", entry.hub_id)
+    hint = str(load_error(absent, ConnectionError("unreachable")))
+    assert "bash ../shared/models/qwen2.5-coder-1.5b.sh" in hint and "check the network" in hint
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / entry.cached_gguf).write_bytes(b"GGUF stand-in")
+    fetched = sources.resolve_source("qwen2.5-coder-1.5b")
+    assert (fetched.kind, Path(fetched.location), fetched.gguf_file) == ("gguf", tmp_path / "cache" / "models",
+                                                                          entry.cached_gguf)
+    assert models.source_identity("qwen2.5-coder-1.5b") == {
+        "source": "gguf", "file": entry.cached_gguf, "sha256": hashlib.sha256(b"GGUF stand-in").hexdigest()}
+    assert sources.public_name("qwen2.5-coder-1.5b") == f"qwen2.5-coder-1.5b ({entry.cached_gguf})"  # no local path
+
+
 def test_a_large_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(checkpoint, "CACHED_HASH_BYTES", 0)  # every file counts as large here

