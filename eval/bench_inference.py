@@ -9,10 +9,10 @@ refuses a uniform stock config and the widths are per layer, all alike, as compr
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
 today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyTorch's kernels in eager prefill in
-place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `sliced` gives a long input's fused q/k/v and gate/up
-outputs each their own memory (COMPRESS_SLICED_OUTPUTS); a name with `pdl` launches the int4 matmul and the compiled
-graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile), and
-one with `nocudnn` runs attention without cuDNN's kernel (torch.backends.cuda.enable_cudnn_sdp(False)). A
+place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `unsliced` gives a long input's fused q/k/v and gate/up
+outputs as slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with
+`pdl` launches the int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
+TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel (torch.backends.cuda.enable_cudnn_sdp(False)). A
 W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first
 choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes
 of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
@@ -30,6 +30,7 @@ import fcntl
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,8 +83,8 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
     if "unfused" in name:  # "FP8 W8A8 unfused": the input rounded by PyTorch's kernels in eager prefill too
         asked[FUSED_FP8_INPUT_VARIABLE] = "0"
-    if "sliced" in name:  # "W4 g128 sliced": a long input's fused outputs each in their own memory
-        asked[SLICED_OUTPUTS_VARIABLE] = "1"
+    # "W4 g128 unsliced": a long input's fused outputs as slices of one output (the runtime gives each its own memory)
+    asked[SLICED_OUTPUTS_VARIABLE] = "0" if "unsliced" in name else "1"
     # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's own kernels. Set for
     # every variant, on or off, for the process: eval/profile_decode.py runs its variants in one
     pdl, pdl_notes = "pdl" in name, []
@@ -273,7 +274,7 @@ def write_result(rows: list[dict], args, batches, prefills, partial: bool = Fals
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "shape": args.shape, "compile": args.compile, "batches": list(batches),
               "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
-              "command": "python eval/bench_inference.py " + " ".join(_without_out(sys.argv[1:])),
+              "command": shlex.join(["python", "eval/bench_inference.py", *_without_out(sys.argv[1:])]),
               "int4_mma_table": _int4_table(args.device), "variants": rows}
     if partial:
         result["partial"] = True

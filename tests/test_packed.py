@@ -145,9 +145,9 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
 ])
 def test_a_fused_groups_long_input_gives_each_projection_its_own_memory(tiny_model_dir, tmp_path, device, config,
                                                                          monkeypatch):
-    """gate/up packed as one Linear, asked for sliced outputs: a long input's two outputs are separate contiguous
-    tensors (the element-wise kernels after them vectorize), equal to the one GEMM's slices; a short input's are slices
-    of one launch's output."""
+    """gate/up packed as one Linear: a long input's two outputs are separate contiguous tensors (the element-wise
+    kernels after them vectorize), equal to the one GEMM's slices; a short input's are slices of one launch's output,
+    and so are a long input's where COMPRESS_SLICED_OUTPUTS=0 asked for that."""
     from compress.quantize.packed import (
         CPU_DEQUANTIZE_ABOVE_ROWS,
         DEQUANTIZE_ABOVE_ROWS,
@@ -155,9 +155,9 @@ def test_a_fused_groups_long_input_gives_each_projection_its_own_memory(tiny_mod
         FusedPart,
     )
 
-    monkeypatch.setenv(SLICED_OUTPUTS_VARIABLE, "1")
-    packed, _ = compress.load(_saved(tiny_model_dir, tmp_path, config), dtype="bfloat16", device=device,
-                              runtime="packed")
+    monkeypatch.delenv(SLICED_OUTPUTS_VARIABLE, raising=False)  # the default
+    saved = _saved(tiny_model_dir, tmp_path, config)
+    packed, _ = compress.load(saved, dtype="bfloat16", device=device, runtime="packed")
     mlp = packed.model.layers[0].mlp
     assert isinstance(mlp.gate_proj, FusedPart) and isinstance(mlp.up_proj, FusedPart)
     fused = mlp.gate_proj.fused
@@ -171,6 +171,11 @@ def test_a_fused_groups_long_input_gives_each_projection_its_own_memory(tiny_mod
         assert gate.is_contiguous() == up.is_contiguous() == (rows == long)
         for part, expected in zip((gate, up), whole.split(fused.widths, -1)):
             assert (part.float() - expected.float()).abs().max() <= 0.01 * expected.float().abs().max()
+    monkeypatch.setenv(SLICED_OUTPUTS_VARIABLE, "0")
+    unsliced, _ = compress.load(saved, dtype="bfloat16", device=device, runtime="packed")
+    with torch.no_grad():
+        gate = unsliced.model.layers[0].mlp.gate_proj(x)
+    assert not gate.is_contiguous()
 
 
 def _int4_kernel_g32() -> str:

@@ -596,13 +596,12 @@ def _concatenated(grids: list[Grid]) -> Grid:
                 grids[0].dtype, codes)
 
 
-# Asks groups packed while it is "1" to give a long input's outputs each their own memory where the kernel allows (one
-# GEMM per projection after one dequantization or rounding) in place of slices of one output: slices have strided rows,
-# and the eager element-wise kernels after them (SiLU, the product with up) lose vectorization, ~2 ms of a 7B model's
-# 2048-token prefill on an H100 (eval/results/profile_7b_h100.json: 2.09 against 0.92 ms for SiLU). Off: its one
-# measurement, in another harness than the unsliced one (bench_inference without --compile), was slower, W4 g128
-# 79.2 and FP8 73.3 ms against 70.1 and 48.2 (eval/results/bench_prefill_sliced_h100.json); an A/B in one invocation
-# (the bench's `sliced` variants) decides.
+# A long input's fused outputs each in their own memory where the kernel allows (one GEMM per projection after one
+# dequantization or rounding) in place of slices of one output: slices have strided rows, and the eager element-wise
+# kernels after them (SiLU, the product with up) lose vectorization, ~2 ms of a 7B model's 2048-token prefill on an
+# H100 (eval/results/profile_7b_h100.json: 2.09 against 0.92 ms for SiLU). Measured in one invocation on an H100
+# (eval/results/bench_prefill_sliced_ab_h100.json): W4 g128 69.68 -> 68.06 ms, FP8 W8A8 48.12 -> 46.60 ms, bf16 61.21.
+# Groups packed while the variable is "0" keep the slices of one output.
 SLICED_OUTPUTS_VARIABLE = "COMPRESS_SLICED_OUTPUTS"
 
 
@@ -614,7 +613,7 @@ class FusedLinears(torch.nn.Module):
     def __init__(self, linear: _PackedLinear, widths: list[int]):
         super().__init__()
         self.linear, self.widths = linear, widths
-        self.sliced = os.environ.get(SLICED_OUTPUTS_VARIABLE) == "1"
+        self.sliced = os.environ.get(SLICED_OUTPUTS_VARIABLE, "1") != "0"
         self._input, self._outputs, self._taken = None, None, 0
 
     def take(self, x: torch.Tensor, index: int) -> torch.Tensor:
