@@ -12,10 +12,11 @@ today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyT
 place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `unsliced` gives a long input's fused q/k/v and gate/up
 outputs as slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with
 `pdl` launches the int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
-TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel (torch.backends.cuda.enable_cudnn_sdp(False)). A
-W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first
-choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes
-of weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
+TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
+(torch.backends.cuda.enable_cudnn_sdp(False)). A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that
+int4 kernel instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The
+physical limit is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1
+decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
