@@ -10,8 +10,9 @@ that calls the kernel on enough copies of the weight to exceed the L2 cache, as 
 one Linear would read it from L2; a graph also leaves out the Python launch cost, as the compiled decode step does).
 Beside each, a kernel that only reads the same bytes gives the memory's limit in the same harness. At 2048 rows (a
 prompt) it times dequantize-then-cuBLAS for both layouts (ours whole and in slices of output rows, CHUNKS) against
-cuBLAS on the bf16 weight, and checks that our dequantized weight equals gemlite's bit for bit. Last, the kernel inside
-torch.compile (a CUDA graph)."""
+cuBLAS on the bf16 weight, and checks that our dequantized weight equals gemlite's bit for bit; our dequantization
+alone is timed in both store forms (COMPRESS_INT4_DEQUANTIZE_LINES), the whole-sector one checked equal to the direct
+one. Last, the kernel inside torch.compile (a CUDA graph)."""
 
 from __future__ import annotations
 
@@ -254,7 +255,11 @@ def main() -> None:
         prefill = {"shape": name, "group": group, "sym": sym, "rows": args.prefill,
                    "dequantized_equal_to_gemlite": same_weight,
                    "ours_dequantize_us": round(chain_us([lambda c=c: int4_mma.dequantize(
-                       c["words"], c["scales"], c["zeros"], group) for c in pair]), 2),
+                       c["words"], c["scales"], c["zeros"], group, lines=False) for c in pair]), 2),
+                   "ours_dequantize_lines_us": round(chain_us([lambda c=c: int4_mma.dequantize(
+                       c["words"], c["scales"], c["zeros"], group, lines=True) for c in pair]), 2),
+                   "lines_equal": bool(torch.equal(int4_mma.dequantize(ours["words"], ours["scales"], ours["zeros"],
+                                                                       group, lines=True), ours_weight)),
                    "ours_us_by_chunk": {chunk: round(chain_us([lambda c=c, chunk=chunk: int4_mma.dequantized_matmul(
                        x, c["words"], c["scales"], c["zeros"], None, group, chunk) for c in pair]), 2)
                        for chunk in CHUNKS},

@@ -4,7 +4,9 @@ the bf16 bit tricks give the numbers claimed. On a GPU: the kernel against the d
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -120,6 +122,8 @@ def test_kernel_matches_the_dequantized_weight(rows, asymmetric, group):
     expected = x.float() @ (exact if rows <= int4_mma.MAX_ROWS else weight.float()).T + bias.float()
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # the output is rounded to bf16
     assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
+    with mock.patch.dict(os.environ, {int4_mma.DEQUANTIZE_LINES_VARIABLE: "1"}):  # the whole-sector stores
+        assert torch.equal(int4_mma.dequantize(tensors["words"], tensors["scales"], tensors["zeros"], group), weight)
     shifted = torch.empty(rows * k + 1, dtype=torch.bfloat16, device="cuda")[1:].view(rows, k)  # 2-byte aligned
     shifted.copy_(x)
     from_shifted = torch.ops.compress.int4_mma(shifted, tensors["words"], tensors["scales"], tensors["zeros"], bias,
@@ -319,6 +323,19 @@ def test_the_dependent_kernel_costs_the_rule_no_registers_and_needs_hopper():
     with pytest.raises(RuntimeError, match="griddepcontrol"):
         tool.ptxas_report(library, int4_mma.kernel_source("int4_mma", 1, (8, 2, False, 0, 0), False, False, True),
                           "int4_mma", "sm_80")
+
+
+def test_the_dequantization_compiles_with_whole_sector_stores():
+    """Both store forms of the dequantization kernel compile for sm_90 without spills (the shuffled one is timed
+    against the direct one on the GPU by eval/bench_int4_mma.py and checked bit for bit by the GPU test above)."""
+    tool = _ptxas_tool()
+    library = tool.nvrtc()
+    for lines in (False, True):
+        for asymmetric in (False, True):
+            source = int4_mma.kernel_source("int4_dequantize", 1, (1, 1, False, 0, 0), asymmetric, False, False, lines)
+            assert ("#define LINES 1" in source) == lines
+            report = tool.ptxas_report(library, source, "int4_dequantize", "sm_90")
+            assert report["spill_store_bytes"] == 0 and report["shared_bytes"] == 0, (lines, asymmetric, report)
 
 
 def test_split_k_settings_fit_static_shared_memory():

@@ -345,7 +345,27 @@ int4_mma(const uint4* __restrict__ words, const bf16_t* __restrict__ scales, con
 
 _DEQUANTIZE = r"""
 // w[N, K] in bf16 from the packed layout, (q − z)·s rounded once: one thread per 16-byte word group, which holds
-// inputs 16p .. 16p+15 of a k block for rows g and g + 8, written as two 32-byte runs.
+// inputs 16p .. 16p+15 of a k block for rows g and g + 8, 32 bytes of each row. Stored directly (LINES 0), each of
+// a warp's four stores writes half of every 32-byte sector it touches (the other half by the next store); with
+// LINES, the four lanes of a row first trade halves (to_lines), so that each store writes 64 contiguous bytes of 8
+// rows, whole sectors. Threads come in whole warps (the count is a multiple of 32), so a warp returns whole and its
+// shuffles see every lane.
+__device__ __forceinline__ void to_lines(const unsigned (&row)[8], int r, unsigned (&first)[4],
+                                         unsigned (&second)[4]) {
+    // lane r of a row's four holds its outputs 16r .. 16r+15, halves row[0..3] and row[4..7]; lane r = 2q + h must
+    // store outputs 8r .. 8r+7 (lane q's half h) and 32 + 8r .. (lane 2 + q's half h). Round 1: lanes 0, 1 offer
+    // half 0 and lanes 2, 3 half 1; round 2 the other halves; so each lane gets both of its pieces in two rounds.
+    const int q = r >> 1, h = r & 1, base = (threadIdx.x & 31) & ~3;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const unsigned offer1 = r < 2 ? row[j] : row[4 + j], offer2 = r < 2 ? row[4 + j] : row[j];
+        const unsigned got1 = __shfl_sync(0xFFFFFFFFu, offer1, base + (h == 0 ? q : 2 + q));
+        const unsigned got2 = __shfl_sync(0xFFFFFFFFu, offer2, base + (h == 1 ? q : 2 + q));
+        first[j] = h == 0 ? got1 : got2;
+        second[j] = h == 0 ? got2 : got1;
+    }
+}
+
 extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, const bf16_t* __restrict__ scales,
                                            const unsigned char* __restrict__ zeros, uint4* __restrict__ out,
                                            int N, int K, int group) {
@@ -353,7 +373,7 @@ extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, cons
     const int k_blocks = K / 64, groups = K / group;
     if (index >= (long long)(N / 16) * k_blocks * 32) return;
     const int lane = index & 31, g = lane >> 2, p = lane & 3;
-    const long long block = index >> 5;
+    const int block = (int)(index >> 5);  // < N·K / 2048: 32-bit division
     const int tile = block / k_blocks, kb = block % k_blocks;
     const int at = tile * groups * 16 + (kb / (group / 64)) * 16 + g;
     const unsigned scale_a = twice(scales[at]), scale_b = twice(scales[at + 8]);
@@ -368,11 +388,22 @@ extern "C" __global__ void int4_dequantize(const uint4* __restrict__ words, cons
         dequantize_word(word[t], neg_zero_a, neg_zero_b, scale_a, scale_b, a);
         row_a[2 * t] = a[0]; row_b[2 * t] = a[1]; row_a[2 * t + 1] = a[2]; row_b[2 * t + 1] = a[3];
     }
+#if LINES
+    unsigned first_a[4], second_a[4], first_b[4], second_b[4];
+    to_lines(row_a, p, first_a, second_a);
+    to_lines(row_b, p, first_b, second_b);
+    const size_t line_a = ((size_t)(tile * 16 + g) * K + kb * 64) / 8 + p, line_b = line_a + (size_t)K;  // +8 rows
+    out[line_a] = make_uint4(first_a[0], first_a[1], first_a[2], first_a[3]);
+    out[line_a + 4] = make_uint4(second_a[0], second_a[1], second_a[2], second_a[3]);
+    out[line_b] = make_uint4(first_b[0], first_b[1], first_b[2], first_b[3]);
+    out[line_b + 4] = make_uint4(second_b[0], second_b[1], second_b[2], second_b[3]);
+#else
     const size_t at_a = ((size_t)(tile * 16 + g) * K + kb * 64 + 16 * p) / 8, at_b = at_a + (size_t)K;  // +8 rows
     out[at_a] = make_uint4(row_a[0], row_a[1], row_a[2], row_a[3]);
     out[at_a + 1] = make_uint4(row_a[4], row_a[5], row_a[6], row_a[7]);
     out[at_b] = make_uint4(row_b[0], row_b[1], row_b[2], row_b[3]);
     out[at_b + 1] = make_uint4(row_b[4], row_b[5], row_b[6], row_b[7]);
+#endif
 }
 """
 
@@ -421,22 +452,23 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_source(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool,
-                  bias: bool, dependent: bool = False) -> str:
+                  bias: bool, dependent: bool = False, lines: bool = False) -> str:
     """The CUDA source of kernel `name` ("int4_mma" or "int4_dequantize") for one launch setting; `dependent`: built
-    for programmatic dependent launch (`launch_dependent`; compute capability 9.0 and newer)."""
+    for programmatic dependent launch (`launch_dependent`; compute capability 9.0 and newer); `lines`: the
+    dequantization's stores as whole sectors (see _DEQUANTIZE)."""
     split_k, unroll, zero_in_alu, pipeline, warps_per_sm = setting
     defines = (f"#define MT {row_tiles}\n#define SPLIT_K {split_k}\n#define UNROLL {unroll}\n"
                f"#define MIN_BLOCKS {max(1, warps_per_sm // split_k)}\n"
                f"#define ZERO_IN_ALU {int(zero_in_alu)}\n#define PIPELINE {int(pipeline)}\n"
                f"#define ASYMMETRIC {int(asymmetric)}\n#define HAS_BIAS {int(bias)}\n"
-               f"#define PDL {int(dependent)}\n#define PREFETCH_BLOCKS {PREFETCH_BLOCKS}\n")
+               f"#define PDL {int(dependent)}\n#define PREFETCH_BLOCKS {PREFETCH_BLOCKS}\n#define LINES {int(lines)}\n")
     return defines + _COMMON + (_MATMUL if name == "int4_mma" else _DEQUANTIZE)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, row_tiles: int, setting: tuple[int, int, bool, int, int], asymmetric: bool, bias: bool,
-            device: int, dependent: bool = False):
-    source = kernel_source(name, row_tiles, setting, asymmetric, bias, dependent)
+            device: int, dependent: bool = False, lines: bool = False):
+    source = kernel_source(name, row_tiles, setting, asymmetric, bias, dependent, lines)
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability(device)
         # torch.cuda._compile_kernel: PyTorch's NVRTC wrapper (private, present since 2.8): no toolkit build step
@@ -599,9 +631,16 @@ def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, 
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {status}")
 
 
-def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int) -> torch.Tensor:
+# "1": dequantize with whole-sector stores (LINES in _DEQUANTIZE), a candidate not yet measured: the dequantization
+# ran at ~2.1-2.2 TB/s on an H100 (3.35 TB/s peak; eval/results/bench_int4_mma_h100_sweep.json's prefill rows),
+# 7.2 ms of a 7B model's 2048-token prefill. bench_int4_mma.py times both; the bench's `lines` variants use it.
+DEQUANTIZE_LINES_VARIABLE = "COMPRESS_INT4_DEQUANTIZE_LINES"
+
+
+def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+               lines: bool | None = None) -> torch.Tensor:
     """The [N, K] bf16 weight, computed as the matmul computes it (for long inputs: dequantize, then cuBLAS); on the
-    CPU in PyTorch, for checks."""
+    CPU in PyTorch, for checks. `lines`: the kernel's store form (None: as COMPRESS_INT4_DEQUANTIZE_LINES says)."""
     n, k = words.shape[0] * TILE_N, words.shape[1] * TILE_K
     if not words.is_cuda:
         def by_row(values: torch.Tensor) -> torch.Tensor:  # [N/16, K/group, 16] -> [N, K]
@@ -611,7 +650,8 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         return (centred * by_row(scales)).to(torch.bfloat16)  # (q − z) is exact, so one rounding, as the kernel
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
     kernel = _kernel("int4_dequantize", 1, (1, 1, False, 0, 0), zeros is not None, False,
-                     words.device.index or 0)
+                     words.device.index or 0,
+                     lines=os.environ.get(DEQUANTIZE_LINES_VARIABLE) == "1" if lines is None else lines)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
