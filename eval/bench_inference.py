@@ -13,11 +13,11 @@ place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `unsliced` gives a lo
 outputs as slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with
 `pdl` launches the int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
 TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
-(torch.backends.cuda.enable_cudnn_sdp(False)); `lines` dequantizes int4 weights for long inputs with whole-sector
-stores (COMPRESS_INT4_DEQUANTIZE_LINES). A W4 variant whose name ends in `gemlite`, `mma` or `tinygemm` runs that
-int4 kernel instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in one invocation. The
-physical limit is reported beside each: bytes of weights in memory / GPU memory bandwidth = the fastest batch-1
-decode step.
+(torch.backends.cuda.enable_cudnn_sdp(False)); `direct` dequantizes int4 weights for long inputs with the direct stores
+(COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant whose name ends in `gemlite`, `mma`
+or `tinygemm` runs that int4 kernel instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in
+one invocation. The physical limit is reported beside each: bytes of weights in memory / GPU memory bandwidth = the
+fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -87,9 +87,9 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         asked[FUSED_FP8_INPUT_VARIABLE] = "0"
     # "W4 g128 unsliced": a long input's fused outputs as slices of one output (the runtime gives each its own memory)
     asked[SLICED_OUTPUTS_VARIABLE] = "0" if "unsliced" in name else "1"
-    # "W4 g128 lines": the int4 dequantization with whole-sector stores (a candidate), read at every call, so set for
-    # the process, on or off, as PDL is below
-    os.environ[DEQUANTIZE_LINES_VARIABLE] = "1" if "lines" in name else "0"
+    # "W4 g128 direct": the int4 dequantization with its direct stores (half sectors) in place of the runtime's
+    # whole-sector ones; read at every call, so set for the process, on or off, as PDL is below
+    os.environ[DEQUANTIZE_LINES_VARIABLE] = "0" if "direct" in name else "1"
     # "W4 g128 pdl": programmatic dependent launch of the int4 matmul and of the compiled graph's own kernels. Set for
     # every variant, on or off, for the process: eval/profile_decode.py runs its variants in one
     pdl, pdl_notes = "pdl" in name, []

@@ -631,9 +631,10 @@ def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, 
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {status}")
 
 
-# "1": dequantize with whole-sector stores (LINES in _DEQUANTIZE), a candidate not yet measured: the dequantization
-# ran at ~2.1-2.2 TB/s on an H100 (3.35 TB/s peak; eval/results/bench_int4_mma_h100_sweep.json's prefill rows),
-# 7.2 ms of a 7B model's 2048-token prefill. bench_int4_mma.py times both; the bench's `lines` variants use it.
+# The dequantization's stores as whole sectors (LINES in _DEQUANTIZE) unless this is "0" (the direct stores, half
+# sectors). Measured on an H100, two invocations, 7B shape, 2048-token prefill (eval/results/bench_prefill_lines_h100
+# .json and _run2.json): W4 g128 68.36 -> 66.82 ms and 68.30 -> 67.67 ms against bf16's 61.98 and 61.59; the direct
+# form ran at ~2.1-2.2 TB/s (eval/results/bench_int4_mma_h100_sweep.json's prefill rows).
 DEQUANTIZE_LINES_VARIABLE = "COMPRESS_INT4_DEQUANTIZE_LINES"
 
 
@@ -651,7 +652,7 @@ def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     out = torch.empty(n, k, dtype=torch.bfloat16, device=words.device)
     kernel = _kernel("int4_dequantize", 1, (1, 1, False, 0, 0), zeros is not None, False,
                      words.device.index or 0,
-                     lines=os.environ.get(DEQUANTIZE_LINES_VARIABLE) == "1" if lines is None else lines)
+                     lines=os.environ.get(DEQUANTIZE_LINES_VARIABLE) != "0" if lines is None else lines)
     threads = words.numel() // 4
     kernel(grid=(-(-threads // 256), 1, 1), block=(256, 1, 1),
            args=[words, scales, scales if zeros is None else zeros, out, n, k, group])
