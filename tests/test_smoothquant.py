@@ -160,6 +160,37 @@ def test_packed_int8_linear_matches_the_dense_rounding():
     torch.testing.assert_close(_logits_of(model[0], x), dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_int8_kernels_give_the_pytorch_forms_bits(monkeypatch, bias):
+    """COMPRESS_FUSED_INT8=1: the input rounded per token and the int32 result scaled by one Triton kernel each give
+    the same bits as the PyTorch form around torch._int_mm, for a decode row, a long input and an all-zero token."""
+    pytest.importorskip("triton")
+    from compress.quantize.int8_runtime import ACTIVATION_ARGS
+    from compress.quantize.packed import FUSED_INT8_VARIABLE, pack_model
+
+    outputs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv(FUSED_INT8_VARIABLE, fused)
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(192, 136, bias=bias).cuda().to(torch.bfloat16)
+        model = torch.nn.Sequential(linear)
+        model.config = type("Config", (), {"model_type": "llama"})()
+        scale, zero = minmax_qparams(linear.weight, WEIGHT_ARGS)
+        with torch.no_grad():
+            linear.weight.copy_(fake_quantize(linear.weight, scale, zero, WEIGHT_ARGS))
+        setattr(linear, QUANT_ATTR, WeightQuant(WEIGHT_ARGS, scale, zero, ACTIVATION_ARGS))
+        enable_int8_activations(linear)
+        assert pack_model(model) == []
+        assert model[0].fused == (fused == "1")
+        x = torch.randn(3, 45, 192, device="cuda", dtype=torch.bfloat16) * 4
+        x[0, 3] = 0
+        with torch.no_grad():
+            outputs[fused] = [model[0](x), model[0](x[:1, :1])]
+    for plain, fused in zip(outputs["0"], outputs["1"]):
+        assert torch.equal(plain, fused)
+
+
 def test_bad_input_is_refused_before_any_work(tiny_recipe, tiny_model_dir):
     with pytest.raises(Exception, match=r"alpha 1\.5 is outside \[0, 1\]"):
         load_recipe(tiny_recipe("  - quantize: {method: smoothquant, alpha: 1.5}"))

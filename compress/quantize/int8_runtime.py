@@ -22,6 +22,7 @@ from compressed_tensors.quantization import QuantizationArgs
 
 INT8_MIN, INT8_MAX = -128, 127
 HALF_RANGE = (INT8_MAX - INT8_MIN) / 2  # compressed-tensors' symmetric scale: max|x| / 127.5
+SCALE_FLOOR = 1e-12  # an all-zero token's scale
 WEIGHT_ARGS = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
 ACTIVATION_ARGS = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
 # torch._int_mm on CUDA (aten/src/ATen/native/cuda/Blas.cpp): more than 16 rows, and both widths multiples of 8
@@ -37,7 +38,7 @@ def is_int8_activations(input_args: QuantizationArgs | None) -> bool:
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 values and float32 scales [tokens, 1] of a [tokens, features] activation."""
     x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / HALF_RANGE).clamp(min=1e-12)
+    scale = (x.abs().amax(dim=-1, keepdim=True) / HALF_RANGE).clamp(min=SCALE_FLOOR)
     return torch.round(x / scale).clamp_(INT8_MIN, INT8_MAX).to(torch.int8), scale
 
 

@@ -111,3 +111,75 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                                   0.0 if has_zero else float(zeros), HAS_ZERO=has_zero, BLOCK_K=32, BLOCK_N=256,
                                   num_warps=4)
     return out
+
+
+# SmoothQuant W8A8 int8 in the packed runtime (compress.quantize.packed.Int8W8A8Linear) around torch._int_mm: the
+# input's per-token rounding and the int32 result's scaling, each one kernel. In eager PyTorch they are ~7 kernels
+# with two float32 copies of the input, and four passes over the [tokens, out] result (to float, two products, to
+# bf16) plus the bias; a 7B-shape 2048-token prefill took 1.9x bf16's time that way on an H200
+# (eval/results/bench_inference_7b_h200_int8_partial.json). The arithmetic is int8_runtime's, operation for
+# operation (IEEE division, round half to even, the products in the same order, the bias added to the rounded
+# output), so the two give the same bits (tests/test_packed.py's GPU test).
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(v):
+        """torch.round for |v| < 2^22, exactly: v − floor(v) is exact there (the same as libdevice.rint, which
+        Triton's CPU interpreter lacks)."""
+        low = tl.math.floor(v)
+        rest = v - low
+        odd = (low - 2.0 * tl.math.floor(low * 0.5)) == 1.0
+        return tl.where((rest > 0.5) | ((rest == 0.5) & odd), low + 1.0, low)
+
+    @triton.jit
+    def _int8_per_token_kernel(x_ptr, codes_ptr, scale_ptr, columns, x_stride, half_range, floor,
+                               BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        col = tl.arange(0, BLOCK)
+        inside = col < columns
+        x = tl.load(x_ptr + row * x_stride + col, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), half_range), floor)
+        codes = tl.clamp(_round_half_even(tl.math.div_rn(x, scale)), -128.0, 127.0)
+        tl.store(codes_ptr + row * columns + col, codes.to(tl.int8), mask=inside)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _int8_scale_output_kernel(acc_ptr, token_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, rows, columns,
+                                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = (m[:, None] < rows) & (n[None, :] < columns)
+        acc = tl.load(acc_ptr + m[:, None] * columns + n[None, :], mask=tile, other=0).to(tl.float32)
+        token_scale = tl.load(token_scale_ptr + m, mask=m < rows, other=0.0)
+        channel_scale = tl.load(channel_scale_ptr + n, mask=n < columns, other=0.0)
+        out = ((acc * token_scale[:, None]) * channel_scale[None, :]).to(out_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + n, mask=n < columns, other=0.0)
+            out = (out.to(tl.float32) + bias.to(tl.float32)[None, :]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + m[:, None] * columns + n[None, :], out, mask=tile)
+
+
+def int8_per_token(x: torch.Tensor, half_range: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_runtime.quantize_activation in one kernel: int8 codes [tokens, features] and float32 scales [tokens, 1]
+    of a 2-D activation whose rows are contiguous."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, columns = x.shape
+    codes = torch.empty(rows, columns, dtype=torch.int8, device=x.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(columns)
+    _int8_per_token_kernel[(rows,)](x, codes, scales, columns, x.stride(0), half_range, floor, BLOCK=block,
+                                    num_warps=max(4, min(16, block // 1024)))
+    return codes, scales
+
+
+def int8_scale_output(accumulated: torch.Tensor, token_scales: torch.Tensor, channel_scales: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(float(acc) · token scale) · channel scale, rounded to `dtype`, then + bias (rounded again), in one pass over the
+    int32 result [tokens, out] of torch._int_mm; token_scales [tokens, 1], channel_scales [1, out] float32."""
+    accumulated = accumulated.contiguous()
+    rows, columns = accumulated.shape
+    out = torch.empty(rows, columns, dtype=dtype, device=accumulated.device)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(columns, 128))
+    _int8_scale_output_kernel[grid](accumulated, token_scales, channel_scales, bias if bias is not None else out, out,
+                                    rows, columns, HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    return out

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from compress.architectures import known_family
 from compress.modules import PACKED_ATTR, QUANT_ATTR, WeightQuant
-from compress.quantize.int8_runtime import int8_matmul, int_mm_tiles
+from compress.quantize.int8_runtime import HALF_RANGE, SCALE_FLOOR, int8_matmul, int_mm_tiles
 from compress.quantize.int8_runtime import quantize_activation as quantize_int8_activation
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -347,6 +347,13 @@ class Int8Linear(_PackedLinear):
         return self._finish(out.to(x.dtype), shape)
 
 
+# SmoothQuant W8A8 int8 Linears packed while it is "1" round their inputs and scale their int32 outputs with one Triton
+# kernel each (compress.quantize.kernels.int8_per_token, int8_scale_output: the same arithmetic) in eager runs on a GPU,
+# in place of eager PyTorch's ~7 + 5 kernels around torch._int_mm. A candidate, off until a GPU measures it (the
+# bench's `W8A8 int8 fused` variant); inside torch.compile Inductor fuses the PyTorch form anyway.
+FUSED_INT8_VARIABLE = "COMPRESS_FUSED_INT8"
+
+
 class Int8W8A8Linear(_PackedLinear):
     """The packed runtime's W8A8 int8 Linear: int8 codes [out, in] (one byte per weight), one float32 scale per output
     row; the input quantized per token and multiplied by torch._int_mm. Shapes the CUDA kernel cannot tile run the
@@ -359,9 +366,19 @@ class Int8W8A8Linear(_PackedLinear):
         self.int_mm = int_mm_tiles(codes.device, self.in_features, self.out_features)
         self.kernel = "int8 W8A8 _int_mm" if self.int_mm else "int8 W8A8 (float matmul)"
         setattr(self, PACKED_ATTR, self.kernel)
+        from compress.quantize import kernels
+
+        self.fused = (os.environ.get(FUSED_INT8_VARIABLE) == "1" and self.int_mm and codes.is_cuda
+                      and kernels.triton is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.fused and x.is_cuda and not torch.compiler.is_compiling():
+            from compress.quantize.kernels import int8_per_token, int8_scale_output
+
+            x_int8, x_scale = int8_per_token(x.reshape(-1, shape[-1]), HALF_RANGE, SCALE_FLOOR)
+            out = int8_scale_output(int8_matmul(x_int8, self.codes), x_scale, self.scales, self.bias, x.dtype)
+            return out.reshape(*shape[:-1], self.out_features)
         x_int8, x_scale = quantize_int8_activation(x.reshape(-1, shape[-1]))
         if self.int_mm:
             accumulated = int8_matmul(x_int8, self.codes).float()
