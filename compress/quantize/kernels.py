@@ -119,7 +119,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 # bf16) plus the bias; a 7B-shape 2048-token prefill took 1.9x bf16's time that way on an H200
 # (eval/results/bench_inference_7b_h200_int8_partial.json). The arithmetic is int8_runtime's, operation for
 # operation (IEEE division, round half to even, the products in the same order, the bias added to the rounded
-# output), so the two give the same bits (tests/test_packed.py's GPU test).
+# output), so the two give the same bits (tests/test_smoothquant.py's GPU test).
 if triton is not None:
 
     @triton.jit
