@@ -366,10 +366,9 @@ class Int8W8A8Linear(_PackedLinear):
         self.int_mm = int_mm_tiles(codes.device, self.in_features, self.out_features)
         self.kernel = "int8 W8A8 _int_mm" if self.int_mm else "int8 W8A8 (float matmul)"
         setattr(self, PACKED_ATTR, self.kernel)
-        from compress.quantize import kernels
+        from compress.quantize.kernels import triton
 
-        self.fused = (os.environ.get(FUSED_INT8_VARIABLE) == "1" and self.int_mm and codes.is_cuda
-                      and kernels.triton is not None)
+        self.fused = os.environ.get(FUSED_INT8_VARIABLE) == "1" and self.int_mm and codes.is_cuda and triton is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
