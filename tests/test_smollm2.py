@@ -313,7 +313,7 @@ def test_task_adaptation_on_smollm2(tmp_path):
     recipe = tmp_path / "adapt.yaml"
     recipe.write_text(
         "name: smollm2-adapt-ci\nmodel: smollm2-135m\nsteps:\n"
-        "  - finetune: {method: lora, lora: {r: 16, alpha: 32}, steps: 40, lr: 1.0e-3, batch_size: 8, seq_len: 256, "
+        "  - finetune: {method: lora, lora: {r: 16, alpha: 32}, steps: 20, lr: 1.0e-3, batch_size: 8, seq_len: 128, "
         "data: [politeness-train]}\n"
         "eval:\n  tasks: [politeness]\n  choice: {limit: 200}\n"
         f"output_dir: {tmp_path / 'run'}\n")
@@ -328,7 +328,7 @@ def test_task_adaptation_on_smollm2(tmp_path):
 
 def test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2(smollm2, base_ppl):
     """W3 g64, where rounding hurts: AWQ's scales (Linear loss, the CPU-friendly one) bring WikiText-2 perplexity
-    below round-to-nearest's, and 20 steps of QAT-KD training only the scales, from AWQ's grid and distilling from
+    below round-to-nearest's, and 8 steps of QAT-KD training only the scales, from AWQ's grid and distilling from
     the float model, bring it lower still, with the integer codes unchanged."""
     from compress.data import calibration_batches, training_windows
     from compress.quantize.grid import quantized_linears
@@ -343,7 +343,7 @@ def test_awq_beats_rtn_and_qat_recovery_beats_both_on_smollm2(smollm2, base_ppl)
              for name, linear, quant in quantized_linears(awq)}
     ppl = {"float": base_ppl, **{name: compress.perplexity(m, tokenizer, PPL, show_progress=False)["perplexity"]
                                  for name, m in (("rtn", rtn), ("awq", awq))}}
-    config = compress.QAT(**grid, train="scales", steps=20, batch_size=4, seq_len=128, lr=5e-5, kd=compress.KD())
+    config = compress.QAT(**grid, train="scales", steps=8, batch_size=4, seq_len=128, lr=5e-5, kd=compress.KD())
     windows = training_windows(tokenizer, "wikitext2-valid", 128)[:200]
     compress.quantize(awq, config, train_data=windows, teacher=model, show_progress=False)
     ppl["awq+qat"] = compress.perplexity(awq, tokenizer, PPL, show_progress=False)["perplexity"]

@@ -118,8 +118,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 # with two float32 copies of the input, and four passes over the [tokens, out] result (to float, two products, to
 # bf16) plus the bias; a 7B-shape 2048-token prefill took 1.9x bf16's time that way on an H200
 # (eval/results/bench_inference_7b_h200_int8_partial.json). The arithmetic is int8_runtime's, operation for
-# operation (IEEE division, round half to even, the products in the same order, the bias added to the rounded
-# output), so the two give the same bits (tests/test_smoothquant.py's GPU test).
+# operation on a GPU (the scale as PyTorch's CUDA kernel computes a division by a number, IEEE division of the
+# input by it, round half to even, the products in the same order, the bias added to the rounded output), so the
+# two give the same bits (tests/test_smoothquant.py's GPU test).
 if triton is not None:
 
     @triton.jit
@@ -132,13 +133,13 @@ if triton is not None:
         return tl.where((rest > 0.5) | ((rest == 0.5) & odd), low + 1.0, low)
 
     @triton.jit
-    def _int8_per_token_kernel(x_ptr, codes_ptr, scale_ptr, columns, x_stride, half_range, floor,
+    def _int8_per_token_kernel(x_ptr, codes_ptr, scale_ptr, columns, x_stride, reciprocal_range, floor,
                                BLOCK: tl.constexpr):
         row = tl.program_id(0)
         col = tl.arange(0, BLOCK)
         inside = col < columns
         x = tl.load(x_ptr + row * x_stride + col, mask=inside, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), half_range), floor)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) * reciprocal_range, floor)
         codes = tl.clamp(_round_half_even(tl.math.div_rn(x, scale)), -128.0, 127.0)
         tl.store(codes_ptr + row * columns + col, codes.to(tl.int8), mask=inside)
         tl.store(scale_ptr + row, scale)
@@ -167,7 +168,12 @@ def int8_per_token(x: torch.Tensor, half_range: float, floor: float) -> tuple[to
     codes = torch.empty(rows, columns, dtype=torch.int8, device=x.device)
     scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(columns)
-    _int8_per_token_kernel[(rows,)](x, codes, scales, columns, x.stride(0), half_range, floor, BLOCK=block,
+    # PyTorch's CUDA division by a Python number multiplies by the number's float32 reciprocal
+    # (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu: "may lose one bit"), and quantize_activation divides the
+    # absolute maximum by HALF_RANGE so: the same product gives the same scale (with a true division here, the GPU
+    # test found whole tokens off by a bit on an H100: one scale's last bit moves every code of its token)
+    reciprocal_range = (torch.tensor(1.0) / torch.tensor(float(half_range))).item()
+    _int8_per_token_kernel[(rows,)](x, codes, scales, columns, x.stride(0), reciprocal_range, floor, BLOCK=block,
                                     num_warps=max(4, min(16, block // 1024)))
     return codes, scales
 
