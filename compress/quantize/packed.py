@@ -349,8 +349,10 @@ class Int8Linear(_PackedLinear):
 
 # SmoothQuant W8A8 int8 Linears packed while it is "1" round their inputs and scale their int32 outputs with one Triton
 # kernel each (compress.quantize.kernels.int8_per_token, int8_scale_output: the same arithmetic) in eager runs on a GPU,
-# in place of eager PyTorch's ~7 + 5 kernels around torch._int_mm. A candidate, off until a GPU measures it (the
-# bench's `W8A8 int8 fused` variant); inside torch.compile Inductor fuses the PyTorch form anyway.
+# in place of eager PyTorch's ~7 + 5 kernels around torch._int_mm. A candidate, off until its GPU test passes: on an
+# H100 a 7B-shape 2048-token prefill took 67.0 against 122.0 ms (eval/results/bench_prefill_int8_fused_h100.json),
+# but the test found tokens a bit apart from the PyTorch form (see kernels.int8_per_token); inside torch.compile
+# Inductor fuses the PyTorch form anyway.
 FUSED_INT8_VARIABLE = "COMPRESS_FUSED_INT8"
 
 
