@@ -12,6 +12,8 @@ The arithmetic is the eager loop's, with IEEE division and round-half-to-even, s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -119,8 +121,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 # bf16) plus the bias; a 7B-shape 2048-token prefill took 1.9x bf16's time that way on an H200
 # (eval/results/bench_inference_7b_h200_int8_partial.json). The arithmetic is int8_runtime's, operation for
 # operation on a GPU (the scale as PyTorch's CUDA kernel computes a division by a number, IEEE division of the
-# input by it, round half to even, the products in the same order, the bias added to the rounded output), so the
-# two give the same bits (tests/test_smoothquant.py's GPU test).
+# input by it, round half to even, the products in the same order, the bias added to the rounded output), so that the
+# two give the same bits, which tests/test_smoothquant.py's GPU test asks for.
 if triton is not None:
 
     @triton.jit
@@ -160,6 +162,12 @@ if triton is not None:
         tl.store(out_ptr + m[:, None] * columns + n[None, :], out, mask=tile)
 
 
+@functools.cache
+def _float32_reciprocal(value: float) -> float:
+    """1 / value rounded to float32, as PyTorch's CUDA division computes a number's reciprocal."""
+    return (torch.tensor(1.0) / torch.tensor(float(value))).item()
+
+
 def int8_per_token(x: torch.Tensor, half_range: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_runtime.quantize_activation in one kernel: int8 codes [tokens, features] and float32 scales [tokens, 1]
     of a 2-D activation whose rows are contiguous."""
@@ -172,9 +180,8 @@ def int8_per_token(x: torch.Tensor, half_range: float, floor: float) -> tuple[to
     # (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu: "may lose one bit"), and quantize_activation divides the
     # absolute maximum by HALF_RANGE so: the same product gives the same scale (with a true division here, the GPU
     # test found whole tokens off by a bit on an H100: one scale's last bit moves every code of its token)
-    reciprocal_range = (torch.tensor(1.0) / torch.tensor(float(half_range))).item()
-    _int8_per_token_kernel[(rows,)](x, codes, scales, columns, x.stride(0), reciprocal_range, floor, BLOCK=block,
-                                    num_warps=max(4, min(16, block // 1024)))
+    _int8_per_token_kernel[(rows,)](x, codes, scales, columns, x.stride(0), _float32_reciprocal(half_range), floor,
+                                    BLOCK=block, num_warps=max(4, min(16, block // 1024)))
     return codes, scales
 
 
