@@ -15,10 +15,11 @@ slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own 
 int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
 TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
 (torch.backends.cuda.enable_cudnn_sdp(False)); `direct` dequantizes int4 weights for long inputs with the direct stores
-(COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant whose name ends in `gemlite`, `mma`
-or `tinygemm` runs that int4 kernel instead of the runtime's first choice (COMPRESS_INT4_KERNEL), for a comparison in
-one invocation. The physical limit is reported beside each: bytes of weights in memory / GPU memory bandwidth = the
-fastest batch-1 decode step.
+(COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant named with `head4` or `head8`
+quantizes the output head too (int4 in the variant's groups, or int8 with one scale per row). A W4 variant whose name
+ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
+(COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes of
+weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -77,7 +78,11 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     if "W4" in name:
         sym = "asym" not in name
         group = 64 if "g64" in name else group
-        compress.quantize(model, compress.RTN(bits=4, group_size=group, sym=sym), show_progress=False)
+        # "... head4" / "... head8": the output head too (int4 in the W4 variant's groups, or int8 one scale per row:
+        # the two grids with a packed kernel), which every batch-1 step reads whole (262 MB in bf16 at this shape)
+        head = {"bits": 4, "group_size": group} if "head4" in name else \
+            {"bits": 8, "group_size": -1} if "head8" in name else None
+        compress.quantize(model, compress.RTN(bits=4, group_size=group, sym=sym, lm_head=head), show_progress=False)
     if "FP8" in name:
         compress.quantize(model, compress.FP8(), show_progress=False)
     if "W8A8 int8" in name:  # SmoothQuant reads calibration ids; random ones serve (speed does not depend on values)
