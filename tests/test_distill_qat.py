@@ -279,6 +279,35 @@ def test_qat_recovery_after_gptq_keeps_the_grid_and_moves_toward_the_teacher(tin
                                    atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("scale_space", ["linear", "log"])
+def test_adams_first_step_moves_linear_scales_by_lr_and_log_scales_by_a_factor(tiny, scale_space):
+    """Adam's first step moves every trained parameter by lr·|g|/(|g| + eps), lr where the gradient g is far above
+    eps: a scale trained as itself moves by lr whatever its size; trained as its logarithm (scale_space: log), by
+    the factor e^±lr. After GPTQ, one step. (In log space a gradient is s times smaller, so more groups meet eps.)"""
+    base, _, windows = tiny
+    ptq = _gptq(base, windows)
+    before = {name: quant.scale.clone() for name, _, quant in quantized_linears(ptq)}
+    lr = 1e-4 if scale_space == "linear" else 1e-2
+    student = copy.deepcopy(ptq)
+    config = QAT(bits=4, group_size=16, train="scales", steps=1, warmup_ratio=0, batch_size=4, seq_len=64, lr=lr,
+                 scale_space=scale_space)
+    compress.quantize(student, config, train_data=windows, show_progress=False)
+    after = {name: quant.scale for name, _, quant in quantized_linears(student)}
+    moved = torch.cat([(after[name] - before[name]).flatten() for name in before])
+    ratio = torch.cat([(after[name] / before[name]).log().flatten() for name in before])
+    steps = moved.abs() if scale_space == "linear" else ratio.abs()
+    steps = steps[steps > 0]  # a group whose gradient is zero does not move
+    assert steps.numel() > 0.9 * moved.numel()
+    assert (steps <= lr * 1.002).all() and abs(steps.median().item() / lr - 1) < 0.01, (steps.max(), steps.median())
+    if scale_space == "linear":  # the same amount is a different fraction of each scale
+        assert ratio.abs().max() > 3 * ratio.abs()[ratio != 0].min()
+
+
+def test_log_space_needs_learned_scales():
+    with pytest.raises(ValueError, match="train: weights learns no scales"):
+        QAT(bits=4, group_size=16, scale_space="log")
+
+
 def test_qat_recovery_bad_input(tiny):
     base, _, windows = tiny
     ptq = _gptq(base, windows)

@@ -460,13 +460,26 @@ class QAT(WeightOnlyConfig, TrainingBudget):
     train: Literal["weights", "scales", "weights_and_scales"] = Field(
         "weights", description="what trains: " + "; ".join(f"{k}: {v}" for k, v in QAT_TRAINS.items()))
     lr: float = Field(2e-5, gt=0, le=1, description="full-weight training: far below LoRA's rates")
+    scale_space: Literal["linear", "log"] = Field(
+        "linear", description="how learned scales train (train: scales or weights_and_scales): linear, each scale "
+                              "itself; log, its logarithm, so that an Adam step moves every scale by about lr times "
+                              "its size, whatever the model's scales are (a linear step moves it by about lr)")
     kd: KD | None = Field(None, description="distil from a teacher while training (default teacher: the model "
                                             "before quantization); None: plain LM loss")
+
+    @model_validator(mode="after")
+    def _log_space_needs_learned_scales(self):
+        if self.scale_space == "log" and self.train == "weights":
+            raise ValueError("scale_space: log trains the learned scales' logarithms, and train: weights learns no "
+                             "scales (each group's scale follows its weights' range): use train: scales or "
+                             "weights_and_scales, or leave scale_space out")
+        return self
 
     def describe(self) -> str:
         teacher = f", {self.kd.describe()}" if self.kd else ""
         trains = {"weights": "", "scales": ", scales trained", "weights_and_scales": ", weights and scales trained"}
-        return f"QAT {self.grid_summary()}{trains[self.train]}, {self.budget()}{teacher}"
+        space = " in log space" if self.scale_space == "log" else ""
+        return f"QAT {self.grid_summary()}{trains[self.train]}{space}, {self.budget()}{teacher}"
 
 
 QuantizeConfig = Annotated[Union[RTN, GPTQ, AWQ, FP8, SmoothQuant, QAT], Field(discriminator="method")]

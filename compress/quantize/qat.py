@@ -66,18 +66,25 @@ SCALE_FLOOR = 1e-3  # of each group's starting scale: the lowest a learned scale
 
 
 class _LearnedScales(torch.nn.Module):
-    """train: scales or weights_and_scales. Each group's scale is a Parameter; the zero point stays fixed. With
+    """train: scales or weights_and_scales. Each group's scale (or, log_space, its logarithm) is a Parameter; the
+    zero point stays fixed. With
     `codes`, the parametrized tensor holds the integer codes q and the forward is (q − z)·s; otherwise it holds float
     weights W and the forward is (clamp(⌊W/s⌉ + z, qmin, qmax) − z)·s."""
 
-    def __init__(self, args, scale: torch.Tensor, zero_point: torch.Tensor | None, codes: bool):
+    def __init__(self, args, scale: torch.Tensor, zero_point: torch.Tensor | None, codes: bool,
+                 log_space: bool = False):
         super().__init__()
-        self.args, self.codes = args, codes
-        self.scale = torch.nn.Parameter(scale.detach().float().clone())
-        floor = (self.scale.detach().abs() * SCALE_FLOOR).clamp(min=torch.finfo(torch.float32).tiny)
-        self.register_buffer("floor", floor, persistent=False)
-        self.register_buffer("held", torch.zeros_like(self.scale, dtype=torch.bool), persistent=False)  # so far
-        self.register_buffer("zero_point", torch.zeros_like(self.scale) if zero_point is None
+        self.args, self.codes, self.log_space = args, codes, log_space
+        scale = scale.detach().float().clone()
+        floor = (scale.abs() * SCALE_FLOOR).clamp(min=torch.finfo(torch.float32).tiny)
+        # the Parameter: `scale` itself, or (log_space) `log_scale`, held at or above the floor (or its logarithm)
+        if log_space:  # a zero scale (an all-zero group) starts at the floor: log 0 would be −inf
+            self.log_scale = torch.nn.Parameter(torch.maximum(scale, floor).log())
+        else:
+            self.scale = torch.nn.Parameter(scale)
+        self.register_buffer("floor", floor.log() if log_space else floor, persistent=False)
+        self.register_buffer("held", torch.zeros_like(scale, dtype=torch.bool), persistent=False)  # so far
+        self.register_buffer("zero_point", torch.zeros_like(scale) if zero_point is None
                              else zero_point.detach().float().clone())
         self.qmin, self.qmax = -(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1
         self.zero_is_nonzero = bool(self.zero_point.any())  # the zero point never trains
@@ -86,8 +93,20 @@ class _LearnedScales(torch.nn.Module):
     def hold_above_floor(self) -> None:
         """The projected step: scales below their floor go back up to it (a NaN stays NaN, to be reported); no
         synchronisation with the GPU."""
-        self.held |= self.scale < self.floor
-        self.scale.copy_(torch.maximum(self.scale, self.floor))
+        self.held |= self.trained < self.floor
+        self.trained.copy_(torch.maximum(self.trained, self.floor))
+
+    @property
+    def trained(self) -> torch.nn.Parameter:
+        return self.log_scale if self.log_space else self.scale
+
+    def scales(self) -> torch.Tensor:
+        """Each group's scale [rows, groups] (float32), differentiable in the trained Parameter."""
+        return self.log_scale.exp() if self.log_space else self.scale
+
+    @torch.no_grad()
+    def set_scale(self, scale: torch.Tensor) -> None:
+        self.trained.copy_(scale.log() if self.log_space else scale)
 
     def columns(self, values: torch.Tensor, width: int) -> torch.Tensor:
         return values.repeat_interleave(width // values.shape[1], dim=1)
@@ -101,7 +120,7 @@ class _LearnedScales(torch.nn.Module):
 
     def round_to_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """clamp(⌊W/s⌉ + z): float weights onto the grid's integers, with a straight-through gradient."""
-        grouped, scale = self.grouped(weight.float(), self.scale)
+        grouped, scale = self.grouped(weight.float(), self.scales())
         codes = _round_straight_through(grouped / scale)
         if self.zero_is_nonzero:
             codes = codes + self.zero_point.unsqueeze(2)
@@ -112,7 +131,7 @@ class _LearnedScales(torch.nn.Module):
         return weight.float() if self.codes else self.round_to_codes(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        codes, scale = self.grouped(self.integer_codes(weight), self.scale)
+        codes, scale = self.grouped(self.integer_codes(weight), self.scales())
         if self.zero_is_nonzero:  # symmetric grids have z = 0: q − 0 is q exactly, so the subtraction is skipped
             codes = codes - self.zero_point.unsqueeze(2)
         return (codes * scale).view(weight.shape).to(weight.dtype)
@@ -149,7 +168,8 @@ def prepare_qat(model: torch.nn.Module, config: WeightOnlyConfig, train: str | N
             parametrize.register_parametrization(linear, "weight", _MinMaxFakeQuantized(args))
             continue
         scale, zero_point = _starting_grid(linear, args, name)
-        learned = _LearnedScales(args, scale, zero_point, codes=train == "scales")
+        learned = _LearnedScales(args, scale, zero_point, codes=train == "scales",
+                                 log_space=getattr(config, "scale_space", "linear") == "log")
         if train == "scales":
             with torch.no_grad():  # store the integer codes; the forward rebuilds the weight from them
                 linear.weight.copy_(learned.round_to_codes(linear.weight).to(linear.weight.dtype))
@@ -173,7 +193,7 @@ def hold_and_check_scales(model: torch.nn.Module) -> None:
     is NaN."""
     for name, learned in _learned_scales(model):
         learned.hold_above_floor()
-        bad = torch.isnan(learned.scale)
+        bad = torch.isnan(learned.trained)
         if bad.any():
             raise CompressError(f"QAT: {int(bad.sum())} scales of {name} became NaN; lower lr (now too large for the "
                                 f"scales), or train: weights")
@@ -207,8 +227,8 @@ def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Mo
             minmax.append(linear)
             continue
         stored = linear.parametrizations.weight.original
-        scale = learned.scale if args.scale_dtype is None else learned.scale.to(args.scale_dtype).float()
-        learned.scale.copy_(scale)  # the scales as the checkpoint stores them
+        scale = learned.scales() if args.scale_dtype is None else learned.scales().to(args.scale_dtype).float()
+        learned.set_scale(scale)  # the scales as the checkpoint stores them
         codes = learned.integer_codes(stored)
         width = stored.shape[1]
         weight = (codes - learned.columns(learned.zero_point, width)) * learned.columns(scale, width)
