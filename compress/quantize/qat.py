@@ -67,9 +67,8 @@ SCALE_FLOOR = 1e-3  # of each group's starting scale: the lowest a learned scale
 
 class _LearnedScales(torch.nn.Module):
     """train: scales or weights_and_scales. Each group's scale (or, log_space, its logarithm) is a Parameter; the
-    zero point stays fixed. With
-    `codes`, the parametrized tensor holds the integer codes q and the forward is (q − z)·s; otherwise it holds float
-    weights W and the forward is (clamp(⌊W/s⌉ + z, qmin, qmax) − z)·s."""
+    zero point stays fixed. With `codes`, the parametrized tensor holds the integer codes q and the forward is
+    (q − z)·s; otherwise it holds float weights W and the forward is (clamp(⌊W/s⌉ + z, qmin, qmax) − z)·s."""
 
     def __init__(self, args, scale: torch.Tensor, zero_point: torch.Tensor | None, codes: bool,
                  log_space: bool = False):
@@ -227,7 +226,9 @@ def convert_qat(model: torch.nn.Module, config: WeightOnlyConfig) -> torch.nn.Mo
             minmax.append(linear)
             continue
         stored = linear.parametrizations.weight.original
-        scale = learned.scales() if args.scale_dtype is None else learned.scales().to(args.scale_dtype).float()
+        scale = learned.scales()
+        if args.scale_dtype is not None:
+            scale = scale.to(args.scale_dtype).float()
         learned.set_scale(scale)  # the scales as the checkpoint stores them
         codes = learned.integer_codes(stored)
         width = stored.shape[1]
