@@ -9,8 +9,8 @@ refuses a uniform stock config and the widths are per layer, all alike, as compr
 W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
 int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
 today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyTorch's kernels in eager prefill in place
-of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0); `W8A8 int8 fused` rounds the int8 inputs and scales the outputs
-with one Triton kernel each (COMPRESS_FUSED_INT8=1); `unsliced` gives a long input's fused q/k/v and gate/up outputs as
+of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0), and `W8A8 int8 unfused` its int8 inputs and outputs in place of
+one Triton kernel each (COMPRESS_FUSED_INT8=0); `unsliced` gives a long input's fused q/k/v and gate/up outputs as
 slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with `pdl` launches the
 int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
 TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
@@ -90,10 +90,8 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         compress.quantize(model, compress.SmoothQuant(), ids.to(device), show_progress=False)
     kernel = next((k for k in ("gemlite", "mma", "tinygemm") if k in name), None)  # "W4 g128 mma": that kernel
     asked = {INT4_KERNEL_VARIABLE: kernel} if kernel else {}
-    if "unfused" in name:  # "FP8 W8A8 unfused": the input rounded by PyTorch's kernels in eager prefill too
-        asked[FUSED_FP8_INPUT_VARIABLE] = "0"
-    if "int8 fused" in name:  # "W8A8 int8 fused": the input's rounding and the output's scaling by Triton kernels
-        asked[FUSED_INT8_VARIABLE] = "1"
+    if "unfused" in name:  # "FP8 W8A8 unfused", "W8A8 int8 unfused": the PyTorch forms in eager prefill too
+        asked[FUSED_FP8_INPUT_VARIABLE] = asked[FUSED_INT8_VARIABLE] = "0"
     # "W4 g128 unsliced": a long input's fused outputs as slices of one output (the runtime gives each its own memory)
     asked[SLICED_OUTPUTS_VARIABLE] = "0" if "unsliced" in name else "1"
     # "W4 g128 direct": the int4 dequantization with its direct stores (half sectors) in place of the runtime's

@@ -163,15 +163,19 @@ def test_packed_int8_linear_matches_the_dense_rounding():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_int8_kernels_give_the_pytorch_forms_bits(monkeypatch, bias):
-    """COMPRESS_FUSED_INT8=1: the input rounded per token and the int32 result scaled by one Triton kernel each give
-    the same bits as the PyTorch form around torch._int_mm, for a decode row, a long input and an all-zero token."""
+    """The default on a GPU (COMPRESS_FUSED_INT8 unset): the input rounded per token and the int32 result scaled by
+    one Triton kernel each give the same bits as the PyTorch form around torch._int_mm (COMPRESS_FUSED_INT8=0), for a
+    decode row, a long input and an all-zero token."""
     pytest.importorskip("triton")
     from compress.quantize.int8_runtime import ACTIVATION_ARGS
     from compress.quantize.packed import FUSED_INT8_VARIABLE, pack_model
 
     outputs = {}
     for fused in ("0", "1"):
-        monkeypatch.setenv(FUSED_INT8_VARIABLE, fused)
+        if fused == "0":
+            monkeypatch.setenv(FUSED_INT8_VARIABLE, fused)
+        else:
+            monkeypatch.delenv(FUSED_INT8_VARIABLE, raising=False)
         torch.manual_seed(0)
         linear = torch.nn.Linear(192, 136, bias=bias).cuda().to(torch.bfloat16)
         model = torch.nn.Sequential(linear)

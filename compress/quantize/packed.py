@@ -347,12 +347,11 @@ class Int8Linear(_PackedLinear):
         return self._finish(out.to(x.dtype), shape)
 
 
-# SmoothQuant W8A8 int8 Linears packed while it is "1" round their inputs and scale their int32 outputs with one Triton
-# kernel each (compress.quantize.kernels.int8_per_token, int8_scale_output: the same arithmetic) in eager runs on a GPU,
-# in place of eager PyTorch's ~7 + 5 kernels around torch._int_mm. A candidate, off until its GPU test passes: on an
-# H100 a 7B-shape 2048-token prefill took 67.0 against 122.0 ms (eval/results/bench_prefill_int8_fused_h100.json),
-# but the test found tokens a bit apart from the PyTorch form (see kernels.int8_per_token); inside torch.compile
-# Inductor fuses the PyTorch form anyway.
+# SmoothQuant W8A8 int8 Linears packed on a GPU round their inputs and scale their int32 outputs with one Triton kernel
+# each (compress.quantize.kernels.int8_per_token, int8_scale_output: the same arithmetic, bit for bit: the GPU test
+# passed on an H100) in eager runs, in place of eager PyTorch's ~7 + 5 kernels around torch._int_mm: a 7B-shape
+# 2048-token prefill took 67.0 against 122.0 ms (eval/results/bench_prefill_int8_fused_h100.json). "0" keeps the
+# PyTorch form (for comparisons in one run); inside torch.compile Inductor fuses the PyTorch form anyway.
 FUSED_INT8_VARIABLE = "COMPRESS_FUSED_INT8"
 
 
@@ -370,7 +369,7 @@ class Int8W8A8Linear(_PackedLinear):
         setattr(self, PACKED_ATTR, self.kernel)
         from compress.quantize.kernels import triton
 
-        self.fused = os.environ.get(FUSED_INT8_VARIABLE) == "1" and self.int_mm and codes.is_cuda and triton is not None
+        self.fused = os.environ.get(FUSED_INT8_VARIABLE) != "0" and self.int_mm and codes.is_cuda and triton is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
