@@ -88,22 +88,36 @@ def _static_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return token
 
 
+def _prefill(model, ids: torch.Tensor) -> torch.Tensor:
+    """One forward over a whole prompt, the last token's logits only (what a server computes before decoding)."""
+    return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+
+@functools.cache
+def _compiled_prefill():
+    """The prefill compiled for its exact length (Inductor fuses the norms, rotary embedding and activation rounding
+    that eager PyTorch runs as separate kernels; a server's prefill is compiled or graph-captured too)."""
+    return torch.compile(_prefill, dynamic=False)
+
+
 def _lengths(value) -> tuple[int, ...]:
     return (value,) if isinstance(value, int) else tuple(value)
 
 
 def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=2048, repeats: int = 3,
-                compile: bool = False, seed: int = 0, reset: bool = True) -> dict:
+                compile: bool = False, seed: int = 0, reset: bool = True, compile_prefill: bool = False) -> dict:
     """Speed and memory of a loaded model (see the module's protocol); `prefill` is one length or several. A batch size
     or prefill length that runs out of memory gives a row saying so and the others still run. reset=False keeps the
-    compiled decode steps of an earlier call on the same model (a warm-up pass)."""
+    compiled decode steps of an earlier call on the same model (a warm-up pass). compile_prefill: each prefill length
+    is timed compiled too (`compiled_ms` beside the eager `ms`)."""
     from compress.quantize.packed import packed_kernels, weight_bytes
 
     if new < 2:
         raise CompressError("--new must be at least 2: decoding speed is measured after the first token")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    if compile and reset:  # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
+    if (compile or compile_prefill) and reset:  # a fresh compile cache per model: each model is a recompile, and
+        # dynamo stops at 8
         torch._dynamo.reset()
     generator = torch.Generator().manual_seed(seed)
     row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0},
@@ -114,12 +128,23 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
             long = torch.randint(0, vocab, (1, length), generator=generator).to(device)
             try:
                 with torch.inference_mode():
-                    seconds = _median_seconds(lambda: model(input_ids=long, use_cache=False, logits_to_keep=1),
-                                              device, repeats)
+                    seconds = _median_seconds(lambda: _prefill(model, long), device, repeats)
                 prefills.append({"tokens": length, "ms": round(1000 * seconds, 2)})
             except torch.OutOfMemoryError:
                 prefills.append({"tokens": length, "error": "out of memory"})
                 torch.cuda.empty_cache()
+                continue
+            if compile_prefill:
+                try:
+                    with torch.inference_mode():
+                        seconds = _median_seconds(lambda: _compiled_prefill()(model, long), device, repeats)
+                    prefills[-1]["compiled_ms"] = round(1000 * seconds, 2)
+                except torch.OutOfMemoryError:
+                    prefills[-1]["compiled_error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                except Exception as error:  # noqa: BLE001 -- the eager figure stands; say why there is no other
+                    prefills[-1]["compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" \
+                        if str(error) else type(error).__name__
         def first_and_whole(ids: torch.Tensor) -> tuple[float, float]:  # reads `compile` when called
             return (_median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats),
                     _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats))

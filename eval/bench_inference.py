@@ -25,7 +25,10 @@ With `--compile` each variant runs in its own process (`--jobs` at once): they b
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
 no timing overlaps another variant's work. The measured matrix: decode at each --batches, prefill (one sequence,
 logits of the last token only, as a server computes them) at each --prefill length, time to first token, weight bytes,
-GPU memory after load, peak GPU memory. `--batches ""` times the prefill alone (nothing to compile)."""
+GPU memory after load, peak GPU memory. `--batches ""` times the prefill alone (nothing to compile).
+`--compile-prefill` times each prefill compiled too (Inductor, one graph per length), beside the eager figure: eager,
+every variant pays the same unfused norms and rotary embedding (~25 ms of a 2048-token 7B prefill), which hides what
+the low-bit GEMMs save; a server compiles or graph-captures its prefill."""
 
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ def measure_variant(name: str, args, shape, dtype, batches, prefills, barrier: d
         torch.cuda.synchronize()
         memory_after_load = torch.cuda.memory_allocated()
     if barrier is not None:  # warm-up pass: every kernel autotuned and every decode step compiled, untimed
-        bench_model(model, batches, args.prompt, 3, prefills, 1, args.compile)
+        bench_model(model, batches, args.prompt, 3, prefills, 1, args.compile, compile_prefill=args.compile_prefill)
         Path(barrier["ready"], name.replace(" ", "_").replace("%", "pc")).touch()
         while len(os.listdir(barrier["ready"])) < barrier["count"]:
             time.sleep(1)
@@ -134,7 +137,8 @@ def measure_variant(name: str, args, shape, dtype, batches, prefills, barrier: d
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
     row = {"variant": name, **bench_model(model, batches, args.prompt, args.new, prefills, args.repeats,
-                                          args.compile, reset=barrier is None), "notes": notes}
+                                          args.compile, reset=barrier is None, compile_prefill=args.compile_prefill),
+           "notes": notes}
     if barrier is not None:
         lock.close()
     if args.device == "cuda":
@@ -231,6 +235,8 @@ def main() -> None:
     parser.add_argument("--prefill", default="512,2048,8192")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="static KV cache + compiled decode step")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="time each prefill compiled too (Inductor, static length), beside the eager figure")
     parser.add_argument("--jobs", type=int, default=4, help="variants compiled at once (with --compile; fewer where "
                                                             "the GPU's free memory holds fewer)")
     parser.add_argument("--out")
@@ -251,7 +257,7 @@ def main() -> None:
         Path(args.row_out).write_text(json.dumps(row))
         return
     names = [n for n in args.variants.split(",") if n]
-    if args.compile:
+    if args.compile or args.compile_prefill:
         rows = _in_processes(names, _without_out(sys.argv[1:]), _jobs_that_fit(shape, args.jobs, args.device),
                              lambda rows: write_result(rows, args, batches, prefills, partial=True))
     else:
@@ -282,18 +288,24 @@ def write_result(rows: list[dict], args, batches, prefills, partial: bool = Fals
         row["prefill_time_vs_base_by_tokens"] = {
             p["tokens"]: round(p["ms"] / b["ms"], 3) for p, b in zip(row["prefill"], base["prefill"])
             if "ms" in p and "ms" in b}
+        compiled = {p["tokens"]: round(p["compiled_ms"] / b["compiled_ms"], 3)
+                    for p, b in zip(row["prefill"], base["prefill"]) if "compiled_ms" in p and "compiled_ms" in b}
+        if compiled:
+            row["prefill_compiled_time_vs_base_by_tokens"] = compiled
         if row.get("gpu_memory_after_load_bytes") and base.get("gpu_memory_after_load_bytes"):
             row["memory_after_load_vs_base"] = round(row["gpu_memory_after_load_bytes"]
                                                      / base["gpu_memory_after_load_bytes"], 3)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "shape": args.shape, "compile": args.compile, "batches": list(batches),
+              "torch": torch.__version__, "shape": args.shape, "compile": args.compile,
+              "compile_prefill": args.compile_prefill, "batches": list(batches),
               "prompt": args.prompt, "new": args.new, "prefill": list(prefills),
               "command": shlex.join(["python", "eval/bench_inference.py", *_without_out(sys.argv[1:])]),
               "int4_mma_table": _int4_table(args.device), "variants": rows}
     if partial:
         result["partial"] = True
     else:
-        summary = ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens", "weight_bytes_vs_base",
+        summary = ("decode_vs_base_by_batch", "prefill_time_vs_base_by_tokens",
+                   "prefill_compiled_time_vs_base_by_tokens", "weight_bytes_vs_base",
                    "memory_after_load_vs_base", "error")
         print(json.dumps({r["variant"]: {k: r.get(k) for k in summary} for r in rows}, indent=1))
     if args.out:

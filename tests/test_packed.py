@@ -240,6 +240,22 @@ def test_bench_compiles_on_a_gpu_by_default_and_times_eagerly_what_the_compiler_
     assert row["decode_compiled"] is False and row["compile_error"] == "RuntimeError: graph break in the decode step"
     assert [d["batch"] for d in row["decode"]] == [1, 2] and all(d["decode_tokens_per_s"] > 0 for d in row["decode"])
 
+    # compile_prefill: each length timed compiled too (uncompiled here, as above); a refused compile keeps the eager time
+    monkeypatch.setattr(bench, "_compiled_prefill", lambda: bench._prefill)
+    row = bench.bench_model(model, (), prefill=(16, 24), repeats=1, compile_prefill=True)
+    assert [p["tokens"] for p in row["prefill"]] == [16, 24]
+    assert all(p["ms"] > 0 and p["compiled_ms"] > 0 for p in row["prefill"])
+
+    def refused_prefill():
+        def forward(*args, **kwargs):
+            raise RuntimeError("unsupported op in the prefill\nthe rest of the trace")
+        return forward
+
+    monkeypatch.setattr(bench, "_compiled_prefill", refused_prefill)
+    row = bench.bench_model(model, (), prefill=16, repeats=1, compile_prefill=True)
+    assert row["prefill"][0]["ms"] > 0 and "compiled_ms" not in row["prefill"][0]
+    assert row["prefill"][0]["compiled_error"] == "RuntimeError: unsupported op in the prefill"
+
 
 def test_a_recipe_with_eval_speed_times_each_step_folder_packed(tiny_recipe):
     import json
