@@ -12,6 +12,10 @@ each quantized module by compress.estimate.linear_bytes, every other tensor at 2
 Groups of 64, not 128: SmolLM2's hidden width 576 is 4.5 groups of 128 (compress refuses g128 on it).
 SmolLM2 ties its head to its embedding: asking for the head unties it (compress.quantize.head_embed), so "+ head"
 alone saves a float embedding and a quantized head where W4 alone saves one float tensor.
+
+Another model and grid: `--model qwen2.5-coder-1.5b --group-size 128 --dtype bfloat16 --methods rtn` (names follow the
+group: w4g128, w4g128+head4g128, ...). `+head8row` is the head at 8 bits with one scale per row, the int8 grid the
+packed runtime has a kernel for (int8 in groups runs dequantized).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -33,22 +38,25 @@ from compress.estimate import linear_bytes
 from compress.modules import quantized_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wikitext_bench import add_protocol_arguments  # noqa: E402
-
-W4 = dict(bits=4, group_size=64)
-HEAD_8, HEAD_4 = {"bits": 8, "group_size": 64}, {"bits": 4, "group_size": 64}
-VARIANTS = {
-    "w4g64": {},
-    "w4g64+head8": {"lm_head": HEAD_8},
-    "w4g64+head8+emb8": {"lm_head": HEAD_8, "embeddings": {"bits": 8}},
-    "w4g64+head4g64": {"lm_head": HEAD_4},
-}
+from wikitext_bench import _public, add_protocol_arguments  # noqa: E402
 
 
-def config_of(method: str, extra: dict):
+def variants(group: int) -> dict[str, dict]:
+    """Each variant's name (its grids: W4 in groups of `group`) and what it asks for beyond W4."""
+    head_8, head_4 = {"bits": 8, "group_size": group}, {"bits": 4, "group_size": group}
+    return {
+        f"w4g{group}": {},
+        f"w4g{group}+head8": {"lm_head": head_8},
+        f"w4g{group}+head8+emb8": {"lm_head": head_8, "embeddings": {"bits": 8}},
+        f"w4g{group}+head4g{group}": {"lm_head": head_4},
+        f"w4g{group}+head8row": {"lm_head": {"bits": 8, "group_size": -1}},
+    }
+
+
+def config_of(method: str, group: int, extra: dict):
     if method == "gptq":
-        return compress.GPTQ(**W4, act_order=True, damp=0.01, **extra)
-    return compress.RTN(**W4, **extra)
+        return compress.GPTQ(bits=4, group_size=group, act_order=True, damp=0.01, **extra)
+    return compress.RTN(bits=4, group_size=group, **extra)
 
 
 def bytes_of(model: torch.nn.Module) -> dict[str, int]:
@@ -76,17 +84,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_arguments(parser)
     parser.add_argument("--methods", default="rtn,gptq")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--group-size", type=int, default=64, help="W4's groups (and the head's, where grouped)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype while it is quantized and scored")
+    parser.add_argument("--variants", default=",".join(list(variants(64))[:4]),
+                        help="comma-separated: " + ", ".join(variants(64)) + " (with --group-size's number)")
     args = parser.parse_args()
+    grids = variants(args.group_size)
 
-    model, tokenizer = compress.load_model(args.model, "float32", "cpu")
+    model, tokenizer = compress.load_model(args.model, args.dtype, "cpu")
     ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, args.seq_len, seed=0)
     protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results = {"model": args.model, "calibration": f"wikitext2-valid, {args.samples} x {args.seq_len} tokens",
                "perplexity_protocol": f"wikitext2-test, {args.ppl_tokens} tokens, windows of 512",
-               "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
-               "command": "python eval/bench_head_embed.py --out eval/results/bench_head_embed_smollm2_cpu.json",
+               "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}", "dtype": args.dtype,
+               "command": _public(shlex.join(["python", "eval/bench_head_embed.py", *sys.argv[1:]])),
                "results": []}
 
     def write() -> None:
@@ -98,9 +110,9 @@ def main() -> None:
     write()
     for method in args.methods.split(","):
         for name in args.variants.split(","):
-            fresh, _ = compress.load_model(args.model, "float32", "cpu")  # a new model: quantize marks its modules
+            fresh, _ = compress.load_model(args.model, args.dtype, "cpu")  # a new model: quantize marks its modules
             fresh.load_state_dict(pristine)
-            config = config_of(method, VARIANTS[name])
+            config = config_of(method, args.group_size, grids[name])
             start = time.perf_counter()
             compress.quantize(fresh, config, ids if method == "gptq" else None, show_progress=False)
             seconds = time.perf_counter() - start

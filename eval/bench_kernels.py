@@ -31,7 +31,7 @@ from compress.quantize.grid import WeightQuant, minmax_qparams, weight_args  # n
 # (in, out) of each Linear the packed runtime runs: fused q/k/v and gate/up, and the same after 25 % pruning
 LLAMA2_7B = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
              "pruned qkv": (4096, 9216), "pruned o": (3072, 4096), "pruned gate_up": (4096, 16640),
-             "pruned down": (8320, 4096)}
+             "pruned down": (8320, 4096), "head": (4096, 32000)}  # head: the output head, when a recipe quantizes it
 SMOLLM2 = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 
 
