@@ -122,6 +122,23 @@ def test_a_packable_head_runs_as_a_packed_linear_beside_the_dequantized_embeddin
     assert (_logits(packed, ids) - in_memory).abs().max() < 0.02 * in_memory.abs().max()
 
 
+def test_an_8_bit_head_without_a_group_size_takes_one_scale_per_row_and_runs_packed(tmp_path):
+    from compress.config.quantize import HeadGrid
+
+    assert HeadGrid().group_size == -1 and HeadGrid(bits=8).group_size == -1 and HeadGrid(bits=4).group_size == 128
+    assert HeadGrid(bits=8, group_size=128).group_size == 128 and HeadGrid(bits=4, group_size=64).group_size == 64
+    model = _tiny("qwen2")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    compress.quantize(model, compress.RTN(bits=4, group_size=32, lm_head={"bits": 8}), show_progress=False)
+    in_memory = _logits(model, ids)
+    save_model(model, _NoTokenizer(), tmp_path / "q")
+    from compress.quantize.packed_load import load_packed
+
+    packed = load_packed(tmp_path / "q", torch.float32, "cpu")  # never dense: the per-row int8 head has a kernel
+    assert packed is not None and "int8" in packed.lm_head.packed_kernel
+    assert (_logits(packed, ids) - in_memory).abs().max() < 0.02 * in_memory.abs().max()
+
+
 def test_gptq_solves_the_head_on_the_final_norm_output_and_beats_rounding():
     """The head's Hessian is the final norm's output over the calibration set through the quantized decoder: GPTQ's
     head changes the head's output on those inputs less than round-to-nearest on the same grid."""
