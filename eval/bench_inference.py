@@ -14,7 +14,8 @@ one Triton kernel each (COMPRESS_FUSED_INT8=0); `unsliced` gives a long input's 
 slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with `pdl` launches the
 int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
 TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
-(torch.backends.cuda.enable_cudnn_sdp(False)); `direct` dequantizes int4 weights for long inputs with the direct stores
+(torch.backends.cuda.enable_cudnn_sdp(False)), and one with `cdt` compiles with Inductor's coordinate-descent
+tuning of each generated kernel's launch; `direct` dequantizes int4 weights for long inputs with the direct stores
 (COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant named with `head4` or `head8`
 quantizes the output head too (int4 in the variant's groups, or int8 with one scale per row). A W4 variant whose name
 ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
@@ -114,6 +115,10 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     # (eval/results/profile_7b_h100.json), 11 % of the W4 step. Set for every variant, as PDL above; read when a
     # kernel is chosen, so a CUDA graph keeps the choice it was captured with
     torch.backends.cuda.enable_cudnn_sdp("nocudnn" not in name)
+    # "... cdt": Inductor tunes each generated kernel's launch by coordinate descent (gpt-fast turns it on); at batch 1
+    # the ten small fused kernels a layer (norms, rotary embedding, cache writes, SiLU) are 15 % of a W4 step
+    # (eval/results/profile_7b_h100.json). Set for every variant, on or off, as cuDNN above
+    torch._inductor.config.coordinate_descent_tuning = "cdt" in name
     with mock.patch.dict(os.environ, asked):  # restored as it was
         notes = ([] if "dequantized" in name else pack_model(model)) + pdl_notes
     return model, notes
