@@ -116,8 +116,8 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
         raise CompressError("--new must be at least 2: decoding speed is measured after the first token")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    if (compile or compile_prefill) and reset:  # a fresh compile cache per model: each model is a recompile, and
-        # dynamo stops at 8
+    # a fresh compile cache per model: each model is a recompile, and dynamo stops at 8
+    if (compile or compile_prefill) and reset:
         torch._dynamo.reset()
     generator = torch.Generator().manual_seed(seed)
     row: dict = {"weight_bytes": weight_bytes(model), "kernels": packed_kernels(model) or {"dense": 0},

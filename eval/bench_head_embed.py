@@ -86,18 +86,20 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--group-size", type=int, default=64, help="W4's groups (and the head's, where grouped)")
     parser.add_argument("--dtype", default="float32", help="the model's dtype while it is quantized and scored")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default=",".join(list(variants(64))[:4]),
                         help="comma-separated: " + ", ".join(variants(64)) + " (with --group-size's number)")
     args = parser.parse_args()
     grids = variants(args.group_size)
 
-    model, tokenizer = compress.load_model(args.model, args.dtype, "cpu")
+    model, tokenizer = compress.load_model(args.model, args.dtype, args.device)
     ids = calibration_batches(tokenizer, "wikitext2-valid", args.samples, args.seq_len, seed=0)
     protocol = compress.Perplexity(seq_len=512, max_tokens=args.ppl_tokens, batch_size=8)
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     results = {"model": args.model, "calibration": f"wikitext2-valid, {args.samples} x {args.seq_len} tokens",
                "perplexity_protocol": f"wikitext2-test, {args.ppl_tokens} tokens, windows of 512",
-               "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}", "dtype": args.dtype,
+               "machine": torch.cuda.get_device_name() if args.device.startswith("cuda")
+               else f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}", "dtype": args.dtype,
                "command": _public(shlex.join(["python", "eval/bench_head_embed.py", *sys.argv[1:]])),
                "results": []}
 
@@ -110,7 +112,8 @@ def main() -> None:
     write()
     for method in args.methods.split(","):
         for name in args.variants.split(","):
-            fresh, _ = compress.load_model(args.model, args.dtype, "cpu")  # a new model: quantize marks its modules
+            # a new model: quantize marks its modules
+            fresh, _ = compress.load_model(args.model, args.dtype, args.device)
             fresh.load_state_dict(pristine)
             config = config_of(method, args.group_size, grids[name])
             start = time.perf_counter()

@@ -5,21 +5,22 @@ depend on their values) through the same harness (compress.bench.bench_model) in
     python eval/bench_inference.py --device cpu --shape smollm2 --out ...      # the CPU smoke test
 
 Variants: base bf16; pruned 25 % (l2: no data needed; 24 heads do not divide Llama-2's 4096 hidden size, so LlamaConfig
-refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN),
-W4 g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A8 int8`) SmoothQuant W8A8
-int8 in the packed runtime (compress.quantize.packed); and W4 run dequantized (what transformers' from_pretrained gives
-today), for the memory comparison; `FP8 W8A8 unfused` rounds its inputs with PyTorch's kernels in eager prefill in place
-of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0), and `W8A8 int8 unfused` its int8 inputs and outputs in place of
-one Triton kernel each (COMPRESS_FUSED_INT8=0); `unsliced` gives a long input's fused q/k/v and gate/up outputs as
-slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each its own memory); a name with `pdl` launches the
-int4 matmul and the compiled graph's kernels for programmatic dependent launch (COMPRESS_INT4_PDL,
-TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without cuDNN's kernel
-(torch.backends.cuda.enable_cudnn_sdp(False)); `direct` dequantizes int4 weights for long inputs with the direct stores
-(COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant named with `head4` or `head8`
-quantizes the output head too (int4 in the variant's groups, or int8 with one scale per row). A W4 variant whose name
-ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
-(COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes of
-weights in memory / GPU memory bandwidth = the fastest batch-1 decode step.
+refuses a uniform stock config and the widths are per layer, all alike, as compress.load reads them); W4 g128 (RTN), W4
+g64 asymmetric (the demo's grid), pruned + W4 g128, FP8 W8A8 and (asked for by name: `W8A16`) int8 weights with one
+scale per row and (`W8A8 int8`) SmoothQuant W8A8 int8 in the packed runtime (compress.quantize.packed); and W4 run
+dequantized (what transformers' from_pretrained gives today), for the memory comparison; `FP8 W8A8 unfused` rounds its
+inputs with PyTorch's kernels in eager prefill in place of gemlite's fused one (COMPRESS_FUSED_FP8_INPUT=0), and `W8A8
+int8 unfused` its int8 inputs and outputs in place of one Triton kernel each (COMPRESS_FUSED_INT8=0); `unsliced` gives a
+long input's fused q/k/v and gate/up outputs as slices of one output (COMPRESS_SLICED_OUTPUTS=0; the runtime gives each
+its own memory); a name with `pdl` launches the int4 matmul and the compiled graph's kernels for programmatic dependent
+launch (COMPRESS_INT4_PDL, TORCHINDUCTOR_ENABLE_PDL; with --compile), and one with `nocudnn` runs attention without
+cuDNN's kernel (torch.backends.cuda.enable_cudnn_sdp(False)), and one with `cdt` compiles with Inductor's
+coordinate-descent tuning of each generated kernel's launch; `direct` dequantizes int4 weights for long inputs with the
+direct stores (COMPRESS_INT4_DEQUANTIZE_LINES=0) in place of the whole-sector ones. A W4 variant named with `head4` or
+`head8` quantizes the output head too (int4 in the variant's groups, or int8 with one scale per row). A W4 variant whose
+name ends in `gemlite`, `mma` or `tinygemm` runs that int4 kernel instead of the runtime's first choice
+(COMPRESS_INT4_KERNEL), for a comparison in one invocation. The physical limit is reported beside each: bytes of weights
+in memory / GPU memory bandwidth = the fastest batch-1 decode step.
 
 With `--compile` each variant runs in its own process (`--jobs` at once): they build, pack and compile side by side
 (compiling a decode step costs ~40 s of CPU per batch size), wait for one another, and then take turns on the GPU, so
@@ -86,6 +87,8 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
         head = {"bits": 4, "group_size": group} if "head4" in name else \
             {"bits": 8, "group_size": -1} if "head8" in name else None
         compress.quantize(model, compress.RTN(bits=4, group_size=group, sym=sym, lm_head=head), show_progress=False)
+    if "W8A16" in name:  # int8 weights, one scale per row (the packed runtime's int8 weight-only kernel)
+        compress.quantize(model, compress.RTN(bits=8, group_size=-1), show_progress=False)
     if "FP8" in name:
         compress.quantize(model, compress.FP8(), show_progress=False)
     if "W8A8 int8" in name:  # SmoothQuant reads calibration ids; random ones serve (speed does not depend on values)
@@ -114,6 +117,10 @@ def variant(name: str, shape: dict, dtype: torch.dtype, device: str):
     # (eval/results/profile_7b_h100.json), 11 % of the W4 step. Set for every variant, as PDL above; read when a
     # kernel is chosen, so a CUDA graph keeps the choice it was captured with
     torch.backends.cuda.enable_cudnn_sdp("nocudnn" not in name)
+    # "... cdt": Inductor tunes each generated kernel's launch by coordinate descent (gpt-fast turns it on); at batch 1
+    # the ten small fused kernels a layer (norms, rotary embedding, cache writes, SiLU) are 15 % of a W4 step
+    # (eval/results/profile_7b_h100.json). Set for every variant, on or off, as cuDNN above
+    torch._inductor.config.coordinate_descent_tuning = "cdt" in name
     with mock.patch.dict(os.environ, asked):  # restored as it was
         notes = ([] if "dequantized" in name else pack_model(model)) + pdl_notes
     return model, notes

@@ -240,7 +240,8 @@ def test_bench_compiles_on_a_gpu_by_default_and_times_eagerly_what_the_compiler_
     assert row["decode_compiled"] is False and row["compile_error"] == "RuntimeError: graph break in the decode step"
     assert [d["batch"] for d in row["decode"]] == [1, 2] and all(d["decode_tokens_per_s"] > 0 for d in row["decode"])
 
-    # compile_prefill: each length timed compiled too (uncompiled here, as above); a refused compile keeps the eager time
+    # compile_prefill: each length timed compiled too (uncompiled here, as above); a refused compile keeps the eager
+    # time
     monkeypatch.setattr(bench, "_compiled_prefill", lambda: bench._prefill)
     row = bench.bench_model(model, (), prefill=(16, 24), repeats=1, compile_prefill=True)
     assert [p["tokens"] for p in row["prefill"]] == [16, 24]
