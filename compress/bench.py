@@ -100,6 +100,11 @@ def _compiled_prefill():
     return torch.compile(_prefill, dynamic=False)
 
 
+def _first_line(error: Exception) -> str:
+    """A compiler's refusal in one line for the result: its type and the first 200 characters of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+
+
 def _lengths(value) -> tuple[int, ...]:
     return (value,) if isinstance(value, int) else tuple(value)
 
@@ -143,8 +148,7 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
                     prefills[-1]["compiled_error"] = "out of memory"
                     torch.cuda.empty_cache()
                 except Exception as error:  # noqa: BLE001 -- the eager figure stands; say why there is no other
-                    prefills[-1]["compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" \
-                        if str(error) else type(error).__name__
+                    prefills[-1]["compiled_error"] = _first_line(error)
         def first_and_whole(ids: torch.Tensor) -> tuple[float, float]:  # reads `compile` when called
             return (_median_seconds(lambda: _generate(model, ids, 1, compile), device, repeats),
                     _median_seconds(lambda: _generate(model, ids, new, compile), device, repeats))
@@ -162,8 +166,7 @@ def bench_model(model, batches=(1,), prompt: int = 128, new: int = 128, prefill=
                 if not compile:
                     raise
                 compile = False
-                row["compile_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" \
-                    if str(error) else type(error).__name__
+                row["compile_error"] = _first_line(error)
                 first, whole = first_and_whole(ids)
             if whole <= first:  # timing noise larger than the decoding itself: no figure rather than a wrong one
                 decode.append({"batch": batch, "time_to_first_token_ms": round(1000 * first, 2),
