@@ -350,3 +350,23 @@ def test_awq_first_token_weight_counts_each_first_token_that_many_times(tiny_mod
     with torch.no_grad():  # as the search calls it
         assert weighted.output_error(layer.self_attn, "self_attn") == pytest.approx(float(by_hand), rel=1e-5)
         assert plain.output_error(layer.self_attn, "self_attn") == pytest.approx(float(squared.mean()), rel=1e-5)
+
+
+def test_the_search_compares_on_tf32_only_on_a_gpu_and_restores_the_precision():
+    """On CUDA the candidates' float32 products may use TF32 (the choice is emulated against float32 in
+    eval/awq_tf32_check.py); elsewhere nothing changes, and the caller's setting comes back even after an error."""
+    from compress.quantize.awq import _search_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with _search_precision(torch.device("cpu")):
+            assert torch.get_float32_matmul_precision() == "highest"
+        with _search_precision(torch.device("cuda")):  # sets a flag only: no GPU needed
+            assert torch.get_float32_matmul_precision() == "high"
+        assert torch.get_float32_matmul_precision() == "highest"
+        with pytest.raises(RuntimeError), _search_precision(torch.device("cuda")):
+            raise RuntimeError("a candidate's forward failed")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
