@@ -14,7 +14,11 @@ AWQ's clipping alone (no scales), and with `--nll` each variant's held-out NLL i
 layer swapped in, on set B's windows), which says whether a lower output error is a lower loss:
 
     python eval/awq_layer_errors.py --model QWEN_GGUF --layers 0 --nll \
-        --out eval/results/awq_layer_parts_qwen2.5-coder-1.5b_cpu.json"""
+        --out eval/results/awq_layer_parts_qwen2.5-coder-1.5b_cpu.json
+
+With `--clip-each`, in place of the clipping-alone and one-group-alone rows: AWQ's scales with one Linear's groups
+clipped and the others only rounded, for each Linear that AWQ clips, which says whose clipping costs the loss (error
+on held-out set B, and its NLL with `--nll`)."""
 
 from __future__ import annotations
 
@@ -30,7 +34,15 @@ import torch
 import compress
 from compress.architectures import family
 from compress.data import calibration_batches
-from compress.quantize.awq import LayerInputs, _clip_and_round, _rounded, fold_scales, layer_groups, search_scales
+from compress.quantize.awq import (
+    UNCLIPPED,
+    LayerInputs,
+    _clip_and_round,
+    _rounded,
+    fold_scales,
+    layer_groups,
+    search_scales,
+)
 from compress.quantize.grid import quantizable_linears, quantization_args
 from compress.quantize.layerwise import LayerwiseCalibration
 
@@ -72,6 +84,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--nll", action="store_true", help="also each variant's held-out NLL increase: the float "
                         "model with that one layer swapped in, scored on set B's windows")
+    parser.add_argument("--clip-each", action="store_true", help="also AWQ with one Linear clipped, for each")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -115,11 +128,12 @@ def main() -> None:
             for _, linear in quantizable_linears(rtn):
                 linear.weight.copy_(_rounded(linear.weight, grid))
             row["rtn"] = measured(rtn)
-            clipped = copy.deepcopy(layer)  # clipping alone: no scales, each group's range searched, then rounded
-            _clip_and_round(dict(quantizable_linears(clipped)), LayerInputs(
-                Frozen(sets["A"]), clipped, index, [], dict(quantizable_linears(clipped)), record_blocks=False),
-                {}, grid, clip=True, round_now=True)
-            row["rtn_clip"] = measured(clipped)
+            if not args.clip_each:  # clipping alone: no scales, each group's range searched, then rounded
+                clipped = copy.deepcopy(layer)
+                _clip_and_round(dict(quantizable_linears(clipped)), LayerInputs(
+                    Frozen(sets["A"]), clipped, index, [], dict(quantizable_linears(clipped)), record_blocks=False),
+                    {}, grid, clip=True, round_now=True)
+                row["rtn_clip"] = measured(clipped)
             groups = layer_groups(layer, index, known)
             scaled = copy.deepcopy(layer)
             inputs = LayerInputs(Frozen(sets["A"]), scaled, index, groups, dict(quantizable_linears(scaled)),
@@ -134,7 +148,14 @@ def main() -> None:
                 awq = copy.deepcopy(scaled)
                 _clip_and_round(dict(quantizable_linears(awq)), inputs, scales_of, grid, clip, round_now=True)
                 row[f"awq_clip_{str(clip).lower()}"] = measured(awq)
-            for group in groups:  # one group's scales alone, every Linear rounded to nearest
+            clipped_names = [n for n, _ in quantizable_linears(scaled) if n.rsplit(".", 1)[-1] not in UNCLIPPED]
+            for only in clipped_names if args.clip_each else []:
+                awq = copy.deepcopy(scaled)
+                linears = dict(quantizable_linears(awq))
+                _clip_and_round({only: linears.pop(only)}, inputs, scales_of, grid, True, round_now=True)
+                _clip_and_round(linears, inputs, scales_of, grid, False, round_now=True)
+                row[f"awq_clip_only_{only.rsplit('.', 1)[-1]}"] = measured(awq, ("B",))
+            for group in [] if args.clip_each else groups:  # one group's scales alone, every Linear rounded
                 alone = copy.deepcopy(layer)
                 fold_scales(alone, group, scales_of[group.linears[0]])
                 for _, linear in quantizable_linears(alone):
