@@ -308,22 +308,21 @@ def search_scales(layer: torch.nn.Module, group: ScaledGroup, inputs: LayerInput
     gram = inputs.grams[group.linears[0]] if config.loss == "linear" or not runs_block(group) else None
     best, best_error = None, float("inf")
     try:
-        for scales in candidate_scales(x_mean, w_mean, config.grid_points):
-            error = 0.0
-            for linear, weight in zip(linears, originals):
-                scaled = weight.float() * scales
-                rounded = _rounded(scaled, args) / scales
-                if gram is None:
-                    linear.weight.copy_(rounded.to(weight.dtype))
-                else:  # ||(Q − W) X||² = tr(D XᵀX Dᵀ): the Linears' output error without running them
-                    difference = rounded - weight.float()
-                    with _search_precision(difference.device):
+        with _search_precision(x_mean.device):
+            for scales in candidate_scales(x_mean, w_mean, config.grid_points):
+                error = 0.0
+                for linear, weight in zip(linears, originals):
+                    scaled = weight.float() * scales
+                    rounded = _rounded(scaled, args) / scales
+                    if gram is None:
+                        linear.weight.copy_(rounded.to(weight.dtype))
+                    else:  # ||(Q − W) X||² = tr(D XᵀX Dᵀ): the Linears' output error without running them
+                        difference = rounded - weight.float()
                         error += ((difference @ gram) * difference).sum().item()
-            if gram is None:
-                with _search_precision(x_mean.device):
+                if gram is None:
                     error = inputs.output_error(block, group.inspect)
-            if error < best_error:
-                best, best_error = scales, error
+                if error < best_error:
+                    best, best_error = scales, error
     finally:
         for linear, weight in zip(linears, originals):
             linear.weight.copy_(weight)
@@ -364,15 +363,15 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, args) -> torch.Tensor:
     peak = w.reshape(rows, groups, group).abs().amax(-1, keepdim=True)
     best = w.clone().reshape(rows, groups, group)
     best_error = torch.full((rows, groups), float("inf"), device=w.device)
-    for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
-        bound = peak * (1 - step / CLIP_STEPS)
-        clipped = torch.maximum(torch.minimum(w.reshape(rows, groups, group), bound), -bound)
-        difference = (_rounded(clipped.reshape(rows, cols), args).float() - w).reshape(rows, groups, group)
-        with _search_precision(w.device):
+    with _search_precision(w.device):
+        for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
+            bound = peak * (1 - step / CLIP_STEPS)
+            clipped = torch.maximum(torch.minimum(w.reshape(rows, groups, group), bound), -bound)
+            difference = (_rounded(clipped.reshape(rows, cols), args).float() - w).reshape(rows, groups, group)
             error = torch.einsum("rgi,gij,rgj->rg", difference, blocks, difference)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best = torch.where(better[..., None], clipped, best)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best = torch.where(better[..., None], clipped, best)
     return best.reshape(rows, cols).to(weight.dtype)
 
 
